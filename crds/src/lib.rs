@@ -1,0 +1,437 @@
+//! The sharedlb custom resources, group `sharedlb.dev`, version `v1alpha1`.
+//!
+//! Doc comments on fields become the CRD's descriptions, so they are written for `kubectl explain` readers.
+//! The schema says what OpenAPI can say (ranges, enums, list uniqueness); `validate` says the rest, because
+//! the oldest supported apiserver (1.20) has no CEL and the operator must refuse bad input itself.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::CustomResource;
+use kube::core::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+mod validate;
+pub use validate::{SpecError, validate_pool, validate_shared_lb};
+
+pub const GROUP: &str = "sharedlb.dev";
+pub const VERSION: &str = "v1alpha1";
+/// Finalizer that keeps a SharedLB until its listeners and ports are released.
+pub const FINALIZER: &str = "sharedlb.dev/cleanup";
+/// Label the operator puts on every object it creates, so it never adopts one it did not make.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "sharedlb";
+/// Label on the backing Service naming the SharedLB it serves.
+pub const OWNER_LABEL: &str = "sharedlb.dev/owner";
+/// The suffix of the backing NodePort Service's name: `<name>-sharedlb`.
+pub const SERVICE_SUFFIX: &str = "-sharedlb";
+
+/// A set of ports, for pods selected in this namespace, exposed on a load balancer shared with other SharedLBs.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "sharedlb.dev",
+    version = "v1alpha1",
+    kind = "SharedLB",
+    plural = "sharedlbs",
+    shortname = "slb",
+    namespaced,
+    status = "SharedLBStatus",
+    printcolumn = r#"{"name":"Pool","type":"string","jsonPath":".status.pool"}"#,
+    printcolumn = r#"{"name":"External-IP","type":"string","jsonPath":".status.loadBalancer.ip"}"#,
+    printcolumn = r#"{"name":"Ports","type":"string","jsonPath":".status.portSummary"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("self.ports.all(p, self.ports.exists_one(q, q.name == p.name))").message("port names must be unique"),
+    validation = Rule::new("self.ports.all(p, !has(p.port) || self.ports.exists_one(q, has(q.port) && q.port == p.port && q.protocol == p.protocol))").message("each fixed port/protocol pair may appear once")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedLBSpec {
+    /// Labels of the pods that receive the traffic, in this SharedLB's own namespace only.
+    pub selector: BTreeMap<String, String>,
+    /// The ports to expose. Each gets a listener on the shared load balancer and a port on the backing Service.
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub ports: Vec<SharedLBPort>,
+    /// The LoadBalancerPool to use. Omitted: the pool marked `default: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// Client CIDRs allowed to connect, as on a LoadBalancer Service. Omitted or empty: open to all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub source_ranges: Option<Vec<Cidr>>,
+}
+
+/// One exposed port.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedLBPort {
+    /// A DNS-1123 label naming this port; unique within the SharedLB.
+    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// The external port on the shared load balancer. Omitted: the operator assigns one from the pool's range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// The pods' port: a number or a named container port.
+    pub target_port: IntOrString,
+    /// TCP or UDP.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// The transport protocol of a port.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, JsonSchema)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+/// An IPv4 or IPv6 CIDR such as `203.0.113.0/24`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct Cidr(#[schemars(length(min = 3, max = 43), extend("format" = "cidr"))] pub String);
+
+/// What the operator has allocated and programmed for a SharedLB. `pool`, `loadBalancer.name` and `ports[].port`
+/// are the durable allocation: they are written before any cloud call and rebuilt from on restart.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedLBStatus {
+    /// The generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Allocated` and `Programmed`, each with a reason and message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The pool the allocation lives in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// The shared load balancer this SharedLB is placed on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerRef>,
+    /// The allocated ports: external port on the load balancer and the backing Service's node port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortStatus>,
+    /// The backing NodePort Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    /// The ports for humans, e.g. `4001/TCP,4002/UDP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_summary: Option<String>,
+}
+
+/// Where a SharedLB is reachable.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerRef {
+    /// The load balancer's name within its pool, e.g. `default-0`.
+    pub name: String,
+    /// The external IP address, once the load balancer exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// The external DNS name, for clouds that give one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
+/// One allocated port.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortStatus {
+    /// The spec port's name.
+    pub name: String,
+    /// The external port on the load balancer.
+    pub port: i32,
+    /// The backing Service's node port, once the Service exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<i32>,
+    pub protocol: Protocol,
+}
+
+/// A status condition, shaped like `metav1.Condition`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// A CamelCase word a program can branch on.
+    pub reason: String,
+    /// What happened, for a person.
+    #[serde(default)]
+    pub message: String,
+    /// RFC 3339 time of the last change of `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// A pool of cloud load balancers that the operator owns and packs SharedLBs onto.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "sharedlb.dev",
+    version = "v1alpha1",
+    kind = "LoadBalancerPool",
+    plural = "loadbalancerpools",
+    shortname = "lbpool",
+    status = "LoadBalancerPoolStatus",
+    printcolumn = r#"{"name":"Provider","type":"string","jsonPath":".status.provider"}"#,
+    printcolumn = r#"{"name":"Default","type":"boolean","jsonPath":".spec.default"}"#,
+    printcolumn = r#"{"name":"LBs","type":"integer","jsonPath":".status.totals.loadBalancers"}"#,
+    printcolumn = r#"{"name":"Ports-Used","type":"integer","jsonPath":".status.totals.portsUsed"}"#,
+    printcolumn = r#"{"name":"Capacity","type":"integer","jsonPath":".status.totals.portsCapacity"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerPoolSpec {
+    /// The cloud (or local) provider and its settings: exactly one key.
+    pub provider: ProviderSpec,
+    /// How much the pool may hold. Defaults and ceilings come from the provider's hard limits.
+    #[serde(default)]
+    pub capacity: Capacity,
+    /// External ports handed out when a SharedLB port omits `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_range: Option<PortRange>,
+    /// `Pack` fills each load balancer before opening another; `Spread` puts each SharedLB on the least-used one.
+    #[serde(default)]
+    pub placement: PlacementStrategy,
+    /// Namespaces allowed to use this pool. Omitted: every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// The pool for SharedLBs that name none. At most one pool should set it.
+    #[serde(default)]
+    pub default: bool,
+}
+
+/// Exactly one provider.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+pub struct ProviderSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws: Option<AwsSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gcp: Option<GcpSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub azure: Option<AzureSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemorySettings>,
+}
+
+impl ProviderSpec {
+    /// The name of the one provider set, or None when zero or several are set.
+    pub fn kind(&self) -> Option<&'static str> {
+        let set: Vec<&'static str> = [
+            ("aws", self.aws.is_some()),
+            ("gcp", self.gcp.is_some()),
+            ("azure", self.azure.is_some()),
+            ("local", self.local.is_some()),
+            ("memory", self.memory.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(n, s)| s.then_some(n))
+        .collect();
+        match set.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+}
+
+/// AWS Network Load Balancers.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AwsSettings {
+    pub region: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vpc_id: Option<String>,
+    /// Subnets for the NLBs. Omitted: discovered by the cluster tag.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnet_ids: Vec<String>,
+    /// The nodes' security group, which gets exactly the ingress the allocated ports need.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_security_group_id: Option<String>,
+    /// `internet-facing` (default) or `internal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eip_allocation_ids: Vec<String>,
+}
+
+/// GCP passthrough Network Load Balancers.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GcpSettings {
+    pub project: String,
+    pub region: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// The network tag on the cluster's nodes, which firewall rules target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_tag: Option<String>,
+}
+
+/// Azure Standard Load Balancer.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AzureSettings {
+    pub subscription_id: String,
+    pub resource_group: String,
+    pub location: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_security_group: Option<String>,
+}
+
+/// The operator itself forwards traffic, from addresses of this machine (bare metal, laptops).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalSettings {
+    /// One address per load balancer, e.g. `127.0.0.10`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// An in-process provider for tests and demos: addresses from 198.51.100.0/24 (TEST-NET-2), no data path,
+/// with fault injection.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemorySettings {
+    /// Added to every call, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 60000))]
+    pub latency_ms: Option<u32>,
+    /// Share of mutating calls that fail with a server error, 0 to 1000 per mille.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub error_per_mille: Option<u32>,
+    /// Share of mutating calls throttled, 0 to 1000 per mille.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub throttle_per_mille: Option<u32>,
+    /// The account's quota of load balancers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub load_balancer_quota: Option<u32>,
+}
+
+/// Pool capacity.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Capacity {
+    /// Listeners (port/protocol pairs) per load balancer. Omitted: the provider's hard limit, which is also
+    /// the ceiling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub max_ports_per_load_balancer: Option<u32>,
+    /// Load balancers the pool may create. Omitted: no limit but the provider's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_load_balancers: Option<u32>,
+}
+
+/// An inclusive range of ports.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRange {
+    #[schemars(range(min = 1, max = 65535))]
+    pub min: i32,
+    #[schemars(range(min = 1, max = 65535))]
+    pub max: i32,
+}
+
+/// Where new SharedLBs go.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PlacementStrategy {
+    #[default]
+    Pack,
+    Spread,
+}
+
+/// What the pool holds now.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerPoolStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The provider in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// One row per load balancer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancers: Vec<PoolLoadBalancer>,
+    #[serde(default)]
+    pub totals: PoolTotals,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// One load balancer of a pool.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolLoadBalancer {
+    pub name: String,
+    /// The cloud's id for it, once created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    pub ports_used: u32,
+    pub capacity: u32,
+}
+
+/// Pool totals.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolTotals {
+    pub load_balancers: u32,
+    pub ports_used: u32,
+    pub ports_capacity: u32,
+}
+
+/// Both CRDs as one multi-document YAML, exactly as committed in `charts/sharedlb/crds/crds.yaml`.
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    let header = "# Generated by `cargo run --bin crdgen` from crds/src/lib.rs. Do not edit.\n";
+    let mut out = String::from(header);
+    for crd in [SharedLB::crd(), LoadBalancerPool::crd()] {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}
+
+/// The backing Service's name for a SharedLB.
+pub fn service_name(shared_lb_name: &str) -> String {
+    format!("{shared_lb_name}{SERVICE_SUFFIX}")
+}
+
+/// `4001/TCP,4002/UDP`.
+pub fn port_summary(ports: &[PortStatus]) -> String {
+    ports
+        .iter()
+        .map(|p| format!("{}/{}", p.port, p.protocol.as_str()))
+        .collect::<Vec<_>>()
+        .join(",")
+}

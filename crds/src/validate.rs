@@ -1,0 +1,253 @@
+//! Input validation the operator does itself: the schema cannot say all of it, and apiservers older than 1.25
+//! ignore the CEL rules. Every refusal carries a reason a program can branch on and a message for a person.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::{LoadBalancerPoolSpec, SERVICE_SUFFIX, SharedLBSpec};
+
+const _: () = assert!(63 - SERVICE_SUFFIX.len() == 54);
+
+/// Why a spec was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("spec.ports must list at least one port")]
+    NoPorts,
+    #[error("spec.ports lists {0} ports; at most 64 are allowed")]
+    TooManyPorts(usize),
+    #[error("port name {0:?} must be a DNS-1123 label of at most 15 characters (lower case letters, digits, '-')")]
+    BadPortName(String),
+    #[error("port name {0:?} appears more than once")]
+    DuplicatePortName(String),
+    #[error("port {name:?}: {port} is outside 1-65535")]
+    PortOutOfRange { name: String, port: i32 },
+    #[error("port {port}/{protocol} appears more than once")]
+    DuplicatePort { port: i32, protocol: &'static str },
+    #[error("port {name:?}: targetPort {target:?} must be 1-65535 or a port name of at most 15 characters")]
+    BadTargetPort { name: String, target: String },
+    #[error("spec.selector must name at least one label, or it would select nothing")]
+    EmptySelector,
+    #[error("spec.selector: {0}")]
+    BadSelector(String),
+    #[error("spec.sourceRanges: {0:?} is not a CIDR such as 203.0.113.0/24")]
+    BadSourceRange(String),
+    #[error("the name has {0} characters; at most 54 are allowed so that the Service name `<name>-sharedlb` fits in 63")]
+    NameTooLong(usize),
+    #[error("spec.provider must set exactly one of aws, gcp, azure, local, memory")]
+    ProviderCount,
+    #[error("spec.capacity: {0}")]
+    BadCapacity(String),
+    #[error("spec.portRange: min {min} and max {max} must satisfy 1 <= min <= max <= 65535")]
+    BadPortRange { min: i32, max: i32 },
+}
+
+impl SpecError {
+    /// The condition reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SpecError::NoPorts | SpecError::TooManyPorts(_) => "InvalidPorts",
+            SpecError::BadPortName(_) | SpecError::DuplicatePortName(_) => "InvalidPortName",
+            SpecError::PortOutOfRange { .. } | SpecError::DuplicatePort { .. } => "InvalidPort",
+            SpecError::BadTargetPort { .. } => "InvalidTargetPort",
+            SpecError::EmptySelector | SpecError::BadSelector(_) => "InvalidSelector",
+            SpecError::BadSourceRange(_) => "InvalidSourceRange",
+            SpecError::NameTooLong(_) => "InvalidName",
+            SpecError::ProviderCount => "InvalidProvider",
+            SpecError::BadCapacity(_) => "InvalidCapacity",
+            SpecError::BadPortRange { .. } => "InvalidPortRange",
+        }
+    }
+}
+
+fn is_dns_label(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A label key's name part or a value: at most 63 characters of `[A-Za-z0-9._-]`, starting and ending alphanumeric.
+fn is_label_token(s: &str, allow_empty: bool) -> bool {
+    if s.is_empty() {
+        return allow_empty;
+    }
+    let alnum = |c: char| c.is_ascii_alphanumeric();
+    s.len() <= 63
+        && s.chars().all(|c| alnum(c) || matches!(c, '.' | '_' | '-'))
+        && s.starts_with(alnum)
+        && s.ends_with(alnum)
+}
+
+fn is_label_key(k: &str) -> bool {
+    match k.split_once('/') {
+        Some((prefix, name)) => {
+            !prefix.is_empty()
+                && prefix.len() <= 253
+                && prefix.split('.').all(|l| is_dns_label(l, 63))
+                && is_label_token(name, false)
+        }
+        None => is_label_token(k, false),
+    }
+}
+
+/// Checks a SharedLB's name and spec. The first problem found is returned.
+pub fn validate_shared_lb(name: &str, spec: &SharedLBSpec) -> Result<(), SpecError> {
+    if name.len() + SERVICE_SUFFIX.len() > 63 {
+        return Err(SpecError::NameTooLong(name.len()));
+    }
+    if spec.ports.is_empty() {
+        return Err(SpecError::NoPorts);
+    }
+    if spec.ports.len() > 64 {
+        return Err(SpecError::TooManyPorts(spec.ports.len()));
+    }
+    let mut names = BTreeSet::new();
+    let mut fixed = BTreeSet::new();
+    for p in &spec.ports {
+        if !is_dns_label(&p.name, 15) {
+            return Err(SpecError::BadPortName(p.name.clone()));
+        }
+        if !names.insert(p.name.as_str()) {
+            return Err(SpecError::DuplicatePortName(p.name.clone()));
+        }
+        if let Some(port) = p.port {
+            if !(1..=65535).contains(&port) {
+                return Err(SpecError::PortOutOfRange { name: p.name.clone(), port });
+            }
+            if !fixed.insert((port, p.protocol)) {
+                return Err(SpecError::DuplicatePort { port, protocol: p.protocol.as_str() });
+            }
+        }
+        let target_ok = match &p.target_port {
+            IntOrString::Int(i) => (1..=65535).contains(i),
+            IntOrString::String(s) => {
+                !s.is_empty()
+                    && s.len() <= 15
+                    && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && s.bytes().any(|b| b.is_ascii_lowercase())
+            }
+        };
+        if !target_ok {
+            let target = match &p.target_port {
+                IntOrString::Int(i) => i.to_string(),
+                IntOrString::String(s) => s.clone(),
+            };
+            return Err(SpecError::BadTargetPort { name: p.name.clone(), target });
+        }
+    }
+    if spec.selector.is_empty() {
+        return Err(SpecError::EmptySelector);
+    }
+    for (k, v) in &spec.selector {
+        if !is_label_key(k) {
+            return Err(SpecError::BadSelector(format!("{k:?} is not a valid label key")));
+        }
+        if !is_label_token(v, true) {
+            return Err(SpecError::BadSelector(format!("{v:?} is not a valid label value for {k:?}")));
+        }
+    }
+    for c in spec.source_ranges.iter().flatten() {
+        if c.0.parse::<ipnet::IpNet>().is_err() {
+            return Err(SpecError::BadSourceRange(c.0.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a pool's spec.
+pub fn validate_pool(spec: &LoadBalancerPoolSpec) -> Result<(), SpecError> {
+    if spec.provider.kind().is_none() {
+        return Err(SpecError::ProviderCount);
+    }
+    if let Some(m) = spec.capacity.max_ports_per_load_balancer {
+        if m == 0 || m > 65535 {
+            return Err(SpecError::BadCapacity(format!(
+                "maxPortsPerLoadBalancer {m} must be 1-65535"
+            )));
+        }
+    }
+    if spec.capacity.max_load_balancers == Some(0) {
+        return Err(SpecError::BadCapacity("maxLoadBalancers must be at least 1".into()));
+    }
+    if let Some(r) = &spec.port_range {
+        if r.min < 1 || r.max > 65535 || r.min > r.max {
+            return Err(SpecError::BadPortRange { min: r.min, max: r.max });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Cidr, Protocol, SharedLBPort};
+
+    fn spec() -> SharedLBSpec {
+        SharedLBSpec {
+            selector: [("app".to_string(), "echo".to_string())].into(),
+            ports: vec![SharedLBPort {
+                name: "tcp".into(),
+                port: Some(4001),
+                target_port: IntOrString::Int(8080),
+                protocol: Protocol::Tcp,
+            }],
+            pool: None,
+            source_ranges: None,
+        }
+    }
+
+    #[test]
+    fn accepts_a_good_spec() {
+        assert_eq!(validate_shared_lb("echo", &spec()), Ok(()));
+    }
+
+    #[test]
+    fn refuses_each_bad_input_with_its_reason() {
+        let cases: Vec<(Box<dyn Fn(&mut SharedLBSpec)>, &str)> = vec![
+            (Box::new(|s| s.ports.clear()), "InvalidPorts"),
+            (Box::new(|s| s.ports[0].name = "Bad_Name".into()), "InvalidPortName"),
+            (Box::new(|s| s.ports.push(s.ports[0].clone())), "InvalidPortName"),
+            (Box::new(|s| s.ports[0].port = Some(70000)), "InvalidPort"),
+            (
+                Box::new(|s| {
+                    let mut p = s.ports[0].clone();
+                    p.name = "other".into();
+                    s.ports.push(p)
+                }),
+                "InvalidPort",
+            ),
+            (Box::new(|s| s.ports[0].target_port = IntOrString::Int(0)), "InvalidTargetPort"),
+            (Box::new(|s| s.selector.clear()), "InvalidSelector"),
+            (
+                Box::new(|s| {
+                    s.selector.insert("bad key!".into(), "x".into());
+                }),
+                "InvalidSelector",
+            ),
+            (
+                Box::new(|s| s.source_ranges = Some(vec![Cidr("10.0.0.0/33".into())])),
+                "InvalidSourceRange",
+            ),
+        ];
+        for (mutate, reason) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            let err = validate_shared_lb("echo", &s).expect_err(reason);
+            assert_eq!(err.reason(), reason, "{err}");
+        }
+        let long = "x".repeat(60);
+        assert_eq!(validate_shared_lb(&long, &spec()).map_err(|e| e.reason()), Err("InvalidName"));
+    }
+
+    #[test]
+    fn same_port_on_two_protocols_is_allowed() {
+        let mut s = spec();
+        let mut udp = s.ports[0].clone();
+        udp.name = "udp".into();
+        udp.protocol = Protocol::Udp;
+        s.ports.push(udp);
+        assert_eq!(validate_shared_lb("dns", &s), Ok(()));
+    }
+}

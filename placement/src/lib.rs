@@ -1,0 +1,657 @@
+//! The pure placement core of sharedlb.
+//!
+//! `PoolState::plan(changes)` returns, as plain values, where each changed SharedLB goes (load balancer and
+//! ports), which requests are refused and why, and the cloud actions that follow. `PoolState::apply(plan)`
+//! commits a plan once its allocations are durable. There is no I/O here and no kube, tokio or cloud type: the
+//! operator's shell does the side effects, and these rules are tested with plain values and proptest.
+//!
+//! The rules this module keeps, whatever the input:
+//! - a load balancer never holds more port/protocol pairs than its capacity;
+//! - a port of a load balancer belongs to one item (one item may use it for both TCP and UDP);
+//! - an existing allocation never moves: updates keep the ports that still match and add new ones in place;
+//! - planning the same changes again after `apply` is empty.
+//!
+//! Persistent maps (`imbl`) make cloning the state O(1), so `plan` can work on a scratch copy.
+
+use imbl::{OrdMap, OrdSet};
+
+/// The key of an item (a SharedLB): its UID in the operator.
+pub type ItemKey = String;
+/// A load balancer's index within its pool: `<pool>-<index>` is its name.
+pub type LbIndex = u32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// One requested port: fixed (`port: Some`) or assigned from the pool's range.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortRequest {
+    pub name: String,
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+}
+
+/// One allocated port.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AllocatedPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// Where an item lives: one load balancer, and its ports there, sorted by name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Allocation {
+    pub lb: LbIndex,
+    pub ports: Vec<AllocatedPort>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Fill the lowest-numbered load balancer that fits before opening another: fewest load balancers.
+    #[default]
+    Pack,
+    /// Put each item on the least-used load balancer, opening new ones up to `max_lbs` first.
+    Spread,
+}
+
+/// How external ports relate across the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PortMode {
+    /// Each load balancer has its own port space (AWS, Azure, local, memory).
+    #[default]
+    PerLoadBalancer,
+    /// The external port is also the node port (GCP passthrough), so a port is unique across the whole pool and
+    /// auto-assigned ports come from the NodePort range given as `port_range`.
+    PoolWide,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Port/protocol pairs per load balancer: the minimum over every hard limit the provider knows.
+    pub max_ports_per_lb: u32,
+    /// Load balancers the pool may have, counting ones being deleted.
+    pub max_lbs: Option<u32>,
+    /// Inclusive range for auto-assigned ports.
+    pub port_range: (u16, u16),
+    pub strategy: Strategy,
+    pub port_mode: PortMode,
+}
+
+/// A change to plan for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Create or update an item with these ports.
+    Upsert { key: ItemKey, ports: Vec<PortRequest> },
+    /// The item is gone: free its ports.
+    Remove { key: ItemKey },
+}
+
+/// A side effect for the shell, in the order to carry it out.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Action {
+    CreateLoadBalancer { lb: LbIndex },
+    RemoveListener { lb: LbIndex, port: u16, protocol: Protocol, owner: ItemKey },
+    AddListener { lb: LbIndex, port: u16, protocol: Protocol, owner: ItemKey },
+    DeleteLoadBalancer { lb: LbIndex },
+}
+
+/// Why an item could not be placed (or its update could not be made) without breaking a rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// More ports than one load balancer may hold.
+    TooManyPorts { requested: u32, capacity: u32 },
+    /// A fixed port is taken everywhere it could go, and the pool cannot open another load balancer.
+    PortInUse { port: u16, protocol: Protocol },
+    /// No load balancer has room and the pool is at `max_lbs`.
+    PoolFull { max_lbs: u32 },
+    /// The pool's range has no free port left where the item could go.
+    PortRangeExhausted { range: (u16, u16) },
+    /// An update needs more room on the item's load balancer than it has; the item keeps its old allocation
+    /// because placements never move.
+    NoRoomToGrow { lb: LbIndex, needed: u32, free: u32 },
+    /// An update asks for a fixed port that is taken on the item's load balancer.
+    PortTakenOnLoadBalancer { lb: LbIndex, port: u16 },
+}
+
+impl Refusal {
+    /// A CamelCase reason for conditions.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::TooManyPorts { .. } => "TooManyPorts",
+            Refusal::PortInUse { .. } | Refusal::PortTakenOnLoadBalancer { .. } => "PortInUse",
+            Refusal::PoolFull { .. } => "PoolFull",
+            Refusal::PortRangeExhausted { .. } => "PortRangeExhausted",
+            Refusal::NoRoomToGrow { .. } => "NoRoomToGrow",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::TooManyPorts { requested, capacity } => write!(
+                f,
+                "{requested} ports requested but a load balancer of this pool holds at most {capacity}"
+            ),
+            Refusal::PortInUse { port, protocol } => write!(
+                f,
+                "port {port}/{protocol:?} is taken on every load balancer that has room, and the pool may not open another"
+            ),
+            Refusal::PoolFull { max_lbs } => write!(
+                f,
+                "every load balancer of the pool is full and the pool is at its maximum of {max_lbs}"
+            ),
+            Refusal::PortRangeExhausted { range } => {
+                write!(f, "no free port left in the pool's range {}-{}", range.0, range.1)
+            }
+            Refusal::NoRoomToGrow { lb, needed, free } => write!(
+                f,
+                "the update needs {needed} more ports on load balancer {lb}, which has {free} free; placements never move, so the old ports stay"
+            ),
+            Refusal::PortTakenOnLoadBalancer { lb, port } => write!(
+                f,
+                "port {port} is taken on load balancer {lb}, where this SharedLB lives; placements never move, so the old ports stay"
+            ),
+        }
+    }
+}
+
+/// What a plan decides. `placed` and `released` are the allocations to make durable before `apply`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub placed: Vec<(ItemKey, Allocation)>,
+    pub released: Vec<ItemKey>,
+    pub refused: Vec<(ItemKey, Refusal)>,
+    pub actions: Vec<Action>,
+}
+
+impl Plan {
+    /// Nothing to write and nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.placed.is_empty() && self.released.is_empty() && self.actions.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct LbState {
+    /// port -> the item owning it (for every protocol it uses on that port)
+    owners: OrdMap<u16, ItemKey>,
+    /// port/protocol pairs in use
+    used: u32,
+    deleting: bool,
+}
+
+/// One load balancer as the shell sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LbSummary {
+    pub lb: LbIndex,
+    pub ports_used: u32,
+    pub capacity: u32,
+    pub deleting: bool,
+}
+
+/// An allocation could not be restored because it contradicts one restored before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoreConflict {
+    pub lb: LbIndex,
+    pub port: u16,
+    pub held_by: ItemKey,
+}
+
+/// The occupancy of one pool: its load balancers and every item's allocation.
+#[derive(Clone, Debug)]
+pub struct PoolState {
+    config: PoolConfig,
+    lbs: OrdMap<LbIndex, LbState>,
+    /// Load balancers that are not being deleted and have room, by index (Pack) and by load (Spread).
+    open: OrdSet<LbIndex>,
+    by_load: OrdSet<(u32, LbIndex)>,
+    allocations: OrdMap<ItemKey, Allocation>,
+    /// PortMode::PoolWide only: port -> owner across the pool.
+    pool_ports: OrdMap<u16, ItemKey>,
+}
+
+impl PoolState {
+    pub fn new(config: PoolConfig) -> Self {
+        PoolState {
+            config,
+            lbs: OrdMap::new(),
+            open: OrdSet::new(),
+            by_load: OrdSet::new(),
+            allocations: OrdMap::new(),
+            pool_ports: OrdMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// Changes limits (a pool edit, or a provider whose limits shrink as the cluster grows). Nothing moves: a
+    /// load balancer over its new capacity just takes no more.
+    pub fn set_config(&mut self, config: PoolConfig) {
+        self.config = config;
+        let idx: Vec<LbIndex> = self.lbs.keys().copied().collect();
+        for i in idx {
+            self.reindex(i, |_| {});
+        }
+    }
+
+    pub fn allocation(&self, key: &str) -> Option<&Allocation> {
+        self.allocations.get(key)
+    }
+
+    pub fn allocations(&self) -> impl Iterator<Item = (&ItemKey, &Allocation)> {
+        self.allocations.iter()
+    }
+
+    pub fn load_balancers(&self) -> Vec<LbSummary> {
+        self.lbs
+            .iter()
+            .map(|(i, s)| LbSummary {
+                lb: *i,
+                ports_used: s.used,
+                capacity: self.config.max_ports_per_lb,
+                deleting: s.deleting,
+            })
+            .collect()
+    }
+
+    /// Load balancers marked for deletion (empty), which the shell deletes and then `forget`s.
+    pub fn deleting(&self) -> Vec<LbIndex> {
+        self.lbs.iter().filter(|(_, s)| s.deleting).map(|(i, _)| *i).collect()
+    }
+
+    /// Records a load balancer found in the cloud inventory at rebuild.
+    pub fn restore_load_balancer(&mut self, lb: LbIndex) {
+        if !self.lbs.contains_key(&lb) {
+            self.add_lb(lb);
+        }
+    }
+
+    /// Records an allocation read from a durable status at rebuild. A contradiction (two items on one port) is
+    /// refused, never silently merged: the shell reports it.
+    pub fn restore(&mut self, key: ItemKey, alloc: Allocation) -> Result<(), RestoreConflict> {
+        if self.allocations.contains_key(&key) {
+            self.release(&key);
+        }
+        self.restore_load_balancer(alloc.lb);
+        let lb = self.lbs.get(&alloc.lb).cloned().unwrap_or_default();
+        for p in &alloc.ports {
+            let holder = match self.config.port_mode {
+                PortMode::PerLoadBalancer => lb.owners.get(&p.port),
+                PortMode::PoolWide => self.pool_ports.get(&p.port),
+            };
+            if let Some(h) = holder.filter(|h| **h != key) {
+                return Err(RestoreConflict { lb: alloc.lb, port: p.port, held_by: h.clone() });
+            }
+        }
+        if lb.deleting {
+            self.reindex(alloc.lb, |s| s.deleting = false);
+        }
+        self.occupy(key, alloc);
+        Ok(())
+    }
+
+    /// Drops a load balancer the shell has deleted from the cloud. Only an empty one marked deleting goes.
+    pub fn forget_load_balancer(&mut self, lb: LbIndex) -> bool {
+        match self.lbs.get(&lb) {
+            Some(s) if s.deleting && s.used == 0 => {
+                self.lbs.remove(&lb);
+                self.open.remove(&lb);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Plans the changes against this state, which is left as it is.
+    pub fn plan(&self, changes: &[Change]) -> Plan {
+        let mut scratch = self.clone();
+        let mut plan = Plan::default();
+
+        // Removals first (they free room), then updates of placed items, then new items biggest first:
+        // first-fit decreasing keeps the load-balancer count at or near the lower bound.
+        let mut removes = Vec::new();
+        let mut updates = Vec::new();
+        let mut creates = Vec::new();
+        for c in changes {
+            match c {
+                Change::Remove { key } => removes.push(key),
+                Change::Upsert { key, ports } if scratch.allocations.contains_key(key) => {
+                    updates.push((key, ports))
+                }
+                Change::Upsert { key, ports } => creates.push((key, ports)),
+            }
+        }
+        creates.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then_with(|| a.0.cmp(b.0)));
+
+        for key in removes {
+            if let Some(old) = scratch.release(key) {
+                for p in &old.ports {
+                    plan.actions.push(Action::RemoveListener {
+                        lb: old.lb,
+                        port: p.port,
+                        protocol: p.protocol,
+                        owner: key.clone(),
+                    });
+                }
+                plan.released.push(key.clone());
+            }
+        }
+        // An update refused because another update of this batch still holds its port is tried again after
+        // the others: the outcome does not depend on the order the changes came in.
+        let mut pending = updates;
+        loop {
+            let mut refused = Vec::new();
+            let before = pending.len();
+            for (key, ports) in pending {
+                match scratch.plan_update(key, ports) {
+                    Ok(None) => {}
+                    Ok(Some((old, new))) => {
+                        diff_listeners(key, &old, &new, &mut plan.actions);
+                        plan.placed.push((key.clone(), new));
+                    }
+                    Err(r) => refused.push((key, ports, r)),
+                }
+            }
+            if refused.len() == before || refused.is_empty() {
+                plan.refused.extend(refused.into_iter().map(|(k, _, r)| (k.clone(), r)));
+                break;
+            }
+            pending = refused.into_iter().map(|(k, p, _)| (k, p)).collect();
+        }
+        for (key, ports) in creates {
+            match scratch.plan_new(ports) {
+                Ok((alloc, created)) => {
+                    if created {
+                        plan.actions.push(Action::CreateLoadBalancer { lb: alloc.lb });
+                        scratch.add_lb(alloc.lb);
+                    }
+                    for p in &alloc.ports {
+                        plan.actions.push(Action::AddListener {
+                            lb: alloc.lb,
+                            port: p.port,
+                            protocol: p.protocol,
+                            owner: key.clone(),
+                        });
+                    }
+                    scratch.occupy(key.clone(), alloc.clone());
+                    plan.placed.push((key.clone(), alloc));
+                }
+                Err(r) => plan.refused.push((key.clone(), r)),
+            }
+        }
+        // Empty load balancers go: ones this plan emptied, and ones found empty (e.g. from the inventory).
+        for (i, s) in scratch.lbs.iter() {
+            if s.used == 0 && !s.deleting {
+                plan.actions.push(Action::DeleteLoadBalancer { lb: *i });
+            }
+        }
+        plan.actions.sort();
+        plan
+    }
+
+    /// Commits a plan made by `plan` on this same state.
+    pub fn apply(&mut self, plan: &Plan) {
+        for a in &plan.actions {
+            if let Action::CreateLoadBalancer { lb } = a {
+                self.restore_load_balancer(*lb);
+            }
+        }
+        for key in &plan.released {
+            self.release(key);
+        }
+        for (key, alloc) in &plan.placed {
+            self.release(key);
+            self.occupy(key.clone(), alloc.clone());
+        }
+        for a in &plan.actions {
+            if let Action::DeleteLoadBalancer { lb } = a {
+                if self.lbs.get(lb).is_some_and(|s| s.used == 0) {
+                    self.reindex(*lb, |s| s.deleting = true);
+                }
+            }
+        }
+    }
+
+    // --- primitives: every change of occupancy goes through these, so the indexes stay true ---
+
+    fn add_lb(&mut self, lb: LbIndex) {
+        self.lbs.insert(lb, LbState::default());
+        self.reindex(lb, |_| {});
+    }
+
+    /// Applies `f` to a load balancer and keeps `open` and `by_load` in step.
+    fn reindex(&mut self, lb: LbIndex, f: impl FnOnce(&mut LbState)) {
+        let Some(mut s) = self.lbs.get(&lb).cloned() else { return };
+        self.by_load.remove(&(s.used, lb));
+        self.open.remove(&lb);
+        f(&mut s);
+        if !s.deleting && s.used < self.config.max_ports_per_lb {
+            self.open.insert(lb);
+            self.by_load.insert((s.used, lb));
+        }
+        self.lbs.insert(lb, s);
+    }
+
+    fn occupy(&mut self, key: ItemKey, alloc: Allocation) {
+        let lb = alloc.lb;
+        let n = alloc.ports.len() as u32;
+        let ports: Vec<u16> = alloc.ports.iter().map(|p| p.port).collect();
+        self.reindex(lb, |s| {
+            for p in &ports {
+                s.owners.insert(*p, key.clone());
+            }
+            s.used += n;
+        });
+        if self.config.port_mode == PortMode::PoolWide {
+            for p in &ports {
+                self.pool_ports.insert(*p, key.clone());
+            }
+        }
+        self.allocations.insert(key, alloc);
+    }
+
+    fn release(&mut self, key: &str) -> Option<Allocation> {
+        let alloc = self.allocations.remove(key)?;
+        let n = alloc.ports.len() as u32;
+        self.reindex(alloc.lb, |s| {
+            for p in &alloc.ports {
+                if s.owners.get(&p.port).is_some_and(|o| o == key) {
+                    s.owners.remove(&p.port);
+                }
+            }
+            s.used = s.used.saturating_sub(n);
+        });
+        if self.config.port_mode == PortMode::PoolWide {
+            for p in &alloc.ports {
+                if self.pool_ports.get(&p.port).is_some_and(|o| o == key) {
+                    self.pool_ports.remove(&p.port);
+                }
+            }
+        }
+        Some(alloc)
+    }
+
+    fn port_free(&self, s: &LbState, port: u16, key: Option<&str>) -> bool {
+        let mine = |o: &ItemKey| key.is_some_and(|k| k == o);
+        let on_lb = s.owners.get(&port).is_none_or(mine);
+        match self.config.port_mode {
+            PortMode::PerLoadBalancer => on_lb,
+            PortMode::PoolWide => on_lb && self.pool_ports.get(&port).is_none_or(mine),
+        }
+    }
+
+    /// Ports for `requests` on one load balancer, or why not. `keep` are ports already held (updates);
+    /// `avoid` are ports the item is giving up, never handed straight back out.
+    fn fit(
+        &self,
+        lb: LbIndex,
+        s: &LbState,
+        requests: &[&PortRequest],
+        key: Option<&str>,
+        avoid: &[u16],
+    ) -> Result<Vec<AllocatedPort>, Refusal> {
+        let mut out = Vec::with_capacity(requests.len());
+        let mut taken: Vec<u16> = Vec::new();
+        for r in requests.iter().filter(|r| r.port.is_some()) {
+            let port = r.port.unwrap_or_default();
+            if !self.port_free(s, port, key) {
+                return Err(match key {
+                    Some(_) => Refusal::PortTakenOnLoadBalancer { lb, port },
+                    None => Refusal::PortInUse { port, protocol: r.protocol },
+                });
+            }
+            taken.push(port);
+            out.push(AllocatedPort { name: r.name.clone(), port, protocol: r.protocol });
+        }
+        let (lo, hi) = self.config.port_range;
+        let mut next = lo;
+        for r in requests.iter().filter(|r| r.port.is_none()) {
+            let port = loop {
+                if next > hi || next < lo {
+                    return Err(Refusal::PortRangeExhausted { range: (lo, hi) });
+                }
+                let p = next;
+                next = next.checked_add(1).unwrap_or(0);
+                if self.port_free(s, p, None) && !taken.contains(&p) && !avoid.contains(&p) {
+                    break p;
+                }
+            };
+            taken.push(port);
+            out.push(AllocatedPort { name: r.name.clone(), port, protocol: r.protocol });
+        }
+        Ok(out)
+    }
+
+    /// A new item: where it goes, and whether that needs a new load balancer.
+    fn plan_new(&self, ports: &[PortRequest]) -> Result<(Allocation, bool), Refusal> {
+        let need = ports.len() as u32;
+        let cap = self.config.max_ports_per_lb;
+        if need > cap {
+            return Err(Refusal::TooManyPorts { requested: need, capacity: cap });
+        }
+        let reqs: Vec<&PortRequest> = ports.iter().collect();
+        let mut first_refusal: Option<Refusal> = None;
+        let mut try_lb = |lb: LbIndex| -> Option<Vec<AllocatedPort>> {
+            let s = self.lbs.get(&lb)?;
+            if s.deleting || s.used + need > cap {
+                return None;
+            }
+            match self.fit(lb, s, &reqs, None, &[]) {
+                Ok(p) => Some(p),
+                Err(r) => {
+                    first_refusal.get_or_insert(r);
+                    None
+                }
+            }
+        };
+        let can_grow = self.config.max_lbs.is_none_or(|m| (self.lbs.len() as u32) < m);
+        let found = match self.config.strategy {
+            Strategy::Pack => self.open.iter().find_map(|lb| try_lb(*lb).map(|p| (*lb, p))),
+            Strategy::Spread => {
+                // Spread opens a new load balancer while the pool may still grow to a set maximum.
+                let grow_first = self.config.max_lbs.is_some() && can_grow;
+                let least = self.by_load.iter().find_map(|(_, lb)| try_lb(*lb).map(|p| (*lb, p)));
+                least.filter(|(lb, _)| !(grow_first && self.lbs.get(lb).is_some_and(|s| s.used > 0)))
+            }
+        };
+        if let Some((lb, p)) = found {
+            return Ok((Allocation { lb, ports: sorted(p) }, false));
+        }
+        if !can_grow {
+            return Err(first_refusal
+                .filter(|r| matches!(r, Refusal::PortInUse { .. } | Refusal::PortRangeExhausted { .. }))
+                .unwrap_or(Refusal::PoolFull { max_lbs: self.config.max_lbs.unwrap_or(0) }));
+        }
+        let lb = (0..).find(|i| !self.lbs.contains_key(i)).unwrap_or(0);
+        let empty = LbState::default();
+        let p = self.fit(lb, &empty, &reqs, None, &[])?;
+        Ok((Allocation { lb, ports: sorted(p) }, true))
+    }
+
+    /// An update of a placed item, in place. `Ok(None)`: nothing changes.
+    fn plan_update(
+        &mut self,
+        key: &ItemKey,
+        ports: &[PortRequest],
+    ) -> Result<Option<(Allocation, Allocation)>, Refusal> {
+        let Some(old) = self.allocations.get(key).cloned() else { return Ok(None) };
+        let mut kept = Vec::new();
+        let mut wanted = Vec::new();
+        for r in ports {
+            let hit = old.ports.iter().find(|a| {
+                a.name == r.name && a.protocol == r.protocol && r.port.is_none_or(|p| p == a.port)
+            });
+            match hit {
+                Some(a) => kept.push(a.clone()),
+                None => wanted.push(r),
+            }
+        }
+        if wanted.is_empty() && kept.len() == old.ports.len() {
+            return Ok(None);
+        }
+        let s = self.lbs.get(&old.lb).cloned().unwrap_or_default();
+        let cap = self.config.max_ports_per_lb;
+        let after = s.used - old.ports.len() as u32 + kept.len() as u32 + wanted.len() as u32;
+        if after > cap && wanted.len() as u32 > 0 {
+            let free = cap.saturating_sub(s.used);
+            return Err(Refusal::NoRoomToGrow { lb: old.lb, needed: wanted.len() as u32, free });
+        }
+        // Ports the item keeps count as taken; ports it gives up are not handed straight back to it.
+        let kept_ports: Vec<u16> = kept.iter().map(|p| p.port).collect();
+        let given_up: Vec<u16> =
+            old.ports.iter().map(|p| p.port).filter(|p| !kept_ports.contains(p)).collect();
+        let mut view = s.clone();
+        for p in &given_up {
+            view.owners.remove(p);
+        }
+        let mut avoid = given_up.clone();
+        avoid.extend(&kept_ports);
+        let added = self.fit(old.lb, &view, &wanted, Some(key), &avoid)?;
+        // a fixed port this item already holds under another name may be taken over; it must not clash with kept
+        for a in &added {
+            if kept.iter().any(|k| k.port == a.port && k.protocol == a.protocol) {
+                return Err(Refusal::PortTakenOnLoadBalancer { lb: old.lb, port: a.port });
+            }
+        }
+        let mut all = kept;
+        all.extend(added);
+        let new = Allocation { lb: old.lb, ports: sorted(all) };
+        self.release(key);
+        self.occupy(key.clone(), new.clone());
+        Ok(Some((old, new)))
+    }
+}
+
+fn sorted(mut p: Vec<AllocatedPort>) -> Vec<AllocatedPort> {
+    p.sort();
+    p
+}
+
+fn diff_listeners(key: &ItemKey, old: &Allocation, new: &Allocation, out: &mut Vec<Action>) {
+    let pair = |p: &AllocatedPort| (p.port, p.protocol);
+    for p in &old.ports {
+        if !new.ports.iter().any(|n| pair(n) == pair(p)) {
+            out.push(Action::RemoveListener { lb: old.lb, port: p.port, protocol: p.protocol, owner: key.clone() });
+        }
+    }
+    for p in &new.ports {
+        if !old.ports.iter().any(|o| pair(o) == pair(p)) {
+            out.push(Action::AddListener { lb: new.lb, port: p.port, protocol: p.protocol, owner: key.clone() });
+        }
+    }
+}
+
+/// The fewest load balancers any placement could use: ceil(total port/protocol pairs / capacity).
+pub fn lower_bound(total_ports: u64, capacity: u32) -> u64 {
+    total_ports.div_ceil(u64::from(capacity.max(1)))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,391 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::{Strategy as Gen, *};
+
+use super::*;
+use super::Strategy;
+
+fn cfg(cap: u32, max_lbs: Option<u32>) -> PoolConfig {
+    PoolConfig {
+        max_ports_per_lb: cap,
+        max_lbs,
+        port_range: (4000, 4999),
+        strategy: Strategy::Pack,
+        port_mode: PortMode::PerLoadBalancer,
+    }
+}
+
+fn tcp(name: &str, port: Option<u16>) -> PortRequest {
+    PortRequest { name: name.into(), port, protocol: Protocol::Tcp }
+}
+
+fn up(key: &str, ports: Vec<PortRequest>) -> Change {
+    Change::Upsert { key: key.into(), ports }
+}
+
+fn ap(name: &str, port: u16, protocol: Protocol) -> AllocatedPort {
+    AllocatedPort { name: name.into(), port, protocol }
+}
+
+fn plan_apply(s: &mut PoolState, changes: &[Change]) -> Plan {
+    let p = s.plan(changes);
+    s.apply(&p);
+    p
+}
+
+#[test]
+fn first_item_opens_a_load_balancer_with_the_lowest_free_port() {
+    let s = PoolState::new(cfg(5, None));
+    let p = s.plan(&[up("a", vec![tcp("web", None)])]);
+    assert_eq!(
+        p,
+        Plan {
+            placed: vec![("a".into(), Allocation { lb: 0, ports: vec![ap("web", 4000, Protocol::Tcp)] })],
+            released: vec![],
+            refused: vec![],
+            actions: vec![
+                Action::CreateLoadBalancer { lb: 0 },
+                Action::AddListener { lb: 0, port: 4000, protocol: Protocol::Tcp, owner: "a".into() },
+            ],
+        }
+    );
+}
+
+#[test]
+fn twenty_items_capacity_five_make_four_load_balancers() {
+    let mut s = PoolState::new(cfg(5, None));
+    for i in 0..20 {
+        plan_apply(&mut s, &[up(&format!("i{i:02}"), vec![tcp("p", None)])]);
+    }
+    let lbs = s.load_balancers();
+    assert_eq!(lbs.len(), 4);
+    assert!(lbs.iter().all(|l| l.ports_used == 5));
+}
+
+#[test]
+fn fixed_port_clash_opens_another_lb_or_is_refused_at_max() {
+    let mut s = PoolState::new(cfg(5, Some(1)));
+    plan_apply(&mut s, &[up("a", vec![tcp("p", Some(80))])]);
+    let p = s.plan(&[up("b", vec![tcp("p", Some(80))])]);
+    assert_eq!(p.refused, vec![("b".into(), Refusal::PortInUse { port: 80, protocol: Protocol::Tcp })]);
+    assert!(p.placed.is_empty());
+
+    let mut s = PoolState::new(cfg(5, Some(2)));
+    plan_apply(&mut s, &[up("a", vec![tcp("p", Some(80))])]);
+    let p = plan_apply(&mut s, &[up("b", vec![tcp("p", Some(80))])]);
+    assert_eq!(p.placed, vec![("b".into(), Allocation { lb: 1, ports: vec![ap("p", 80, Protocol::Tcp)] })]);
+}
+
+#[test]
+fn a_port_belongs_to_one_item_even_across_protocols() {
+    let mut s = PoolState::new(cfg(5, Some(1)));
+    plan_apply(&mut s, &[up("a", vec![tcp("p", Some(53))])]);
+    let udp = PortRequest { name: "d".into(), port: Some(53), protocol: Protocol::Udp };
+    let p = s.plan(&[up("b", vec![udp.clone()])]);
+    assert_eq!(p.refused[0].1.reason(), "PortInUse");
+    // the owner itself may add UDP on its port
+    let p = plan_apply(&mut s, &[up("a", vec![tcp("p", Some(53)), udp])]);
+    assert_eq!(
+        p.actions,
+        vec![Action::AddListener { lb: 0, port: 53, protocol: Protocol::Udp, owner: "a".into() }]
+    );
+}
+
+#[test]
+fn update_keeps_existing_ports_and_adds_in_place() {
+    let mut s = PoolState::new(cfg(5, None));
+    plan_apply(&mut s, &[up("a", vec![tcp("one", None)]), up("b", vec![tcp("x", None)])]);
+    let before = s.allocation("a").cloned().expect("placed");
+    let p = plan_apply(&mut s, &[up("a", vec![tcp("one", None), tcp("two", None)])]);
+    let after = s.allocation("a").cloned().expect("placed");
+    assert_eq!(after.lb, before.lb);
+    assert!(after.ports.contains(&before.ports[0]));
+    assert_eq!(after.ports.len(), 2);
+    assert_eq!(p.actions.len(), 1);
+    // dropping a port removes exactly its listener
+    let p = plan_apply(&mut s, &[up("a", vec![tcp("two", None)])]);
+    assert_eq!(
+        p.actions,
+        vec![Action::RemoveListener { lb: 0, port: before.ports[0].port, protocol: Protocol::Tcp, owner: "a".into() }]
+    );
+}
+
+#[test]
+fn update_that_does_not_fit_keeps_the_old_allocation() {
+    let mut s = PoolState::new(cfg(2, None));
+    plan_apply(&mut s, &[up("a", vec![tcp("one", None)]), up("b", vec![tcp("x", None)])]);
+    let before = s.allocation("a").cloned();
+    let p = s.plan(&[up("a", vec![tcp("one", None), tcp("two", None)])]);
+    assert_eq!(p.refused[0].1.reason(), "NoRoomToGrow");
+    assert!(p.placed.is_empty() && p.actions.is_empty());
+    assert_eq!(s.allocation("a").cloned(), before);
+}
+
+#[test]
+fn removing_the_last_item_deletes_the_lb_and_forget_drops_it() {
+    let mut s = PoolState::new(cfg(5, None));
+    plan_apply(&mut s, &[up("a", vec![tcp("p", None)])]);
+    let p = plan_apply(&mut s, &[Change::Remove { key: "a".into() }]);
+    assert_eq!(p.released, vec!["a".to_string()]);
+    assert_eq!(
+        p.actions,
+        vec![
+            Action::RemoveListener { lb: 0, port: 4000, protocol: Protocol::Tcp, owner: "a".into() },
+            Action::DeleteLoadBalancer { lb: 0 },
+        ]
+    );
+    assert_eq!(s.deleting(), vec![0]);
+    // a load balancer being deleted takes nothing new: the next item opens another
+    let p = plan_apply(&mut s, &[up("b", vec![tcp("p", None)])]);
+    assert_eq!(p.placed[0].1.lb, 1);
+    assert!(s.forget_load_balancer(0));
+    assert!(s.plan(&[]).is_empty());
+}
+
+#[test]
+fn restore_finds_conflicts_and_empty_inventory_lbs_are_collected() {
+    let mut s = PoolState::new(cfg(5, None));
+    let a = Allocation { lb: 0, ports: vec![ap("p", 4000, Protocol::Tcp)] };
+    assert_eq!(s.restore("a".into(), a.clone()), Ok(()));
+    assert_eq!(
+        s.restore("b".into(), a),
+        Err(RestoreConflict { lb: 0, port: 4000, held_by: "a".into() })
+    );
+    s.restore_load_balancer(3);
+    assert_eq!(s.plan(&[]).actions, vec![Action::DeleteLoadBalancer { lb: 3 }]);
+    // the next new item takes the lowest free port on lb 0, not a port of `a`
+    let p = s.plan(&[up("c", vec![tcp("p", None)])]);
+    assert_eq!(p.placed[0].1, Allocation { lb: 0, ports: vec![ap("p", 4001, Protocol::Tcp)] });
+}
+
+#[test]
+fn spread_uses_every_allowed_lb_before_doubling_up() {
+    let mut c = cfg(5, Some(3));
+    c.strategy = Strategy::Spread;
+    let mut s = PoolState::new(c);
+    for i in 0..6 {
+        plan_apply(&mut s, &[up(&format!("i{i}"), vec![tcp("p", None)])]);
+    }
+    let used: Vec<u32> = s.load_balancers().iter().map(|l| l.ports_used).collect();
+    assert_eq!(used, vec![2, 2, 2]);
+}
+
+#[test]
+fn pool_wide_ports_are_unique_across_lbs() {
+    let mut c = cfg(2, None);
+    c.port_mode = PortMode::PoolWide;
+    c.port_range = (30000, 30009);
+    let mut s = PoolState::new(c);
+    for i in 0..5 {
+        plan_apply(&mut s, &[up(&format!("i{i}"), vec![tcp("p", None)])]);
+    }
+    let ports: BTreeSet<u16> = s.allocations().map(|(_, a)| a.ports[0].port).collect();
+    assert_eq!(ports.len(), 5);
+    let p = s.plan(&[up("x", vec![tcp("p", Some(30000))])]);
+    assert_eq!(p.refused[0].1.reason(), "PortInUse");
+}
+
+#[test]
+fn too_many_ports_and_exhausted_range_are_refused() {
+    let s = PoolState::new(cfg(2, None));
+    let p = s.plan(&[up("a", vec![tcp("a", None), tcp("b", None), tcp("c", None)])]);
+    assert_eq!(p.refused, vec![("a".into(), Refusal::TooManyPorts { requested: 3, capacity: 2 })]);
+    let mut c = cfg(5, Some(1));
+    c.port_range = (4000, 4001);
+    let mut s = PoolState::new(c);
+    plan_apply(&mut s, &[up("a", vec![tcp("a", None), tcp("b", None)])]);
+    let p = s.plan(&[up("b", vec![tcp("a", None)])]);
+    assert_eq!(p.refused[0].1, Refusal::PortRangeExhausted { range: (4000, 4001) });
+}
+
+// ---------------------------------------------------------------- properties
+
+/// Checks every rule against the state from scratch, without the state's own indexes.
+fn check_invariants(s: &PoolState) -> Result<(), String> {
+    let cap = s.config().max_ports_per_lb;
+    let mut used: BTreeMap<LbIndex, u32> = BTreeMap::new();
+    let mut owner: BTreeMap<(LbIndex, u16), String> = BTreeMap::new();
+    let mut pairs: BTreeSet<(LbIndex, u16, Protocol)> = BTreeSet::new();
+    for (k, a) in s.allocations() {
+        *used.entry(a.lb).or_default() += a.ports.len() as u32;
+        for p in &a.ports {
+            if !pairs.insert((a.lb, p.port, p.protocol)) {
+                return Err(format!("duplicate ({}, {}, {:?})", a.lb, p.port, p.protocol));
+            }
+            if let Some(o) = owner.insert((a.lb, p.port), k.clone()) {
+                if &o != k {
+                    return Err(format!("port {} of lb {} held by {o} and {k}", p.port, a.lb));
+                }
+            }
+        }
+    }
+    for (lb, n) in &used {
+        if *n > cap {
+            return Err(format!("lb {lb} holds {n} > {cap}"));
+        }
+    }
+    let summary: BTreeMap<LbIndex, u32> =
+        s.load_balancers().iter().map(|l| (l.lb, l.ports_used)).collect();
+    for (lb, n) in &used {
+        if summary.get(lb) != Some(n) {
+            return Err(format!("lb {lb}: summary {:?} != recount {n}", summary.get(lb)));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Create(u8, Vec<(Option<u16>, bool)>),
+    Update(u8, Vec<(Option<u16>, bool)>),
+    Delete(u8),
+}
+
+fn ports_strategy() -> impl Gen<Value = Vec<(Option<u16>, bool)>> {
+    prop::collection::vec((prop::option::weighted(0.3, 4000u16..4012), any::<bool>()), 1..4)
+}
+
+fn op_strategy() -> impl Gen<Value = Op> {
+    prop_oneof![
+        4 => (0u8..40, ports_strategy()).prop_map(|(k, p)| Op::Create(k, p)),
+        2 => (0u8..40, ports_strategy()).prop_map(|(k, p)| Op::Update(k, p)),
+        2 => (0u8..40).prop_map(Op::Delete),
+    ]
+}
+
+fn requests(ports: &[(Option<u16>, bool)]) -> Vec<PortRequest> {
+    let mut seen = BTreeSet::new();
+    ports
+        .iter()
+        .enumerate()
+        .filter(|(_, (p, udp))| p.is_none_or(|p| seen.insert((p, *udp))))
+        .map(|(i, (port, udp))| PortRequest {
+            name: format!("p{i}"),
+            port: *port,
+            protocol: if *udp { Protocol::Udp } else { Protocol::Tcp },
+        })
+        .collect()
+}
+
+fn strategy_config() -> impl Gen<Value = PoolConfig> {
+    (1u32..8, prop::option::of(1u32..8), any::<bool>(), any::<bool>(), 8u16..200).prop_map(
+        |(cap, max_lbs, spread, wide, width)| PoolConfig {
+            max_ports_per_lb: cap,
+            max_lbs,
+            port_range: (4000, 4000 + width),
+            strategy: if spread { Strategy::Spread } else { Strategy::Pack },
+            port_mode: if wide { PortMode::PoolWide } else { PortMode::PerLoadBalancer },
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// Random batches of creates, updates and deletes: every rule holds after every batch, placements never
+    /// move, the requests are honoured, and planning the applied batch again is empty.
+    #[test]
+    fn rules_hold_over_random_workloads(
+        config in strategy_config(),
+        batches in prop::collection::vec(prop::collection::vec(op_strategy(), 1..8), 1..12),
+    ) {
+        let mut s = PoolState::new(config);
+        for batch in batches {
+            let mut changes = Vec::new();
+            let mut seen = BTreeSet::new();
+            for op in batch {
+                let (k, c) = match op {
+                    Op::Create(k, p) | Op::Update(k, p) => (k, up(&format!("k{k}"), requests(&p))),
+                    Op::Delete(k) => (k, Change::Remove { key: format!("k{k}") }),
+                };
+                if seen.insert(k) { changes.push(c); }
+            }
+            let before: BTreeMap<ItemKey, Allocation> =
+                s.allocations().map(|(k, a)| (k.clone(), a.clone())).collect();
+            let plan = s.plan(&changes);
+            s.apply(&plan);
+            prop_assert_eq!(check_invariants(&s), Ok(()));
+            for c in &changes {
+                match c {
+                    Change::Remove { key } => prop_assert!(s.allocation(key).is_none()),
+                    Change::Upsert { key, ports } => {
+                        let refused = plan.refused.iter().any(|(k, _)| k == key);
+                        match (s.allocation(key), before.get(key)) {
+                            (Some(now), Some(old)) => {
+                                prop_assert_eq!(now.lb, old.lb, "an allocation moved");
+                                if refused { prop_assert_eq!(now, old); }
+                            }
+                            (None, None) => prop_assert!(refused, "neither placed nor refused"),
+                            (None, Some(_)) => prop_assert!(false, "an upsert dropped an allocation"),
+                            (Some(_), None) => prop_assert!(!refused),
+                        }
+                        if let (Some(now), false) = (s.allocation(key), refused) {
+                            let mut want: Vec<(String, Protocol)> =
+                                ports.iter().map(|r| (r.name.clone(), r.protocol)).collect();
+                            let mut got: Vec<(String, Protocol)> =
+                                now.ports.iter().map(|p| (p.name.clone(), p.protocol)).collect();
+                            want.sort(); got.sort();
+                            prop_assert_eq!(want, got);
+                            for r in ports {
+                                if let Some(fixed) = r.port {
+                                    prop_assert!(now.ports.iter().any(|p| p.name == r.name && p.port == fixed));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // items the batch did not name are untouched
+            for (k, a) in &before {
+                if !changes.iter().any(|c| matches!(c, Change::Upsert { key, .. } | Change::Remove { key } if key == k)) {
+                    prop_assert_eq!(s.allocation(k), Some(a));
+                }
+            }
+            let again = s.plan(&changes);
+            prop_assert!(again.placed.is_empty() && again.released.is_empty() && again.actions.is_empty(),
+                "re-plan not empty: {:?}", again);
+        }
+    }
+
+    /// Create-only single-port workloads use exactly ceil(n / capacity) load balancers, whether the items come
+    /// in one batch or one at a time (the controller's case).
+    #[test]
+    fn single_port_creates_meet_the_lower_bound(
+        cap in 1u32..50, n in 1usize..300, one_at_a_time in any::<bool>(), fixed in prop::collection::vec(any::<bool>(), 300),
+    ) {
+        let mut c = cfg(cap, None);
+        c.port_range = (1024, 65535);
+        let mut s = PoolState::new(c);
+        let changes: Vec<Change> = (0..n)
+            .map(|i| up(&format!("i{i:04}"), vec![tcp("p", fixed[i].then_some(10 + i as u16))]))
+            .collect();
+        if one_at_a_time {
+            for ch in &changes { plan_apply(&mut s, std::slice::from_ref(ch)); }
+        } else {
+            plan_apply(&mut s, &changes);
+        }
+        prop_assert_eq!(s.load_balancers().len() as u64, lower_bound(n as u64, cap));
+    }
+
+    /// Items of one size that divides the capacity also meet the bound; mixed sizes stay within FFD's bound.
+    #[test]
+    fn multi_port_creates_stay_near_the_lower_bound(
+        cap_mult in 1u32..10, size in 1u32..5, n in 1usize..200, mixed in prop::collection::vec(1u32..5, 200),
+    ) {
+        let cap = size * cap_mult;
+        let mk = |sz: u32| (0..sz).map(|j| tcp(&format!("p{j}"), None)).collect::<Vec<_>>();
+        let mut s = PoolState::new(cfg(cap, None));
+        plan_apply(&mut s, &(0..n).map(|i| up(&format!("u{i}"), mk(size))).collect::<Vec<_>>());
+        prop_assert_eq!(s.load_balancers().len() as u64, lower_bound(n as u64 * u64::from(size), cap));
+
+        let cap = 4 * cap_mult;
+        let mut s = PoolState::new(cfg(cap, None));
+        let total: u64 = mixed[..n].iter().map(|x| u64::from(*x)).sum();
+        plan_apply(&mut s, &(0..n).map(|i| up(&format!("m{i}"), mk(mixed[i]))).collect::<Vec<_>>());
+        // first fit never leaves two load balancers both at most half full (else the later one's items would
+        // have fitted in the earlier one), so it uses fewer than 2 * lower bound + 1
+        let half_full = s.load_balancers().iter().filter(|l| l.ports_used * 2 <= cap).count();
+        prop_assert!(half_full <= 1, "{half_full} load balancers at most half full");
+        prop_assert!(s.load_balancers().len() as u64 >= lower_bound(total, cap));
+    }
+}
