@@ -1,0 +1,312 @@
+//! The memory provider: a cloud account in process memory. Always built; used by tests, benchmarks and the
+//! quickstart. It hands out addresses from 198.51.100.0/24 (TEST-NET-2, never routed) and carries no traffic.
+//! Faults can be injected — latency, server errors, throttling, a load-balancer quota — to prove the operator
+//! survives a real cloud's behaviour.
+//!
+//! A `MemoryCloud` is the account, shared by every pool's `MemoryProvider`; a test that restarts the operator
+//! keeps the same `MemoryCloud`, as a real cloud outlives the process that drives it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::{
+    Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec, LoadBalancerInfo, LoadBalancerKey,
+    LoadBalancerProvider, NodeTarget, PortMode, ProviderError, Protocol, tags,
+};
+
+/// The memory provider's own hard limit on listeners per load balancer.
+pub const MAX_LISTENERS_PER_LB: u32 = 1000;
+
+/// Injected faults, per provider (that is, per pool).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults {
+    pub latency: Duration,
+    /// Mutating calls failing with a server error, per mille.
+    pub error_per_mille: u32,
+    /// Mutating calls throttled, per mille.
+    pub throttle_per_mille: u32,
+    /// Load balancers the account may hold in this pool.
+    pub load_balancer_quota: Option<u32>,
+}
+
+/// One stored listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryListener {
+    pub node_port: u16,
+    pub owner_uid: String,
+    pub source_ranges: Vec<String>,
+}
+
+/// One stored load balancer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryLoadBalancer {
+    pub id: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub tags: BTreeMap<String, String>,
+    pub listeners: BTreeMap<(u16, Protocol), MemoryListener>,
+}
+
+#[derive(Debug, Default)]
+struct Account {
+    lbs: BTreeMap<String, MemoryLoadBalancer>,
+    next_id: u64,
+    /// mutating calls by operation, counted when they change something or fail
+    calls: BTreeMap<&'static str, u64>,
+    nodes: Vec<NodeTarget>,
+}
+
+/// A cloud account in memory.
+#[derive(Debug, Default)]
+pub struct MemoryCloud {
+    account: Mutex<Account>,
+}
+
+impl MemoryCloud {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Account> {
+        // a poisoned lock only means a test panicked mid-call; the data is still consistent per call
+        self.account.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every load balancer in the account, by cloud name.
+    pub fn load_balancers(&self) -> Vec<MemoryLoadBalancer> {
+        self.lock().lbs.values().cloned().collect()
+    }
+
+    /// Mutating calls made so far, by operation.
+    pub fn mutating_calls(&self) -> BTreeMap<&'static str, u64> {
+        self.lock().calls.clone()
+    }
+
+    /// The nodes last set through `update_nodes`.
+    pub fn nodes(&self) -> Vec<NodeTarget> {
+        self.lock().nodes.clone()
+    }
+}
+
+/// One pool's view of a `MemoryCloud`.
+#[derive(Debug)]
+pub struct MemoryProvider {
+    cloud: Arc<MemoryCloud>,
+    cluster_id: String,
+    pool: String,
+    faults: Faults,
+    rng: Mutex<fastrand::Rng>,
+}
+
+impl MemoryProvider {
+    pub fn new(cloud: Arc<MemoryCloud>, cluster_id: &str, pool: &str, faults: Faults) -> Self {
+        // seeded from the pool name so that a fault pattern repeats from run to run
+        let seed = pool.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        MemoryProvider {
+            cloud,
+            cluster_id: cluster_id.to_string(),
+            pool: pool.to_string(),
+            faults,
+            rng: Mutex::new(fastrand::Rng::with_seed(seed)),
+        }
+    }
+
+    fn cloud_name(&self, lb: &LoadBalancerKey) -> String {
+        format!("slb-{}-{}-{}", lb.cluster_id, lb.pool, lb.index)
+    }
+
+    fn ours(&self, l: &MemoryLoadBalancer) -> bool {
+        l.tags.get(tags::CLUSTER) == Some(&self.cluster_id) && l.tags.get(tags::POOL) == Some(&self.pool)
+    }
+
+    /// Latency, then the injected faults for a mutating call.
+    async fn call(&self, op: &'static str) -> Result<(), ProviderError> {
+        if !self.faults.latency.is_zero() {
+            tokio::time::sleep(self.faults.latency).await;
+        }
+        let roll = self.rng.lock().unwrap_or_else(|e| e.into_inner()).u32(0..1000);
+        let fail = if roll < self.faults.throttle_per_mille {
+            Some(ProviderError::Throttled {
+                retry_after: Duration::from_millis(200),
+                message: format!("memory: {op} throttled (injected)"),
+            })
+        } else if roll < self.faults.throttle_per_mille + self.faults.error_per_mille {
+            Some(ProviderError::Other(format!("memory: {op} failed with an injected server error")))
+        } else {
+            None
+        };
+        if let Some(e) = fail {
+            *self.cloud.lock().calls.entry(op).or_default() += 1;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn info(l: &MemoryLoadBalancer) -> LoadBalancerInfo {
+        LoadBalancerInfo { id: l.id.clone(), ip: Some(l.ip.to_string()), hostname: None }
+    }
+}
+
+#[async_trait::async_trait]
+impl LoadBalancerProvider for MemoryProvider {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_ports_per_lb: MAX_LISTENERS_PER_LB,
+            max_lbs: self.faults.load_balancer_quota,
+            port_mode: PortMode::PerLoadBalancer,
+        }
+    }
+
+    async fn ensure_load_balancer(&self, lb: &LoadBalancerKey) -> Result<LoadBalancerInfo, ProviderError> {
+        let name = self.cloud_name(lb);
+        if let Some(l) = self.cloud.lock().lbs.get(&name) {
+            return Ok(Self::info(l));
+        }
+        self.call("create_load_balancer").await?;
+        let mut acc = self.cloud.lock();
+        if let Some(l) = acc.lbs.get(&name) {
+            return Ok(Self::info(l));
+        }
+        let in_pool = acc.lbs.values().filter(|l| self.ours(l)).count() as u32;
+        if self.faults.load_balancer_quota.is_some_and(|q| in_pool >= q) {
+            return Err(ProviderError::QuotaExceeded(format!(
+                "memory: the account allows {} load balancers in pool {}",
+                in_pool, self.pool
+            )));
+        }
+        let used: BTreeSet<u8> = acc.lbs.values().map(|l| l.ip.octets()[3]).collect();
+        let Some(host) = (1..=254u8).find(|h| !used.contains(h)) else {
+            return Err(ProviderError::QuotaExceeded("memory: 198.51.100.0/24 has no free address".into()));
+        };
+        acc.next_id += 1;
+        let l = MemoryLoadBalancer {
+            id: format!("mem-lb-{:06}", acc.next_id),
+            name: name.clone(),
+            ip: Ipv4Addr::new(198, 51, 100, host),
+            tags: [
+                (tags::MANAGED_BY, "sharedlb".to_string()),
+                (tags::CLUSTER, lb.cluster_id.clone()),
+                (tags::POOL, lb.pool.clone()),
+                (tags::INDEX, lb.index.to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            listeners: BTreeMap::new(),
+        };
+        let info = Self::info(&l);
+        acc.lbs.insert(name, l);
+        *acc.calls.entry("create_load_balancer").or_default() += 1;
+        Ok(info)
+    }
+
+    async fn ensure_listener(&self, lb: &LoadBalancerKey, listener: &ListenerSpec) -> Result<(), ProviderError> {
+        let name = self.cloud_name(lb);
+        let want = MemoryListener {
+            node_port: listener.node_port,
+            owner_uid: listener.owner.uid.clone(),
+            source_ranges: listener.source_ranges.clone(),
+        };
+        {
+            let acc = self.cloud.lock();
+            let l = acc.lbs.get(&name).ok_or_else(|| ProviderError::NotFound(format!("load balancer {name}")))?;
+            if l.listeners.get(&(listener.port, listener.protocol)) == Some(&want) {
+                return Ok(());
+            }
+        }
+        self.call("put_listener").await?;
+        let mut acc = self.cloud.lock();
+        let l = acc.lbs.get_mut(&name).ok_or_else(|| ProviderError::NotFound(format!("load balancer {name}")))?;
+        if l.listeners.len() as u32 >= MAX_LISTENERS_PER_LB
+            && !l.listeners.contains_key(&(listener.port, listener.protocol))
+        {
+            return Err(ProviderError::QuotaExceeded(format!("memory: {name} has {MAX_LISTENERS_PER_LB} listeners")));
+        }
+        l.listeners.insert((listener.port, listener.protocol), want);
+        *acc.calls.entry("put_listener").or_default() += 1;
+        Ok(())
+    }
+
+    async fn remove_listener(
+        &self,
+        lb: &LoadBalancerKey,
+        port: u16,
+        protocol: Protocol,
+        owner_uid: &str,
+    ) -> Result<(), ProviderError> {
+        let name = self.cloud_name(lb);
+        let present = self
+            .cloud
+            .lock()
+            .lbs
+            .get(&name)
+            .and_then(|l| l.listeners.get(&(port, protocol)))
+            .is_some_and(|x| x.owner_uid == owner_uid);
+        if !present {
+            return Ok(());
+        }
+        self.call("delete_listener").await?;
+        let mut acc = self.cloud.lock();
+        if let Some(l) = acc.lbs.get_mut(&name) {
+            if l.listeners.get(&(port, protocol)).is_some_and(|x| x.owner_uid == owner_uid) {
+                l.listeners.remove(&(port, protocol));
+                *acc.calls.entry("delete_listener").or_default() += 1;
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_load_balancer(&self, lb: &LoadBalancerKey) -> Result<(), ProviderError> {
+        let name = self.cloud_name(lb);
+        if !self.cloud.lock().lbs.contains_key(&name) {
+            return Ok(());
+        }
+        self.call("delete_load_balancer").await?;
+        let mut acc = self.cloud.lock();
+        if acc.lbs.remove(&name).is_some() {
+            *acc.calls.entry("delete_load_balancer").or_default() += 1;
+        }
+        Ok(())
+    }
+
+    async fn inventory(&self) -> Result<Inventory, ProviderError> {
+        if !self.faults.latency.is_zero() {
+            tokio::time::sleep(self.faults.latency).await;
+        }
+        let acc = self.cloud.lock();
+        let mut load_balancers = Vec::new();
+        for l in acc.lbs.values().filter(|l| self.ours(l)) {
+            let Some(index) = l.tags.get(tags::INDEX).and_then(|i| i.parse().ok()) else { continue };
+            load_balancers.push(InventoryLoadBalancer {
+                index,
+                info: Self::info(l),
+                listeners: l
+                    .listeners
+                    .iter()
+                    .map(|((port, protocol), x)| InventoryListener {
+                        port: *port,
+                        protocol: *protocol,
+                        node_port: x.node_port,
+                        owner_uid: x.owner_uid.clone(),
+                    })
+                    .collect(),
+            });
+        }
+        Ok(Inventory { load_balancers })
+    }
+
+    async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
+        let mut acc = self.cloud.lock();
+        if acc.nodes != nodes {
+            acc.nodes = nodes.to_vec();
+            *acc.calls.entry("update_nodes").or_default() += 1;
+        }
+        Ok(())
+    }
+}
