@@ -68,7 +68,10 @@ pub struct SharedLBSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SharedLBPort {
     /// A DNS-1123 label naming this port; unique within the SharedLB.
-    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 15),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// The external port on the shared load balancer. Omitted: the operator assigns one from the pool's range.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,7 +85,20 @@ pub struct SharedLBPort {
 }
 
 /// The transport protocol of a port.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, JsonSchema)]
+#[derive(
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    JsonSchema,
+)]
 pub enum Protocol {
     #[default]
     #[serde(rename = "TCP")]
@@ -173,7 +189,6 @@ pub struct Condition {
     /// A CamelCase word a program can branch on.
     pub reason: String,
     /// What happened, for a person.
-    #[serde(default)]
     pub message: String,
     /// RFC 3339 time of the last change of `status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

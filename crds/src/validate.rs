@@ -16,7 +16,9 @@ pub enum SpecError {
     NoPorts,
     #[error("spec.ports lists {0} ports; at most 64 are allowed")]
     TooManyPorts(usize),
-    #[error("port name {0:?} must be a DNS-1123 label of at most 15 characters (lower case letters, digits, '-')")]
+    #[error(
+        "port name {0:?} must be a DNS-1123 label of at most 15 characters (lower case letters, digits, '-')"
+    )]
     BadPortName(String),
     #[error("port name {0:?} appears more than once")]
     DuplicatePortName(String),
@@ -24,7 +26,9 @@ pub enum SpecError {
     PortOutOfRange { name: String, port: i32 },
     #[error("port {port}/{protocol} appears more than once")]
     DuplicatePort { port: i32, protocol: &'static str },
-    #[error("port {name:?}: targetPort {target:?} must be 1-65535 or a port name of at most 15 characters")]
+    #[error(
+        "port {name:?}: targetPort {target:?} must be 1-65535 or a port name of at most 15 characters"
+    )]
     BadTargetPort { name: String, target: String },
     #[error("spec.selector must name at least one label, or it would select nothing")]
     EmptySelector,
@@ -32,7 +36,9 @@ pub enum SpecError {
     BadSelector(String),
     #[error("spec.sourceRanges: {0:?} is not a CIDR such as 203.0.113.0/24")]
     BadSourceRange(String),
-    #[error("the name has {0} characters; at most 54 are allowed so that the Service name `<name>-sharedlb` fits in 63")]
+    #[error(
+        "the name has {0} characters; at most 54 are allowed so that the Service name `<name>-sharedlb` fits in 63"
+    )]
     NameTooLong(usize),
     #[error("spec.provider must set exactly one of aws, gcp, azure, local, memory")]
     ProviderCount,
@@ -63,7 +69,8 @@ impl SpecError {
 fn is_dns_label(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -114,10 +121,16 @@ pub fn validate_shared_lb(name: &str, spec: &SharedLBSpec) -> Result<(), SpecErr
         }
         if let Some(port) = p.port {
             if !(1..=65535).contains(&port) {
-                return Err(SpecError::PortOutOfRange { name: p.name.clone(), port });
+                return Err(SpecError::PortOutOfRange {
+                    name: p.name.clone(),
+                    port,
+                });
             }
             if !fixed.insert((port, p.protocol)) {
-                return Err(SpecError::DuplicatePort { port, protocol: p.protocol.as_str() });
+                return Err(SpecError::DuplicatePort {
+                    port,
+                    protocol: p.protocol.as_str(),
+                });
             }
         }
         let target_ok = match &p.target_port {
@@ -125,7 +138,8 @@ pub fn validate_shared_lb(name: &str, spec: &SharedLBSpec) -> Result<(), SpecErr
             IntOrString::String(s) => {
                 !s.is_empty()
                     && s.len() <= 15
-                    && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && s.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                     && s.bytes().any(|b| b.is_ascii_lowercase())
             }
         };
@@ -134,7 +148,10 @@ pub fn validate_shared_lb(name: &str, spec: &SharedLBSpec) -> Result<(), SpecErr
                 IntOrString::Int(i) => i.to_string(),
                 IntOrString::String(s) => s.clone(),
             };
-            return Err(SpecError::BadTargetPort { name: p.name.clone(), target });
+            return Err(SpecError::BadTargetPort {
+                name: p.name.clone(),
+                target,
+            });
         }
     }
     if spec.selector.is_empty() {
@@ -142,10 +159,14 @@ pub fn validate_shared_lb(name: &str, spec: &SharedLBSpec) -> Result<(), SpecErr
     }
     for (k, v) in &spec.selector {
         if !is_label_key(k) {
-            return Err(SpecError::BadSelector(format!("{k:?} is not a valid label key")));
+            return Err(SpecError::BadSelector(format!(
+                "{k:?} is not a valid label key"
+            )));
         }
         if !is_label_token(v, true) {
-            return Err(SpecError::BadSelector(format!("{v:?} is not a valid label value for {k:?}")));
+            return Err(SpecError::BadSelector(format!(
+                "{v:?} is not a valid label value for {k:?}"
+            )));
         }
     }
     for c in spec.source_ranges.iter().flatten() {
@@ -169,11 +190,16 @@ pub fn validate_pool(spec: &LoadBalancerPoolSpec) -> Result<(), SpecError> {
         }
     }
     if spec.capacity.max_load_balancers == Some(0) {
-        return Err(SpecError::BadCapacity("maxLoadBalancers must be at least 1".into()));
+        return Err(SpecError::BadCapacity(
+            "maxLoadBalancers must be at least 1".into(),
+        ));
     }
     if let Some(r) = &spec.port_range {
         if r.min < 1 || r.max > 65535 || r.min > r.max {
-            return Err(SpecError::BadPortRange { min: r.min, max: r.max });
+            return Err(SpecError::BadPortRange {
+                min: r.min,
+                max: r.max,
+            });
         }
     }
     Ok(())
@@ -207,8 +233,14 @@ mod tests {
     fn refuses_each_bad_input_with_its_reason() {
         let cases: Vec<(Box<dyn Fn(&mut SharedLBSpec)>, &str)> = vec![
             (Box::new(|s| s.ports.clear()), "InvalidPorts"),
-            (Box::new(|s| s.ports[0].name = "Bad_Name".into()), "InvalidPortName"),
-            (Box::new(|s| s.ports.push(s.ports[0].clone())), "InvalidPortName"),
+            (
+                Box::new(|s| s.ports[0].name = "Bad_Name".into()),
+                "InvalidPortName",
+            ),
+            (
+                Box::new(|s| s.ports.push(s.ports[0].clone())),
+                "InvalidPortName",
+            ),
             (Box::new(|s| s.ports[0].port = Some(70000)), "InvalidPort"),
             (
                 Box::new(|s| {
@@ -218,7 +250,10 @@ mod tests {
                 }),
                 "InvalidPort",
             ),
-            (Box::new(|s| s.ports[0].target_port = IntOrString::Int(0)), "InvalidTargetPort"),
+            (
+                Box::new(|s| s.ports[0].target_port = IntOrString::Int(0)),
+                "InvalidTargetPort",
+            ),
             (Box::new(|s| s.selector.clear()), "InvalidSelector"),
             (
                 Box::new(|s| {
@@ -238,7 +273,10 @@ mod tests {
             assert_eq!(err.reason(), reason, "{err}");
         }
         let long = "x".repeat(60);
-        assert_eq!(validate_shared_lb(&long, &spec()).map_err(|e| e.reason()), Err("InvalidName"));
+        assert_eq!(
+            validate_shared_lb(&long, &spec()).map_err(|e| e.reason()),
+            Err("InvalidName")
+        );
     }
 
     #[test]

@@ -2,7 +2,10 @@
 
 #[test]
 fn committed_crds_match_the_types() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/sharedlb/crds/crds.yaml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/sharedlb/crds/crds.yaml"
+    );
     let committed = std::fs::read_to_string(path).unwrap_or_default();
     let generated = sharedlb_crds::crds_yaml().expect("CRDs serialise");
     assert!(

@@ -1,0 +1,14 @@
+//! The sharedlb operator: the imperative shell around the pure placement core.
+//!
+//! One reconcile of a SharedLB: observe (reflector stores, the pool's allocator rebuilt from statuses and the
+//! provider inventory) -> `placement::PoolState::plan` -> write the allocation to status with a resourceVersion
+//! precondition -> commit the plan -> cloud calls and the backing Service -> `Ready` status.
+
+pub mod allocator;
+pub mod controller;
+pub mod error;
+pub mod providers;
+
+pub use controller::{Settings, run};
+pub use error::Error;
+pub use providers::{BuiltinProviders, ProviderFactory};

@@ -85,7 +85,10 @@ pub struct PoolConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// Create or update an item with these ports.
-    Upsert { key: ItemKey, ports: Vec<PortRequest> },
+    Upsert {
+        key: ItemKey,
+        ports: Vec<PortRequest>,
+    },
     /// The item is gone: free its ports.
     Remove { key: ItemKey },
 }
@@ -93,10 +96,24 @@ pub enum Change {
 /// A side effect for the shell, in the order to carry it out.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Action {
-    CreateLoadBalancer { lb: LbIndex },
-    RemoveListener { lb: LbIndex, port: u16, protocol: Protocol, owner: ItemKey },
-    AddListener { lb: LbIndex, port: u16, protocol: Protocol, owner: ItemKey },
-    DeleteLoadBalancer { lb: LbIndex },
+    CreateLoadBalancer {
+        lb: LbIndex,
+    },
+    RemoveListener {
+        lb: LbIndex,
+        port: u16,
+        protocol: Protocol,
+        owner: ItemKey,
+    },
+    AddListener {
+        lb: LbIndex,
+        port: u16,
+        protocol: Protocol,
+        owner: ItemKey,
+    },
+    DeleteLoadBalancer {
+        lb: LbIndex,
+    },
 }
 
 /// Why an item could not be placed (or its update could not be made) without breaking a rule.
@@ -133,7 +150,10 @@ impl Refusal {
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Refusal::TooManyPorts { requested, capacity } => write!(
+            Refusal::TooManyPorts {
+                requested,
+                capacity,
+            } => write!(
                 f,
                 "{requested} ports requested but a load balancer of this pool holds at most {capacity}"
             ),
@@ -146,7 +166,11 @@ impl std::fmt::Display for Refusal {
                 "every load balancer of the pool is full and the pool is at its maximum of {max_lbs}"
             ),
             Refusal::PortRangeExhausted { range } => {
-                write!(f, "no free port left in the pool's range {}-{}", range.0, range.1)
+                write!(
+                    f,
+                    "no free port left in the pool's range {}-{}",
+                    range.0, range.1
+                )
             }
             Refusal::NoRoomToGrow { lb, needed, free } => write!(
                 f,
@@ -263,7 +287,11 @@ impl PoolState {
 
     /// Load balancers marked for deletion (empty), which the shell deletes and then `forget`s.
     pub fn deleting(&self) -> Vec<LbIndex> {
-        self.lbs.iter().filter(|(_, s)| s.deleting).map(|(i, _)| *i).collect()
+        self.lbs
+            .iter()
+            .filter(|(_, s)| s.deleting)
+            .map(|(i, _)| *i)
+            .collect()
     }
 
     /// Records a load balancer found in the cloud inventory at rebuild.
@@ -287,7 +315,11 @@ impl PoolState {
                 PortMode::PoolWide => self.pool_ports.get(&p.port),
             };
             if let Some(h) = holder.filter(|h| **h != key) {
-                return Err(RestoreConflict { lb: alloc.lb, port: p.port, held_by: h.clone() });
+                return Err(RestoreConflict {
+                    lb: alloc.lb,
+                    port: p.port,
+                    held_by: h.clone(),
+                });
             }
         }
         if lb.deleting {
@@ -360,7 +392,8 @@ impl PoolState {
                 }
             }
             if refused.len() == before || refused.is_empty() {
-                plan.refused.extend(refused.into_iter().map(|(k, _, r)| (k.clone(), r)));
+                plan.refused
+                    .extend(refused.into_iter().map(|(k, _, r)| (k.clone(), r)));
                 break;
             }
             pending = refused.into_iter().map(|(k, p, _)| (k, p)).collect();
@@ -369,7 +402,8 @@ impl PoolState {
             match scratch.plan_new(ports) {
                 Ok((alloc, created)) => {
                     if created {
-                        plan.actions.push(Action::CreateLoadBalancer { lb: alloc.lb });
+                        plan.actions
+                            .push(Action::CreateLoadBalancer { lb: alloc.lb });
                         scratch.add_lb(alloc.lb);
                     }
                     for p in &alloc.ports {
@@ -428,7 +462,9 @@ impl PoolState {
 
     /// Applies `f` to a load balancer and keeps `open` and `by_load` in step.
     fn reindex(&mut self, lb: LbIndex, f: impl FnOnce(&mut LbState)) {
-        let Some(mut s) = self.lbs.get(&lb).cloned() else { return };
+        let Some(mut s) = self.lbs.get(&lb).cloned() else {
+            return;
+        };
         self.by_load.remove(&(s.used, lb));
         self.open.remove(&lb);
         f(&mut s);
@@ -504,11 +540,18 @@ impl PoolState {
             if !self.port_free(s, port, key) {
                 return Err(match key {
                     Some(_) => Refusal::PortTakenOnLoadBalancer { lb, port },
-                    None => Refusal::PortInUse { port, protocol: r.protocol },
+                    None => Refusal::PortInUse {
+                        port,
+                        protocol: r.protocol,
+                    },
                 });
             }
             taken.push(port);
-            out.push(AllocatedPort { name: r.name.clone(), port, protocol: r.protocol });
+            out.push(AllocatedPort {
+                name: r.name.clone(),
+                port,
+                protocol: r.protocol,
+            });
         }
         let (lo, hi) = self.config.port_range;
         let mut next = lo;
@@ -524,7 +567,11 @@ impl PoolState {
                 }
             };
             taken.push(port);
-            out.push(AllocatedPort { name: r.name.clone(), port, protocol: r.protocol });
+            out.push(AllocatedPort {
+                name: r.name.clone(),
+                port,
+                protocol: r.protocol,
+            });
         }
         Ok(out)
     }
@@ -534,7 +581,10 @@ impl PoolState {
         let need = ports.len() as u32;
         let cap = self.config.max_ports_per_lb;
         if need > cap {
-            return Err(Refusal::TooManyPorts { requested: need, capacity: cap });
+            return Err(Refusal::TooManyPorts {
+                requested: need,
+                capacity: cap,
+            });
         }
         let reqs: Vec<&PortRequest> = ports.iter().collect();
         let mut first_refusal: Option<Refusal> = None;
@@ -551,28 +601,57 @@ impl PoolState {
                 }
             }
         };
-        let can_grow = self.config.max_lbs.is_none_or(|m| (self.lbs.len() as u32) < m);
+        let can_grow = self
+            .config
+            .max_lbs
+            .is_none_or(|m| (self.lbs.len() as u32) < m);
         let found = match self.config.strategy {
-            Strategy::Pack => self.open.iter().find_map(|lb| try_lb(*lb).map(|p| (*lb, p))),
+            Strategy::Pack => self
+                .open
+                .iter()
+                .find_map(|lb| try_lb(*lb).map(|p| (*lb, p))),
             Strategy::Spread => {
                 // Spread opens a new load balancer while the pool may still grow to a set maximum.
                 let grow_first = self.config.max_lbs.is_some() && can_grow;
-                let least = self.by_load.iter().find_map(|(_, lb)| try_lb(*lb).map(|p| (*lb, p)));
-                least.filter(|(lb, _)| !(grow_first && self.lbs.get(lb).is_some_and(|s| s.used > 0)))
+                let least = self
+                    .by_load
+                    .iter()
+                    .find_map(|(_, lb)| try_lb(*lb).map(|p| (*lb, p)));
+                least
+                    .filter(|(lb, _)| !(grow_first && self.lbs.get(lb).is_some_and(|s| s.used > 0)))
             }
         };
         if let Some((lb, p)) = found {
-            return Ok((Allocation { lb, ports: sorted(p) }, false));
+            return Ok((
+                Allocation {
+                    lb,
+                    ports: sorted(p),
+                },
+                false,
+            ));
         }
         if !can_grow {
             return Err(first_refusal
-                .filter(|r| matches!(r, Refusal::PortInUse { .. } | Refusal::PortRangeExhausted { .. }))
-                .unwrap_or(Refusal::PoolFull { max_lbs: self.config.max_lbs.unwrap_or(0) }));
+                .filter(|r| {
+                    matches!(
+                        r,
+                        Refusal::PortInUse { .. } | Refusal::PortRangeExhausted { .. }
+                    )
+                })
+                .unwrap_or(Refusal::PoolFull {
+                    max_lbs: self.config.max_lbs.unwrap_or(0),
+                }));
         }
         let lb = (0..).find(|i| !self.lbs.contains_key(i)).unwrap_or(0);
         let empty = LbState::default();
         let p = self.fit(lb, &empty, &reqs, None, &[])?;
-        Ok((Allocation { lb, ports: sorted(p) }, true))
+        Ok((
+            Allocation {
+                lb,
+                ports: sorted(p),
+            },
+            true,
+        ))
     }
 
     /// An update of a placed item, in place. `Ok(None)`: nothing changes.
@@ -581,7 +660,9 @@ impl PoolState {
         key: &ItemKey,
         ports: &[PortRequest],
     ) -> Result<Option<(Allocation, Allocation)>, Refusal> {
-        let Some(old) = self.allocations.get(key).cloned() else { return Ok(None) };
+        let Some(old) = self.allocations.get(key).cloned() else {
+            return Ok(None);
+        };
         let mut kept = Vec::new();
         let mut wanted = Vec::new();
         for r in ports {
@@ -601,12 +682,20 @@ impl PoolState {
         let after = s.used - old.ports.len() as u32 + kept.len() as u32 + wanted.len() as u32;
         if after > cap && wanted.len() as u32 > 0 {
             let free = cap.saturating_sub(s.used);
-            return Err(Refusal::NoRoomToGrow { lb: old.lb, needed: wanted.len() as u32, free });
+            return Err(Refusal::NoRoomToGrow {
+                lb: old.lb,
+                needed: wanted.len() as u32,
+                free,
+            });
         }
         // Ports the item keeps count as taken; ports it gives up are not handed straight back to it.
         let kept_ports: Vec<u16> = kept.iter().map(|p| p.port).collect();
-        let given_up: Vec<u16> =
-            old.ports.iter().map(|p| p.port).filter(|p| !kept_ports.contains(p)).collect();
+        let given_up: Vec<u16> = old
+            .ports
+            .iter()
+            .map(|p| p.port)
+            .filter(|p| !kept_ports.contains(p))
+            .collect();
         let mut view = s.clone();
         for p in &given_up {
             view.owners.remove(p);
@@ -616,13 +705,22 @@ impl PoolState {
         let added = self.fit(old.lb, &view, &wanted, Some(key), &avoid)?;
         // a fixed port this item already holds under another name may be taken over; it must not clash with kept
         for a in &added {
-            if kept.iter().any(|k| k.port == a.port && k.protocol == a.protocol) {
-                return Err(Refusal::PortTakenOnLoadBalancer { lb: old.lb, port: a.port });
+            if kept
+                .iter()
+                .any(|k| k.port == a.port && k.protocol == a.protocol)
+            {
+                return Err(Refusal::PortTakenOnLoadBalancer {
+                    lb: old.lb,
+                    port: a.port,
+                });
             }
         }
         let mut all = kept;
         all.extend(added);
-        let new = Allocation { lb: old.lb, ports: sorted(all) };
+        let new = Allocation {
+            lb: old.lb,
+            ports: sorted(all),
+        };
         self.release(key);
         self.occupy(key.clone(), new.clone());
         Ok(Some((old, new)))
@@ -638,12 +736,22 @@ fn diff_listeners(key: &ItemKey, old: &Allocation, new: &Allocation, out: &mut V
     let pair = |p: &AllocatedPort| (p.port, p.protocol);
     for p in &old.ports {
         if !new.ports.iter().any(|n| pair(n) == pair(p)) {
-            out.push(Action::RemoveListener { lb: old.lb, port: p.port, protocol: p.protocol, owner: key.clone() });
+            out.push(Action::RemoveListener {
+                lb: old.lb,
+                port: p.port,
+                protocol: p.protocol,
+                owner: key.clone(),
+            });
         }
     }
     for p in &new.ports {
         if !old.ports.iter().any(|o| pair(o) == pair(p)) {
-            out.push(Action::AddListener { lb: new.lb, port: p.port, protocol: p.protocol, owner: key.clone() });
+            out.push(Action::AddListener {
+                lb: new.lb,
+                port: p.port,
+                protocol: p.protocol,
+                owner: key.clone(),
+            });
         }
     }
 }

@@ -2,8 +2,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::{Strategy as Gen, *};
 
-use super::*;
 use super::Strategy;
+use super::*;
 
 fn cfg(cap: u32, max_lbs: Option<u32>) -> PoolConfig {
     PoolConfig {
@@ -16,15 +16,26 @@ fn cfg(cap: u32, max_lbs: Option<u32>) -> PoolConfig {
 }
 
 fn tcp(name: &str, port: Option<u16>) -> PortRequest {
-    PortRequest { name: name.into(), port, protocol: Protocol::Tcp }
+    PortRequest {
+        name: name.into(),
+        port,
+        protocol: Protocol::Tcp,
+    }
 }
 
 fn up(key: &str, ports: Vec<PortRequest>) -> Change {
-    Change::Upsert { key: key.into(), ports }
+    Change::Upsert {
+        key: key.into(),
+        ports,
+    }
 }
 
 fn ap(name: &str, port: u16, protocol: Protocol) -> AllocatedPort {
-    AllocatedPort { name: name.into(), port, protocol }
+    AllocatedPort {
+        name: name.into(),
+        port,
+        protocol,
+    }
 }
 
 fn plan_apply(s: &mut PoolState, changes: &[Change]) -> Plan {
@@ -40,12 +51,23 @@ fn first_item_opens_a_load_balancer_with_the_lowest_free_port() {
     assert_eq!(
         p,
         Plan {
-            placed: vec![("a".into(), Allocation { lb: 0, ports: vec![ap("web", 4000, Protocol::Tcp)] })],
+            placed: vec![(
+                "a".into(),
+                Allocation {
+                    lb: 0,
+                    ports: vec![ap("web", 4000, Protocol::Tcp)]
+                }
+            )],
             released: vec![],
             refused: vec![],
             actions: vec![
                 Action::CreateLoadBalancer { lb: 0 },
-                Action::AddListener { lb: 0, port: 4000, protocol: Protocol::Tcp, owner: "a".into() },
+                Action::AddListener {
+                    lb: 0,
+                    port: 4000,
+                    protocol: Protocol::Tcp,
+                    owner: "a".into()
+                },
             ],
         }
     );
@@ -67,34 +89,67 @@ fn fixed_port_clash_opens_another_lb_or_is_refused_at_max() {
     let mut s = PoolState::new(cfg(5, Some(1)));
     plan_apply(&mut s, &[up("a", vec![tcp("p", Some(80))])]);
     let p = s.plan(&[up("b", vec![tcp("p", Some(80))])]);
-    assert_eq!(p.refused, vec![("b".into(), Refusal::PortInUse { port: 80, protocol: Protocol::Tcp })]);
+    assert_eq!(
+        p.refused,
+        vec![(
+            "b".into(),
+            Refusal::PortInUse {
+                port: 80,
+                protocol: Protocol::Tcp
+            }
+        )]
+    );
     assert!(p.placed.is_empty());
 
     let mut s = PoolState::new(cfg(5, Some(2)));
     plan_apply(&mut s, &[up("a", vec![tcp("p", Some(80))])]);
     let p = plan_apply(&mut s, &[up("b", vec![tcp("p", Some(80))])]);
-    assert_eq!(p.placed, vec![("b".into(), Allocation { lb: 1, ports: vec![ap("p", 80, Protocol::Tcp)] })]);
+    assert_eq!(
+        p.placed,
+        vec![(
+            "b".into(),
+            Allocation {
+                lb: 1,
+                ports: vec![ap("p", 80, Protocol::Tcp)]
+            }
+        )]
+    );
 }
 
 #[test]
 fn a_port_belongs_to_one_item_even_across_protocols() {
     let mut s = PoolState::new(cfg(5, Some(1)));
     plan_apply(&mut s, &[up("a", vec![tcp("p", Some(53))])]);
-    let udp = PortRequest { name: "d".into(), port: Some(53), protocol: Protocol::Udp };
+    let udp = PortRequest {
+        name: "d".into(),
+        port: Some(53),
+        protocol: Protocol::Udp,
+    };
     let p = s.plan(&[up("b", vec![udp.clone()])]);
     assert_eq!(p.refused[0].1.reason(), "PortInUse");
     // the owner itself may add UDP on its port
     let p = plan_apply(&mut s, &[up("a", vec![tcp("p", Some(53)), udp])]);
     assert_eq!(
         p.actions,
-        vec![Action::AddListener { lb: 0, port: 53, protocol: Protocol::Udp, owner: "a".into() }]
+        vec![Action::AddListener {
+            lb: 0,
+            port: 53,
+            protocol: Protocol::Udp,
+            owner: "a".into()
+        }]
     );
 }
 
 #[test]
 fn update_keeps_existing_ports_and_adds_in_place() {
     let mut s = PoolState::new(cfg(5, None));
-    plan_apply(&mut s, &[up("a", vec![tcp("one", None)]), up("b", vec![tcp("x", None)])]);
+    plan_apply(
+        &mut s,
+        &[
+            up("a", vec![tcp("one", None)]),
+            up("b", vec![tcp("x", None)]),
+        ],
+    );
     let before = s.allocation("a").cloned().expect("placed");
     let p = plan_apply(&mut s, &[up("a", vec![tcp("one", None), tcp("two", None)])]);
     let after = s.allocation("a").cloned().expect("placed");
@@ -106,14 +161,25 @@ fn update_keeps_existing_ports_and_adds_in_place() {
     let p = plan_apply(&mut s, &[up("a", vec![tcp("two", None)])]);
     assert_eq!(
         p.actions,
-        vec![Action::RemoveListener { lb: 0, port: before.ports[0].port, protocol: Protocol::Tcp, owner: "a".into() }]
+        vec![Action::RemoveListener {
+            lb: 0,
+            port: before.ports[0].port,
+            protocol: Protocol::Tcp,
+            owner: "a".into()
+        }]
     );
 }
 
 #[test]
 fn update_that_does_not_fit_keeps_the_old_allocation() {
     let mut s = PoolState::new(cfg(2, None));
-    plan_apply(&mut s, &[up("a", vec![tcp("one", None)]), up("b", vec![tcp("x", None)])]);
+    plan_apply(
+        &mut s,
+        &[
+            up("a", vec![tcp("one", None)]),
+            up("b", vec![tcp("x", None)]),
+        ],
+    );
     let before = s.allocation("a").cloned();
     let p = s.plan(&[up("a", vec![tcp("one", None), tcp("two", None)])]);
     assert_eq!(p.refused[0].1.reason(), "NoRoomToGrow");
@@ -130,7 +196,12 @@ fn removing_the_last_item_deletes_the_lb_and_forget_drops_it() {
     assert_eq!(
         p.actions,
         vec![
-            Action::RemoveListener { lb: 0, port: 4000, protocol: Protocol::Tcp, owner: "a".into() },
+            Action::RemoveListener {
+                lb: 0,
+                port: 4000,
+                protocol: Protocol::Tcp,
+                owner: "a".into()
+            },
             Action::DeleteLoadBalancer { lb: 0 },
         ]
     );
@@ -145,17 +216,33 @@ fn removing_the_last_item_deletes_the_lb_and_forget_drops_it() {
 #[test]
 fn restore_finds_conflicts_and_empty_inventory_lbs_are_collected() {
     let mut s = PoolState::new(cfg(5, None));
-    let a = Allocation { lb: 0, ports: vec![ap("p", 4000, Protocol::Tcp)] };
+    let a = Allocation {
+        lb: 0,
+        ports: vec![ap("p", 4000, Protocol::Tcp)],
+    };
     assert_eq!(s.restore("a".into(), a.clone()), Ok(()));
     assert_eq!(
         s.restore("b".into(), a),
-        Err(RestoreConflict { lb: 0, port: 4000, held_by: "a".into() })
+        Err(RestoreConflict {
+            lb: 0,
+            port: 4000,
+            held_by: "a".into()
+        })
     );
     s.restore_load_balancer(3);
-    assert_eq!(s.plan(&[]).actions, vec![Action::DeleteLoadBalancer { lb: 3 }]);
+    assert_eq!(
+        s.plan(&[]).actions,
+        vec![Action::DeleteLoadBalancer { lb: 3 }]
+    );
     // the next new item takes the lowest free port on lb 0, not a port of `a`
     let p = s.plan(&[up("c", vec![tcp("p", None)])]);
-    assert_eq!(p.placed[0].1, Allocation { lb: 0, ports: vec![ap("p", 4001, Protocol::Tcp)] });
+    assert_eq!(
+        p.placed[0].1,
+        Allocation {
+            lb: 0,
+            ports: vec![ap("p", 4001, Protocol::Tcp)]
+        }
+    );
 }
 
 #[test]
@@ -188,14 +275,31 @@ fn pool_wide_ports_are_unique_across_lbs() {
 #[test]
 fn too_many_ports_and_exhausted_range_are_refused() {
     let s = PoolState::new(cfg(2, None));
-    let p = s.plan(&[up("a", vec![tcp("a", None), tcp("b", None), tcp("c", None)])]);
-    assert_eq!(p.refused, vec![("a".into(), Refusal::TooManyPorts { requested: 3, capacity: 2 })]);
+    let p = s.plan(&[up(
+        "a",
+        vec![tcp("a", None), tcp("b", None), tcp("c", None)],
+    )]);
+    assert_eq!(
+        p.refused,
+        vec![(
+            "a".into(),
+            Refusal::TooManyPorts {
+                requested: 3,
+                capacity: 2
+            }
+        )]
+    );
     let mut c = cfg(5, Some(1));
     c.port_range = (4000, 4001);
     let mut s = PoolState::new(c);
     plan_apply(&mut s, &[up("a", vec![tcp("a", None), tcp("b", None)])]);
     let p = s.plan(&[up("b", vec![tcp("a", None)])]);
-    assert_eq!(p.refused[0].1, Refusal::PortRangeExhausted { range: (4000, 4001) });
+    assert_eq!(
+        p.refused[0].1,
+        Refusal::PortRangeExhausted {
+            range: (4000, 4001)
+        }
+    );
 }
 
 // ---------------------------------------------------------------- properties
@@ -210,11 +314,17 @@ fn check_invariants(s: &PoolState) -> Result<(), String> {
         *used.entry(a.lb).or_default() += a.ports.len() as u32;
         for p in &a.ports {
             if !pairs.insert((a.lb, p.port, p.protocol)) {
-                return Err(format!("duplicate ({}, {}, {:?})", a.lb, p.port, p.protocol));
+                return Err(format!(
+                    "duplicate ({}, {}, {:?})",
+                    a.lb, p.port, p.protocol
+                ));
             }
             if let Some(o) = owner.insert((a.lb, p.port), k.clone()) {
                 if &o != k {
-                    return Err(format!("port {} of lb {} held by {o} and {k}", p.port, a.lb));
+                    return Err(format!(
+                        "port {} of lb {} held by {o} and {k}",
+                        p.port, a.lb
+                    ));
                 }
             }
         }
@@ -224,11 +334,17 @@ fn check_invariants(s: &PoolState) -> Result<(), String> {
             return Err(format!("lb {lb} holds {n} > {cap}"));
         }
     }
-    let summary: BTreeMap<LbIndex, u32> =
-        s.load_balancers().iter().map(|l| (l.lb, l.ports_used)).collect();
+    let summary: BTreeMap<LbIndex, u32> = s
+        .load_balancers()
+        .iter()
+        .map(|l| (l.lb, l.ports_used))
+        .collect();
     for (lb, n) in &used {
         if summary.get(lb) != Some(n) {
-            return Err(format!("lb {lb}: summary {:?} != recount {n}", summary.get(lb)));
+            return Err(format!(
+                "lb {lb}: summary {:?} != recount {n}",
+                summary.get(lb)
+            ));
         }
     }
     Ok(())
@@ -242,7 +358,10 @@ enum Op {
 }
 
 fn ports_strategy() -> impl Gen<Value = Vec<(Option<u16>, bool)>> {
-    prop::collection::vec((prop::option::weighted(0.3, 4000u16..4012), any::<bool>()), 1..4)
+    prop::collection::vec(
+        (prop::option::weighted(0.3, 4000u16..4012), any::<bool>()),
+        1..4,
+    )
 }
 
 fn op_strategy() -> impl Gen<Value = Op> {
@@ -268,15 +387,28 @@ fn requests(ports: &[(Option<u16>, bool)]) -> Vec<PortRequest> {
 }
 
 fn strategy_config() -> impl Gen<Value = PoolConfig> {
-    (1u32..8, prop::option::of(1u32..8), any::<bool>(), any::<bool>(), 8u16..200).prop_map(
-        |(cap, max_lbs, spread, wide, width)| PoolConfig {
+    (
+        1u32..8,
+        prop::option::of(1u32..8),
+        any::<bool>(),
+        any::<bool>(),
+        8u16..200,
+    )
+        .prop_map(|(cap, max_lbs, spread, wide, width)| PoolConfig {
             max_ports_per_lb: cap,
             max_lbs,
             port_range: (4000, 4000 + width),
-            strategy: if spread { Strategy::Spread } else { Strategy::Pack },
-            port_mode: if wide { PortMode::PoolWide } else { PortMode::PerLoadBalancer },
-        },
-    )
+            strategy: if spread {
+                Strategy::Spread
+            } else {
+                Strategy::Pack
+            },
+            port_mode: if wide {
+                PortMode::PoolWide
+            } else {
+                PortMode::PerLoadBalancer
+            },
+        })
 }
 
 proptest! {

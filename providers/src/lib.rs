@@ -36,7 +36,10 @@ pub enum ProviderError {
     #[error("quota exceeded: {0}")]
     QuotaExceeded(String),
     #[error("throttled (retry after {}ms): {message}", retry_after.as_millis())]
-    Throttled { retry_after: Duration, message: String },
+    Throttled {
+        retry_after: Duration,
+        message: String,
+    },
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
     #[error("{0}")]
@@ -60,9 +63,9 @@ impl ProviderError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             ProviderError::Throttled { retry_after, .. } => Some(*retry_after),
-            ProviderError::Other(_) | ProviderError::NotFound(_) | ProviderError::AlreadyExists(_) => {
-                Some(Duration::from_secs(2))
-            }
+            ProviderError::Other(_)
+            | ProviderError::NotFound(_)
+            | ProviderError::AlreadyExists(_) => Some(Duration::from_secs(2)),
             ProviderError::QuotaExceeded(_) => Some(Duration::from_secs(60)),
             ProviderError::InvalidConfig(_) => None,
         }
@@ -160,10 +163,17 @@ pub trait LoadBalancerProvider: Send + Sync + Debug {
     fn limits(&self) -> Limits;
 
     /// Makes the load balancer exist (found by its deterministic name/tags, or created) and returns it.
-    async fn ensure_load_balancer(&self, lb: &LoadBalancerKey) -> Result<LoadBalancerInfo, ProviderError>;
+    async fn ensure_load_balancer(
+        &self,
+        lb: &LoadBalancerKey,
+    ) -> Result<LoadBalancerInfo, ProviderError>;
 
     /// Makes one listener (and its firewall opening) exist exactly as specified.
-    async fn ensure_listener(&self, lb: &LoadBalancerKey, listener: &ListenerSpec) -> Result<(), ProviderError>;
+    async fn ensure_listener(
+        &self,
+        lb: &LoadBalancerKey,
+        listener: &ListenerSpec,
+    ) -> Result<(), ProviderError>;
 
     /// Removes a listener and its firewall opening if it exists *and* belongs to `owner_uid`. Missing is success.
     async fn remove_listener(

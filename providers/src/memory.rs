@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::{
-    Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec, LoadBalancerInfo, LoadBalancerKey,
-    LoadBalancerProvider, NodeTarget, PortMode, ProviderError, Protocol, tags,
+    Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec, LoadBalancerInfo,
+    LoadBalancerKey, LoadBalancerProvider, NodeTarget, PortMode, Protocol, ProviderError, tags,
 };
 
 /// The memory provider's own hard limit on listeners per load balancer.
@@ -103,7 +103,9 @@ pub struct MemoryProvider {
 impl MemoryProvider {
     pub fn new(cloud: Arc<MemoryCloud>, cluster_id: &str, pool: &str, faults: Faults) -> Self {
         // seeded from the pool name so that a fault pattern repeats from run to run
-        let seed = pool.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let seed = pool.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
         MemoryProvider {
             cloud,
             cluster_id: cluster_id.to_string(),
@@ -118,7 +120,8 @@ impl MemoryProvider {
     }
 
     fn ours(&self, l: &MemoryLoadBalancer) -> bool {
-        l.tags.get(tags::CLUSTER) == Some(&self.cluster_id) && l.tags.get(tags::POOL) == Some(&self.pool)
+        l.tags.get(tags::CLUSTER) == Some(&self.cluster_id)
+            && l.tags.get(tags::POOL) == Some(&self.pool)
     }
 
     /// Latency, then the injected faults for a mutating call.
@@ -126,14 +129,20 @@ impl MemoryProvider {
         if !self.faults.latency.is_zero() {
             tokio::time::sleep(self.faults.latency).await;
         }
-        let roll = self.rng.lock().unwrap_or_else(|e| e.into_inner()).u32(0..1000);
+        let roll = self
+            .rng
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .u32(0..1000);
         let fail = if roll < self.faults.throttle_per_mille {
             Some(ProviderError::Throttled {
                 retry_after: Duration::from_millis(200),
                 message: format!("memory: {op} throttled (injected)"),
             })
         } else if roll < self.faults.throttle_per_mille + self.faults.error_per_mille {
-            Some(ProviderError::Other(format!("memory: {op} failed with an injected server error")))
+            Some(ProviderError::Other(format!(
+                "memory: {op} failed with an injected server error"
+            )))
         } else {
             None
         };
@@ -145,7 +154,11 @@ impl MemoryProvider {
     }
 
     fn info(l: &MemoryLoadBalancer) -> LoadBalancerInfo {
-        LoadBalancerInfo { id: l.id.clone(), ip: Some(l.ip.to_string()), hostname: None }
+        LoadBalancerInfo {
+            id: l.id.clone(),
+            ip: Some(l.ip.to_string()),
+            hostname: None,
+        }
     }
 }
 
@@ -163,7 +176,10 @@ impl LoadBalancerProvider for MemoryProvider {
         }
     }
 
-    async fn ensure_load_balancer(&self, lb: &LoadBalancerKey) -> Result<LoadBalancerInfo, ProviderError> {
+    async fn ensure_load_balancer(
+        &self,
+        lb: &LoadBalancerKey,
+    ) -> Result<LoadBalancerInfo, ProviderError> {
         let name = self.cloud_name(lb);
         if let Some(l) = self.cloud.lock().lbs.get(&name) {
             return Ok(Self::info(l));
@@ -174,7 +190,11 @@ impl LoadBalancerProvider for MemoryProvider {
             return Ok(Self::info(l));
         }
         let in_pool = acc.lbs.values().filter(|l| self.ours(l)).count() as u32;
-        if self.faults.load_balancer_quota.is_some_and(|q| in_pool >= q) {
+        if self
+            .faults
+            .load_balancer_quota
+            .is_some_and(|q| in_pool >= q)
+        {
             return Err(ProviderError::QuotaExceeded(format!(
                 "memory: the account allows {} load balancers in pool {}",
                 in_pool, self.pool
@@ -182,7 +202,9 @@ impl LoadBalancerProvider for MemoryProvider {
         }
         let used: BTreeSet<u8> = acc.lbs.values().map(|l| l.ip.octets()[3]).collect();
         let Some(host) = (1..=254u8).find(|h| !used.contains(h)) else {
-            return Err(ProviderError::QuotaExceeded("memory: 198.51.100.0/24 has no free address".into()));
+            return Err(ProviderError::QuotaExceeded(
+                "memory: 198.51.100.0/24 has no free address".into(),
+            ));
         };
         acc.next_id += 1;
         let l = MemoryLoadBalancer {
@@ -206,7 +228,11 @@ impl LoadBalancerProvider for MemoryProvider {
         Ok(info)
     }
 
-    async fn ensure_listener(&self, lb: &LoadBalancerKey, listener: &ListenerSpec) -> Result<(), ProviderError> {
+    async fn ensure_listener(
+        &self,
+        lb: &LoadBalancerKey,
+        listener: &ListenerSpec,
+    ) -> Result<(), ProviderError> {
         let name = self.cloud_name(lb);
         let want = MemoryListener {
             node_port: listener.node_port,
@@ -215,18 +241,28 @@ impl LoadBalancerProvider for MemoryProvider {
         };
         {
             let acc = self.cloud.lock();
-            let l = acc.lbs.get(&name).ok_or_else(|| ProviderError::NotFound(format!("load balancer {name}")))?;
+            let l = acc
+                .lbs
+                .get(&name)
+                .ok_or_else(|| ProviderError::NotFound(format!("load balancer {name}")))?;
             if l.listeners.get(&(listener.port, listener.protocol)) == Some(&want) {
                 return Ok(());
             }
         }
         self.call("put_listener").await?;
         let mut acc = self.cloud.lock();
-        let l = acc.lbs.get_mut(&name).ok_or_else(|| ProviderError::NotFound(format!("load balancer {name}")))?;
+        let l = acc
+            .lbs
+            .get_mut(&name)
+            .ok_or_else(|| ProviderError::NotFound(format!("load balancer {name}")))?;
         if l.listeners.len() as u32 >= MAX_LISTENERS_PER_LB
-            && !l.listeners.contains_key(&(listener.port, listener.protocol))
+            && !l
+                .listeners
+                .contains_key(&(listener.port, listener.protocol))
         {
-            return Err(ProviderError::QuotaExceeded(format!("memory: {name} has {MAX_LISTENERS_PER_LB} listeners")));
+            return Err(ProviderError::QuotaExceeded(format!(
+                "memory: {name} has {MAX_LISTENERS_PER_LB} listeners"
+            )));
         }
         l.listeners.insert((listener.port, listener.protocol), want);
         *acc.calls.entry("put_listener").or_default() += 1;
@@ -254,7 +290,10 @@ impl LoadBalancerProvider for MemoryProvider {
         self.call("delete_listener").await?;
         let mut acc = self.cloud.lock();
         if let Some(l) = acc.lbs.get_mut(&name) {
-            if l.listeners.get(&(port, protocol)).is_some_and(|x| x.owner_uid == owner_uid) {
+            if l.listeners
+                .get(&(port, protocol))
+                .is_some_and(|x| x.owner_uid == owner_uid)
+            {
                 l.listeners.remove(&(port, protocol));
                 *acc.calls.entry("delete_listener").or_default() += 1;
             }
@@ -282,7 +321,9 @@ impl LoadBalancerProvider for MemoryProvider {
         let acc = self.cloud.lock();
         let mut load_balancers = Vec::new();
         for l in acc.lbs.values().filter(|l| self.ours(l)) {
-            let Some(index) = l.tags.get(tags::INDEX).and_then(|i| i.parse().ok()) else { continue };
+            let Some(index) = l.tags.get(tags::INDEX).and_then(|i| i.parse().ok()) else {
+                continue;
+            };
             load_balancers.push(InventoryLoadBalancer {
                 index,
                 info: Self::info(l),

@@ -1,0 +1,241 @@
+//! Harness for the end-to-end tests: a real kube-apiserver + etcd (+ kube-controller-manager for garbage
+//! collection) started by `scripts/test-env up`, reached through KUBECONFIG. The operator runs in-process as a
+//! library with the memory provider, sharing one `MemoryCloud` across restarts as a real cloud outlives the
+//! operator; "restart" aborts its task mid-flight, as kill -9 would.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::events::v1::Event as KubeEvent;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use sharedlb::{BuiltinProviders, Settings};
+use sharedlb_crds::{LoadBalancerPool, SharedLB};
+use sharedlb_providers::memory::MemoryCloud;
+use tokio::task::JoinHandle;
+
+/// The tests share one apiserver and each runs its own operator: they take turns.
+pub static SERIAL: LazyLock<tokio::sync::Mutex<()>> = LazyLock::new(|| tokio::sync::Mutex::new(()));
+
+pub async fn client() -> Client {
+    assert!(
+        std::env::var_os("KUBECONFIG").is_some(),
+        "the end-to-end tests need a real apiserver: run them through scripts/test (or eval \"$(scripts/test-env up)\")"
+    );
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,sharedlb=info".into()))
+        .with_test_writer()
+        .try_init();
+    Client::try_default()
+        .await
+        .expect("a client from KUBECONFIG")
+}
+
+/// The operator, running in this process.
+#[derive(Debug)]
+pub struct Operator {
+    task: JoinHandle<()>,
+}
+
+impl Operator {
+    pub fn start(client: &Client, cloud: &Arc<MemoryCloud>) -> Operator {
+        let settings = Settings {
+            cluster_id: "e2e".into(),
+            ..Settings::default()
+        };
+        let factory = Arc::new(BuiltinProviders::new(cloud.clone()));
+        let client = client.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) =
+                sharedlb::run(client, settings, factory, futures::future::pending()).await
+            {
+                panic!("operator failed: {e}");
+            }
+        });
+        Operator { task }
+    }
+
+    /// Stops it at once, wherever it is.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+/// Polls `f` until it returns Some, or panics after `secs` with `what`.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {secs}s waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A fresh namespace with these labels, named `<prefix>-<random>` so reruns on one apiserver never collide.
+pub async fn namespace(client: &Client, prefix: &str, labels: &[(&str, &str)]) -> String {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let name = format!("{prefix}-{:06x}", fastrand::u32(..0xff_ffff));
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    api.create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+    name
+}
+
+pub async fn create_pool(client: &Client, name: &str, spec: serde_json::Value) -> LoadBalancerPool {
+    let api: Api<LoadBalancerPool> = Api::all(client.clone());
+    let pool: LoadBalancerPool = serde_json::from_value(json!({
+        "apiVersion": "sharedlb.dev/v1alpha1", "kind": "LoadBalancerPool",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .expect("pool json");
+    if api.get_opt(name).await.expect("get pool").is_some() {
+        // left by an earlier run that failed half-way
+        let _ = api.delete(name, &DeleteParams::default()).await;
+        eventually(30, &format!("old pool {name} gone"), || async {
+            api.get_opt(name).await.ok()?.is_none().then_some(())
+        })
+        .await;
+    }
+    api.create(&PostParams::default(), &pool)
+        .await
+        .expect("create pool")
+}
+
+pub fn shared_lb(ns: &str, name: &str, spec: serde_json::Value) -> SharedLB {
+    serde_json::from_value(json!({
+        "apiVersion": "sharedlb.dev/v1alpha1", "kind": "SharedLB",
+        "metadata": {"name": name, "namespace": ns}, "spec": spec,
+    }))
+    .expect("shared lb json")
+}
+
+pub async fn create_slb(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> SharedLB {
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), &shared_lb(ns, name, spec))
+        .await
+        .expect("create SharedLB")
+}
+
+pub fn condition(slb: &SharedLB, type_: &str) -> Option<(String, String, String)> {
+    slb.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Waits until the SharedLB is Ready and returns it.
+pub async fn ready(client: &Client, ns: &str, name: &str, secs: u64) -> SharedLB {
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), ns);
+    eventually(secs, &format!("{ns}/{name} Ready"), || async {
+        let s = api.get(name).await.ok()?;
+        (condition(&s, "Ready")?.0 == "True").then_some(s)
+    })
+    .await
+}
+
+/// Waits until Ready=False with `reason`; returns the message.
+pub async fn refused(client: &Client, ns: &str, name: &str, reason: &str) -> String {
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), ns);
+    eventually(
+        30,
+        &format!("{ns}/{name} Ready=False reason {reason}"),
+        || async {
+            let s = api.get(name).await.ok()?;
+            let (st, r, m) = condition(&s, "Ready")?;
+            (st == "False" && r == reason).then_some(m)
+        },
+    )
+    .await
+}
+
+/// Event reasons recorded for an object.
+pub async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
+    let api: Api<KubeEvent> = Api::namespaced(client.clone(), ns);
+    let list = api.list(&ListParams::default()).await.expect("list events");
+    list.items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter_map(|e| e.reason)
+        .collect()
+}
+
+/// Deletes every SharedLB of the namespace, waits until they are gone (finalizers done), then the namespace.
+pub async fn delete_namespace(client: &Client, ns: &str) {
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), ns);
+    for s in api.list(&ListParams::default()).await.expect("list").items {
+        let _ = api.delete(&s.name_any(), &DeleteParams::default()).await;
+    }
+    eventually(60, &format!("SharedLBs of {ns} gone"), || async {
+        api.list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let _ = Api::<Namespace>::all(client.clone())
+        .delete(ns, &DeleteParams::default())
+        .await;
+}
+
+pub async fn delete_pool(client: &Client, name: &str) {
+    let _ = Api::<LoadBalancerPool>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
+}
+
+/// The memory cloud's load balancers of one pool: name -> (ip, listeners (port, protocol) -> owner uid).
+pub fn cloud_pool(
+    cloud: &MemoryCloud,
+    pool: &str,
+) -> BTreeMap<String, (String, Vec<(u16, String, String)>)> {
+    cloud
+        .load_balancers()
+        .into_iter()
+        .filter(|l| l.tags.get("sharedlb.dev/pool").map(String::as_str) == Some(pool))
+        .map(|l| {
+            let ls = l
+                .listeners
+                .iter()
+                .map(|((p, proto), x)| (*p, format!("{proto:?}"), x.owner_uid.clone()))
+                .collect();
+            (l.name.clone(), (l.ip.to_string(), ls))
+        })
+        .collect()
+}

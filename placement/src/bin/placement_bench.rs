@@ -23,15 +23,28 @@ fn workload() -> Vec<Change> {
     (0..ITEMS)
         .map(|i| {
             let r = next() % 100;
-            let size = if r < 80 { 1 } else if r < 95 { 2 } else { 3 };
+            let size = if r < 80 {
+                1
+            } else if r < 95 {
+                2
+            } else {
+                3
+            };
             let ports = (0..size)
                 .map(|j| PortRequest {
                     name: format!("p{j}"),
                     port: (next() % 10 == 0).then(|| 1000 + (next() % 24) as u16 * 3 + j as u16),
-                    protocol: if next() % 4 == 0 { Protocol::Udp } else { Protocol::Tcp },
+                    protocol: if next() % 4 == 0 {
+                        Protocol::Udp
+                    } else {
+                        Protocol::Tcp
+                    },
                 })
                 .collect();
-            Change::Upsert { key: format!("{i:06}"), ports }
+            Change::Upsert {
+                key: format!("{i:06}"),
+                ports,
+            }
         })
         .collect()
 }

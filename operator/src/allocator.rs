@@ -1,0 +1,275 @@
+//! One allocator per pool: the pool's `PoolState` behind an async mutex, so allocation is serialised per pool.
+//! It is rebuilt — from every SharedLB status (a consistent LIST) and the provider's inventory — the first time
+//! the pool is used, under the same lock, so nothing is placed before the rebuild is complete.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex as SyncMutex};
+
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+use sharedlb_crds::{LoadBalancerPoolSpec, SharedLB, SharedLBStatus};
+use sharedlb_placement::{AllocatedPort, Allocation, PoolConfig, PoolState, PortMode, Strategy};
+use sharedlb_providers::{LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, ProviderError};
+use tokio::sync::{Mutex, MutexGuard};
+use tracing::{info, warn};
+
+use crate::Error;
+
+/// Auto-assigned ports when the pool sets no `portRange`.
+pub const DEFAULT_PORT_RANGE: (u16, u16) = (10000, 19999);
+/// The cluster's NodePort range, for providers whose external port is the node port.
+pub const NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
+
+pub fn protocol_to_placement(p: sharedlb_crds::Protocol) -> sharedlb_placement::Protocol {
+    match p {
+        sharedlb_crds::Protocol::Tcp => sharedlb_placement::Protocol::Tcp,
+        sharedlb_crds::Protocol::Udp => sharedlb_placement::Protocol::Udp,
+    }
+}
+
+pub fn protocol_from_placement(p: sharedlb_placement::Protocol) -> sharedlb_crds::Protocol {
+    match p {
+        sharedlb_placement::Protocol::Tcp => sharedlb_crds::Protocol::Tcp,
+        sharedlb_placement::Protocol::Udp => sharedlb_crds::Protocol::Udp,
+    }
+}
+
+/// The planner's configuration: the pool's wishes capped by every hard limit the provider knows.
+pub fn pool_config(spec: &LoadBalancerPoolSpec, provider: &dyn LoadBalancerProvider) -> PoolConfig {
+    let limits = provider.limits();
+    let max_ports = spec
+        .capacity
+        .max_ports_per_load_balancer
+        .map_or(limits.max_ports_per_lb, |m| m.min(limits.max_ports_per_lb))
+        .max(1);
+    let max_lbs = match (spec.capacity.max_load_balancers, limits.max_lbs) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let port_range = match (limits.port_mode, &spec.port_range) {
+        (PortMode::PoolWide, None) => NODE_PORT_RANGE,
+        (_, Some(r)) => (r.min.clamp(1, 65535) as u16, r.max.clamp(1, 65535) as u16),
+        (PortMode::PerLoadBalancer, None) => DEFAULT_PORT_RANGE,
+    };
+    PoolConfig {
+        max_ports_per_lb: max_ports,
+        max_lbs,
+        port_range,
+        strategy: match spec.placement {
+            sharedlb_crds::PlacementStrategy::Pack => Strategy::Pack,
+            sharedlb_crds::PlacementStrategy::Spread => Strategy::Spread,
+        },
+        port_mode: limits.port_mode,
+    }
+}
+
+/// The allocation a status records for `pool`, if any.
+pub fn allocation_from_status(status: &SharedLBStatus, pool: &str) -> Option<Allocation> {
+    if status.pool.as_deref() != Some(pool) || status.ports.is_empty() {
+        return None;
+    }
+    let lb = status
+        .load_balancer
+        .as_ref()?
+        .name
+        .strip_prefix(pool)?
+        .strip_prefix('-')?
+        .parse()
+        .ok()?;
+    let mut ports: Vec<AllocatedPort> = status
+        .ports
+        .iter()
+        .filter_map(|p| {
+            Some(AllocatedPort {
+                name: p.name.clone(),
+                port: u16::try_from(p.port).ok()?,
+                protocol: protocol_to_placement(p.protocol),
+            })
+        })
+        .collect();
+    ports.sort();
+    Some(Allocation { lb, ports })
+}
+
+#[derive(Debug)]
+pub struct PoolAllocator {
+    pub pool: String,
+    /// The pool object's UID: a pool deleted and made again gets a new allocator.
+    pub pool_uid: String,
+    pub cluster_id: String,
+    pub provider: Arc<dyn LoadBalancerProvider>,
+    state: Mutex<Option<PoolState>>,
+    infos: SyncMutex<BTreeMap<u32, LoadBalancerInfo>>,
+}
+
+impl PoolAllocator {
+    pub fn new(
+        pool: &str,
+        pool_uid: &str,
+        cluster_id: &str,
+        provider: Arc<dyn LoadBalancerProvider>,
+    ) -> Self {
+        PoolAllocator {
+            pool: pool.to_string(),
+            pool_uid: pool_uid.to_string(),
+            cluster_id: cluster_id.to_string(),
+            provider,
+            state: Mutex::new(None),
+            infos: SyncMutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn key(&self, lb: u32) -> LoadBalancerKey {
+        LoadBalancerKey {
+            cluster_id: self.cluster_id.clone(),
+            pool: self.pool.clone(),
+            index: lb,
+        }
+    }
+
+    pub fn lb_name(&self, lb: u32) -> String {
+        self.key(lb).name()
+    }
+
+    /// What the cloud last said about a load balancer.
+    pub fn info(&self, lb: u32) -> Option<LoadBalancerInfo> {
+        self.infos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&lb)
+            .cloned()
+    }
+
+    pub fn remember(&self, lb: u32, info: LoadBalancerInfo) {
+        self.infos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(lb, info);
+    }
+
+    fn forget_info(&self, lb: u32) {
+        self.infos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&lb);
+    }
+
+    /// The pool's state, locked; rebuilt first if this is the first use. The config follows the pool spec.
+    pub async fn lock(
+        &self,
+        client: &Client,
+        spec: &LoadBalancerPoolSpec,
+    ) -> Result<LockedPool<'_>, Error> {
+        let config = pool_config(spec, self.provider.as_ref());
+        let mut guard = self.state.lock().await;
+        match guard.as_mut() {
+            None => *guard = Some(self.rebuild(client, config).await?),
+            Some(st) if st.config() != &config => st.set_config(config),
+            Some(_) => {}
+        }
+        Ok(LockedPool { guard })
+    }
+
+    /// The state as it is, if built, without rebuilding.
+    pub async fn peek<T>(&self, f: impl FnOnce(&PoolState) -> T) -> Option<T> {
+        self.state.lock().await.as_ref().map(f)
+    }
+
+    async fn rebuild(&self, client: &Client, config: PoolConfig) -> Result<PoolState, Error> {
+        let mut st = PoolState::new(config);
+        let inventory = self.provider.inventory().await?;
+        for lb in &inventory.load_balancers {
+            st.restore_load_balancer(lb.index);
+            self.remember(lb.index, lb.info.clone());
+        }
+        // A consistent LIST (no resourceVersion): every allocation a previous leader wrote is in it.
+        let api: Api<SharedLB> = Api::all(client.clone());
+        let mut params = ListParams::default().limit(500);
+        let mut restored = 0usize;
+        loop {
+            let page = api.list(&params).await?;
+            for slb in &page.items {
+                if slb.metadata.deletion_timestamp.is_some() {
+                    continue; // being deleted: its ports are on their way out
+                }
+                let Some(alloc) = slb
+                    .status
+                    .as_ref()
+                    .and_then(|s| allocation_from_status(s, &self.pool))
+                else {
+                    continue;
+                };
+                match st.restore(slb.uid().unwrap_or_default(), alloc) {
+                    Ok(()) => restored += 1,
+                    Err(c) => warn!(
+                        pool = %self.pool, shared_lb = %format!("{}/{}", slb.namespace().unwrap_or_default(), slb.name_any()),
+                        lb = c.lb, port = c.port, held_by = %c.held_by,
+                        "status claims a port another SharedLB holds; it will be placed again"
+                    ),
+                }
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+        // The audit: a listener in the cloud that no allocation accounts for is removed (a crash between the
+        // status write of a freed port and the cloud call leaves one).
+        for lb in &inventory.load_balancers {
+            for l in &lb.listeners {
+                let accounted = st.allocation(&l.owner_uid).is_some_and(|a| {
+                    a.lb == lb.index
+                        && a.ports
+                            .iter()
+                            .any(|p| p.port == l.port && p.protocol == l.protocol)
+                });
+                if !accounted {
+                    info!(pool = %self.pool, lb = lb.index, port = l.port, owner = %l.owner_uid, "removing a stray listener");
+                    self.provider
+                        .remove_listener(&self.key(lb.index), l.port, l.protocol, &l.owner_uid)
+                        .await?;
+                }
+            }
+        }
+        info!(pool = %self.pool, restored, load_balancers = inventory.load_balancers.len(), "allocator rebuilt");
+        Ok(st)
+    }
+
+    /// Deletes empty load balancers marked for deletion, then forgets them. Failures stay marked and are tried
+    /// again by the pool's next reconcile.
+    pub async fn delete_marked(&self, lbs: Vec<u32>) -> Result<(), ProviderError> {
+        for lb in lbs {
+            self.provider.delete_load_balancer(&self.key(lb)).await?;
+            if let Some(st) = self.state.lock().await.as_mut() {
+                st.forget_load_balancer(lb);
+            }
+            self.forget_info(lb);
+            info!(pool = %self.pool, lb, "deleted an empty load balancer");
+        }
+        Ok(())
+    }
+}
+
+/// The locked, built state of a pool.
+#[derive(Debug)]
+pub struct LockedPool<'a> {
+    guard: MutexGuard<'a, Option<PoolState>>,
+}
+
+impl std::ops::Deref for LockedPool<'_> {
+    type Target = PoolState;
+    fn deref(&self) -> &PoolState {
+        // `lock` only hands out a LockedPool after the state is built
+        self.guard
+            .as_ref()
+            .expect("state is built before LockedPool is made")
+    }
+}
+
+impl std::ops::DerefMut for LockedPool<'_> {
+    fn deref_mut(&mut self) -> &mut PoolState {
+        self.guard
+            .as_mut()
+            .expect("state is built before LockedPool is made")
+    }
+}

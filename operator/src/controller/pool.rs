@@ -1,0 +1,156 @@
+//! Reconciling a LoadBalancerPool: validate it, build its allocator (the rebuild), retry deletions of empty
+//! load balancers, and show one row per load balancer in its status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+use sharedlb_crds::{
+    LoadBalancerPool, LoadBalancerPoolStatus, PoolLoadBalancer, PoolTotals, validate_pool,
+};
+use tracing::warn;
+
+use super::Context;
+use super::status::{self, READY};
+use crate::Error;
+
+pub async fn reconcile(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let generation = pool.meta().generation;
+    let old = pool.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    st.observed_generation = generation;
+    st.provider = pool.spec.provider.kind().map(str::to_string);
+
+    if let Err(e) = validate_pool(&pool.spec) {
+        status::set(
+            &mut st.conditions,
+            READY,
+            false,
+            e.reason(),
+            &e.to_string(),
+            generation,
+        );
+        return finish(&ctx, &pool, &old, st, Action::await_change()).await;
+    }
+    let alloc = match ctx.allocator(&pool).await {
+        Ok(a) => a,
+        Err(Error::Provider(e)) => {
+            status::set(
+                &mut st.conditions,
+                READY,
+                false,
+                e.reason(),
+                &e.to_string(),
+                generation,
+            );
+            let after = e.retry_after().unwrap_or(Duration::from_secs(300));
+            return finish(&ctx, &pool, &old, st, Action::requeue(after)).await;
+        }
+        Err(e) => return Err(e),
+    };
+    let (rows, deleting) = {
+        let state = match alloc.lock(&ctx.client, &pool.spec).await {
+            Ok(s) => s,
+            Err(Error::Provider(e)) => {
+                status::set(
+                    &mut st.conditions,
+                    READY,
+                    false,
+                    e.reason(),
+                    &e.to_string(),
+                    generation,
+                );
+                return finish(
+                    &ctx,
+                    &pool,
+                    &old,
+                    st,
+                    Action::requeue(Duration::from_secs(30)),
+                )
+                .await;
+            }
+            Err(e) => return Err(e),
+        };
+        (state.load_balancers(), state.deleting())
+    };
+    let retry_soon = !deleting.is_empty();
+    if let Err(e) = alloc.delete_marked(deleting).await {
+        warn!(error = %e, pool = %pool.name_any(), "deleting an empty load balancer failed; retrying");
+    }
+    st.load_balancers = rows
+        .iter()
+        .filter(|l| !l.deleting)
+        .map(|l| {
+            let info = alloc.info(l.lb);
+            PoolLoadBalancer {
+                name: alloc.lb_name(l.lb),
+                id: info
+                    .as_ref()
+                    .map(|i| i.id.clone())
+                    .filter(|i| !i.is_empty()),
+                ip: info.as_ref().and_then(|i| i.ip.clone()),
+                hostname: info.as_ref().and_then(|i| i.hostname.clone()),
+                ports_used: l.ports_used,
+                capacity: l.capacity,
+            }
+        })
+        .collect();
+    st.totals = PoolTotals {
+        load_balancers: st.load_balancers.len() as u32,
+        ports_used: st.load_balancers.iter().map(|l| l.ports_used).sum(),
+        ports_capacity: st.load_balancers.iter().map(|l| l.capacity).sum(),
+    };
+    let kind = st.provider.clone().unwrap_or_default();
+    status::set(
+        &mut st.conditions,
+        READY,
+        true,
+        "Ready",
+        &format!("provider {kind} ready"),
+        generation,
+    );
+    let next = if retry_soon {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(60)
+    };
+    finish(&ctx, &pool, &old, st, Action::requeue(next)).await
+}
+
+async fn finish(
+    ctx: &Context,
+    pool: &LoadBalancerPool,
+    old: &LoadBalancerPoolStatus,
+    new: LoadBalancerPoolStatus,
+    action: Action,
+) -> Result<Action, Error> {
+    let same = old.observed_generation == new.observed_generation
+        && old.provider == new.provider
+        && old.load_balancers == new.load_balancers
+        && old.totals == new.totals
+        && status::same_conditions(&old.conditions, &new.conditions);
+    if same {
+        return Ok(action);
+    }
+    let was = status::get(&old.conditions, READY).map(|c| (c.status.clone(), c.reason.clone()));
+    let now = status::get(&new.conditions, READY).map(|c| (c.status.clone(), c.reason.clone()));
+    let patch = status::whole_status_patch(&new, status::POOL_STATUS_KEYS)?;
+    Api::<LoadBalancerPool>::all(ctx.client.clone())
+        .patch_status(
+            &pool.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(Error::from_kube)?;
+    if was != now {
+        if let Some(c) = status::get(&new.conditions, READY).filter(|c| c.status != "True") {
+            ctx.event(pool, EventType::Warning, &c.reason, c.message.clone())
+                .await;
+        }
+    }
+    Ok(action)
+}

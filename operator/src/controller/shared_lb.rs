@@ -1,0 +1,806 @@
+//! Reconciling one SharedLB: validate -> pool -> allocate (durably, before any cloud call) -> Service -> cloud ->
+//! Ready. Deletion: listeners removed (owner-checked) -> ports freed -> empty load balancers deleted.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use sharedlb_crds::{
+    FINALIZER, LoadBalancerPool, LoadBalancerRef, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_LABEL,
+    PortStatus, SharedLB, SharedLBStatus, port_summary, service_name, validate_pool,
+    validate_shared_lb,
+};
+use sharedlb_placement::{Action as PlanAction, Allocation, Change, PortMode, PortRequest};
+use sharedlb_providers::{ListenerSpec, Owner};
+use tracing::{info, instrument, warn};
+
+use super::Context;
+use super::status::{self, ALLOCATED, PROGRAMMED, READY};
+use crate::Error;
+use crate::allocator::{
+    PoolAllocator, allocation_from_status, protocol_from_placement, protocol_to_placement,
+};
+
+const FIELD_MANAGER: &str = "sharedlb";
+/// A refused allocation is tried again this often (capacity may have been freed).
+const RETRY_REFUSED: Duration = Duration::from_secs(30);
+/// Ready SharedLBs are checked against the cloud this often (drift).
+const RESYNC: Duration = Duration::from_secs(600);
+
+pub async fn reconcile(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<SharedLB> =
+        Api::namespaced(ctx.client.clone(), &slb.namespace().unwrap_or_default());
+    finalizer(&api, FINALIZER, slb, |event| async {
+        match event {
+            FinalizerEvent::Apply(o) => apply(o, ctx.clone()).await,
+            FinalizerEvent::Cleanup(o) => cleanup(o, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e) => e,
+        FinalizerError::AddFinalizer(e) | FinalizerError::RemoveFinalizer(e) => Error::from_kube(e),
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+/// A refusal: bad input, a missing or closed pool, no room. Conditions, one Event when it first happens, no cloud call.
+struct Refusal {
+    allocated: bool,
+    reason: String,
+    message: String,
+    requeue: Option<Duration>,
+}
+
+impl Refusal {
+    fn new(reason: &str, message: impl Into<String>) -> Self {
+        Refusal {
+            allocated: false,
+            reason: reason.into(),
+            message: message.into(),
+            requeue: None,
+        }
+    }
+    fn retry(mut self, after: Duration) -> Self {
+        self.requeue = Some(after);
+        self
+    }
+}
+
+#[instrument(skip_all, fields(shared_lb = %format!("{}/{}", slb.namespace().unwrap_or_default(), slb.name_any())))]
+async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = slb.name_any();
+    if let Err(e) = validate_shared_lb(&name, &slb.spec) {
+        return refuse(&ctx, &slb, Refusal::new(e.reason(), e.to_string())).await;
+    }
+    let pool = match resolve_pool(&ctx, &slb).await? {
+        Ok(p) => p,
+        Err(r) => return refuse(&ctx, &slb, r).await,
+    };
+    let pool_name = pool.name_any();
+    let status = slb.status.clone().unwrap_or_default();
+    if let Some(old) = status
+        .pool
+        .as_ref()
+        .filter(|p| **p != pool_name && status.load_balancer.is_some())
+    {
+        let msg = format!(
+            "this SharedLB is placed in pool {old:?}; placements never move, so changing the pool to {pool_name:?} is refused: delete and re-create it to move"
+        );
+        return refuse(&ctx, &slb, Refusal::new("PoolChangeRefused", msg)).await;
+    }
+    let alloc = match ctx.allocator(&pool).await {
+        Ok(a) => a,
+        Err(Error::Provider(e)) => {
+            let msg = format!("pool {pool_name:?} cannot be used: {e}");
+            return refuse(
+                &ctx,
+                &slb,
+                Refusal::new("PoolNotReady", msg).retry(e.retry_after().unwrap_or(RETRY_REFUSED)),
+            )
+            .await;
+        }
+        Err(e) => return Err(e),
+    };
+
+    let Some((allocation, plan)) = allocate(&ctx, &slb, &alloc, &pool).await? else {
+        return Ok(Action::requeue(RETRY_REFUSED));
+    };
+    // Empty load balancers this plan marked for deletion go in the background.
+    let doomed: Vec<u32> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            PlanAction::DeleteLoadBalancer { lb } => Some(*lb),
+            _ => None,
+        })
+        .collect();
+    if !doomed.is_empty() {
+        let a = alloc.clone();
+        tokio::spawn(async move {
+            if let Err(e) = a.delete_marked(doomed).await {
+                warn!(error = %e, pool = %a.pool, "deleting an empty load balancer failed; the pool retries");
+            }
+        });
+    }
+
+    program(
+        &ctx,
+        &slb,
+        &alloc,
+        &allocation,
+        &plan.actions,
+        pool_mode(&alloc),
+    )
+    .await
+}
+
+fn pool_mode(alloc: &PoolAllocator) -> PortMode {
+    alloc.provider.limits().port_mode
+}
+
+/// Places the SharedLB (or finds its place) and makes the allocation durable. `None`: refused (status written).
+async fn allocate(
+    ctx: &Context,
+    slb: &SharedLB,
+    alloc: &PoolAllocator,
+    pool: &LoadBalancerPool,
+) -> Result<Option<(Allocation, sharedlb_placement::Plan)>, Error> {
+    let uid = slb.uid().unwrap_or_default();
+    let requests: Vec<PortRequest> = slb
+        .spec
+        .ports
+        .iter()
+        .map(|p| PortRequest {
+            name: p.name.clone(),
+            port: p.port.and_then(|x| u16::try_from(x).ok()),
+            protocol: protocol_to_placement(p.protocol),
+        })
+        .collect();
+    let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
+    let plan = state.plan(&[Change::Upsert {
+        key: uid.clone(),
+        ports: requests,
+    }]);
+    if let Some((_, r)) = plan.refused.first() {
+        drop(state);
+        let mut refusal = Refusal::new(r.reason(), r.to_string()).retry(RETRY_REFUSED);
+        // an update that cannot be made keeps the old, still working, allocation
+        refusal.allocated = false;
+        refuse(ctx, slb, refusal).await?;
+        return Ok(None);
+    }
+    let allocation = match plan.placed.first() {
+        Some((_, a)) => a.clone(),
+        None => match state.allocation(&uid) {
+            Some(a) => a.clone(),
+            None => {
+                return Err(Error::Finalizer(
+                    "planner returned neither placement nor refusal".into(),
+                ));
+            }
+        },
+    };
+    let recorded = slb
+        .status
+        .as_ref()
+        .and_then(|s| allocation_from_status(s, &alloc.pool));
+    if recorded.as_ref() != Some(&allocation) {
+        write_allocation(ctx, slb, alloc, &allocation).await?;
+        let ports: Vec<String> = allocation
+            .ports
+            .iter()
+            .map(|p| format!("{}/{:?}", p.port, p.protocol))
+            .collect();
+        ctx.event(
+            slb,
+            EventType::Normal,
+            "Allocated",
+            format!(
+                "placed on {} ports {}",
+                alloc.lb_name(allocation.lb),
+                ports.join(",")
+            ),
+        )
+        .await;
+    }
+    state.apply(&plan);
+    Ok(Some((allocation, plan)))
+}
+
+/// Writes the allocation to status with a resourceVersion precondition: a stale view of the object fails with
+/// 409 instead of overwriting what a newer reconcile (or another leader) wrote.
+async fn write_allocation(
+    ctx: &Context,
+    slb: &SharedLB,
+    alloc: &PoolAllocator,
+    allocation: &Allocation,
+) -> Result<(), Error> {
+    let old = slb.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    st.pool = Some(alloc.pool.clone());
+    let same_lb = old
+        .load_balancer
+        .as_ref()
+        .is_some_and(|l| l.name == alloc.lb_name(allocation.lb));
+    let info = alloc.info(allocation.lb);
+    st.load_balancer = Some(LoadBalancerRef {
+        name: alloc.lb_name(allocation.lb),
+        ip: info.as_ref().and_then(|i| i.ip.clone()).or_else(|| {
+            if same_lb {
+                old.load_balancer.as_ref().and_then(|l| l.ip.clone())
+            } else {
+                None
+            }
+        }),
+        hostname: info.as_ref().and_then(|i| i.hostname.clone()),
+    });
+    st.ports = allocation
+        .ports
+        .iter()
+        .map(|p| PortStatus {
+            name: p.name.clone(),
+            port: i32::from(p.port),
+            node_port: old
+                .ports
+                .iter()
+                .find(|o| o.name == p.name && o.port == i32::from(p.port))
+                .and_then(|o| o.node_port),
+            protocol: protocol_from_placement(p.protocol),
+        })
+        .collect();
+    st.port_summary = Some(port_summary(&st.ports));
+    let lbn = alloc.lb_name(allocation.lb);
+    status::set(
+        &mut st.conditions,
+        ALLOCATED,
+        true,
+        "Allocated",
+        &format!("placed on {lbn}"),
+        slb.meta().generation,
+    );
+    if status::get(&st.conditions, READY).is_none_or(|c| c.status != "True") {
+        status::set(
+            &mut st.conditions,
+            READY,
+            false,
+            "Programming",
+            "allocated; programming the load balancer",
+            slb.meta().generation,
+        );
+    }
+    let mut patch = status::whole_status_patch(&st, status::SHARED_LB_STATUS_KEYS)?;
+    patch["metadata"] = json!({ "resourceVersion": slb.resource_version() });
+    let api: Api<SharedLB> =
+        Api::namespaced(ctx.client.clone(), &slb.namespace().unwrap_or_default());
+    api.patch_status(
+        &slb.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(Error::from_kube)?;
+    Ok(())
+}
+
+/// The Service, the cloud, then Ready.
+async fn program(
+    ctx: &Context,
+    slb: &SharedLB,
+    alloc: &PoolAllocator,
+    allocation: &Allocation,
+    actions: &[PlanAction],
+    mode: PortMode,
+) -> Result<Action, Error> {
+    let uid = slb.uid().unwrap_or_default();
+    let key = alloc.key(allocation.lb);
+    let info = match alloc.provider.ensure_load_balancer(&key).await {
+        Ok(i) => i,
+        Err(e) => return cloud_failed(ctx, slb, e).await,
+    };
+    alloc.remember(allocation.lb, info.clone());
+
+    let node_ports = match ensure_service(ctx, slb, allocation, mode).await? {
+        Ok(p) => p,
+        Err(msg) => {
+            return refuse(
+                ctx,
+                slb,
+                Refusal {
+                    allocated: true,
+                    ..Refusal::new("ServiceConflict", msg)
+                },
+            )
+            .await;
+        }
+    };
+    let owner = Owner {
+        uid: uid.clone(),
+        namespace: slb.namespace().unwrap_or_default(),
+        name: slb.name_any(),
+    };
+    let source_ranges: Vec<String> = slb
+        .spec
+        .source_ranges
+        .iter()
+        .flatten()
+        .map(|c| c.0.clone())
+        .collect();
+    for a in actions {
+        if let PlanAction::RemoveListener {
+            lb,
+            port,
+            protocol,
+            owner: o,
+        } = a
+        {
+            if *o == uid {
+                if let Err(e) = alloc
+                    .provider
+                    .remove_listener(&alloc.key(*lb), *port, *protocol, o)
+                    .await
+                {
+                    return cloud_failed(ctx, slb, e).await;
+                }
+            }
+        }
+    }
+    let mut ports = Vec::with_capacity(allocation.ports.len());
+    for p in &allocation.ports {
+        let Some(node_port) = node_ports.get(&p.name).copied() else {
+            return Err(Error::Finalizer(format!(
+                "the Service has no node port for {:?} yet",
+                p.name
+            )));
+        };
+        let l = ListenerSpec {
+            port: p.port,
+            protocol: p.protocol,
+            node_port,
+            owner: owner.clone(),
+            source_ranges: source_ranges.clone(),
+        };
+        if let Err(e) = alloc.provider.ensure_listener(&key, &l).await {
+            return cloud_failed(ctx, slb, e).await;
+        }
+        ports.push(PortStatus {
+            name: p.name.clone(),
+            port: i32::from(p.port),
+            node_port: Some(i32::from(node_port)),
+            protocol: protocol_from_placement(p.protocol),
+        });
+    }
+
+    let old = slb.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    let generation = slb.meta().generation;
+    st.observed_generation = generation;
+    st.pool = Some(alloc.pool.clone());
+    st.load_balancer = Some(LoadBalancerRef {
+        name: alloc.lb_name(allocation.lb),
+        ip: info.ip.clone(),
+        hostname: info.hostname.clone(),
+    });
+    st.port_summary = Some(port_summary(&ports));
+    st.ports = ports;
+    st.service_name = Some(service_name(&slb.name_any()));
+    let address = info
+        .ip
+        .clone()
+        .or(info.hostname.clone())
+        .unwrap_or_default();
+    let lbn = alloc.lb_name(allocation.lb);
+    status::set(
+        &mut st.conditions,
+        ALLOCATED,
+        true,
+        "Allocated",
+        &format!("placed on {lbn}"),
+        generation,
+    );
+    status::set(
+        &mut st.conditions,
+        PROGRAMMED,
+        true,
+        "Programmed",
+        &format!("listeners and firewall programmed on {lbn}"),
+        generation,
+    );
+    let summary = st.port_summary.clone().unwrap_or_default();
+    status::set(
+        &mut st.conditions,
+        READY,
+        true,
+        "Ready",
+        &format!("reachable at {address} on {summary}"),
+        generation,
+    );
+    let was_ready = status::is_ready(slb);
+    write_status_if_changed(ctx, slb, &old, &st).await?;
+    if !was_ready {
+        info!(address = %address, ports = %summary, "ready");
+        ctx.event(
+            slb,
+            EventType::Normal,
+            "Programmed",
+            format!("reachable at {address} on {summary}"),
+        )
+        .await;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+fn status_equal(a: &SharedLBStatus, b: &SharedLBStatus) -> bool {
+    a.observed_generation == b.observed_generation
+        && a.pool == b.pool
+        && a.load_balancer == b.load_balancer
+        && a.ports == b.ports
+        && a.service_name == b.service_name
+        && a.port_summary == b.port_summary
+        && status::same_conditions(&a.conditions, &b.conditions)
+}
+
+async fn write_status_if_changed(
+    ctx: &Context,
+    slb: &SharedLB,
+    old: &SharedLBStatus,
+    new: &SharedLBStatus,
+) -> Result<(), Error> {
+    if status_equal(old, new) {
+        return Ok(());
+    }
+    let patch = status::whole_status_patch(new, status::SHARED_LB_STATUS_KEYS)?;
+    let api: Api<SharedLB> =
+        Api::namespaced(ctx.client.clone(), &slb.namespace().unwrap_or_default());
+    api.patch_status(
+        &slb.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(Error::from_kube)?;
+    Ok(())
+}
+
+/// Ready=False with a reason, an Event when the reason or message is new, and no cloud call. The allocation
+/// fields stay as they are: a refused update keeps the old, working placement.
+async fn refuse(ctx: &Context, slb: &SharedLB, r: Refusal) -> Result<Action, Error> {
+    let old = slb.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    let generation = slb.meta().generation;
+    st.observed_generation = generation;
+    let changed = status::get(&old.conditions, READY)
+        .is_none_or(|c| c.reason != r.reason || c.message != r.message);
+    if !r.allocated {
+        status::set(
+            &mut st.conditions,
+            ALLOCATED,
+            false,
+            &r.reason,
+            &r.message,
+            generation,
+        );
+    }
+    status::set(
+        &mut st.conditions,
+        READY,
+        false,
+        &r.reason,
+        &r.message,
+        generation,
+    );
+    write_status_if_changed(ctx, slb, &old, &st).await?;
+    if changed {
+        warn!(reason = %r.reason, message = %r.message, "refused");
+        ctx.event(slb, EventType::Warning, &r.reason, r.message.clone())
+            .await;
+    }
+    Ok(r.requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// A cloud call failed: Programmed=False with the cloud's message, an Event, and the error for the retry policy.
+async fn cloud_failed(
+    ctx: &Context,
+    slb: &SharedLB,
+    e: sharedlb_providers::ProviderError,
+) -> Result<Action, Error> {
+    let old = slb.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    let generation = slb.meta().generation;
+    let changed = status::get(&old.conditions, PROGRAMMED)
+        .is_none_or(|c| c.reason != e.reason() || c.message != e.to_string());
+    status::set(
+        &mut st.conditions,
+        PROGRAMMED,
+        false,
+        e.reason(),
+        &e.to_string(),
+        generation,
+    );
+    status::set(
+        &mut st.conditions,
+        READY,
+        false,
+        e.reason(),
+        &e.to_string(),
+        generation,
+    );
+    write_status_if_changed(ctx, slb, &old, &st).await?;
+    if changed {
+        ctx.event(slb, EventType::Warning, e.reason(), e.to_string())
+            .await;
+    }
+    Err(Error::Provider(e))
+}
+
+/// The pool this SharedLB uses, or why it cannot use one.
+async fn resolve_pool(
+    ctx: &Context,
+    slb: &SharedLB,
+) -> Result<Result<Arc<LoadBalancerPool>, Refusal>, Error> {
+    let pool = match &slb.spec.pool {
+        Some(n) => match ctx.pools.get(&ObjectRef::new(n)) {
+            Some(p) => p,
+            None => {
+                return Ok(Err(Refusal::new(
+                    "PoolNotFound",
+                    format!("LoadBalancerPool {n:?} does not exist"),
+                )));
+            }
+        },
+        None => {
+            let mut defaults: Vec<_> = ctx
+                .pools
+                .state()
+                .into_iter()
+                .filter(|p| p.spec.default)
+                .collect();
+            defaults.sort_by_key(|p| p.name_any());
+            match defaults.len() {
+                0 => {
+                    return Ok(Err(Refusal::new(
+                        "NoDefaultPool",
+                        "spec.pool is empty and no LoadBalancerPool is marked default",
+                    )));
+                }
+                1 => defaults.remove(0),
+                _ => {
+                    let names: Vec<String> = defaults.iter().map(|p| p.name_any()).collect();
+                    return Ok(Err(Refusal::new(
+                        "AmbiguousDefaultPool",
+                        format!(
+                            "spec.pool is empty and several pools are marked default: {}",
+                            names.join(", ")
+                        ),
+                    )));
+                }
+            }
+        }
+    };
+    if let Err(e) = validate_pool(&pool.spec) {
+        return Ok(Err(Refusal::new(
+            "PoolInvalid",
+            format!("LoadBalancerPool {:?}: {e}", pool.name_any()),
+        )));
+    }
+    if let Some(sel) = &pool.spec.namespace_selector {
+        let ns = slb.namespace().unwrap_or_default();
+        let labels = Api::<Namespace>::all(ctx.client.clone())
+            .get_opt(&ns)
+            .await
+            .map_err(Error::from_kube)?
+            .and_then(|n| n.metadata.labels)
+            .unwrap_or_default();
+        if !selector_matches(sel, &labels) {
+            return Ok(Err(Refusal::new(
+                "NamespaceNotAllowed",
+                format!(
+                    "LoadBalancerPool {:?} does not admit namespace {ns:?}",
+                    pool.name_any()
+                ),
+            )));
+        }
+    }
+    Ok(Ok(pool))
+}
+
+/// A label selector, as the apiserver evaluates it.
+pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let labels_ok = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_ok = sel.match_expressions.iter().flatten().all(|e| {
+        let vals = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            _ => false,
+        }
+    });
+    labels_ok && exprs_ok
+}
+
+/// Makes the backing NodePort Service as the allocation says and returns its node ports by port name.
+/// `Ok(Err(message))`: a Service of that name exists that this SharedLB did not create; it is never taken over.
+async fn ensure_service(
+    ctx: &Context,
+    slb: &SharedLB,
+    allocation: &Allocation,
+    mode: PortMode,
+) -> Result<Result<BTreeMap<String, u16>, String>, Error> {
+    let ns = slb.namespace().unwrap_or_default();
+    let name = service_name(&slb.name_any());
+    let uid = slb.uid().unwrap_or_default();
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = api.get_opt(&name).await.map_err(Error::from_kube)?;
+    if let Some(s) = &existing {
+        let ours = s
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == uid);
+        if !ours {
+            return Ok(Err(format!(
+                "Service {ns}/{name} already exists and was not created by this SharedLB; sharedlb does not take over Services it did not make"
+            )));
+        }
+    }
+    let ports: Vec<ServicePort> = allocation
+        .ports
+        .iter()
+        .filter_map(|a| {
+            let spec = slb.spec.ports.iter().find(|p| p.name == a.name)?;
+            Some(ServicePort {
+                name: Some(a.name.clone()),
+                port: i32::from(a.port),
+                target_port: Some(spec.target_port.clone()),
+                protocol: Some(protocol_from_placement(a.protocol).as_str().to_string()),
+                // passthrough clouds: the external port is the node port
+                node_port: (mode == PortMode::PoolWide).then_some(i32::from(a.port)),
+                ..ServicePort::default()
+            })
+        })
+        .collect();
+    let selector = slb.spec.selector.clone();
+    if let Some(s) = &existing {
+        let spec = s.spec.clone().unwrap_or_default();
+        let same_ports = spec.ports.as_ref().is_some_and(|have| {
+            have.len() == ports.len()
+                && ports.iter().all(|w| {
+                    have.iter().any(|h| {
+                        h.name == w.name
+                            && h.port == w.port
+                            && h.target_port == w.target_port
+                            && h.protocol == w.protocol
+                            && (w.node_port.is_none() || h.node_port == w.node_port)
+                            && h.node_port.is_some()
+                    })
+                })
+        });
+        if same_ports
+            && spec.selector.as_ref() == Some(&selector)
+            && spec.type_.as_deref() == Some("NodePort")
+        {
+            return Ok(Ok(node_ports(s)));
+        }
+    }
+    let owner = OwnerReference {
+        api_version: SharedLB::api_version(&()).to_string(),
+        kind: SharedLB::kind(&()).to_string(),
+        name: slb.name_any(),
+        uid: uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    };
+    let svc = Service {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(ns.clone()),
+            labels: Some(
+                [
+                    (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+                    (OWNER_LABEL.to_string(), slb.name_any()),
+                ]
+                .into(),
+            ),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("NodePort".into()),
+            selector: Some(selector),
+            ports: Some(ports),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let applied = api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&svc),
+        )
+        .await
+        .map_err(Error::from_kube)?;
+    Ok(Ok(node_ports(&applied)))
+}
+
+fn node_ports(s: &Service) -> BTreeMap<String, u16> {
+    s.spec
+        .iter()
+        .flat_map(|sp| sp.ports.iter().flatten())
+        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.node_port?).ok()?)))
+        .collect()
+}
+
+/// Deletion: remove the listeners this SharedLB owns, free its ports, delete load balancers left empty.
+#[instrument(skip_all, fields(shared_lb = %format!("{}/{}", slb.namespace().unwrap_or_default(), slb.name_any())))]
+async fn cleanup(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let uid = slb.uid().unwrap_or_default();
+    let status = slb.status.clone().unwrap_or_default();
+    let Some(pool_name) = status.pool.clone() else {
+        return Ok(Action::await_change());
+    };
+    let alloc = match ctx.pools.get(&ObjectRef::new(&pool_name)) {
+        Some(pool) => match ctx.allocator(&pool).await {
+            Ok(a) => Some((a, pool)),
+            Err(Error::Provider(e)) => return cloud_failed(&ctx, &slb, e).await,
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
+    let Some((alloc, pool)) = alloc else {
+        // The pool is gone, and with it the way to reach its cloud: nothing left to free here.
+        warn!(pool = %pool_name, "the SharedLB's pool no longer exists; releasing without cloud calls");
+        return Ok(Action::await_change());
+    };
+    let recorded = allocation_from_status(&status, &pool_name);
+    // The listeners first, each only if this SharedLB owns it; then the ports; a crash in between converges:
+    // removal is idempotent and the rebuild skips objects being deleted.
+    let state = alloc.lock(&ctx.client, &pool.spec).await?;
+    let held = state.allocation(&uid).cloned().or(recorded);
+    drop(state);
+    if let Some(a) = &held {
+        for p in &a.ports {
+            if let Err(e) = alloc
+                .provider
+                .remove_listener(&alloc.key(a.lb), p.port, p.protocol, &uid)
+                .await
+            {
+                return cloud_failed(&ctx, &slb, e).await;
+            }
+        }
+    }
+    let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
+    let plan = state.plan(&[Change::Remove { key: uid }]);
+    state.apply(&plan);
+    let doomed: Vec<u32> = state.deleting();
+    drop(state);
+    if held.is_some() {
+        ctx.event(
+            &*slb,
+            EventType::Normal,
+            "Released",
+            format!("ports released in pool {pool_name}"),
+        )
+        .await;
+    }
+    if let Err(e) = alloc.delete_marked(doomed).await {
+        warn!(error = %e, pool = %pool_name, "deleting an empty load balancer failed; the pool retries");
+    }
+    Ok(Action::await_change())
+}

@@ -1,0 +1,28 @@
+use sharedlb_providers::ProviderError;
+
+/// Why a reconcile failed; `controller::error_policy` branches on it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cloud: {0}")]
+    Provider(#[from] ProviderError),
+    #[error(
+        "the object changed while its allocation was being written; retrying with the new version"
+    )]
+    Conflict,
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    #[error("serialising: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// A 409 from the apiserver: a precondition (resourceVersion) did not hold.
+    pub fn from_kube(e: kube::Error) -> Self {
+        match &e {
+            kube::Error::Api(s) if s.code == 409 => Error::Conflict,
+            _ => Error::Kube(e),
+        }
+    }
+}

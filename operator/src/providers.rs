@@ -1,0 +1,65 @@
+//! Which provider a pool gets. The built-in factory makes the always-built memory provider; each cloud is added
+//! behind its cargo feature. Tests pass their own factory to share one `MemoryCloud` across operator restarts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sharedlb_crds::LoadBalancerPoolSpec;
+use sharedlb_providers::memory::{Faults, MemoryCloud, MemoryProvider};
+use sharedlb_providers::{LoadBalancerProvider, ProviderError};
+
+pub trait ProviderFactory: Send + Sync + std::fmt::Debug {
+    fn make(
+        &self,
+        cluster_id: &str,
+        pool: &str,
+        spec: &LoadBalancerPoolSpec,
+    ) -> Result<Arc<dyn LoadBalancerProvider>, ProviderError>;
+}
+
+/// The providers built into this binary.
+#[derive(Debug, Clone)]
+pub struct BuiltinProviders {
+    memory: Arc<MemoryCloud>,
+}
+
+impl BuiltinProviders {
+    /// `memory` is the account every memory pool shares.
+    pub fn new(memory: Arc<MemoryCloud>) -> Self {
+        BuiltinProviders { memory }
+    }
+}
+
+impl Default for BuiltinProviders {
+    fn default() -> Self {
+        Self::new(MemoryCloud::new())
+    }
+}
+
+impl ProviderFactory for BuiltinProviders {
+    fn make(
+        &self,
+        cluster_id: &str,
+        pool: &str,
+        spec: &LoadBalancerPoolSpec,
+    ) -> Result<Arc<dyn LoadBalancerProvider>, ProviderError> {
+        if let Some(m) = &spec.provider.memory {
+            let faults = Faults {
+                latency: Duration::from_millis(u64::from(m.latency_ms.unwrap_or(0))),
+                error_per_mille: m.error_per_mille.unwrap_or(0),
+                throttle_per_mille: m.throttle_per_mille.unwrap_or(0),
+                load_balancer_quota: m.load_balancer_quota,
+            };
+            return Ok(Arc::new(MemoryProvider::new(
+                self.memory.clone(),
+                cluster_id,
+                pool,
+                faults,
+            )));
+        }
+        let kind = spec.provider.kind().unwrap_or("none");
+        Err(ProviderError::InvalidConfig(format!(
+            "provider {kind:?} is not available in this build of sharedlb (built-in: memory)"
+        )))
+    }
+}

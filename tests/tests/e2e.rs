@@ -1,0 +1,618 @@
+//! End to end against a real kube-apiserver + etcd (+ kube-controller-manager), the operator in-process with the
+//! memory provider. Run through `scripts/test`, which starts and stops the test environment.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use sharedlb_crds::{LoadBalancerPool, SharedLB};
+use sharedlb_e2e::*;
+use sharedlb_providers::memory::MemoryCloud;
+
+fn tcp(name: &str, port: Option<u16>) -> serde_json::Value {
+    match port {
+        Some(p) => json!({"name": name, "port": p, "targetPort": 8080, "protocol": "TCP"}),
+        None => json!({"name": name, "targetPort": 8080}),
+    }
+}
+
+fn spec(pool: &str, ports: Vec<serde_json::Value>) -> serde_json::Value {
+    json!({"pool": pool, "selector": {"app": "echo"}, "ports": ports})
+}
+
+/// (ip, port) of every status port.
+fn endpoints(s: &SharedLB) -> Vec<(String, i32)> {
+    let st = s.status.as_ref().expect("status");
+    let ip = st
+        .load_balancer
+        .as_ref()
+        .and_then(|l| l.ip.clone())
+        .expect("ip");
+    st.ports.iter().map(|p| (ip.clone(), p.port)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_created_at_once_fill_exactly_four_load_balancers() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-burst", &[]).await;
+    create_pool(
+        &client,
+        "burst",
+        json!({"provider": {"memory": {}}, "capacity": {"maxPortsPerLoadBalancer": 5}}),
+    )
+    .await;
+
+    let creates = (0..20).map(|i| {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            create_slb(
+                &client,
+                &ns,
+                &format!("svc-{i:02}"),
+                spec("burst", vec![tcp("web", None)]),
+            )
+            .await
+        }
+    });
+    futures::future::join_all(creates).await;
+
+    let mut seen = BTreeSet::new();
+    for i in 0..20 {
+        let s = ready(&client, &ns, &format!("svc-{i:02}"), 60).await;
+        for e in endpoints(&s) {
+            assert!(seen.insert(e.clone()), "two SharedLBs on {e:?}");
+        }
+        let st = s.status.as_ref().expect("status");
+        assert!(
+            st.ports[0]
+                .node_port
+                .is_some_and(|n| (30000..=32767).contains(&n))
+        );
+        assert_eq!(
+            st.port_summary.as_deref(),
+            Some(format!("{}/TCP", st.ports[0].port).as_str())
+        );
+    }
+    assert_eq!(seen.len(), 20);
+    let lbs = cloud_pool(&cloud, "burst");
+    assert_eq!(
+        lbs.len(),
+        4,
+        "20 single-port SharedLBs at capacity 5 use exactly 4 load balancers: {lbs:?}"
+    );
+    assert!(
+        lbs.values().all(|(_, ls)| ls.len() == 5),
+        "each load balancer holds 5 listeners: {lbs:?}"
+    );
+    let ips: BTreeSet<String> = seen.iter().map(|(ip, _)| ip.clone()).collect();
+    assert_eq!(ips.len(), 4);
+    assert!(ips.iter().all(|ip| ip.starts_with("198.51.100.")));
+
+    // the backing Services exist, owned, NodePort, one port each
+    let svc = Api::<Service>::namespaced(client.clone(), &ns)
+        .get("svc-00-sharedlb")
+        .await
+        .expect("service");
+    let sp = svc.spec.expect("spec");
+    assert_eq!(sp.type_.as_deref(), Some("NodePort"));
+    assert_eq!(
+        sp.selector
+            .expect("selector")
+            .get("app")
+            .map(String::as_str),
+        Some("echo")
+    );
+    assert_eq!(
+        svc.metadata.owner_references.expect("owner")[0].kind,
+        "SharedLB"
+    );
+
+    // the pool's status lists its load balancers
+    let pools: Api<LoadBalancerPool> = Api::all(client.clone());
+    eventually(30, "pool status with 4 full rows", || async {
+        let p = pools.get("burst").await.ok()?;
+        let st = p.status?;
+        (st.load_balancers.len() == 4
+            && st
+                .load_balancers
+                .iter()
+                .all(|l| l.ports_used == 5 && l.capacity == 5 && l.ip.is_some())
+            && st.totals.ports_used == 20)
+            .then_some(())
+    })
+    .await;
+
+    delete_namespace(&client, &ns).await;
+    eventually(30, "every load balancer of the pool deleted", || async {
+        cloud_pool(&cloud, "burst").is_empty().then_some(())
+    })
+    .await;
+    delete_pool(&client, "burst").await;
+    op.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_ports_are_honoured_and_a_clash_is_refused_until_the_pool_may_grow() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-fixed", &[]).await;
+    create_pool(
+        &client,
+        "fixed",
+        json!({"provider": {"memory": {}}, "capacity": {"maxPortsPerLoadBalancer": 5, "maxLoadBalancers": 1}}),
+    )
+    .await;
+
+    create_slb(
+        &client,
+        &ns,
+        "a",
+        spec("fixed", vec![tcp("web", Some(7000))]),
+    )
+    .await;
+    let a = ready(&client, &ns, "a", 30).await;
+    assert_eq!(a.status.as_ref().expect("status").ports[0].port, 7000);
+
+    create_slb(
+        &client,
+        &ns,
+        "b",
+        spec("fixed", vec![tcp("web", Some(7000))]),
+    )
+    .await;
+    let msg = refused(&client, &ns, "b", "PortInUse").await;
+    assert!(msg.contains("7000"), "{msg}");
+    let b: SharedLB = Api::namespaced(client.clone(), &ns)
+        .get("b")
+        .await
+        .expect("b");
+    assert_eq!(
+        condition(&b, "Allocated").map(|c| c.0),
+        Some("False".into())
+    );
+    eventually(10, "PortInUse Event", || async {
+        event_reasons(&client, &ns, "b")
+            .await
+            .contains(&"PortInUse".to_string())
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        cloud_pool(&cloud, "fixed").len(),
+        1,
+        "a refusal makes no cloud call"
+    );
+
+    // the pool may now have two load balancers: b is placed on a second one, same port, another IP
+    Api::<LoadBalancerPool>::all(client.clone())
+        .patch(
+            "fixed",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"capacity": {"maxLoadBalancers": 2}}})),
+        )
+        .await
+        .expect("grow the pool");
+    let b = ready(&client, &ns, "b", 60).await;
+    assert_eq!(b.status.as_ref().expect("status").ports[0].port, 7000);
+    assert_ne!(
+        endpoints(&a)[0].0,
+        endpoints(&b)[0].0,
+        "a clash on one port goes to another address"
+    );
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "fixed").await;
+    op.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_and_tcp_on_one_port_and_updates_keep_existing_ports() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-update", &[]).await;
+    create_pool(
+        &client,
+        "upd",
+        json!({"provider": {"memory": {}}, "portRange": {"min": 5000, "max": 5099}}),
+    )
+    .await;
+
+    let dns = json!({"pool": "upd", "selector": {"app": "dns"}, "ports": [
+        {"name": "dns-udp", "port": 53, "targetPort": 5353, "protocol": "UDP"},
+        {"name": "dns-tcp", "port": 53, "targetPort": 5353, "protocol": "TCP"},
+    ]});
+    create_slb(&client, &ns, "dns", dns).await;
+    let d = ready(&client, &ns, "dns", 30).await;
+    assert_eq!(
+        d.status.as_ref().expect("status").port_summary.as_deref(),
+        Some("53/TCP,53/UDP")
+    );
+    let svc = Api::<Service>::namespaced(client.clone(), &ns)
+        .get("dns-sharedlb")
+        .await
+        .expect("svc");
+    let protos: BTreeSet<String> = svc
+        .spec
+        .expect("spec")
+        .ports
+        .expect("ports")
+        .into_iter()
+        .filter_map(|p| p.protocol)
+        .collect();
+    assert_eq!(
+        protos,
+        BTreeSet::from(["TCP".to_string(), "UDP".to_string()])
+    );
+    let lbs = cloud_pool(&cloud, "upd");
+    let listeners: Vec<(u16, String)> = lbs
+        .values()
+        .flat_map(|(_, l)| l.iter().map(|x| (x.0, x.1.clone())))
+        .collect();
+    assert_eq!(listeners, vec![(53, "Tcp".into()), (53, "Udp".into())]);
+
+    // an update adds a port and keeps the existing one where it is
+    create_slb(&client, &ns, "web", spec("upd", vec![tcp("http", None)])).await;
+    let w = ready(&client, &ns, "web", 30).await;
+    let first = w.status.as_ref().expect("status").ports[0].clone();
+    assert!((5000..=5099).contains(&first.port));
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    api.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"ports": [tcp("http", None), tcp("admin", None)]}})),
+    )
+    .await
+    .expect("add a port");
+    let w = eventually(30, "web with two ports, Ready", || async {
+        let s = api.get("web").await.ok()?;
+        let st = s.status.as_ref()?;
+        (st.ports.len() == 2
+            && st.observed_generation == s.metadata.generation
+            && condition(&s, "Ready")?.0 == "True")
+            .then_some(s)
+    })
+    .await;
+    let st = w.status.as_ref().expect("status");
+    let http = st.ports.iter().find(|p| p.name == "http").expect("http");
+    assert_eq!(
+        (http.port, http.node_port),
+        (first.port, first.node_port),
+        "the existing port did not move"
+    );
+    let admin = st
+        .ports
+        .iter()
+        .find(|p| p.name == "admin")
+        .expect("admin")
+        .port;
+    assert_ne!(admin, first.port);
+
+    // removing a port removes exactly its listener
+    api.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"ports": [tcp("admin", None)]}})),
+    )
+    .await
+    .expect("drop a port");
+    eventually(30, "http listener removed", || async {
+        let ports: Vec<u16> = cloud_pool(&cloud, "upd")
+            .values()
+            .flat_map(|(_, l)| l.iter().map(|x| x.0))
+            .collect();
+        (!ports.contains(&(first.port as u16)) && ports.contains(&(admin as u16))).then_some(())
+    })
+    .await;
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "upd").await;
+    op.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_frees_the_port_and_the_last_one_deletes_the_load_balancer() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-delete", &[]).await;
+    create_pool(&client, "del", json!({"provider": {"memory": {}}})).await;
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+
+    create_slb(&client, &ns, "a", spec("del", vec![tcp("web", None)])).await;
+    let a = ready(&client, &ns, "a", 30).await;
+    create_slb(&client, &ns, "b", spec("del", vec![tcp("web", None)])).await;
+    ready(&client, &ns, "b", 30).await;
+    let a_port = endpoints(&a)[0].1;
+    let a_uid = a.uid().expect("uid");
+
+    api.delete("a", &DeleteParams::default())
+        .await
+        .expect("delete a");
+    eventually(30, "a gone and its listener removed", || async {
+        let gone = api.get_opt("a").await.ok()?.is_none();
+        let owners: Vec<String> = cloud_pool(&cloud, "del")
+            .values()
+            .flat_map(|(_, l)| l.iter().map(|x| x.2.clone()))
+            .collect();
+        (gone && !owners.contains(&a_uid)).then_some(())
+    })
+    .await;
+    assert!(
+        event_reasons(&client, &ns, "a")
+            .await
+            .contains(&"Released".to_string())
+    );
+    // the freed port is handed out again
+    create_slb(&client, &ns, "c", spec("del", vec![tcp("web", None)])).await;
+    let c = ready(&client, &ns, "c", 30).await;
+    assert_eq!(
+        endpoints(&c)[0].1,
+        a_port,
+        "the lowest free port, freed by a, goes to c"
+    );
+    assert_eq!(cloud_pool(&cloud, "del").len(), 1);
+
+    for n in ["b", "c"] {
+        api.delete(n, &DeleteParams::default())
+            .await
+            .expect("delete");
+    }
+    eventually(30, "the empty load balancer deleted", || async {
+        cloud_pool(&cloud, "del").is_empty().then_some(())
+    })
+    .await;
+    let pools: Api<LoadBalancerPool> = Api::all(client.clone());
+    eventually(30, "pool status empty", || async {
+        let st = pools.get("del").await.ok()?.status?;
+        (st.load_balancers.is_empty() && st.totals.ports_used == 0).then_some(())
+    })
+    .await;
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "del").await;
+    op.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_killed_mid_burst_converges_without_duplicates() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-restart", &[]).await;
+    // every cloud call takes 30 ms, so the burst is still in flight when the operator dies
+    create_pool(
+        &client,
+        "restart",
+        json!({"provider": {"memory": {"latencyMs": 30}}, "capacity": {"maxPortsPerLoadBalancer": 5}}),
+    )
+    .await;
+    let creates = (0..30).map(|i| {
+        let client = client.clone();
+        let ns = ns.clone();
+        async move {
+            create_slb(
+                &client,
+                &ns,
+                &format!("r-{i:02}"),
+                spec("restart", vec![tcp("p", None)]),
+            )
+            .await
+        }
+    });
+    futures::future::join_all(creates).await;
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    eventually(60, "some but not all Ready", || async {
+        let n = api
+            .list(&Default::default())
+            .await
+            .ok()?
+            .items
+            .iter()
+            .filter(|s| condition(s, "Ready").is_some_and(|c| c.0 == "True"))
+            .count();
+        (n >= 3).then_some(())
+    })
+    .await;
+    op.kill().await;
+    let ready_at_kill = api
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .iter()
+        .filter(|s| condition(s, "Ready").is_some_and(|c| c.0 == "True"))
+        .count();
+
+    let op = Operator::start(&client, &cloud);
+    let mut seen = BTreeSet::new();
+    for i in 0..30 {
+        let s = ready(&client, &ns, &format!("r-{i:02}"), 90).await;
+        assert!(
+            seen.insert(endpoints(&s)[0].clone()),
+            "duplicate (ip, port) after restart"
+        );
+    }
+    let lbs = cloud_pool(&cloud, "restart");
+    assert_eq!(
+        lbs.len(),
+        6,
+        "30 at capacity 5 is 6 load balancers, restart or not (ready at kill: {ready_at_kill}): {lbs:?}"
+    );
+    let listeners: usize = lbs.values().map(|(_, l)| l.len()).sum();
+    assert_eq!(listeners, 30, "exactly one listener per SharedLB");
+    let owners: BTreeSet<String> = lbs
+        .values()
+        .flat_map(|(_, l)| l.iter().map(|x| x.2.clone()))
+        .collect();
+    assert_eq!(owners.len(), 30);
+
+    delete_namespace(&client, &ns).await;
+    eventually(60, "all load balancers deleted", || async {
+        cloud_pool(&cloud, "restart").is_empty().then_some(())
+    })
+    .await;
+    delete_pool(&client, "restart").await;
+    op.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_invalid_input_gets_its_condition_and_event_and_no_cloud_call() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-invalid", &[("team", "a")]).await;
+    create_pool(
+        &client,
+        "small",
+        json!({"provider": {"memory": {}}, "capacity": {"maxPortsPerLoadBalancer": 2}}),
+    )
+    .await;
+    create_pool(
+        &client,
+        "closed",
+        json!({"provider": {"memory": {}}, "namespaceSelector": {"matchLabels": {"team": "b"}}}),
+    )
+    .await;
+    create_pool(
+        &client,
+        "broken",
+        json!({"provider": {"memory": {}}, "portRange": {"min": 9000, "max": 8000}}),
+    )
+    .await;
+
+    let p = |name: &str| tcp(name, None);
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "no-selector",
+            json!({"pool": "small", "selector": {}, "ports": [p("a")]}),
+            "InvalidSelector",
+        ),
+        (
+            "bad-selector",
+            json!({"pool": "small", "selector": {"bad key!": "x"}, "ports": [p("a")]}),
+            "InvalidSelector",
+        ),
+        (
+            "dup-port",
+            json!({"pool": "small", "selector": {"app": "x"}, "ports": [tcp("a", Some(80)), tcp("b", Some(80))]}),
+            "InvalidPort",
+        ),
+        (
+            "bad-target",
+            json!({"pool": "small", "selector": {"app": "x"}, "ports": [{"name": "a", "targetPort": 0}]}),
+            "InvalidTargetPort",
+        ),
+        ("no-pool", spec("nope", vec![p("a")]), "PoolNotFound"),
+        (
+            "no-default",
+            json!({"selector": {"app": "x"}, "ports": [p("a")]}),
+            "NoDefaultPool",
+        ),
+        (
+            "not-admitted",
+            spec("closed", vec![p("a")]),
+            "NamespaceNotAllowed",
+        ),
+        ("pool-invalid", spec("broken", vec![p("a")]), "PoolInvalid"),
+        (
+            "over-capacity",
+            spec("small", vec![p("a"), p("b"), p("c")]),
+            "TooManyPorts",
+        ),
+    ];
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    for (name, s, _) in &cases {
+        // the schema cannot say these (or, for the pool cases, cannot know them): the operator must catch them
+        if let Err(e) = api
+            .create(&PostParams::default(), &shared_lb(&ns, name, s.clone()))
+            .await
+        {
+            panic!("the apiserver refused {name}, so this case does not test the operator: {e}");
+        }
+    }
+    for (name, _, reason) in &cases {
+        let msg = refused(&client, &ns, name, reason).await;
+        assert!(!msg.is_empty(), "{name}: a message for a person");
+        eventually(10, &format!("{name}: Event {reason}"), || async {
+            event_reasons(&client, &ns, name)
+                .await
+                .contains(&reason.to_string())
+                .then_some(())
+        })
+        .await;
+    }
+    assert!(
+        cloud.load_balancers().is_empty(),
+        "no invalid input reached the cloud"
+    );
+    assert!(
+        cloud.mutating_calls().is_empty(),
+        "no cloud call at all: {:?}",
+        cloud.mutating_calls()
+    );
+
+    // what the schema can say, the apiserver refuses before the operator sees it
+    let schema_cases = [
+        json!({"selector": {"app": "x"}, "ports": []}),
+        json!({"selector": {"app": "x"}, "ports": [{"name": "a", "port": 70000, "targetPort": 1}]}),
+        json!({"selector": {"app": "x"}, "ports": [{"name": "a", "targetPort": 1, "protocol": "SCTP"}]}),
+        json!({"selector": {"app": "x"}, "ports": [{"name": "Bad_Name", "targetPort": 1}]}),
+        json!({"selector": {"app": "x"}, "ports": [{"name": "a", "targetPort": 1}], "sourceRanges": ["10.0.0.0/33"]}),
+    ];
+    // untyped, so that what serde could not even represent reaches the apiserver
+    let ar = ApiResource::erase::<SharedLB>(&());
+    let raw: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
+    for (i, s) in schema_cases.into_iter().enumerate() {
+        let obj: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "sharedlb.dev/v1alpha1", "kind": "SharedLB",
+            "metadata": {"name": format!("schema-{i}"), "namespace": ns}, "spec": s,
+        }))
+        .expect("dynamic object");
+        let r = raw.create(&PostParams::default(), &obj).await;
+        assert!(
+            matches!(r, Err(kube::Error::Api(ref e)) if e.code == 422),
+            "schema case {i} {s}: {r:?}"
+        );
+    }
+
+    // a Service the operator did not make is never taken over
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "taken-sharedlb", "namespace": ns},
+        "spec": {"type": "ClusterIP", "ports": [{"port": 1, "targetPort": 1}], "selector": {"other": "app"}},
+    }))
+    .expect("svc");
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("svc");
+    create_slb(&client, &ns, "taken", spec("small", vec![p("a")])).await;
+    refused(&client, &ns, "taken", "ServiceConflict").await;
+    let svc = Api::<Service>::namespaced(client.clone(), &ns)
+        .get("taken-sharedlb")
+        .await
+        .expect("svc");
+    assert_eq!(
+        svc.spec.expect("spec").type_.as_deref(),
+        Some("ClusterIP"),
+        "the foreign Service is untouched"
+    );
+
+    delete_namespace(&client, &ns).await;
+    for pool in ["small", "closed", "broken"] {
+        delete_pool(&client, pool).await;
+    }
+    op.kill().await;
+}
