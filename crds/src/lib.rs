@@ -444,8 +444,10 @@ pub fn service_name(shared_lb_name: &str) -> String {
 
 /// `4001/TCP,4002/UDP`.
 pub fn port_summary(ports: &[PortStatus]) -> String {
-    ports
-        .iter()
+    let mut sorted: Vec<&PortStatus> = ports.iter().collect();
+    sorted.sort_by_key(|p| (p.port, p.protocol));
+    sorted
+        .into_iter()
         .map(|p| format!("{}/{}", p.port, p.protocol.as_str()))
         .collect::<Vec<_>>()
         .join(",")

@@ -182,25 +182,25 @@ pub fn validate_pool(spec: &LoadBalancerPoolSpec) -> Result<(), SpecError> {
     if spec.provider.kind().is_none() {
         return Err(SpecError::ProviderCount);
     }
-    if let Some(m) = spec.capacity.max_ports_per_load_balancer {
-        if m == 0 || m > 65535 {
-            return Err(SpecError::BadCapacity(format!(
-                "maxPortsPerLoadBalancer {m} must be 1-65535"
-            )));
-        }
+    if let Some(m) = spec.capacity.max_ports_per_load_balancer
+        && (m == 0 || m > 65535)
+    {
+        return Err(SpecError::BadCapacity(format!(
+            "maxPortsPerLoadBalancer {m} must be 1-65535"
+        )));
     }
     if spec.capacity.max_load_balancers == Some(0) {
         return Err(SpecError::BadCapacity(
             "maxLoadBalancers must be at least 1".into(),
         ));
     }
-    if let Some(r) = &spec.port_range {
-        if r.min < 1 || r.max > 65535 || r.min > r.max {
-            return Err(SpecError::BadPortRange {
-                min: r.min,
-                max: r.max,
-            });
-        }
+    if let Some(r) = &spec.port_range
+        && (r.min < 1 || r.max > 65535 || r.min > r.max)
+    {
+        return Err(SpecError::BadPortRange {
+            min: r.min,
+            max: r.max,
+        });
     }
     Ok(())
 }
@@ -231,7 +231,8 @@ mod tests {
 
     #[test]
     fn refuses_each_bad_input_with_its_reason() {
-        let cases: Vec<(Box<dyn Fn(&mut SharedLBSpec)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut SharedLBSpec)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|s| s.ports.clear()), "InvalidPorts"),
             (
                 Box::new(|s| s.ports[0].name = "Bad_Name".into()),

@@ -445,10 +445,10 @@ impl PoolState {
             self.occupy(key.clone(), alloc.clone());
         }
         for a in &plan.actions {
-            if let Action::DeleteLoadBalancer { lb } = a {
-                if self.lbs.get(lb).is_some_and(|s| s.used == 0) {
-                    self.reindex(*lb, |s| s.deleting = true);
-                }
+            if let Action::DeleteLoadBalancer { lb } = a
+                && self.lbs.get(lb).is_some_and(|s| s.used == 0)
+            {
+                self.reindex(*lb, |s| s.deleting = true);
             }
         }
     }

@@ -319,13 +319,13 @@ fn check_invariants(s: &PoolState) -> Result<(), String> {
                     a.lb, p.port, p.protocol
                 ));
             }
-            if let Some(o) = owner.insert((a.lb, p.port), k.clone()) {
-                if &o != k {
-                    return Err(format!(
-                        "port {} of lb {} held by {o} and {k}",
-                        p.port, a.lb
-                    ));
-                }
+            if let Some(o) = owner.insert((a.lb, p.port), k.clone())
+                && &o != k
+            {
+                return Err(format!(
+                    "port {} of lb {} held by {o} and {k}",
+                    p.port, a.lb
+                ));
             }
         }
     }

@@ -289,14 +289,13 @@ impl LoadBalancerProvider for MemoryProvider {
         }
         self.call("delete_listener").await?;
         let mut acc = self.cloud.lock();
-        if let Some(l) = acc.lbs.get_mut(&name) {
-            if l.listeners
+        if let Some(l) = acc.lbs.get_mut(&name)
+            && l.listeners
                 .get(&(port, protocol))
                 .is_some_and(|x| x.owner_uid == owner_uid)
-            {
-                l.listeners.remove(&(port, protocol));
-                *acc.calls.entry("delete_listener").or_default() += 1;
-            }
+        {
+            l.listeners.remove(&(port, protocol));
+            *acc.calls.entry("delete_listener").or_default() += 1;
         }
         Ok(())
     }

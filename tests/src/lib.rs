@@ -220,11 +220,14 @@ pub async fn delete_pool(client: &Client, name: &str) {
         .await;
 }
 
-/// The memory cloud's load balancers of one pool: name -> (ip, listeners (port, protocol) -> owner uid).
+/// A listener as the memory cloud holds it: (port, protocol, owner uid).
+pub type CloudListener = (u16, String, String);
+
+/// The memory cloud's load balancers of one pool: name -> (ip, listeners).
 pub fn cloud_pool(
     cloud: &MemoryCloud,
     pool: &str,
-) -> BTreeMap<String, (String, Vec<(u16, String, String)>)> {
+) -> BTreeMap<String, (String, Vec<CloudListener>)> {
     cloud
         .load_balancers()
         .into_iter()

@@ -444,6 +444,7 @@ async fn operator_killed_mid_burst_converges_without_duplicates() {
             "duplicate (ip, port) after restart"
         );
     }
+    eprintln!("restart: {ready_at_kill} of 30 were Ready when the operator was killed");
     let lbs = cloud_pool(&cloud, "restart");
     assert_eq!(
         lbs.len(),

@@ -146,11 +146,11 @@ async fn finish(
         )
         .await
         .map_err(Error::from_kube)?;
-    if was != now {
-        if let Some(c) = status::get(&new.conditions, READY).filter(|c| c.status != "True") {
-            ctx.event(pool, EventType::Warning, &c.reason, c.message.clone())
-                .await;
-        }
+    if was != now
+        && let Some(c) = status::get(&new.conditions, READY).filter(|c| c.status != "True")
+    {
+        ctx.event(pool, EventType::Warning, &c.reason, c.message.clone())
+            .await;
     }
     Ok(action)
 }

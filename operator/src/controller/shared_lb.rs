@@ -342,16 +342,13 @@ async fn program(
             protocol,
             owner: o,
         } = a
+            && *o == uid
+            && let Err(e) = alloc
+                .provider
+                .remove_listener(&alloc.key(*lb), *port, *protocol, o)
+                .await
         {
-            if *o == uid {
-                if let Err(e) = alloc
-                    .provider
-                    .remove_listener(&alloc.key(*lb), *port, *protocol, o)
-                    .await
-                {
-                    return cloud_failed(ctx, slb, e).await;
-                }
-            }
+            return cloud_failed(ctx, slb, e).await;
         }
     }
     let mut ports = Vec::with_capacity(allocation.ports.len());
