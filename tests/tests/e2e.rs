@@ -494,6 +494,13 @@ async fn every_invalid_input_gets_its_condition_and_event_and_no_cloud_call() {
     )
     .await;
 
+    // a provider this build does not have: a configuration error of the cloud side
+    create_pool(
+        &client,
+        "unbuilt",
+        json!({"provider": {"local": {"addresses": ["127.0.0.10"]}}}),
+    )
+    .await;
     let p = |name: &str| tcp(name, None);
     let cases: Vec<(&str, serde_json::Value, &str)> = vec![
         (
@@ -532,6 +539,11 @@ async fn every_invalid_input_gets_its_condition_and_event_and_no_cloud_call() {
             "over-capacity",
             spec("small", vec![p("a"), p("b"), p("c")]),
             "TooManyPorts",
+        ),
+        (
+            "cloud-unavailable",
+            spec("unbuilt", vec![p("a")]),
+            "PoolNotReady",
         ),
     ];
     let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
@@ -612,7 +624,22 @@ async fn every_invalid_input_gets_its_condition_and_event_and_no_cloud_call() {
     );
 
     delete_namespace(&client, &ns).await;
-    for pool in ["small", "closed", "broken"] {
+    let unbuilt = Api::<LoadBalancerPool>::all(client.clone());
+    eventually(
+        30,
+        "the unbuilt pool reports its provider error",
+        || async {
+            let st = unbuilt.get("unbuilt").await.ok()?.status?;
+            st.conditions
+                .iter()
+                .any(|c| {
+                    c.type_ == "Ready" && c.status == "False" && c.reason == "CloudInvalidConfig"
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    for pool in ["small", "closed", "broken", "unbuilt"] {
         delete_pool(&client, pool).await;
     }
     op.kill().await;

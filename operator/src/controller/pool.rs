@@ -35,8 +35,17 @@ pub async fn reconcile(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result
         );
         return finish(&ctx, &pool, &old, st, Action::await_change()).await;
     }
-    let alloc = match ctx.allocator(&pool).await {
-        Ok(a) => a,
+    // The provider is made and the allocator rebuilt (inventory + statuses) on first use; a cloud error on the
+    // way is the pool's condition.
+    let built = async {
+        let alloc = ctx.allocator(&pool).await?;
+        let state = alloc.lock(&ctx.client, &pool.spec).await?;
+        let rows = (state.load_balancers(), state.deleting());
+        drop(state);
+        Ok::<_, Error>((alloc, rows))
+    };
+    let (alloc, (rows, deleting)) = match built.await {
+        Ok(b) => b,
         Err(Error::Provider(e)) => {
             status::set(
                 &mut st.conditions,
@@ -50,31 +59,6 @@ pub async fn reconcile(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result
             return finish(&ctx, &pool, &old, st, Action::requeue(after)).await;
         }
         Err(e) => return Err(e),
-    };
-    let (rows, deleting) = {
-        let state = match alloc.lock(&ctx.client, &pool.spec).await {
-            Ok(s) => s,
-            Err(Error::Provider(e)) => {
-                status::set(
-                    &mut st.conditions,
-                    READY,
-                    false,
-                    e.reason(),
-                    &e.to_string(),
-                    generation,
-                );
-                return finish(
-                    &ctx,
-                    &pool,
-                    &old,
-                    st,
-                    Action::requeue(Duration::from_secs(30)),
-                )
-                .await;
-            }
-            Err(e) => return Err(e),
-        };
-        (state.load_balancers(), state.deleting())
     };
     let retry_soon = !deleting.is_empty();
     if let Err(e) = alloc.delete_marked(deleting).await {
