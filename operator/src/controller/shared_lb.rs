@@ -278,8 +278,26 @@ async fn write_allocation(
             slb.meta().generation,
         );
     }
-    let mut patch = status::whole_status_patch(&st, status::SHARED_LB_STATUS_KEYS)?;
-    patch["metadata"] = json!({ "resourceVersion": slb.resource_version() });
+    send_status(ctx, slb, &st, Precondition::ResourceVersion).await
+}
+
+enum Precondition {
+    /// The patch fails with 409 (`Error::Conflict`) unless the object is still at the version reconciled.
+    ResourceVersion,
+    None,
+}
+
+/// Replaces the whole status by a merge patch (cleared fields as explicit nulls).
+async fn send_status(
+    ctx: &Context,
+    slb: &SharedLB,
+    st: &SharedLBStatus,
+    pre: Precondition,
+) -> Result<(), Error> {
+    let mut patch = status::whole_status_patch(st, status::SHARED_LB_STATUS_KEYS)?;
+    if let Precondition::ResourceVersion = pre {
+        patch["metadata"] = json!({ "resourceVersion": slb.resource_version() });
+    }
     let api: Api<SharedLB> =
         Api::namespaced(ctx.client.clone(), &slb.namespace().unwrap_or_default());
     api.patch_status(
@@ -455,17 +473,7 @@ async fn write_status_if_changed(
     if status_equal(old, new) {
         return Ok(());
     }
-    let patch = status::whole_status_patch(new, status::SHARED_LB_STATUS_KEYS)?;
-    let api: Api<SharedLB> =
-        Api::namespaced(ctx.client.clone(), &slb.namespace().unwrap_or_default());
-    api.patch_status(
-        &slb.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(Error::from_kube)?;
-    Ok(())
+    send_status(ctx, slb, new, Precondition::None).await
 }
 
 /// Ready=False with a reason, an Event when the reason or message is new, and no cloud call. The allocation
