@@ -321,9 +321,19 @@ pub struct AzureSettings {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LocalSettings {
-    /// One address per load balancer, e.g. `127.0.0.10`.
-    #[serde(default)]
+    /// One address of this machine per load balancer, e.g. `127.0.0.10`; the pool has as many load balancers
+    /// as addresses.
+    #[schemars(length(min = 1, max = 1024))]
     pub addresses: Vec<String>,
+    /// A TCP connection with no byte either way, or a UDP session with no datagram, for this long is closed.
+    /// Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub idle_timeout_seconds: Option<u32>,
+    /// Open TCP connections or UDP sessions per listener; more are refused. Default 4096.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_connections_per_listener: Option<u32>,
 }
 
 /// An in-process provider for tests and demos: addresses from 198.51.100.0/24 (TEST-NET-2), no data path,

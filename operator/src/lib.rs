@@ -6,6 +6,7 @@
 
 pub mod allocator;
 pub mod controller;
+pub mod endpoints;
 pub mod error;
 pub mod providers;
 

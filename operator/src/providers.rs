@@ -1,10 +1,11 @@
-//! Which provider a pool gets. The built-in factory makes the always-built memory provider; each cloud is added
-//! behind its cargo feature. Tests pass their own factory to share one `MemoryCloud` across operator restarts.
+//! Which provider a pool gets. The built-in factory makes the always-built local and memory providers; each
+//! cloud is added behind its cargo feature. Tests pass their own factory to share one `MemoryCloud` across operator restarts.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use sharedlb_crds::LoadBalancerPoolSpec;
+use sharedlb_providers::local::{LocalProvider, Tuning};
 use sharedlb_providers::memory::{Faults, MemoryCloud, MemoryProvider};
 use sharedlb_providers::{LoadBalancerProvider, ProviderError};
 
@@ -57,9 +58,22 @@ impl ProviderFactory for BuiltinProviders {
                 faults,
             )));
         }
+        if let Some(l) = &spec.provider.local {
+            let defaults = Tuning::default();
+            let tuning = Tuning {
+                idle_timeout: l
+                    .idle_timeout_seconds
+                    .map_or(defaults.idle_timeout, |s| Duration::from_secs(s.into())),
+                max_connections: l
+                    .max_connections_per_listener
+                    .map_or(defaults.max_connections, |m| m as usize),
+                ..defaults
+            };
+            return Ok(Arc::new(LocalProvider::new(pool, &l.addresses, tuning)?));
+        }
         let kind = spec.provider.kind().unwrap_or("none");
         Err(ProviderError::InvalidConfig(format!(
-            "provider {kind:?} is not available in this build of sharedlb (built-in: memory)"
+            "provider {kind:?} is not available in this build of sharedlb (built in: local, memory)"
         )))
     }
 }

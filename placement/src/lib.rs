@@ -26,6 +26,16 @@ pub enum Protocol {
     Udp,
 }
 
+impl Protocol {
+    /// `TCP` or `UDP`, as Kubernetes spells them.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
 /// One requested port: fixed (`port: Some`) or assigned from the pool's range.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PortRequest {
@@ -159,7 +169,8 @@ impl std::fmt::Display for Refusal {
             ),
             Refusal::PortInUse { port, protocol } => write!(
                 f,
-                "port {port}/{protocol:?} is taken on every load balancer that has room, and the pool may not open another"
+                "port {port}/{} is taken on every load balancer that has room, and the pool may not open another",
+                protocol.as_str()
             ),
             Refusal::PoolFull { max_lbs } => write!(
                 f,

@@ -26,6 +26,7 @@ fn listener(port: u16, protocol: Protocol, node_port: u16, uid: &str) -> Listene
             name: format!("svc-{uid}"),
         },
         source_ranges: vec!["203.0.113.0/24".into()],
+        backends: vec![],
     }
 }
 

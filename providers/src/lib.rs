@@ -10,11 +10,13 @@
 //! a whole load balancer per call (Azure) may batch concurrent `ensure_listener` calls into one write.
 
 use std::fmt::Debug;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use sharedlb_placement::{PortMode, Protocol};
 
 pub mod conformance;
+pub mod local;
 pub mod memory;
 
 /// Tag keys every provider puts on what it makes.
@@ -112,6 +114,9 @@ pub struct ListenerSpec {
     pub owner: Owner,
     /// Client CIDRs; empty means open to all. The firewall opens exactly this port to exactly these.
     pub source_ranges: Vec<String>,
+    /// The ready endpoints behind this port, for providers that forward to them directly (`local`); clouds
+    /// forward to `node_port` and ignore this.
+    pub backends: Vec<SocketAddr>,
 }
 
 /// A node that receives traffic on node ports.
@@ -189,6 +194,12 @@ pub trait LoadBalancerProvider: Send + Sync + Debug {
 
     /// Everything this provider owns for its cluster and pool.
     async fn inventory(&self) -> Result<Inventory, ProviderError>;
+
+    /// True when listeners forward to the Service's endpoints (`ListenerSpec::backends`) rather than to the
+    /// nodes' node port: the operator then reads EndpointSlices and re-ensures listeners when they change.
+    fn forwards_to_endpoints(&self) -> bool {
+        false
+    }
 
     /// The cluster's nodes changed: update backends. Clouds without node backends ignore it.
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {

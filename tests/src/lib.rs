@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,8 @@ use sharedlb::{BuiltinProviders, Settings};
 use sharedlb_crds::{LoadBalancerPool, SharedLB};
 use sharedlb_providers::memory::MemoryCloud;
 use tokio::task::JoinHandle;
+
+pub mod echo;
 
 /// The tests share one apiserver and each runs its own operator: they take turns.
 pub static SERIAL: LazyLock<tokio::sync::Mutex<()>> = LazyLock::new(|| tokio::sync::Mutex::new(()));
@@ -241,4 +244,45 @@ pub fn cloud_pool(
             (l.name.clone(), (l.ip.to_string(), ls))
         })
         .collect()
+}
+
+/// An EndpointSlice for the backing Service of SharedLB `slb`, as the cluster's EndpointSlice controller would
+/// write it: one port (`port_name`, `protocol`, `port`) on `addresses`. Served as discovery.k8s.io/v1beta1 by
+/// the 1.20 test apiserver.
+pub async fn put_endpoints(
+    client: &Client,
+    ns: &str,
+    slb: &str,
+    port_name: &str,
+    protocol: &str,
+    addresses: &[SocketAddr],
+) {
+    let slices = sharedlb::endpoints::EndpointSlices::discover(client)
+        .await
+        .expect("discover");
+    let api: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, slices.resource());
+    let name = format!("{slb}-{port_name}-{}", protocol.to_lowercase());
+    let endpoints: Vec<serde_json::Value> = addresses
+        .iter()
+        .map(|a| json!({"addresses": [a.ip().to_string()], "conditions": {"ready": true}}))
+        .collect();
+    let port = addresses.first().map_or(1, |a| a.port());
+    let obj = json!({
+        "apiVersion": slices.resource().api_version, "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": ns, "labels": {
+            "kubernetes.io/service-name": format!("{slb}-sharedlb"),
+            "endpointslice.kubernetes.io/managed-by": "sharedlb-e2e",
+        }},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": port_name, "protocol": protocol, "port": port}],
+    });
+    api.patch(
+        &name,
+        &kube::api::PatchParams::apply("sharedlb-e2e").force(),
+        &kube::api::Patch::Apply(&obj),
+    )
+    .await
+    .expect("apply EndpointSlice");
 }

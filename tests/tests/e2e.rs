@@ -498,7 +498,7 @@ async fn every_invalid_input_gets_its_condition_and_event_and_no_cloud_call() {
     create_pool(
         &client,
         "unbuilt",
-        json!({"provider": {"local": {"addresses": ["127.0.0.10"]}}}),
+        json!({"provider": {"gcp": {"project": "p", "region": "r"}}}),
     )
     .await;
     let p = |name: &str| tcp(name, None);

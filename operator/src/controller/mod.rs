@@ -7,16 +7,20 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Service;
+use kube::api::DynamicObject;
 use kube::runtime::controller::{Action, Config as ControllerConfig};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use sharedlb_crds::{LoadBalancerPool, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SharedLB};
+use sharedlb_crds::{
+    LoadBalancerPool, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_SUFFIX, SharedLB,
+};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::allocator::PoolAllocator;
+use crate::endpoints::{EndpointSlices, SERVICE_NAME_LABEL};
 use crate::{Error, ProviderFactory};
 
 mod pool;
@@ -50,6 +54,7 @@ pub struct Context {
     pub settings: Settings,
     recorder: Recorder,
     pools: Store<LoadBalancerPool>,
+    slices: EndpointSlices,
     factory: Arc<dyn ProviderFactory>,
     allocators: Mutex<HashMap<String, Arc<PoolAllocator>>>,
 }
@@ -138,6 +143,7 @@ pub async fn run(
         .await
         .map_err(|e| Error::Finalizer(format!("pool store: {e}")))?;
 
+    let slices = EndpointSlices::discover(&client).await?;
     let reporter = Reporter {
         controller: settings.controller_name.clone(),
         instance: None,
@@ -146,6 +152,7 @@ pub async fn run(
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         pools,
+        slices: slices.clone(),
         factory,
         allocators: Mutex::new(HashMap::new()),
         settings: settings.clone(),
@@ -174,6 +181,18 @@ pub async fn run(
                     })
                     .map(|s| ObjectRef::from_obj(&*s))
                     .collect::<Vec<_>>()
+            },
+        )
+        // endpoints changed: providers that forward to endpoints (local) update their listeners in place
+        .watches_with(
+            Api::<DynamicObject>::all_with(client.clone(), slices.resource()),
+            slices.resource().clone(),
+            watcher::Config::default().labels(SERVICE_NAME_LABEL),
+            |slice: DynamicObject| {
+                let ns = slice.namespace()?;
+                let svc = slice.labels().get(SERVICE_NAME_LABEL)?;
+                let owner = svc.strip_suffix(SERVICE_SUFFIX)?;
+                Some(ObjectRef::<SharedLB>::new(owner).within(&ns))
             },
         )
         .graceful_shutdown_on(shutdown.clone())

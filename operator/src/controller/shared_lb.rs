@@ -369,6 +369,14 @@ async fn program(
             return cloud_failed(ctx, slb, e).await;
         }
     }
+    let endpoints = if alloc.provider.forwards_to_endpoints() {
+        let ns = slb.namespace().unwrap_or_default();
+        ctx.slices
+            .ready_endpoints(&ctx.client, &ns, &service_name(&slb.name_any()))
+            .await?
+    } else {
+        BTreeMap::new()
+    };
     let mut ports = Vec::with_capacity(allocation.ports.len());
     for p in &allocation.ports {
         let Some(node_port) = node_ports.get(&p.name).copied() else {
@@ -383,6 +391,10 @@ async fn program(
             node_port,
             owner: owner.clone(),
             source_ranges: source_ranges.clone(),
+            backends: endpoints
+                .get(&(p.name.clone(), p.protocol.as_str().to_string()))
+                .cloned()
+                .unwrap_or_default(),
         };
         if let Err(e) = alloc.provider.ensure_listener(&key, &l).await {
             return cloud_failed(ctx, slb, e).await;

@@ -1,0 +1,174 @@
+//! What a running listener shares with its connections: the upstreams (updated in place as endpoints change,
+//! so established connections are never dropped for it), the source filter, limits and counters.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use tokio::sync::Semaphore;
+
+/// Ready endpoints, picked round-robin; `in_order` gives every endpoint once, starting at the next one, so a
+/// caller can fail over to the following one when a connect fails.
+#[derive(Debug, Default)]
+pub struct Upstreams {
+    addrs: RwLock<Vec<SocketAddr>>,
+    next: AtomicUsize,
+}
+
+impl Upstreams {
+    pub fn set(&self, mut addrs: Vec<SocketAddr>) {
+        addrs.sort();
+        addrs.dedup();
+        *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = addrs;
+    }
+
+    pub fn get(&self) -> Vec<SocketAddr> {
+        self.addrs.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn in_order(&self) -> Vec<SocketAddr> {
+        let all = self.get();
+        if all.is_empty() {
+            return all;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % all.len();
+        all[start..].iter().chain(&all[..start]).copied().collect()
+    }
+}
+
+/// `sourceRanges`, checked on accept (TCP) and on every datagram of a new session (UDP). Empty: open to all.
+#[derive(Debug, Default)]
+pub struct SourceFilter {
+    nets: RwLock<Vec<IpNet>>,
+}
+
+impl SourceFilter {
+    pub fn set(&self, ranges: &[String]) {
+        let nets = ranges
+            .iter()
+            .filter_map(|r| r.parse::<IpNet>().ok())
+            .map(|n| n.trunc())
+            .collect();
+        *self.nets.write().unwrap_or_else(|e| e.into_inner()) = nets;
+    }
+
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        let nets = self.nets.read().unwrap_or_else(|e| e.into_inner());
+        nets.is_empty() || nets.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Counters of one listener.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    pub connections: AtomicU64,
+    pub active: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub refused_by_source: AtomicU64,
+    pub refused_over_limit: AtomicU64,
+    pub upstream_failures: AtomicU64,
+}
+
+/// One listener's counters at a moment.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StatsSnapshot {
+    /// TCP connections accepted, or UDP sessions opened.
+    pub connections: u64,
+    /// Open TCP connections, or live UDP sessions.
+    pub active: u64,
+    /// Client to backend.
+    pub bytes_in: u64,
+    /// Backend to client.
+    pub bytes_out: u64,
+    pub refused_by_source: u64,
+    pub refused_over_limit: u64,
+    pub upstream_failures: u64,
+}
+
+impl ListenerStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            connections: l(&self.connections),
+            active: l(&self.active),
+            bytes_in: l(&self.bytes_in),
+            bytes_out: l(&self.bytes_out),
+            refused_by_source: l(&self.refused_by_source),
+            refused_over_limit: l(&self.refused_over_limit),
+            upstream_failures: l(&self.upstream_failures),
+        }
+    }
+}
+
+/// Decrements `active` when a connection or session ends, however it ends.
+#[derive(Debug)]
+pub struct ActiveGuard(pub Arc<Shared>);
+
+impl ActiveGuard {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+        shared.stats.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(shared)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Timeouts and limits of the forwarder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// A TCP connection with no byte either way, or a UDP session with no datagram, for this long is closed.
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Open TCP connections or UDP sessions per listener; more are refused.
+    pub max_connections: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(3),
+            max_connections: 4096,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Shared {
+    pub upstreams: Upstreams,
+    pub filter: SourceFilter,
+    pub stats: ListenerStats,
+    pub tuning: Tuning,
+    pub limit: Arc<Semaphore>,
+    epoch: Instant,
+}
+
+impl Shared {
+    pub fn new(tuning: Tuning) -> Arc<Self> {
+        Arc::new(Shared {
+            upstreams: Upstreams::default(),
+            filter: SourceFilter::default(),
+            stats: ListenerStats::default(),
+            limit: Arc::new(Semaphore::new(tuning.max_connections)),
+            tuning,
+            epoch: Instant::now(),
+        })
+    }
+
+    /// Milliseconds since the listener started: a cheap clock for "last activity" atomics.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}

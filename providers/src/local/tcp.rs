@@ -1,0 +1,116 @@
+//! The TCP forwarder: accept, check the source, pick a ready endpoint (failing over to the next when a connect
+//! fails), then copy both ways with half-close until both sides are done or the connection sits idle.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tracing::debug;
+
+use super::shared::{ActiveGuard, Shared};
+
+/// Runs until aborted; aborting it drops the listening socket and every connection it carries.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((client, peer)) => {
+                    if !shared.filter.allows(peer.ip()) {
+                        shared.stats.refused_by_source.fetch_add(1, Ordering::Relaxed);
+                        continue; // dropping the socket closes it
+                    }
+                    let Ok(permit) = shared.limit.clone().try_acquire_owned() else {
+                        shared.stats.refused_over_limit.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    conns.spawn(async move {
+                        let _permit = permit;
+                        let _active = ActiveGuard::new(shared.clone());
+                        if let Err(e) = forward(client, &shared).await {
+                            debug!(error = %e, %peer, "connection ended with an error");
+                        }
+                    });
+                }
+                // out of file descriptors and the like: back off instead of spinning
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn connect_any(shared: &Shared) -> Option<TcpStream> {
+    for addr in shared.upstreams.in_order() {
+        match tokio::time::timeout(shared.tuning.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Some(s);
+            }
+            _ => {
+                shared
+                    .stats
+                    .upstream_failures
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    None
+}
+
+async fn forward(client: TcpStream, shared: &Arc<Shared>) -> io::Result<()> {
+    let Some(upstream) = connect_any(shared).await else {
+        return Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "no ready endpoint accepted the connection",
+        ));
+    };
+    let _ = client.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = upstream.into_split();
+    let last = AtomicU64::new(shared.now_ms());
+    tokio::try_join!(
+        pump(cr, uw, shared, &last, &shared.stats.bytes_in),
+        pump(ur, cw, shared, &last, &shared.stats.bytes_out),
+    )?;
+    Ok(())
+}
+
+/// One direction. EOF is passed on as a half-close (shutdown of the write side) and the other direction goes
+/// on; the connection is idle only when neither direction moved a byte for the idle timeout.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    shared: &Shared,
+    last: &AtomicU64,
+    counter: &AtomicU64,
+) -> io::Result<()> {
+    let idle = shared.tuning.idle_timeout;
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match tokio::time::timeout(idle, from.read(&mut buf)).await {
+            Ok(Ok(0)) => {
+                let _ = to.shutdown().await;
+                return Ok(());
+            }
+            Ok(Ok(n)) => {
+                to.write_all(&buf[..n]).await?;
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+                last.store(shared.now_ms(), Ordering::Relaxed);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                let quiet = shared.now_ms().saturating_sub(last.load(Ordering::Relaxed));
+                if quiet >= idle.as_millis() as u64 {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! The local provider end to end: a real apiserver, the operator in-process binding real sockets on loopback
+//! addresses, EndpointSlices pointing at real echo backends, and real bytes through every shared IP:port.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+
+use kube::Api;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use serde_json::json;
+use sharedlb_crds::SharedLB;
+use sharedlb_e2e::*;
+use sharedlb_providers::memory::MemoryCloud;
+use tokio::io::AsyncWriteExt;
+
+/// `n` loopback addresses of a block no other test uses.
+fn addresses(block: u8, n: u8) -> Vec<String> {
+    (10..10 + n).map(|i| format!("127.0.{block}.{i}")).collect()
+}
+
+fn local_pool(block: u8, n: u8, capacity: u32) -> serde_json::Value {
+    json!({
+        "provider": {"local": {"addresses": addresses(block, n)}},
+        "capacity": {"maxPortsPerLoadBalancer": capacity},
+        "portRange": {"min": 4000, "max": 4999},
+    })
+}
+
+fn one_port(pool: &str, name: &str, protocol: &str, port: Option<u16>) -> serde_json::Value {
+    let mut p = json!({"name": name, "targetPort": 8080, "protocol": protocol});
+    if let Some(port) = port {
+        p["port"] = json!(port);
+    }
+    json!({"pool": pool, "selector": {"app": "echo"}, "ports": [p]})
+}
+
+/// The SharedLB's external address for its first port.
+fn external(s: &SharedLB) -> SocketAddr {
+    let st = s.status.as_ref().expect("status");
+    let ip: IpAddr = st
+        .load_balancer
+        .as_ref()
+        .and_then(|l| l.ip.clone())
+        .expect("ip")
+        .parse()
+        .expect("ip");
+    SocketAddr::new(ip, st.ports[0].port as u16)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_through_tcp_and_udp_reach_the_right_backend_and_never_cross() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let op = Operator::start(&client, &MemoryCloud::new());
+    let (ns_a, ns_b) = (
+        namespace(&client, "local-a", &[]).await,
+        namespace(&client, "local-b", &[]).await,
+    );
+    create_pool(&client, "local-bytes", local_pool(3, 2, 5)).await;
+
+    let alpha = echo::tcp("alpha", 0).await.expect("alpha");
+    let beta = echo::tcp("beta", 0).await.expect("beta");
+    let gamma = echo::udp("gamma", 0).await.expect("gamma");
+    create_slb(
+        &client,
+        &ns_a,
+        "alpha",
+        one_port("local-bytes", "tcp", "TCP", None),
+    )
+    .await;
+    create_slb(
+        &client,
+        &ns_b,
+        "beta",
+        one_port("local-bytes", "tcp", "TCP", None),
+    )
+    .await;
+    create_slb(
+        &client,
+        &ns_b,
+        "gamma",
+        one_port("local-bytes", "dns", "UDP", None),
+    )
+    .await;
+    put_endpoints(&client, &ns_a, "alpha", "tcp", "TCP", &[alpha]).await;
+    put_endpoints(&client, &ns_b, "beta", "tcp", "TCP", &[beta]).await;
+    put_endpoints(&client, &ns_b, "gamma", "dns", "UDP", &[gamma]).await;
+
+    let a = external(&ready(&client, &ns_a, "alpha", 30).await);
+    let b = external(&ready(&client, &ns_b, "beta", 30).await);
+    let g = external(&ready(&client, &ns_b, "gamma", 30).await);
+    assert_eq!(a.ip(), b.ip(), "capacity 5: all three share one address");
+    assert_eq!(a.ip(), g.ip());
+    assert!(addresses(3, 2).contains(&a.ip().to_string()));
+    for _ in 0..3 {
+        assert_eq!(
+            eventually(10, "alpha answers", || async {
+                echo::tcp_ask(a, "hi").await.ok()
+            })
+            .await,
+            "alpha:hi"
+        );
+        assert_eq!(
+            echo::tcp_ask(b, "hi").await.expect("beta"),
+            "beta:hi",
+            "two SharedLBs on one IP never cross"
+        );
+        assert_eq!(
+            eventually(10, "gamma answers", || async {
+                echo::udp_ask(g, "q").await.ok()
+            })
+            .await,
+            "gamma:q"
+        );
+    }
+
+    delete_namespace(&client, &ns_a).await;
+    delete_namespace(&client, &ns_b).await;
+    delete_pool(&client, "local-bytes").await;
+    op.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_changes_are_followed_without_dropping_established_connections() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let op = Operator::start(&client, &MemoryCloud::new());
+    let ns = namespace(&client, "local-ep", &[]).await;
+    create_pool(&client, "local-ep", local_pool(4, 1, 5)).await;
+    let (old, new) = (
+        echo::tcp("old", 0).await.expect("old"),
+        echo::tcp("new", 0).await.expect("new"),
+    );
+    create_slb(
+        &client,
+        &ns,
+        "web",
+        one_port("local-ep", "http", "TCP", None),
+    )
+    .await;
+    put_endpoints(&client, &ns, "web", "http", "TCP", &[old]).await;
+    let addr = external(&ready(&client, &ns, "web", 30).await);
+    let mut held = eventually(10, "a connection to old", || async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"1").await.ok()?;
+        (echo::read_reply(&mut s, "1").await.ok()? == "old:1").then_some(s)
+    })
+    .await;
+
+    put_endpoints(&client, &ns, "web", "http", "TCP", &[new]).await;
+    eventually(15, "new connections reach the new endpoint", || async {
+        (echo::tcp_ask(addr, "x").await.ok()? == "new:x").then_some(())
+    })
+    .await;
+    held.write_all(b"2")
+        .await
+        .expect("the established connection is still open");
+    assert_eq!(
+        echo::read_reply(&mut held, "2").await.expect("reply"),
+        "old:2",
+        "and still talks to its endpoint"
+    );
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "local-ep").await;
+    op.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_closes_the_port_and_frees_it_for_the_next() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let op = Operator::start(&client, &MemoryCloud::new());
+    let ns = namespace(&client, "local-del", &[]).await;
+    create_pool(&client, "local-del", local_pool(5, 1, 5)).await;
+    let backend = echo::tcp("one", 0).await.expect("backend");
+    create_slb(
+        &client,
+        &ns,
+        "first",
+        one_port("local-del", "tcp", "TCP", None),
+    )
+    .await;
+    put_endpoints(&client, &ns, "first", "tcp", "TCP", &[backend]).await;
+    let addr = external(&ready(&client, &ns, "first", 30).await);
+    eventually(10, "first answers", || async {
+        echo::tcp_ask(addr, "a").await.ok()
+    })
+    .await;
+
+    Api::<SharedLB>::namespaced(client.clone(), &ns)
+        .delete("first", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually(15, "connect refused after delete", || async {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+
+    let second = echo::tcp("two", 0).await.expect("backend");
+    create_slb(
+        &client,
+        &ns,
+        "second",
+        one_port("local-del", "tcp", "TCP", None),
+    )
+    .await;
+    put_endpoints(&client, &ns, "second", "tcp", "TCP", &[second]).await;
+    let again = external(&ready(&client, &ns, "second", 30).await);
+    assert_eq!(again, addr, "the freed port is the lowest free one again");
+    let reply = eventually(10, "second answers on the same port", || async {
+        echo::tcp_ask(again, "b").await.ok()
+    })
+    .await;
+    assert_eq!(reply, "two:b");
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "local-del").await;
+    op.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twelve_on_capacity_five_use_exactly_three_addresses() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let op = Operator::start(&client, &MemoryCloud::new());
+    let ns = namespace(&client, "local-12", &[]).await;
+    create_pool(&client, "local-12", local_pool(6, 5, 5)).await;
+    let backend = echo::tcp("b", 0).await.expect("backend");
+    for i in 0..12 {
+        let name = format!("s{i:02}");
+        create_slb(
+            &client,
+            &ns,
+            &name,
+            one_port("local-12", "tcp", "TCP", None),
+        )
+        .await;
+        put_endpoints(&client, &ns, &name, "tcp", "TCP", &[backend]).await;
+    }
+    let mut ips = BTreeSet::new();
+    let mut all = BTreeSet::new();
+    for i in 0..12 {
+        let a = external(&ready(&client, &ns, &format!("s{i:02}"), 30).await);
+        ips.insert(a.ip());
+        assert!(all.insert(a), "duplicate {a}");
+        let reply = eventually(10, &format!("{a} answers"), || async {
+            echo::tcp_ask(a, "z").await.ok()
+        })
+        .await;
+        assert_eq!(reply, "b:z");
+    }
+    assert_eq!(ips.len(), 3, "ceil(12 / 5) addresses: {ips:?}");
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "local-12").await;
+    op.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_taken_by_another_process_is_a_condition_and_recovers() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let op = Operator::start(&client, &MemoryCloud::new());
+    let ns = namespace(&client, "local-bind", &[]).await;
+    create_pool(&client, "local-bind", local_pool(7, 1, 5)).await;
+    let squatter = tokio::net::TcpListener::bind("127.0.7.10:4321")
+        .await
+        .expect("squat");
+    create_slb(
+        &client,
+        &ns,
+        "fixed",
+        one_port("local-bind", "tcp", "TCP", Some(4321)),
+    )
+    .await;
+    let msg = refused(&client, &ns, "fixed", "CloudAlreadyExists").await;
+    assert!(msg.contains("127.0.7.10:4321"), "{msg}");
+    eventually(10, "an Event for the bind failure", || async {
+        event_reasons(&client, &ns, "fixed")
+            .await
+            .contains(&"CloudAlreadyExists".to_string())
+            .then_some(())
+    })
+    .await;
+    drop(squatter);
+    let backend = echo::tcp("f", 0).await.expect("backend");
+    put_endpoints(&client, &ns, "fixed", "tcp", "TCP", &[backend]).await;
+    let addr = external(&ready(&client, &ns, "fixed", 30).await);
+    assert_eq!(addr, "127.0.7.10:4321".parse().expect("addr"));
+    assert_eq!(
+        eventually(10, "answers", || async {
+            echo::tcp_ask(addr, "k").await.ok()
+        })
+        .await,
+        "f:k"
+    );
+
+    // updating sourceRanges to exclude loopback shuts this client out without rebinding
+    Api::<SharedLB>::namespaced(client.clone(), &ns)
+        .patch(
+            "fixed",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sourceRanges": ["203.0.113.0/24"]}})),
+        )
+        .await
+        .expect("patch");
+    eventually(15, "a client outside sourceRanges gets nothing", || async {
+        echo::tcp_ask(addr, "k").await.is_err().then_some(())
+    })
+    .await;
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "local-bind").await;
+    op.kill().await;
+}
