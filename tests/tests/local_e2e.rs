@@ -316,3 +316,99 @@ async fn a_port_taken_by_another_process_is_a_condition_and_recovers() {
     delete_pool(&client, "local-bind").await;
     op.kill().await;
 }
+
+/// Applies every document of an examples/ file to the apiserver (server-side apply).
+async fn apply_example(client: &kube::Client, file: &str) {
+    use serde::Deserialize;
+    let path = format!("{}/../examples/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).expect("example file");
+    let discovery = kube::Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let obj = kube::api::DynamicObject::deserialize(doc).expect("a Kubernetes object");
+        let gvk = kube::core::GroupVersionKind::try_from(obj.types.as_ref().expect("types"))
+            .expect("gvk");
+        let (ar, caps) = discovery.resolve_gvk(&gvk).expect("served");
+        let api: Api<kube::api::DynamicObject> =
+            match (caps.scope, obj.metadata.namespace.as_deref()) {
+                (kube::discovery::Scope::Namespaced, Some(ns)) => {
+                    Api::namespaced_with(client.clone(), ns, &ar)
+                }
+                _ => Api::all_with(client.clone(), &ar),
+            };
+        let name = obj.metadata.name.clone().expect("name");
+        api.patch(
+            &name,
+            &PatchParams::apply("sharedlb-e2e").force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{file}: {name}: {e}"));
+    }
+}
+
+/// The quickstart's files, as `scripts/demo` uses them: they stay true because this test applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_examples_work_as_the_demo_uses_them() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let op = Operator::start(&client, &MemoryCloud::new());
+    for (name, proto, port) in [
+        ("echo", "tcp", 17000),
+        ("game-play", "udp", 19000),
+        ("game-admin", "tcp", 19001),
+        ("dns-udp", "udp", 15353),
+        ("dns-tcp", "tcp", 15353),
+    ] {
+        match proto {
+            "tcp" => echo::tcp(name, port).await.expect("backend"),
+            _ => echo::udp(name, port).await.expect("backend"),
+        };
+    }
+    for f in [
+        "pool-local.yaml",
+        "pool-memory.yaml",
+        "sharedlb-team-a.yaml",
+        "sharedlb-team-b.yaml",
+        "demo-endpoints.yaml",
+    ] {
+        apply_example(&client, f).await;
+    }
+    let expect = [
+        ("team-a", "echo", "tcp", "echo"),
+        ("team-a", "game", "play", "game-play"),
+        ("team-a", "game", "admin", "game-admin"),
+        ("team-b", "dns", "dns-udp", "dns-udp"),
+        ("team-b", "dns", "dns-tcp", "dns-tcp"),
+    ];
+    for (ns, slb, port_name, backend) in expect {
+        let s = ready(&client, ns, slb, 30).await;
+        let st = s.status.as_ref().expect("status");
+        let ip: IpAddr = st
+            .load_balancer
+            .as_ref()
+            .and_then(|l| l.ip.clone())
+            .expect("ip")
+            .parse()
+            .expect("ip");
+        let p = st.ports.iter().find(|p| p.name == port_name).expect("port");
+        let addr = SocketAddr::new(ip, p.port as u16);
+        let reply = eventually(10, &format!("{ns}/{slb} {port_name} answers"), || async {
+            match p.protocol {
+                sharedlb_crds::Protocol::Tcp => echo::tcp_ask(addr, "hi").await.ok(),
+                sharedlb_crds::Protocol::Udp => echo::udp_ask(addr, "hi").await.ok(),
+            }
+        })
+        .await;
+        assert_eq!(reply, format!("{backend}:hi"));
+    }
+    for ns in ["team-a", "team-b"] {
+        delete_namespace(&client, ns).await;
+    }
+    for pool in ["default", "memory"] {
+        delete_pool(&client, pool).await;
+    }
+    op.kill().await;
+}

@@ -92,7 +92,7 @@ async fn pump(
     counter: &AtomicU64,
 ) -> io::Result<()> {
     let idle = shared.tuning.idle_timeout;
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
         match tokio::time::timeout(idle, from.read(&mut buf)).await {
             Ok(Ok(0)) => {
