@@ -15,6 +15,14 @@ pub enum Error {
     Finalizer(String),
     #[error("serialising: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("leader election: {0}")]
+    Lease(String),
+    #[error(
+        "lost the leader lease; stopping so that a fresh start rebuilds state before placing anything"
+    )]
+    LostLeadership,
+    #[error("serving metrics: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 impl Error {

@@ -9,7 +9,8 @@ pub mod controller;
 pub mod endpoints;
 pub mod error;
 pub mod providers;
+pub mod telemetry;
 
-pub use controller::{Settings, run};
+pub use controller::{LeaderElection, Settings, run};
 pub use error::Error;
 pub use providers::{BuiltinProviders, ProviderFactory};

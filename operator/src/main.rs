@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use sharedlb::{BuiltinProviders, Settings};
+use sharedlb::{BuiltinProviders, LeaderElection, Settings};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +30,26 @@ enum Command {
         /// Log as JSON lines instead of text.
         #[arg(long, env = "SHAREDLB_LOG_JSON")]
         log_json: bool,
+        /// Serve /metrics, /healthz and /readyz here, e.g. 0.0.0.0:8080.
+        #[arg(long, env = "SHAREDLB_METRICS_ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Run only while holding the leader Lease (for more than one replica).
+        #[arg(long, env = "SHAREDLB_LEADER_ELECT")]
+        leader_elect: bool,
+        #[arg(long, env = "SHAREDLB_LEASE_NAME", default_value = "sharedlb-leader")]
+        lease_name: String,
+        /// The Lease's namespace: the operator's own.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// This replica's identity in the Lease: its pod name.
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Seconds the lease is valid after a renewal: a follower takes over within this after the leader dies.
+        #[arg(long, env = "SHAREDLB_LEASE_DURATION", default_value_t = 15)]
+        lease_duration: u64,
+        /// Seconds before expiry that the leader renews.
+        #[arg(long, env = "SHAREDLB_LEASE_GRACE", default_value_t = 5)]
+        lease_grace: u64,
     },
     /// Print the CRDs' YAML (the same as `crdgen`).
     Crds,
@@ -47,6 +67,13 @@ async fn main() -> anyhow::Result<()> {
             cluster_id,
             concurrency,
             log_json,
+            metrics_addr,
+            leader_elect,
+            lease_name,
+            lease_namespace,
+            identity,
+            lease_duration,
+            lease_grace,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
@@ -59,9 +86,22 @@ async fn main() -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API")?;
+            let leader_election = leader_elect.then(|| LeaderElection {
+                lease_name,
+                namespace: lease_namespace,
+                identity: identity.unwrap_or_else(|| {
+                    let host =
+                        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                    format!("{}-{}", host.trim(), std::process::id())
+                }),
+                duration_secs: lease_duration,
+                grace_secs: lease_grace,
+            });
             let settings = Settings {
                 cluster_id,
                 concurrency,
+                metrics_addr,
+                leader_election,
                 ..Settings::default()
             };
             let shutdown = async {

@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
@@ -13,6 +15,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
+use kube_lease_manager::LeaseManagerBuilder;
 use sharedlb_crds::{
     LoadBalancerPool, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_SUFFIX, SharedLB,
 };
@@ -21,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::allocator::PoolAllocator;
 use crate::endpoints::{EndpointSlices, SERVICE_NAME_LABEL};
+use crate::telemetry::{self, MeteredProvider, Metrics};
 use crate::{Error, ProviderFactory};
 
 mod pool;
@@ -36,6 +40,23 @@ pub struct Settings {
     pub concurrency: u16,
     /// The Events' reporting controller.
     pub controller_name: String,
+    /// Where to serve /metrics, /healthz and /readyz; None: not served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// None: this process is the only one (tests, a single replica).
+    pub leader_election: Option<LeaderElection>,
+}
+
+/// Leader election on a `coordination.k8s.io/v1` Lease: only the holder allocates or calls the cloud.
+#[derive(Debug, Clone)]
+pub struct LeaderElection {
+    pub lease_name: String,
+    pub namespace: String,
+    /// Unique per replica: the pod name.
+    pub identity: String,
+    /// The lease is valid this long after its last renewal; a follower takes over within it.
+    pub duration_secs: u64,
+    /// The holder renews this long before expiry (the clock skew tolerated).
+    pub grace_secs: u64,
 }
 
 impl Default for Settings {
@@ -44,6 +65,8 @@ impl Default for Settings {
             cluster_id: "default".into(),
             concurrency: 16,
             controller_name: "sharedlb".into(),
+            metrics_addr: None,
+            leader_election: None,
         }
     }
 }
@@ -51,6 +74,7 @@ impl Default for Settings {
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
+    pub metrics: Arc<Metrics>,
     pub settings: Settings,
     recorder: Recorder,
     pools: Store<LoadBalancerPool>,
@@ -76,9 +100,11 @@ impl Context {
         if let Some(a) = all.get(&name).filter(|a| a.pool_uid == uid) {
             return Ok(a.clone());
         }
-        let provider = self
-            .factory
-            .make(&self.settings.cluster_id, &name, &pool.spec)?;
+        let provider = MeteredProvider::wrap(
+            self.factory
+                .make(&self.settings.cluster_id, &name, &pool.spec)?,
+            self.metrics.clone(),
+        );
         let a = Arc::new(PoolAllocator::new(
             &name,
             &uid,
@@ -110,21 +136,114 @@ impl Context {
     }
 }
 
+/// The `result` label of a failed reconcile: what kind of failure, never a message (bounded cardinality).
+fn result_label(e: &Error) -> String {
+    match e {
+        Error::Provider(p) => p.reason().to_string(),
+        Error::Conflict => "Conflict".into(),
+        Error::Kube(_) => "KubeError".into(),
+        _ => "Error".into(),
+    }
+}
+
 fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
     match err {
         Error::Conflict => Action::requeue(Duration::from_millis(200)),
         Error::Provider(e) => Action::requeue(e.retry_after().unwrap_or(Duration::from_secs(300))),
-        Error::Kube(_) | Error::Finalizer(_) | Error::Json(_) => {
-            Action::requeue(Duration::from_secs(5))
-        }
+        Error::Kube(_)
+        | Error::Finalizer(_)
+        | Error::Json(_)
+        | Error::Lease(_)
+        | Error::LostLeadership
+        | Error::Io(_) => Action::requeue(Duration::from_secs(5)),
     }
 }
 
-/// Runs both controllers until `shutdown` resolves. The CRDs must be installed.
+/// Runs the operator until `shutdown` resolves: metrics and health, then — with leader election — waits for the
+/// lease and runs the controllers only while holding it. The CRDs must be installed.
 pub async fn run(
     client: Client,
     settings: Settings,
     factory: Arc<dyn ProviderFactory>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), Error> {
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = shutdown.shared();
+    if let Some(addr) = settings.metrics_addr {
+        let (m, s) = (metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = telemetry::serve(addr, m, s).await {
+                warn!(error = %e, %addr, "cannot serve metrics");
+            }
+        });
+    }
+    let Some(le) = settings.leader_election.clone() else {
+        metrics.leader.set(1);
+        return run_controllers(client, settings, factory, metrics, shutdown).await;
+    };
+    let manager = LeaseManagerBuilder::new(client.clone(), &le.lease_name)
+        .with_namespace(&le.namespace)
+        .with_identity(&le.identity)
+        .with_duration(le.duration_secs)
+        .with_grace(le.grace_secs)
+        .build()
+        .await
+        .map_err(|e| Error::Lease(e.to_string()))?;
+    let (mut leading, lease_task) = manager.watch().await;
+    // a replica standing by is healthy and ready: it is doing its job
+    metrics.set_ready(true);
+    info!(lease = %le.lease_name, identity = %le.identity, "waiting for the leader lease");
+    while !*leading.borrow_and_update() {
+        tokio::select! {
+            changed = leading.changed() => if changed.is_err() {
+                return Err(Error::Lease("the lease manager stopped".into()));
+            },
+            _ = shutdown.clone() => return Ok(()),
+        }
+    }
+    info!(identity = %le.identity, "holding the leader lease: rebuilding and reconciling");
+    metrics.leader.set(1);
+    let lost = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let monitor = {
+        let (lost, shutdown) = (lost.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = async {
+                    loop {
+                        if leading.changed().await.is_err() || !*leading.borrow() {
+                            break;
+                        }
+                    }
+                } => lost.store(true, Ordering::SeqCst),
+                _ = shutdown => {}
+            }
+            let _ = stop_tx.send(());
+            leading
+        })
+    };
+    let stop = stop_rx.map(|_| ());
+    let result = run_controllers(client, settings, factory, metrics.clone(), stop).await;
+    metrics.leader.set(0);
+    // dropping the last receiver ends the lease task, which hands back the manager to release the lease
+    drop(monitor.await);
+    if let Ok(Ok(manager)) = lease_task.await
+        && let Err(e) = manager.release().await
+    {
+        warn!(error = %e, "could not release the leader lease; the next leader waits for it to expire");
+    }
+    if lost.load(Ordering::SeqCst) {
+        warn!("lost the leader lease");
+        return Err(Error::LostLeadership);
+    }
+    result
+}
+
+async fn run_controllers(
+    client: Client,
+    settings: Settings,
+    factory: Arc<dyn ProviderFactory>,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), Error> {
     let pools_api: Api<LoadBalancerPool> = Api::all(client.clone());
@@ -150,6 +269,7 @@ pub async fn run(
     };
     let ctx = Arc::new(Context {
         client: client.clone(),
+        metrics: metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         pools,
         slices: slices.clone(),
@@ -196,7 +316,15 @@ pub async fn run(
             },
         )
         .graceful_shutdown_on(shutdown.clone())
-        .run(shared_lb::reconcile, error_policy, ctx.clone())
+        .run(
+            |obj, ctx: Arc<Context>| async move {
+                let m = ctx.metrics.clone();
+                m.reconcile("sharedlb", shared_lb::reconcile(obj, ctx), result_label)
+                    .await
+            },
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|r| {
             if let Err(e) = r {
                 warn!(error = %e, "SharedLB reconcile failed");
@@ -214,7 +342,15 @@ pub async fn run(
                 .map(|p| ObjectRef::<LoadBalancerPool>::new(&p))
         })
         .graceful_shutdown_on(shutdown)
-        .run(pool::reconcile, error_policy, ctx.clone())
+        .run(
+            |obj, ctx: Arc<Context>| async move {
+                let m = ctx.metrics.clone();
+                m.reconcile("loadbalancerpool", pool::reconcile(obj, ctx), result_label)
+                    .await
+            },
+            error_policy,
+            ctx.clone(),
+        )
         .for_each(|r| {
             if let Err(e) = r {
                 warn!(error = %e, "LoadBalancerPool reconcile failed");
@@ -222,6 +358,7 @@ pub async fn run(
             futures::future::ready(())
         });
 
+    metrics.set_ready(true);
     info!(cluster_id = %settings.cluster_id, "sharedlb controllers started");
     futures::join!(slbs, pools_loop);
     pool_reflector.abort();

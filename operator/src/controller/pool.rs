@@ -16,6 +16,7 @@ use tracing::warn;
 use super::Context;
 use super::status::{self, READY};
 use crate::Error;
+use crate::telemetry::PoolLabels;
 
 pub async fn reconcile(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let generation = pool.meta().generation;
@@ -87,6 +88,21 @@ pub async fn reconcile(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result
         ports_used: st.load_balancers.iter().map(|l| l.ports_used).sum(),
         ports_capacity: st.load_balancers.iter().map(|l| l.capacity).sum(),
     };
+    let labels = PoolLabels {
+        pool: pool.name_any(),
+    };
+    let totals = &st.totals;
+    let m = &ctx.metrics;
+    m.pool_load_balancers
+        .get_or_create(&labels)
+        .set(i64::from(totals.load_balancers));
+    m.pool_ports_used
+        .get_or_create(&labels)
+        .set(i64::from(totals.ports_used));
+    let free = totals.ports_capacity.saturating_sub(totals.ports_used);
+    m.pool_ports_free
+        .get_or_create(&labels)
+        .set(i64::from(free));
     let kind = st.provider.clone().unwrap_or_default();
     status::set(
         &mut st.conditions,

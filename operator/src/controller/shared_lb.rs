@@ -29,6 +29,7 @@ use crate::Error;
 use crate::allocator::{
     PoolAllocator, allocation_from_status, protocol_from_placement, protocol_to_placement,
 };
+use crate::telemetry::PoolLabels;
 
 const FIELD_MANAGER: &str = "sharedlb";
 /// A refused allocation is tried again this often (capacity may have been freed).
@@ -196,6 +197,10 @@ async fn allocate(
         .and_then(|s| allocation_from_status(s, &alloc.pool));
     if recorded.as_ref() != Some(&allocation) {
         write_allocation(ctx, slb, alloc, &allocation).await?;
+        let labels = PoolLabels {
+            pool: alloc.pool.clone(),
+        };
+        ctx.metrics.allocations.get_or_create(&labels).inc();
         let ports: Vec<String> = allocation
             .ports
             .iter()

@@ -1,0 +1,322 @@
+//! Prometheus metrics (`/metrics`), liveness (`/healthz`) and readiness (`/readyz`).
+//!
+//! Cloud calls are counted by a decorator around every provider, so each backend — and each one added later —
+//! is measured the same way, by provider, operation and result.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use sharedlb_providers::{
+    Inventory, Limits, ListenerSpec, LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider,
+    NodeTarget, Protocol, ProviderError,
+};
+use tracing::{info, warn};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    pub controller: &'static str,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloudLabels {
+    pub provider: &'static str,
+    pub operation: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: String,
+}
+
+fn reconcile_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Every metric the operator exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    pub reconcile_seconds: Family<ControllerLabels, Histogram, fn() -> Histogram>,
+    pub in_flight: Family<ControllerLabels, Gauge>,
+    pub cloud_calls: Family<CloudLabels, Counter>,
+    pub allocations: Family<PoolLabels, Counter>,
+    pub pool_load_balancers: Family<PoolLabels, Gauge>,
+    pub pool_ports_used: Family<PoolLabels, Gauge>,
+    pub pool_ports_free: Family<PoolLabels, Gauge>,
+    pub leader: Gauge,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sharedlb");
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        let reconcile_seconds =
+            Family::<ControllerLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                reconcile_histogram,
+            );
+        let in_flight = Family::<ControllerLabels, Gauge>::default();
+        let cloud_calls = Family::<CloudLabels, Counter>::default();
+        let allocations = Family::<PoolLabels, Counter>::default();
+        let pool_load_balancers = Family::<PoolLabels, Gauge>::default();
+        let pool_ports_used = Family::<PoolLabels, Gauge>::default();
+        let pool_ports_free = Family::<PoolLabels, Gauge>::default();
+        let leader = Gauge::default();
+        registry.register(
+            "reconciles",
+            "Reconciles by controller and result",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time per reconcile",
+            reconcile_seconds.clone(),
+        );
+        registry.register(
+            "reconciles_in_flight",
+            "Reconciles running now (the work queue's active part)",
+            in_flight.clone(),
+        );
+        registry.register(
+            "cloud_calls",
+            "Provider calls by provider, operation and result",
+            cloud_calls.clone(),
+        );
+        registry.register(
+            "allocations",
+            "SharedLB allocations written, by pool",
+            allocations.clone(),
+        );
+        registry.register(
+            "pool_load_balancers",
+            "Load balancers per pool",
+            pool_load_balancers.clone(),
+        );
+        registry.register(
+            "pool_ports_used",
+            "Allocated port/protocol pairs per pool",
+            pool_ports_used.clone(),
+        );
+        registry.register(
+            "pool_ports_free",
+            "Free port/protocol pairs on the pool's existing load balancers",
+            pool_ports_free.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease (or runs without election)",
+            leader.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_seconds,
+            in_flight,
+            cloud_calls,
+            allocations,
+            pool_load_balancers,
+            pool_ports_used,
+            pool_ports_free,
+            leader,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+
+    /// Ready: caught up and either leading or standing by for the lease.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Runs a reconcile, counting it by result and timing it.
+    pub async fn reconcile<T, E: std::fmt::Display>(
+        &self,
+        controller: &'static str,
+        fut: impl std::future::Future<Output = Result<T, E>>,
+        result_of: impl Fn(&E) -> String,
+    ) -> Result<T, E> {
+        let labels = ControllerLabels { controller };
+        self.in_flight.get_or_create(&labels).inc();
+        let t = Instant::now();
+        let r = fut.await;
+        self.in_flight.get_or_create(&labels).dec();
+        self.reconcile_seconds
+            .get_or_create(&labels)
+            .observe(t.elapsed().as_secs_f64());
+        let result = match &r {
+            Ok(_) => "ok".to_string(),
+            Err(e) => result_of(e),
+        };
+        self.reconciles
+            .get_or_create(&ReconcileLabels { controller, result })
+            .inc();
+        r
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready_handler))
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(address = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+}
+
+async fn ready_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+/// Counts every call of the provider it wraps.
+#[derive(Debug)]
+pub struct MeteredProvider {
+    inner: Arc<dyn LoadBalancerProvider>,
+    metrics: Arc<Metrics>,
+}
+
+impl MeteredProvider {
+    pub fn wrap(
+        inner: Arc<dyn LoadBalancerProvider>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<dyn LoadBalancerProvider> {
+        Arc::new(MeteredProvider { inner, metrics })
+    }
+
+    fn count<T>(&self, operation: &'static str, r: &Result<T, ProviderError>) {
+        let result = match r {
+            Ok(_) => "ok",
+            Err(e) => e.reason(),
+        };
+        if let Err(e) = r {
+            warn!(provider = self.inner.kind(), operation, error = %e, "cloud call failed");
+        }
+        self.metrics
+            .cloud_calls
+            .get_or_create(&CloudLabels {
+                provider: self.inner.kind(),
+                operation,
+                result,
+            })
+            .inc();
+    }
+}
+
+#[async_trait::async_trait]
+impl LoadBalancerProvider for MeteredProvider {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn limits(&self) -> Limits {
+        self.inner.limits()
+    }
+    fn forwards_to_endpoints(&self) -> bool {
+        self.inner.forwards_to_endpoints()
+    }
+    async fn ensure_load_balancer(
+        &self,
+        lb: &LoadBalancerKey,
+    ) -> Result<LoadBalancerInfo, ProviderError> {
+        let r = self.inner.ensure_load_balancer(lb).await;
+        self.count("ensure_load_balancer", &r);
+        r
+    }
+    async fn ensure_listener(
+        &self,
+        lb: &LoadBalancerKey,
+        l: &ListenerSpec,
+    ) -> Result<(), ProviderError> {
+        let r = self.inner.ensure_listener(lb, l).await;
+        self.count("ensure_listener", &r);
+        r
+    }
+    async fn remove_listener(
+        &self,
+        lb: &LoadBalancerKey,
+        port: u16,
+        protocol: Protocol,
+        owner_uid: &str,
+    ) -> Result<(), ProviderError> {
+        let r = self
+            .inner
+            .remove_listener(lb, port, protocol, owner_uid)
+            .await;
+        self.count("remove_listener", &r);
+        r
+    }
+    async fn delete_load_balancer(&self, lb: &LoadBalancerKey) -> Result<(), ProviderError> {
+        let r = self.inner.delete_load_balancer(lb).await;
+        self.count("delete_load_balancer", &r);
+        r
+    }
+    async fn inventory(&self) -> Result<Inventory, ProviderError> {
+        let r = self.inner.inventory().await;
+        self.count("inventory", &r);
+        r
+    }
+    async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
+        let r = self.inner.update_nodes(nodes).await;
+        self.count("update_nodes", &r);
+        r
+    }
+}
