@@ -67,6 +67,13 @@ pub async fn read_reply(s: &mut TcpStream, msg: &str) -> std::io::Result<String>
         }
         got.extend_from_slice(&buf[..n]);
     }
+    if !got.ends_with(msg.as_bytes()) {
+        // closed before the whole answer came: e.g. a listener with no ready endpoint accepts and closes
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("closed after {:?}", String::from_utf8_lossy(&got)),
+        ));
+    }
     Ok(String::from_utf8_lossy(&got).into_owned())
 }
 

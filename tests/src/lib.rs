@@ -51,6 +51,10 @@ impl Operator {
             cluster_id: "e2e".into(),
             ..Settings::default()
         };
+        Self::start_with(client, cloud, settings)
+    }
+
+    pub fn start_with(client: &Client, cloud: &Arc<MemoryCloud>, settings: Settings) -> Operator {
         let factory = Arc::new(BuiltinProviders::new(cloud.clone()));
         let client = client.clone();
         let task = tokio::spawn(async move {
@@ -285,4 +289,47 @@ pub async fn put_endpoints(
     )
     .await
     .expect("apply EndpointSlice");
+}
+
+/// Where scripts/tools put helm and kubectl.
+pub fn tool(name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("SHAREDLB_TOOLS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/sharedlb/bin")
+        });
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/tools (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Runs a tool; returns (success, stdout, stderr).
+pub async fn run_tool(name: &str, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(tool(name))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tool");
+    if let (Some(input), Some(mut si)) = (stdin, child.stdin.take()) {
+        si.write_all(input.as_bytes()).await.expect("write stdin");
+    }
+    let out = child.wait_with_output().await.expect("tool output");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The repository root.
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
