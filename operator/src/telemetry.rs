@@ -20,8 +20,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use sharedlb_providers::{
-    Inventory, Limits, ListenerSpec, LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider,
-    NodeTarget, Protocol, ProviderError,
+    Inventory, Limits, ListenerSpec, ListenerStatsRow, LoadBalancerInfo, LoadBalancerKey,
+    LoadBalancerProvider, NodeTarget, Protocol, ProviderError,
 };
 use tracing::{info, warn};
 
@@ -48,6 +48,23 @@ pub struct PoolLabels {
     pub pool: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub pool: String,
+    pub address: String,
+    pub protocol: &'static str,
+}
+
+/// Traffic counters of listeners the operator carries itself (local provider), sampled every few seconds.
+#[derive(Debug, Default)]
+pub struct ListenerMetrics {
+    pub connections: Family<ListenerLabels, Gauge>,
+    pub active: Family<ListenerLabels, Gauge>,
+    pub bytes_in: Family<ListenerLabels, Gauge>,
+    pub bytes_out: Family<ListenerLabels, Gauge>,
+    pub refused: Family<ListenerLabels, Gauge>,
+}
+
 fn reconcile_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
@@ -65,6 +82,7 @@ pub struct Metrics {
     pub pool_ports_used: Family<PoolLabels, Gauge>,
     pub pool_ports_free: Family<PoolLabels, Gauge>,
     pub leader: Gauge,
+    pub listeners: ListenerMetrics,
     ready: AtomicBool,
 }
 
@@ -134,8 +152,35 @@ impl Metrics {
             "1 while this replica holds the leader lease (or runs without election)",
             leader.clone(),
         );
+        let listeners = ListenerMetrics::default();
+        registry.register(
+            "listener_connections",
+            "TCP connections accepted or UDP sessions opened since the listener started (sampled)",
+            listeners.connections.clone(),
+        );
+        registry.register(
+            "listener_active",
+            "Open TCP connections or live UDP sessions (sampled)",
+            listeners.active.clone(),
+        );
+        registry.register(
+            "listener_bytes_in",
+            "Bytes from clients to endpoints (sampled)",
+            listeners.bytes_in.clone(),
+        );
+        registry.register(
+            "listener_bytes_out",
+            "Bytes from endpoints to clients (sampled)",
+            listeners.bytes_out.clone(),
+        );
+        registry.register(
+            "listener_refused",
+            "Connections or sessions refused: outside sourceRanges or over the limit (sampled)",
+            listeners.refused.clone(),
+        );
         Metrics {
             registry,
+            listeners,
             reconciles,
             reconcile_seconds,
             in_flight,
@@ -314,9 +359,45 @@ impl LoadBalancerProvider for MeteredProvider {
         self.count("inventory", &r);
         r
     }
+    async fn listener_stats(&self) -> Vec<ListenerStatsRow> {
+        self.inner.listener_stats().await
+    }
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
         let r = self.inner.update_nodes(nodes).await;
         self.count("update_nodes", &r);
         r
+    }
+}
+
+impl Metrics {
+    /// Replaces the listener series with these rows (listeners that went away disappear).
+    pub fn set_listeners(&self, rows: &[(String, ListenerStatsRow)]) {
+        let l = &self.listeners;
+        for f in [
+            &l.connections,
+            &l.active,
+            &l.bytes_in,
+            &l.bytes_out,
+            &l.refused,
+        ] {
+            f.clear();
+        }
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (pool, r) in rows {
+            let labels = ListenerLabels {
+                pool: pool.clone(),
+                address: r.address.to_string(),
+                protocol: r.protocol.as_str(),
+            };
+            l.connections
+                .get_or_create(&labels)
+                .set(g(r.stats.connections));
+            l.active.get_or_create(&labels).set(g(r.stats.active));
+            l.bytes_in.get_or_create(&labels).set(g(r.stats.bytes_in));
+            l.bytes_out.get_or_create(&labels).set(g(r.stats.bytes_out));
+            l.refused
+                .get_or_create(&labels)
+                .set(g(r.stats.refused_by_source + r.stats.refused_over_limit));
+        }
     }
 }

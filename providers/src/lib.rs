@@ -159,6 +159,14 @@ pub struct Limits {
     pub port_mode: PortMode,
 }
 
+/// Counters of one listener that carries traffic itself (the local provider).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerStatsRow {
+    pub address: SocketAddr,
+    pub protocol: Protocol,
+    pub stats: local::StatsSnapshot,
+}
+
 /// One cloud's load balancers for one pool. Object-safe: the operator holds `Arc<dyn LoadBalancerProvider>`.
 #[async_trait::async_trait]
 pub trait LoadBalancerProvider: Send + Sync + Debug {
@@ -199,6 +207,11 @@ pub trait LoadBalancerProvider: Send + Sync + Debug {
     /// nodes' node port: the operator then reads EndpointSlices and re-ensures listeners when they change.
     fn forwards_to_endpoints(&self) -> bool {
         false
+    }
+
+    /// Per-listener traffic counters, for providers that carry the traffic themselves; clouds report none.
+    async fn listener_stats(&self) -> Vec<ListenerStatsRow> {
+        Vec::new()
     }
 
     /// The cluster's nodes changed: update backends. Clouds without node backends ignore it.

@@ -242,6 +242,18 @@ async fn leader_killed_mid_burst_the_follower_finishes_without_duplicates() {
         (4, 4),
         "20 at capacity 5 is 4 load balancers after failover: {lbs:?}"
     );
+    // the traffic shows on the new leader's /metrics, per listener (sampled every 10 s)
+    eventually(30, "listener counters on /metrics", || async {
+        let m = scrape(follower_port).await?;
+        let conns = sum(
+            &m,
+            "sharedlb_listener_connections",
+            &["pool=\"ha\"", "protocol=\"TCP\""],
+        );
+        let bytes = sum(&m, "sharedlb_listener_bytes_in", &["pool=\"ha\""]);
+        (conns >= 20.0 && bytes >= 20.0).then_some(())
+    })
+    .await;
     let pool = Api::<sharedlb_crds::LoadBalancerPool>::all(client.clone());
     eventually(30, "pool status shows 4 full load balancers", || async {
         let st = pool.get("ha").await.ok()?.status?;

@@ -358,9 +358,33 @@ async fn run_controllers(
             futures::future::ready(())
         });
 
+    // listener traffic counters, for providers that carry traffic themselves
+    let sampler = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tick.tick().await;
+                let allocators: Vec<Arc<PoolAllocator>> =
+                    ctx.allocators.lock().await.values().cloned().collect();
+                let mut rows = Vec::new();
+                for a in allocators {
+                    rows.extend(
+                        a.provider
+                            .listener_stats()
+                            .await
+                            .into_iter()
+                            .map(|r| (a.pool.clone(), r)),
+                    );
+                }
+                ctx.metrics.set_listeners(&rows);
+            }
+        })
+    };
     metrics.set_ready(true);
     info!(cluster_id = %settings.cluster_id, "sharedlb controllers started");
     futures::join!(slbs, pools_loop);
+    sampler.abort();
     pool_reflector.abort();
     info!("sharedlb controllers stopped");
     Ok(())

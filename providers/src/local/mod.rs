@@ -16,8 +16,8 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::{
-    Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec, LoadBalancerInfo,
-    LoadBalancerKey, LoadBalancerProvider, PortMode, Protocol, ProviderError,
+    Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec, ListenerStatsRow,
+    LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, PortMode, Protocol, ProviderError,
 };
 
 mod shared;
@@ -59,14 +59,6 @@ impl Drop for Running {
 struct LocalLb {
     ip: IpAddr,
     listeners: BTreeMap<(u16, Protocol), Running>,
-}
-
-/// One listener's address and counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerStatsRow {
-    pub address: SocketAddr,
-    pub protocol: Protocol,
-    pub stats: StatsSnapshot,
 }
 
 pub struct LocalProvider {
@@ -133,6 +125,12 @@ impl LocalProvider {
 
     /// Counters of every listener, for metrics and tests.
     pub async fn stats(&self) -> Vec<ListenerStatsRow> {
+        self.listener_stats().await
+    }
+}
+
+impl LocalProvider {
+    async fn collect_stats(&self) -> Vec<ListenerStatsRow> {
         let lbs = self.lbs.lock().await;
         lbs.values()
             .flat_map(|lb| {
@@ -189,6 +187,10 @@ impl LoadBalancerProvider for LocalProvider {
 
     fn forwards_to_endpoints(&self) -> bool {
         true
+    }
+
+    async fn listener_stats(&self) -> Vec<ListenerStatsRow> {
+        self.collect_stats().await
     }
 
     async fn ensure_load_balancer(
