@@ -20,6 +20,8 @@ pub const GROUP: &str = "sharedlb.dev";
 pub const VERSION: &str = "v1alpha1";
 /// Finalizer that keeps a SharedLB until its listeners and ports are released.
 pub const FINALIZER: &str = "sharedlb.dev/cleanup";
+/// Finalizer that keeps a pool until no SharedLB uses it and its load balancers are deleted from the cloud.
+pub const POOL_FINALIZER: &str = "sharedlb.dev/pool-cleanup";
 /// Label the operator puts on every object it creates, so it never adopts one it did not make.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "sharedlb";

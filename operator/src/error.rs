@@ -21,6 +21,8 @@ pub enum Error {
         "lost the leader lease; stopping so that a fresh start rebuilds state before placing anything"
     )]
     LostLeadership,
+    #[error("{0}")]
+    PoolInUse(String),
     #[error("serving metrics: {0}")]
     Io(#[from] std::io::Error),
 }

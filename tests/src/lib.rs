@@ -221,10 +221,14 @@ pub async fn delete_namespace(client: &Client, ns: &str) {
         .await;
 }
 
+/// Deletes a pool and waits until it is gone (its finalizer deletes its load balancers first).
 pub async fn delete_pool(client: &Client, name: &str) {
-    let _ = Api::<LoadBalancerPool>::all(client.clone())
-        .delete(name, &DeleteParams::default())
-        .await;
+    let api = Api::<LoadBalancerPool>::all(client.clone());
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    eventually(60, &format!("pool {name} gone"), || async {
+        api.get_opt(name).await.ok()?.is_none().then_some(())
+    })
+    .await;
 }
 
 /// A listener as the memory cloud holds it: (port, protocol, owner uid).

@@ -644,3 +644,62 @@ async fn every_invalid_input_gets_its_condition_and_event_and_no_cloud_call() {
     }
     op.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_in_use_waits_and_an_unused_one_takes_its_load_balancers_with_it() {
+    use sharedlb_providers::memory::{Faults, MemoryProvider};
+    use sharedlb_providers::{LoadBalancerKey, LoadBalancerProvider};
+
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-pooldel", &[]).await;
+    create_pool(&client, "doomed", json!({"provider": {"memory": {}}})).await;
+    for n in ["a", "b"] {
+        create_slb(&client, &ns, n, spec("doomed", vec![tcp("web", None)])).await;
+        ready(&client, &ns, n, 30).await;
+    }
+    // an orphan the pool's inventory finds (a crash between creating it and recording it, say)
+    let stray = MemoryProvider::new(cloud.clone(), "e2e", "doomed", Faults::default());
+    let key = LoadBalancerKey {
+        cluster_id: "e2e".into(),
+        pool: "doomed".into(),
+        index: 9,
+    };
+    stray.ensure_load_balancer(&key).await.expect("orphan");
+    assert_eq!(cloud_pool(&cloud, "doomed").len(), 2);
+
+    let pools: Api<LoadBalancerPool> = Api::all(client.clone());
+    pools
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .expect("delete pool");
+    let msg = eventually(30, "pool InUse", || async {
+        let st = pools.get("doomed").await.ok()?.status?;
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == "Ready" && c.reason == "InUse")
+            .map(|c| c.message.clone())
+    })
+    .await;
+    assert!(msg.contains("2 SharedLB(s)"), "{msg}");
+    assert_eq!(
+        condition(&ready(&client, &ns, "a", 5).await, "Ready").map(|c| c.0),
+        Some("True".into())
+    );
+    create_slb(&client, &ns, "late", spec("doomed", vec![tcp("web", None)])).await;
+    refused(&client, &ns, "late", "PoolDeleting").await;
+
+    delete_namespace(&client, &ns).await;
+    eventually(60, "the pool gone", || async {
+        pools.get_opt("doomed").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        cloud_pool(&cloud, "doomed").is_empty(),
+        "nothing of the pool left in the cloud: {:?}",
+        cloud_pool(&cloud, "doomed")
+    );
+    op.kill().await;
+}

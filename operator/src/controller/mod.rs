@@ -115,6 +115,11 @@ impl Context {
         Ok(a)
     }
 
+    /// Forgets a deleted pool's allocator.
+    async fn drop_allocator(&self, pool: &str) {
+        self.allocators.lock().await.remove(pool);
+    }
+
     /// Publishes an Event; a failure to publish is logged, never fatal.
     async fn event<K: Resource<DynamicType = ()>>(
         &self,
@@ -149,6 +154,7 @@ fn result_label(e: &Error) -> String {
 fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
     match err {
         Error::Conflict => Action::requeue(Duration::from_millis(200)),
+        Error::PoolInUse(_) => Action::requeue(Duration::from_secs(10)),
         Error::Provider(e) => Action::requeue(e.retry_after().unwrap_or(Duration::from_secs(300))),
         Error::Kube(_)
         | Error::Finalizer(_)

@@ -4,12 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use sharedlb_crds::{
-    LoadBalancerPool, LoadBalancerPoolStatus, PoolLoadBalancer, PoolTotals, validate_pool,
+    LoadBalancerPool, LoadBalancerPoolStatus, POOL_FINALIZER, PoolLoadBalancer, PoolTotals,
+    SharedLB, validate_pool,
 };
 use tracing::warn;
 
@@ -19,6 +21,92 @@ use crate::Error;
 use crate::telemetry::PoolLabels;
 
 pub async fn reconcile(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<LoadBalancerPool> = Api::all(ctx.client.clone());
+    finalizer(&api, POOL_FINALIZER, pool, |event| async {
+        match event {
+            FinalizerEvent::Apply(p) => apply(p, ctx.clone()).await,
+            FinalizerEvent::Cleanup(p) => cleanup(p, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e) => e,
+        FinalizerError::AddFinalizer(e) | FinalizerError::RemoveFinalizer(e) => Error::from_kube(e),
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+/// Deletion: wait while any SharedLB uses the pool (they need it to release their ports), then delete every
+/// load balancer the provider's inventory lists for it, so nothing is left behind in the cloud.
+async fn cleanup(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = pool.name_any();
+    let all = Api::<SharedLB>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::from_kube)?;
+    let users: Vec<String> = all
+        .items
+        .iter()
+        .filter(|s| {
+            s.status.as_ref().and_then(|st| st.pool.as_deref()) == Some(name.as_str())
+                || s.spec.pool.as_deref() == Some(name.as_str())
+        })
+        .map(|s| format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()))
+        .collect();
+    if !users.is_empty() {
+        let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();
+        let msg = format!(
+            "deletion waits: {} SharedLB(s) still use this pool ({}{}); delete them first",
+            users.len(),
+            shown.join(", "),
+            if users.len() > 5 { ", ..." } else { "" }
+        );
+        let old = pool.status.clone().unwrap_or_default();
+        let mut st = old.clone();
+        status::set(
+            &mut st.conditions,
+            READY,
+            false,
+            "InUse",
+            &msg,
+            pool.meta().generation,
+        );
+        finish(&ctx, &pool, &old, st, Action::await_change()).await?;
+        return Err(Error::PoolInUse(msg));
+    }
+    match ctx.allocator(&pool).await {
+        Ok(alloc) => {
+            let inventory = alloc.provider.inventory().await?;
+            for lb in &inventory.load_balancers {
+                alloc
+                    .provider
+                    .delete_load_balancer(&alloc.key(lb.index))
+                    .await?;
+            }
+            if !inventory.load_balancers.is_empty() {
+                ctx.event(
+                    &*pool,
+                    EventType::Normal,
+                    "Deleted",
+                    format!(
+                        "deleted {} load balancer(s) of the pool",
+                        inventory.load_balancers.len()
+                    ),
+                )
+                .await;
+            }
+        }
+        // a provider that cannot even be made never made anything
+        Err(Error::Provider(e)) => {
+            warn!(pool = %name, error = %e, "no provider for a deleted pool; nothing to clean")
+        }
+        Err(e) => return Err(e),
+    }
+    ctx.drop_allocator(&name).await;
+    Ok(Action::await_change())
+}
+
+async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let generation = pool.meta().generation;
     let old = pool.status.clone().unwrap_or_default();
     let mut st = old.clone();

@@ -16,8 +16,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use sharedlb_crds::{
     FINALIZER, LoadBalancerPool, LoadBalancerRef, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_LABEL,
-    PortStatus, SharedLB, SharedLBStatus, port_summary, service_name, validate_pool,
-    validate_shared_lb,
+    POOL_FINALIZER, PortStatus, SharedLB, SharedLBStatus, port_summary, service_name,
+    validate_pool, validate_shared_lb,
 };
 use sharedlb_placement::{Action as PlanAction, Allocation, Change, PortMode, PortRequest};
 use sharedlb_providers::{ListenerSpec, Owner};
@@ -88,6 +88,11 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
         Err(r) => return refuse(&ctx, &slb, r).await,
     };
     let pool_name = pool.name_any();
+    // Nothing is placed in a pool before it carries its finalizer: otherwise a pool deleted right after its
+    // first use would go without deleting its load balancers. The pool controller adds it within moments.
+    if !pool.finalizers().iter().any(|f| f == POOL_FINALIZER) {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     let status = slb.status.clone().unwrap_or_default();
     if let Some(old) = status
         .pool
@@ -608,6 +613,12 @@ async fn resolve_pool(
             }
         }
     };
+    if pool.metadata.deletion_timestamp.is_some() {
+        return Ok(Err(Refusal::new(
+            "PoolDeleting",
+            format!("LoadBalancerPool {:?} is being deleted", pool.name_any()),
+        )));
+    }
     if let Err(e) = validate_pool(&pool.spec) {
         return Ok(Err(Refusal::new(
             "PoolInvalid",
