@@ -200,30 +200,52 @@ async fn allocate(
         .status
         .as_ref()
         .and_then(|s| allocation_from_status(s, &alloc.pool));
-    if recorded.as_ref() != Some(&allocation) {
-        write_allocation(ctx, slb, alloc, &allocation).await?;
-        let labels = PoolLabels {
-            pool: alloc.pool.clone(),
-        };
-        ctx.metrics.allocations.get_or_create(&labels).inc();
-        let ports: Vec<String> = allocation
-            .ports
-            .iter()
-            .map(|p| format!("{}/{:?}", p.port, p.protocol))
-            .collect();
-        ctx.event(
-            slb,
-            EventType::Normal,
-            "Allocated",
-            format!(
-                "placed on {} ports {}",
-                alloc.lb_name(allocation.lb),
-                ports.join(",")
-            ),
-        )
-        .await;
+    if recorded.as_ref() == Some(&allocation) {
+        state.apply(&plan);
+        return Ok(Some((allocation, plan)));
     }
-    state.apply(&plan);
+    // A fresh placement is reserved in memory under the lock and written outside it: placement in a pool is
+    // serialised, its status writes are not. The write still comes before any cloud call; if it fails, the
+    // reservation is rolled back (nothing durable, nothing in the cloud). An update of a placed SharedLB is
+    // written under the lock, as its rollback would have to restore the old ports.
+    if state.allocation(&uid).is_none() {
+        state.apply(&plan);
+        drop(state);
+        if let Err(e) = write_allocation(ctx, slb, alloc, &allocation).await {
+            let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
+            if state.allocation(&uid) == Some(&allocation) {
+                let undo = state.plan(&[Change::Remove { key: uid.clone() }]);
+                state.apply(&undo);
+            }
+            let doomed = state.deleting();
+            drop(state);
+            if let Err(d) = alloc.delete_marked(doomed).await {
+                warn!(error = %d, "deleting an empty load balancer failed; the pool retries");
+            }
+            return Err(e);
+        }
+    } else {
+        write_allocation(ctx, slb, alloc, &allocation).await?;
+        state.apply(&plan);
+        drop(state);
+    }
+    let labels = PoolLabels {
+        pool: alloc.pool.clone(),
+    };
+    ctx.metrics.allocations.get_or_create(&labels).inc();
+    let ports: Vec<String> = allocation
+        .ports
+        .iter()
+        .map(|p| format!("{}/{}", p.port, p.protocol.as_str()))
+        .collect();
+    let lb = alloc.lb_name(allocation.lb);
+    ctx.event(
+        slb,
+        EventType::Normal,
+        "Allocated",
+        format!("placed on {lb} ports {}", ports.join(",")),
+    )
+    .await;
     Ok(Some((allocation, plan)))
 }
 
