@@ -337,3 +337,20 @@ pub async fn run_tool(name: &str, args: &[&str], stdin: Option<&str>) -> (bool, 
 pub fn repo_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
+
+/// Where a Ready SharedLB's port `port_name` (None: its first port) is reachable: status IP and external port.
+pub fn external_addr(s: &SharedLB, port_name: Option<&str>) -> SocketAddr {
+    let st = s.status.as_ref().expect("status");
+    let ip: std::net::IpAddr = st
+        .load_balancer
+        .as_ref()
+        .and_then(|l| l.ip.clone())
+        .expect("ip")
+        .parse()
+        .expect("an IP address");
+    let p = match port_name {
+        Some(n) => st.ports.iter().find(|p| p.name == n).expect("port"),
+        None => st.ports.first().expect("a port"),
+    };
+    SocketAddr::new(ip, u16::try_from(p.port).expect("port"))
+}

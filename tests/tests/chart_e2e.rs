@@ -2,8 +2,6 @@
 //! bad values refused by values.schema.json; and the RBAC proof: the operator runs as the chart's ServiceAccount
 //! (impersonated) through a scenario that needs every permission the chart grants, so a missing one fails here.
 
-use std::net::{IpAddr, SocketAddr};
-
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
@@ -230,15 +228,7 @@ async fn the_operator_runs_with_only_the_charts_rbac() {
     .await;
     create_slb(&admin, &ns, "web", json!({"pool": pool_name, "selector": {"app": "web"}, "ports": [{"name": "http", "targetPort": 80}]})).await;
     let s = ready(&admin, &ns, "web", 60).await;
-    let st = s.status.as_ref().expect("status");
-    let ip: IpAddr = st
-        .load_balancer
-        .as_ref()
-        .and_then(|l| l.ip.clone())
-        .expect("ip")
-        .parse()
-        .expect("ip");
-    let addr = SocketAddr::new(ip, st.ports[0].port as u16);
+    let addr = external_addr(&s, None);
     // endpoints arriving after Ready reach the listener only through the EndpointSlice watch and list
     let backend = echo::tcp("rbac", 0).await.expect("backend");
     put_endpoints(&admin, &ns, "web", "http", "TCP", &[backend]).await;

@@ -3,7 +3,6 @@
 //! no duplicate load balancer or port. Metrics are scraped from /metrics as a user's Prometheus would.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Stdio;
 
@@ -215,14 +214,8 @@ async fn leader_killed_mid_burst_the_follower_finishes_without_duplicates() {
     for i in 0..20 {
         let s = ready(&client, &ns, &format!("h{i:02}"), 60).await;
         let st = s.status.as_ref().expect("status");
-        let ip: IpAddr = st
-            .load_balancer
-            .as_ref()
-            .and_then(|l| l.ip.clone())
-            .expect("ip")
-            .parse()
-            .expect("ip");
-        let addr = SocketAddr::new(ip, st.ports[0].port as u16);
+        let addr = external_addr(&s, None);
+        let ip = addr.ip();
         assert!(seen.insert(addr), "duplicate {addr} after failover");
         ips.insert(ip);
         lbs.insert(

@@ -2,7 +2,7 @@
 //! addresses, EndpointSlices pointing at real echo backends, and real bytes through every shared IP:port.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -35,15 +35,7 @@ fn one_port(pool: &str, name: &str, protocol: &str, port: Option<u16>) -> serde_
 
 /// The SharedLB's external address for its first port.
 fn external(s: &SharedLB) -> SocketAddr {
-    let st = s.status.as_ref().expect("status");
-    let ip: IpAddr = st
-        .load_balancer
-        .as_ref()
-        .and_then(|l| l.ip.clone())
-        .expect("ip")
-        .parse()
-        .expect("ip");
-    SocketAddr::new(ip, st.ports[0].port as u16)
+    external_addr(s, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,16 +377,12 @@ async fn the_examples_work_as_the_demo_uses_them() {
     ];
     for (ns, slb, port_name, backend) in expect {
         let s = ready(&client, ns, slb, 30).await;
-        let st = s.status.as_ref().expect("status");
-        let ip: IpAddr = st
-            .load_balancer
+        let p = s
+            .status
             .as_ref()
-            .and_then(|l| l.ip.clone())
-            .expect("ip")
-            .parse()
-            .expect("ip");
-        let p = st.ports.iter().find(|p| p.name == port_name).expect("port");
-        let addr = SocketAddr::new(ip, p.port as u16);
+            .and_then(|st| st.ports.iter().find(|p| p.name == port_name))
+            .expect("port");
+        let addr = external_addr(&s, Some(port_name));
         let reply = eventually(10, &format!("{ns}/{slb} {port_name} answers"), || async {
             match p.protocol {
                 sharedlb_crds::Protocol::Tcp => echo::tcp_ask(addr, "hi").await.ok(),

@@ -141,6 +141,16 @@ impl Context {
     }
 }
 
+/// The error of a reconcile wrapped by kube-runtime's finalizer helper, unwrapped to its meaning.
+fn finalizer_error(e: kube::runtime::finalizer::Error<Error>) -> Error {
+    use kube::runtime::finalizer::Error as F;
+    match e {
+        F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+        F::AddFinalizer(e) | F::RemoveFinalizer(e) => Error::from_kube(e),
+        other => Error::Finalizer(other.to_string()),
+    }
+}
+
 /// The `result` label of a failed reconcile: what kind of failure, never a message (bounded cardinality).
 fn result_label(e: &Error) -> String {
     match e {

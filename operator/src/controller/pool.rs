@@ -7,7 +7,7 @@ use std::time::Duration;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent, finalizer};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use sharedlb_crds::{
     LoadBalancerPool, LoadBalancerPoolStatus, POOL_FINALIZER, PoolLoadBalancer, PoolTotals,
@@ -29,11 +29,7 @@ pub async fn reconcile(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result
         }
     })
     .await
-    .map_err(|e| match e {
-        FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e) => e,
-        FinalizerError::AddFinalizer(e) | FinalizerError::RemoveFinalizer(e) => Error::from_kube(e),
-        other => Error::Finalizer(other.to_string()),
-    })
+    .map_err(super::finalizer_error)
 }
 
 /// Deletion: wait while any SharedLB uses the pool (they need it to release their ports), then delete every
