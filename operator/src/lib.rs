@@ -14,3 +14,9 @@ pub mod telemetry;
 pub use controller::{LeaderElection, Settings, run};
 pub use error::Error;
 pub use providers::{BuiltinProviders, ProviderFactory};
+
+/// Chooses rustls's crypto backend for the process. Both `ring` (kube) and `aws-lc-rs` (the AWS SDK) may be
+/// compiled in, and then rustls cannot choose by itself; call this before making any client. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

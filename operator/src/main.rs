@@ -58,6 +58,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    sharedlb::install_crypto_provider();
     match cli.command {
         Command::Crds => {
             print!("{}", sharedlb_crds::crds_yaml()?);

@@ -9,14 +9,23 @@ use sharedlb_providers::local::{LocalProvider, Tuning};
 use sharedlb_providers::memory::{Faults, MemoryCloud, MemoryProvider};
 use sharedlb_providers::{LoadBalancerProvider, ProviderError};
 
+#[async_trait::async_trait]
 pub trait ProviderFactory: Send + Sync + std::fmt::Debug {
-    fn make(
+    async fn make(
         &self,
         cluster_id: &str,
         pool: &str,
         spec: &LoadBalancerPoolSpec,
     ) -> Result<Arc<dyn LoadBalancerProvider>, ProviderError>;
 }
+
+/// The providers this binary was built with.
+pub const BUILT_IN: &[&str] = &[
+    "local",
+    "memory",
+    #[cfg(feature = "aws")]
+    "aws",
+];
 
 /// The providers built into this binary.
 #[derive(Debug, Clone)]
@@ -37,8 +46,9 @@ impl Default for BuiltinProviders {
     }
 }
 
+#[async_trait::async_trait]
 impl ProviderFactory for BuiltinProviders {
-    fn make(
+    async fn make(
         &self,
         cluster_id: &str,
         pool: &str,
@@ -71,9 +81,22 @@ impl ProviderFactory for BuiltinProviders {
             };
             return Ok(Arc::new(LocalProvider::new(pool, &l.addresses, tuning)?));
         }
+        #[cfg(feature = "aws")]
+        if let Some(a) = &spec.provider.aws {
+            let settings = sharedlb_providers::aws::AwsPool {
+                region: a.region.clone(),
+                vpc_id: a.vpc_id.clone().unwrap_or_default(),
+                subnet_ids: a.subnet_ids.clone(),
+                node_security_group_id: a.node_security_group_id.clone(),
+                internal: a.scheme.as_deref() == Some("internal"),
+            };
+            let p = sharedlb_providers::aws::AwsProvider::new(cluster_id, pool, settings).await?;
+            return Ok(Arc::new(p));
+        }
         let kind = spec.provider.kind().unwrap_or("none");
         Err(ProviderError::InvalidConfig(format!(
-            "provider {kind:?} is not available in this build of sharedlb (built in: local, memory)"
+            "provider {kind:?} is not available in this build of sharedlb (built in: {})",
+            BUILT_IN.join(", ")
         )))
     }
 }

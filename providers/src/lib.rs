@@ -15,6 +15,8 @@ use std::time::Duration;
 
 pub use sharedlb_placement::{PortMode, Protocol};
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod conformance;
 pub mod local;
 pub mod memory;

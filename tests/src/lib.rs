@@ -34,6 +34,7 @@ pub async fn client() -> Client {
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,sharedlb=info".into()))
         .with_test_writer()
         .try_init();
+    sharedlb::install_crypto_provider();
     Client::try_default()
         .await
         .expect("a client from KUBECONFIG")

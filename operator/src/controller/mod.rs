@@ -1,5 +1,6 @@
 //! The two controllers — SharedLB and LoadBalancerPool — and what they share.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use kube::api::DynamicObject;
 use kube::runtime::controller::{Action, Config as ControllerConfig};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -26,6 +27,7 @@ use crate::allocator::PoolAllocator;
 use crate::endpoints::{EndpointSlices, SERVICE_NAME_LABEL};
 use crate::telemetry::{self, MeteredProvider, Metrics};
 use crate::{Error, ProviderFactory};
+use sharedlb_providers::NodeTarget;
 
 mod pool;
 mod shared_lb;
@@ -78,6 +80,7 @@ pub struct Context {
     pub settings: Settings,
     recorder: Recorder,
     pools: Store<LoadBalancerPool>,
+    nodes: Store<Node>,
     slices: EndpointSlices,
     factory: Arc<dyn ProviderFactory>,
     allocators: Mutex<HashMap<String, Arc<PoolAllocator>>>,
@@ -102,9 +105,13 @@ impl Context {
         }
         let provider = MeteredProvider::wrap(
             self.factory
-                .make(&self.settings.cluster_id, &name, &pool.spec)?,
+                .make(&self.settings.cluster_id, &name, &pool.spec)
+                .await?,
             self.metrics.clone(),
         );
+        if let Err(e) = provider.update_nodes(&node_targets(&self.nodes)).await {
+            warn!(pool = %name, error = %e, "could not give the provider the cluster's nodes; retrying soon");
+        }
         let a = Arc::new(PoolAllocator::new(
             &name,
             &uid,
@@ -139,6 +146,39 @@ impl Context {
             warn!(error = %e, reason, "could not publish an Event");
         }
     }
+}
+
+/// The nodes that receive load-balancer traffic: Ready, and not excluded by the well-known label.
+fn node_targets(nodes: &Store<Node>) -> Vec<NodeTarget> {
+    let mut out: Vec<NodeTarget> = nodes
+        .state()
+        .iter()
+        .filter(|n| {
+            !n.labels()
+                .contains_key("node.kubernetes.io/exclude-from-external-load-balancers")
+        })
+        .filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .map(|n| NodeTarget {
+            name: n.name_any(),
+            provider_id: n.spec.as_ref().and_then(|s| s.provider_id.clone()),
+            internal_ip: n
+                .status
+                .as_ref()
+                .and_then(|s| s.addresses.as_ref())
+                .and_then(|a| {
+                    a.iter()
+                        .find(|a| a.type_ == "InternalIP")
+                        .map(|a| a.address.clone())
+                }),
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// The error of a reconcile wrapped by kube-runtime's finalizer helper, unwrapped to its meaning.
@@ -183,6 +223,7 @@ pub async fn run(
     factory: Arc<dyn ProviderFactory>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), Error> {
+    crate::install_crypto_provider();
     let metrics = Arc::new(Metrics::new());
     let shutdown = shutdown.shared();
     if let Some(addr) = settings.metrics_addr {
@@ -279,6 +320,21 @@ async fn run_controllers(
         .map_err(|e| Error::Finalizer(format!("pool store: {e}")))?;
 
     let slices = EndpointSlices::discover(&client).await?;
+    // nodes, for providers whose targets are the cluster's nodes; synced before anything runs, so a missing
+    // permission shows at once instead of as a silent empty target list
+    let (nodes, node_writer) = reflector::store();
+    let node_reflector = reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| futures::future::ready(()));
+    let node_reflector = tokio::spawn(node_reflector);
+    nodes
+        .wait_until_ready()
+        .await
+        .map_err(|e| Error::Finalizer(format!("node store: {e}")))?;
     let reporter = Reporter {
         controller: settings.controller_name.clone(),
         instance: None,
@@ -288,6 +344,7 @@ async fn run_controllers(
         metrics: metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         pools,
+        nodes,
         slices: slices.clone(),
         factory,
         allocators: Mutex::new(HashMap::new()),
@@ -374,6 +431,33 @@ async fn run_controllers(
             futures::future::ready(())
         });
 
+    // node changes reach every provider (target registration), checked every few seconds
+    let node_sync = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut sent: BTreeMap<String, Vec<NodeTarget>> = BTreeMap::new();
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let now = node_targets(&ctx.nodes);
+                let allocators: Vec<Arc<PoolAllocator>> =
+                    ctx.allocators.lock().await.values().cloned().collect();
+                for a in allocators {
+                    if sent.get(&a.pool) == Some(&now) {
+                        continue;
+                    }
+                    match a.provider.update_nodes(&now).await {
+                        Ok(()) => {
+                            sent.insert(a.pool.clone(), now.clone());
+                        }
+                        Err(e) => {
+                            warn!(pool = %a.pool, error = %e, "updating the provider's nodes failed; retrying")
+                        }
+                    }
+                }
+            }
+        })
+    };
     // listener traffic counters, for providers that carry traffic themselves
     let sampler = {
         let ctx = ctx.clone();
@@ -401,6 +485,8 @@ async fn run_controllers(
     info!(cluster_id = %settings.cluster_id, "sharedlb controllers started");
     futures::join!(slbs, pools_loop);
     sampler.abort();
+    node_sync.abort();
+    node_reflector.abort();
     pool_reflector.abort();
     info!("sharedlb controllers stopped");
     Ok(())

@@ -20,6 +20,7 @@ async fn main() -> anyhow::Result<()> {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(1000);
+    sharedlb::install_crypto_provider();
     let client = kube::Client::try_default().await?;
     let cloud = MemoryCloud::new();
     let settings = Settings {
