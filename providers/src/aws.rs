@@ -51,6 +51,10 @@ pub struct AwsProvider {
     settings: AwsPool,
     prefix: String,
     nodes: RwLock<Vec<NodeTarget>>,
+    /// Find-or-create of a load balancer is one step at a time: SharedLBs placed on one new load balancer
+    /// reconcile concurrently, and each would otherwise create it (moto makes duplicates; AWS is idempotent by
+    /// name only while the settings match).
+    creating: tokio::sync::Mutex<()>,
 }
 
 /// Maps any SDK error to an error by meaning, keeping AWS's code and message for the condition.
@@ -143,6 +147,7 @@ impl AwsProvider {
             prefix: format!("slb-{:08x}-", fnv(&format!("{cluster_id}/{pool}"))),
             settings,
             nodes: RwLock::new(Vec::new()),
+            creating: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -466,6 +471,7 @@ impl LoadBalancerProvider for AwsProvider {
         &self,
         lb: &LoadBalancerKey,
     ) -> Result<LoadBalancerInfo, ProviderError> {
+        let _one_at_a_time = self.creating.lock().await;
         let existing = match self.find_lb(lb.index).await? {
             Some(l) => l,
             None => {

@@ -186,6 +186,13 @@ fn finalizer_error(e: kube::runtime::finalizer::Error<Error>) -> Error {
     use kube::runtime::finalizer::Error as F;
     match e {
         F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+        // the finalizer JSON patch carries a `test` operation: 422 means the object changed meanwhile, a race
+        // like a 409, retried at once with the new version
+        F::AddFinalizer(kube::Error::Api(s)) | F::RemoveFinalizer(kube::Error::Api(s))
+            if s.code == 422 =>
+        {
+            Error::Conflict
+        }
         F::AddFinalizer(e) | F::RemoveFinalizer(e) => Error::from_kube(e),
         other => Error::Finalizer(other.to_string()),
     }
