@@ -223,7 +223,15 @@ impl AwsProvider {
         &self,
         index: u32,
     ) -> Result<Vec<(elb::types::TargetGroup, BTreeMap<String, String>)>, ProviderError> {
-        let prefix = format!("{}{index}-", self.prefix);
+        self.target_groups_named(&format!("{}{index}-", self.prefix))
+            .await
+    }
+
+    /// Target groups whose name starts with `prefix` and whose tags say they are this pool's, with the tags.
+    async fn target_groups_named(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(elb::types::TargetGroup, BTreeMap<String, String>)>, ProviderError> {
         let mut all = Vec::new();
         let mut pages = self.elb.describe_target_groups().into_paginator().send();
         while let Some(page) = pages.next().await {
@@ -232,10 +240,7 @@ impl AwsProvider {
                 page.target_groups
                     .unwrap_or_default()
                     .into_iter()
-                    .filter(|t| {
-                        t.target_group_name()
-                            .is_some_and(|n| n.starts_with(&prefix))
-                    }),
+                    .filter(|t| t.target_group_name().is_some_and(|n| n.starts_with(prefix))),
             );
         }
         let arns: Vec<String> = all
@@ -786,32 +791,11 @@ impl LoadBalancerProvider for AwsProvider {
             .filter_map(|n| instance_id(n.provider_id.as_deref()?))
             .map(str::to_string)
             .collect();
-        let mut groups = Vec::new();
-        let mut pages = self.elb.describe_target_groups().into_paginator().send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| classify("describe_target_groups", e))?;
-            groups.extend(
-                page.target_groups
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|t| {
-                        t.target_group_name()
-                            .is_some_and(|n| n.starts_with(&self.prefix))
-                    }),
-            );
-        }
-        let arns: Vec<String> = groups
-            .iter()
-            .filter_map(|t| t.target_group_arn().map(str::to_string))
-            .collect();
-        let tags = self.tags_of(&arns).await?;
-        for tg in groups {
+        let groups = self.target_groups_named(&self.prefix).await?;
+        for (tg, _) in groups {
             let Some(arn) = tg.target_group_arn() else {
                 continue;
             };
-            if !tags.get(arn).is_some_and(|t| self.ours(t)) {
-                continue;
-            }
             let port = tg.port().unwrap_or_default();
             let health = self
                 .elb
