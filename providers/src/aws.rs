@@ -92,6 +92,24 @@ where
     }
 }
 
+/// What an idempotent step may find already done.
+#[derive(Debug, Clone, Copy)]
+enum Already {
+    /// a delete or revoke of something that is not there
+    Gone,
+    /// an opening or create of something that is there
+    Exists,
+}
+
+/// An idempotent step: the error that means "already as wanted" is success; every other error stays one.
+fn already_done(r: Result<(), ProviderError>, already: Already) -> Result<(), ProviderError> {
+    match (r, already) {
+        (Err(ProviderError::NotFound(_)), Already::Gone)
+        | (Err(ProviderError::AlreadyExists(_)), Already::Exists) => Ok(()),
+        (other, _) => other,
+    }
+}
+
 fn fnv(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
@@ -332,20 +350,17 @@ impl AwsProvider {
             return Ok(());
         };
         let perms = self.permissions(protocol, node_port, ranges).await?;
-        match self
-            .ec2
-            .authorize_security_group_ingress()
-            .group_id(sg)
-            .set_ip_permissions(Some(perms))
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => match classify("authorize_security_group_ingress", e) {
-                ProviderError::AlreadyExists(_) => Ok(()),
-                other => Err(other),
-            },
-        }
+        already_done(
+            self.ec2
+                .authorize_security_group_ingress()
+                .group_id(sg)
+                .set_ip_permissions(Some(perms))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify("authorize_security_group_ingress", e)),
+            Already::Exists,
+        )
     }
 
     async fn close_firewall(
@@ -395,20 +410,17 @@ impl AwsProvider {
         if perms.is_empty() {
             return Ok(());
         }
-        match self
-            .ec2
-            .revoke_security_group_ingress()
-            .group_id(sg)
-            .set_ip_permissions(Some(perms))
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => match classify("revoke_security_group_ingress", e) {
-                ProviderError::NotFound(_) => Ok(()),
-                other => Err(other),
-            },
-        }
+        already_done(
+            self.ec2
+                .revoke_security_group_ingress()
+                .group_id(sg)
+                .set_ip_permissions(Some(perms))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify("revoke_security_group_ingress", e)),
+            Already::Gone,
+        )
     }
 
     /// Deletes a target group and its firewall opening (its listener must be gone).
@@ -418,19 +430,16 @@ impl AwsProvider {
         t: &BTreeMap<String, String>,
     ) -> Result<(), ProviderError> {
         if let Some(arn) = tg.target_group_arn() {
-            match self
-                .elb
-                .delete_target_group()
-                .target_group_arn(arn)
-                .send()
-                .await
-            {
-                Ok(_) => {}
-                Err(e) => match classify("delete_target_group", e) {
-                    ProviderError::NotFound(_) => {}
-                    other => return Err(other),
-                },
-            }
+            already_done(
+                self.elb
+                    .delete_target_group()
+                    .target_group_arn(arn)
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify("delete_target_group", e)),
+                Already::Gone,
+            )?;
         }
         let protocol = if t.get(TAG_PROTOCOL).map(String::as_str) == Some("UDP") {
             Protocol::Udp
@@ -674,19 +683,16 @@ impl LoadBalancerProvider for AwsProvider {
                     .any(|(t, _)| a.target_group_arn() == t.target_group_arn())
             });
             if forwards_to_ours {
-                match self
-                    .elb
-                    .delete_listener()
-                    .listener_arn(x.listener_arn().unwrap_or_default())
-                    .send()
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(e) => match classify("delete_listener", e) {
-                        ProviderError::NotFound(_) => {}
-                        other => return Err(other),
-                    },
-                }
+                already_done(
+                    self.elb
+                        .delete_listener()
+                        .listener_arn(x.listener_arn().unwrap_or_default())
+                        .send()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| classify("delete_listener", e)),
+                    Already::Gone,
+                )?;
             }
         }
         for (t, tt) in &tgs {
@@ -698,19 +704,16 @@ impl LoadBalancerProvider for AwsProvider {
     async fn delete_load_balancer(&self, lb: &LoadBalancerKey) -> Result<(), ProviderError> {
         if let Some(nlb) = self.find_lb(lb.index).await? {
             // deleting an NLB deletes its listeners; its target groups and firewall rules go after
-            match self
-                .elb
-                .delete_load_balancer()
-                .load_balancer_arn(nlb.load_balancer_arn().unwrap_or_default())
-                .send()
-                .await
-            {
-                Ok(_) => {}
-                Err(e) => match classify("delete_load_balancer", e) {
-                    ProviderError::NotFound(_) => {}
-                    other => return Err(other),
-                },
-            }
+            already_done(
+                self.elb
+                    .delete_load_balancer()
+                    .load_balancer_arn(nlb.load_balancer_arn().unwrap_or_default())
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| classify("delete_load_balancer", e)),
+                Already::Gone,
+            )?;
         }
         for (t, tt) in self.target_groups(lb.index).await? {
             self.drop_target_group(&t, &tt).await?;
