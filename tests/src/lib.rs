@@ -157,6 +157,21 @@ pub async fn create_slb(
         .expect("create SharedLB")
 }
 
+/// Creates `n` SharedLBs named `<prefix>00`, `<prefix>01`, ... with one spec, all at once (a burst).
+pub async fn create_burst(
+    client: &Client,
+    ns: &str,
+    prefix: &str,
+    n: usize,
+    spec: serde_json::Value,
+) {
+    let creates = (0..n).map(|i| {
+        let spec = spec.clone();
+        async move { create_slb(client, ns, &format!("{prefix}{i:02}"), spec).await }
+    });
+    futures::future::join_all(creates).await;
+}
+
 pub fn condition(slb: &SharedLB, type_: &str) -> Option<(String, String, String)> {
     slb.status
         .as_ref()?

@@ -47,20 +47,14 @@ async fn twenty_created_at_once_fill_exactly_four_load_balancers() {
     )
     .await;
 
-    let creates = (0..20).map(|i| {
-        let client = client.clone();
-        let ns = ns.clone();
-        async move {
-            create_slb(
-                &client,
-                &ns,
-                &format!("svc-{i:02}"),
-                spec("burst", vec![tcp("web", None)]),
-            )
-            .await
-        }
-    });
-    futures::future::join_all(creates).await;
+    create_burst(
+        &client,
+        &ns,
+        "svc-",
+        20,
+        spec("burst", vec![tcp("web", None)]),
+    )
+    .await;
 
     let mut seen = BTreeSet::new();
     for i in 0..20 {
@@ -398,20 +392,14 @@ async fn operator_killed_mid_burst_converges_without_duplicates() {
         json!({"provider": {"memory": {"latencyMs": 30}}, "capacity": {"maxPortsPerLoadBalancer": 5}}),
     )
     .await;
-    let creates = (0..30).map(|i| {
-        let client = client.clone();
-        let ns = ns.clone();
-        async move {
-            create_slb(
-                &client,
-                &ns,
-                &format!("r-{i:02}"),
-                spec("restart", vec![tcp("p", None)]),
-            )
-            .await
-        }
-    });
-    futures::future::join_all(creates).await;
+    create_burst(
+        &client,
+        &ns,
+        "r-",
+        30,
+        spec("restart", vec![tcp("p", None)]),
+    )
+    .await;
     let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
     eventually(60, "some but not all Ready", || async {
         let n = api
