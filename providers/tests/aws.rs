@@ -88,16 +88,8 @@ async fn listeners_target_groups_and_firewall_are_exactly_what_the_port_needs() 
         .await
         .expect("provider");
     p.update_nodes(&[
-        NodeTarget {
-            name: "n1".into(),
-            provider_id: Some("aws:///us-east-1a/i-0000000000000aaaa".into()),
-            internal_ip: None,
-        },
-        NodeTarget {
-            name: "n2".into(),
-            provider_id: Some("aws:///us-east-1b/i-0000000000000bbbb".into()),
-            internal_ip: None,
-        },
+        node("n1", "aws:///us-east-1a/i-0000000000000aaaa"),
+        node("n2", "aws:///us-east-1b/i-0000000000000bbbb"),
     ])
     .await
     .expect("nodes");
@@ -187,16 +179,8 @@ async fn listeners_target_groups_and_firewall_are_exactly_what_the_port_needs() 
         ]
     );
     p.update_nodes(&[
-        NodeTarget {
-            name: "n2".into(),
-            provider_id: Some("aws:///us-east-1b/i-0000000000000bbbb".into()),
-            internal_ip: None,
-        },
-        NodeTarget {
-            name: "n3".into(),
-            provider_id: Some("aws:///us-east-1a/i-0000000000000cccc".into()),
-            internal_ip: None,
-        },
+        node("n2", "aws:///us-east-1b/i-0000000000000bbbb"),
+        node("n3", "aws:///us-east-1a/i-0000000000000cccc"),
     ])
     .await
     .expect("nodes changed");
@@ -312,4 +296,12 @@ async fn targets(elb: &aws_sdk_elasticloadbalancingv2::Client, suffix: &str) -> 
         .collect();
     ids.sort();
     ids
+}
+
+fn node(name: &str, provider_id: &str) -> NodeTarget {
+    NodeTarget {
+        name: name.into(),
+        provider_id: Some(provider_id.into()),
+        internal_ip: None,
+    }
 }

@@ -111,6 +111,14 @@ async fn udp_roundtrip(addr: SocketAddr, msg: &str) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// A provider with one address and its load balancer 0 made: the provider and the address.
+async fn one_load_balancer(tuning: Tuning) -> (LocalProvider, std::net::IpAddr) {
+    let p = LocalProvider::new("p", &addresses(1), tuning).expect("provider");
+    let info = p.ensure_load_balancer(&key(0)).await.expect("lb");
+    let ip = info.ip.expect("ip").parse().expect("an IP address");
+    (p, ip)
+}
+
 #[tokio::test]
 async fn local_provider_is_conformant() {
     sharedlb_providers::conformance::run(|pool| async move {
@@ -173,15 +181,7 @@ async fn tcp_and_udp_bytes_reach_the_right_backend_and_come_back() {
 
 #[tokio::test]
 async fn a_dead_endpoint_fails_over_and_endpoint_changes_keep_established_connections() {
-    let p = LocalProvider::new("p", &addresses(1), Tuning::default()).expect("provider");
-    let ip: std::net::IpAddr = p
-        .ensure_load_balancer(&key(0))
-        .await
-        .expect("lb")
-        .ip
-        .expect("ip")
-        .parse()
-        .expect("ip");
+    let (p, ip) = one_load_balancer(Tuning::default()).await;
     let dead: SocketAddr = {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         l.local_addr().expect("addr") // dropped: connections to it are refused
@@ -225,15 +225,7 @@ async fn a_dead_endpoint_fails_over_and_endpoint_changes_keep_established_connec
 
 #[tokio::test]
 async fn source_ranges_are_enforced_and_removal_closes_the_port() {
-    let p = LocalProvider::new("p", &addresses(1), Tuning::default()).expect("provider");
-    let ip: std::net::IpAddr = p
-        .ensure_load_balancer(&key(0))
-        .await
-        .expect("lb")
-        .ip
-        .expect("ip")
-        .parse()
-        .expect("ip");
+    let (p, ip) = one_load_balancer(Tuning::default()).await;
     let b = tcp_backend("b").await;
     let mut l = spec(4300, Protocol::Tcp, "S", vec![b]);
     l.source_ranges = vec!["203.0.113.0/24".into()];
@@ -298,15 +290,7 @@ async fn idle_tcp_connections_and_udp_sessions_are_closed() {
         idle_timeout: Duration::from_millis(300),
         ..Tuning::default()
     };
-    let p = LocalProvider::new("p", &addresses(1), tuning).expect("provider");
-    let ip: std::net::IpAddr = p
-        .ensure_load_balancer(&key(0))
-        .await
-        .expect("lb")
-        .ip
-        .expect("ip")
-        .parse()
-        .expect("ip");
+    let (p, ip) = one_load_balancer(tuning).await;
     let (b, u) = (tcp_backend("b").await, udp_backend("u").await);
     p.ensure_listener(&key(0), &spec(4500, Protocol::Tcp, "I", vec![b]))
         .await
