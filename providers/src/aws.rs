@@ -55,6 +55,7 @@ pub struct AwsProvider {
     /// reconcile concurrently, and each would otherwise create it (moto makes duplicates; AWS is idempotent by
     /// name only while the settings match).
     creating: tokio::sync::Mutex<()>,
+    vpc_cidr: tokio::sync::OnceCell<Option<String>>,
 }
 
 /// Maps any SDK error to an error by meaning, keeping AWS's code and message for the condition.
@@ -166,6 +167,7 @@ impl AwsProvider {
             settings,
             nodes: RwLock::new(Vec::new()),
             creating: tokio::sync::Mutex::new(()),
+            vpc_cidr: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -289,19 +291,25 @@ impl AwsProvider {
             .collect()
     }
 
+    /// The VPC's CIDR (health checks come from it): asked once, as it does not change under a pool.
     async fn vpc_cidr(&self) -> Result<Option<String>, ProviderError> {
-        let r = self
-            .ec2
-            .describe_vpcs()
-            .vpc_ids(&self.settings.vpc_id)
-            .send()
+        self.vpc_cidr
+            .get_or_try_init(|| async {
+                let r = self
+                    .ec2
+                    .describe_vpcs()
+                    .vpc_ids(&self.settings.vpc_id)
+                    .send()
+                    .await
+                    .map_err(|e| classify("describe_vpcs", e))?;
+                Ok(r.vpcs
+                    .unwrap_or_default()
+                    .into_iter()
+                    .next()
+                    .and_then(|v| v.cidr_block))
+            })
             .await
-            .map_err(|e| classify("describe_vpcs", e))?;
-        Ok(r.vpcs
-            .unwrap_or_default()
-            .into_iter()
-            .next()
-            .and_then(|v| v.cidr_block))
+            .cloned()
     }
 
     /// The ingress one listener needs: its node port from the client ranges (the NLB keeps client IPs) and from
