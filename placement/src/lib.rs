@@ -85,6 +85,9 @@ pub struct PoolConfig {
     pub max_ports_per_lb: u32,
     /// Load balancers the pool may have, counting ones being deleted.
     pub max_lbs: Option<u32>,
+    /// Port/protocol pairs the whole pool may hold, whatever the load balancers: a budget shared by all of
+    /// them, such as the rules of the one firewall (security group) every port opens a rule in.
+    pub max_ports_total: Option<u32>,
     /// Inclusive range for auto-assigned ports.
     pub port_range: (u16, u16),
     pub strategy: Strategy,
@@ -135,6 +138,8 @@ pub enum Refusal {
     PortInUse { port: u16, protocol: Protocol },
     /// No load balancer has room and the pool is at `max_lbs`.
     PoolFull { max_lbs: u32 },
+    /// The pool-wide budget (`max_ports_total`) has no room for the ports asked.
+    PoolPortBudget { needed: u32, free: u32, budget: u32 },
     /// The pool's range has no free port left where the item could go.
     PortRangeExhausted { range: (u16, u16) },
     /// An update needs more room on the item's load balancer than it has; the item keeps its old allocation
@@ -151,6 +156,7 @@ impl Refusal {
             Refusal::TooManyPorts { .. } => "TooManyPorts",
             Refusal::PortInUse { .. } | Refusal::PortTakenOnLoadBalancer { .. } => "PortInUse",
             Refusal::PoolFull { .. } => "PoolFull",
+            Refusal::PoolPortBudget { .. } => "PoolPortBudgetExhausted",
             Refusal::PortRangeExhausted { .. } => "PortRangeExhausted",
             Refusal::NoRoomToGrow { .. } => "NoRoomToGrow",
         }
@@ -175,6 +181,14 @@ impl std::fmt::Display for Refusal {
             Refusal::PoolFull { max_lbs } => write!(
                 f,
                 "every load balancer of the pool is full and the pool is at its maximum of {max_lbs}"
+            ),
+            Refusal::PoolPortBudget {
+                needed,
+                free,
+                budget,
+            } => write!(
+                f,
+                "{needed} ports asked but the pool's budget of {budget} ports across all its load balancers (a limit of the cloud, such as firewall rules) has {free} left"
             ),
             Refusal::PortRangeExhausted { range } => {
                 write!(
@@ -248,6 +262,8 @@ pub struct PoolState {
     allocations: OrdMap<ItemKey, Allocation>,
     /// PortMode::PoolWide only: port -> owner across the pool.
     pool_ports: OrdMap<u16, ItemKey>,
+    /// Port/protocol pairs held across the pool.
+    total_used: u32,
 }
 
 impl PoolState {
@@ -259,6 +275,7 @@ impl PoolState {
             by_load: OrdSet::new(),
             allocations: OrdMap::new(),
             pool_ports: OrdMap::new(),
+            total_used: 0,
         }
     }
 
@@ -496,6 +513,7 @@ impl PoolState {
             }
             s.used += n;
         });
+        self.total_used += n;
         if self.config.port_mode == PortMode::PoolWide {
             for p in &ports {
                 self.pool_ports.insert(*p, key.clone());
@@ -515,6 +533,7 @@ impl PoolState {
             }
             s.used = s.used.saturating_sub(n);
         });
+        self.total_used = self.total_used.saturating_sub(n);
         if self.config.port_mode == PortMode::PoolWide {
             for p in &alloc.ports {
                 if self.pool_ports.get(&p.port).is_some_and(|o| o == key) {
@@ -587,6 +606,18 @@ impl PoolState {
         Ok(out)
     }
 
+    /// Room for `more` ports under the pool-wide budget, or why not.
+    fn budget_allows(&self, more: u32) -> Result<(), Refusal> {
+        match self.config.max_ports_total {
+            Some(budget) if self.total_used + more > budget => Err(Refusal::PoolPortBudget {
+                needed: more,
+                free: budget.saturating_sub(self.total_used),
+                budget,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// A new item: where it goes, and whether that needs a new load balancer.
     fn plan_new(&self, ports: &[PortRequest]) -> Result<(Allocation, bool), Refusal> {
         let need = ports.len() as u32;
@@ -597,6 +628,7 @@ impl PoolState {
                 capacity: cap,
             });
         }
+        self.budget_allows(need)?;
         let reqs: Vec<&PortRequest> = ports.iter().collect();
         let mut first_refusal: Option<Refusal> = None;
         let mut try_lb = |lb: LbIndex| -> Option<Vec<AllocatedPort>> {
@@ -698,6 +730,10 @@ impl PoolState {
                 needed: wanted.len() as u32,
                 free,
             });
+        }
+        let grows = (kept.len() + wanted.len()).saturating_sub(old.ports.len()) as u32;
+        if grows > 0 {
+            self.budget_allows(grows)?;
         }
         // Ports the item keeps count as taken; ports it gives up are not handed straight back to it.
         let kept_ports: Vec<u16> = kept.iter().map(|p| p.port).collect();

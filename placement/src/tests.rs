@@ -9,6 +9,7 @@ fn cfg(cap: u32, max_lbs: Option<u32>) -> PoolConfig {
     PoolConfig {
         max_ports_per_lb: cap,
         max_lbs,
+        max_ports_total: None,
         port_range: (4000, 4999),
         strategy: Strategy::Pack,
         port_mode: PortMode::PerLoadBalancer,
@@ -305,6 +306,45 @@ fn too_many_ports_and_exhausted_range_are_refused() {
 // ---------------------------------------------------------------- properties
 
 /// Checks every rule against the state from scratch, without the state's own indexes.
+#[test]
+fn the_pool_wide_budget_caps_every_load_balancer_together() {
+    let mut c = cfg(5, None);
+    c.max_ports_total = Some(7);
+    let mut s = PoolState::new(c);
+    let plan = plan_apply(
+        &mut s,
+        &(0..9)
+            .map(|i| up(&format!("i{i}"), vec![tcp("p", None)]))
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(plan.placed.len(), 7, "seven ports fit the budget");
+    assert_eq!(s.load_balancers().len(), 2, "across two load balancers");
+    assert_eq!(plan.refused.len(), 2);
+    assert!(matches!(
+        plan.refused[0].1,
+        Refusal::PoolPortBudget {
+            needed: 1,
+            free: 0,
+            budget: 7
+        }
+    ));
+    assert_eq!(plan.refused[0].1.reason(), "PoolPortBudgetExhausted");
+    // growing a placed item is refused too, and keeps its ports
+    let grow = plan_apply(&mut s, &[up("i5", vec![tcp("p", None), tcp("q", None)])]);
+    assert!(matches!(grow.refused[0].1, Refusal::PoolPortBudget { .. }));
+    assert_eq!(s.allocation("i5").map(|a| a.ports.len()), Some(1));
+    // freeing one port makes room for exactly one
+    plan_apply(&mut s, &[Change::Remove { key: "i1".into() }]);
+    let again = plan_apply(
+        &mut s,
+        &[
+            up("i7", vec![tcp("p", None)]),
+            up("i8", vec![tcp("p", None)]),
+        ],
+    );
+    assert_eq!((again.placed.len(), again.refused.len()), (1, 1));
+}
+
 fn check_invariants(s: &PoolState) -> Result<(), String> {
     let cap = s.config().max_ports_per_lb;
     let mut used: BTreeMap<LbIndex, u32> = BTreeMap::new();
@@ -333,6 +373,14 @@ fn check_invariants(s: &PoolState) -> Result<(), String> {
         if *n > cap {
             return Err(format!("lb {lb} holds {n} > {cap}"));
         }
+    }
+    let total: u32 = used.values().sum();
+    if let Some(budget) = s.config().max_ports_total
+        && total > budget
+    {
+        return Err(format!(
+            "the pool holds {total} ports > its budget {budget}"
+        ));
     }
     let summary: BTreeMap<LbIndex, u32> = s
         .load_balancers()
@@ -393,10 +441,12 @@ fn strategy_config() -> impl Gen<Value = PoolConfig> {
         any::<bool>(),
         any::<bool>(),
         8u16..200,
+        prop::option::of(1u32..30),
     )
-        .prop_map(|(cap, max_lbs, spread, wide, width)| PoolConfig {
+        .prop_map(|(cap, max_lbs, spread, wide, width, budget)| PoolConfig {
             max_ports_per_lb: cap,
             max_lbs,
+            max_ports_total: budget,
             port_range: (4000, 4000 + width),
             strategy: if spread {
                 Strategy::Spread

@@ -53,6 +53,7 @@ fn config() -> PoolConfig {
     PoolConfig {
         max_ports_per_lb: CAPACITY,
         max_lbs: None,
+        max_ports_total: None,
         port_range: (10000, 60000),
         strategy: Strategy::Pack,
         port_mode: PortMode::PerLoadBalancer,
