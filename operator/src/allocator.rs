@@ -54,6 +54,7 @@ pub fn pool_config(spec: &LoadBalancerPoolSpec, provider: &dyn LoadBalancerProvi
     PoolConfig {
         max_ports_per_lb: max_ports,
         max_lbs,
+        max_ports_total: limits.max_ports_total,
         port_range,
         strategy: match spec.placement {
             sharedlb_crds::PlacementStrategy::Pack => Strategy::Pack,

@@ -20,7 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use sharedlb_providers::{
-    Inventory, Limits, ListenerSpec, ListenerStatsRow, LoadBalancerInfo, LoadBalancerKey,
+    ApiCalls, Inventory, Limits, ListenerSpec, ListenerStatsRow, LoadBalancerInfo, LoadBalancerKey,
     LoadBalancerProvider, NodeTarget, Protocol, ProviderError,
 };
 use tracing::{info, warn};
@@ -49,6 +49,14 @@ pub struct PoolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiCallLabels {
+    pub pool: String,
+    pub provider: &'static str,
+    pub operation: String,
+    pub mutating: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub pool: String,
     pub address: String,
@@ -63,6 +71,8 @@ pub struct ListenerMetrics {
     pub bytes_in: Family<ListenerLabels, Gauge>,
     pub bytes_out: Family<ListenerLabels, Gauge>,
     pub refused: Family<ListenerLabels, Gauge>,
+    /// Cloud API calls by operation, as the cloud SDK counted them (sampled).
+    pub api_calls: Family<ApiCallLabels, Gauge>,
 }
 
 fn reconcile_histogram() -> Histogram {
@@ -177,6 +187,11 @@ impl Metrics {
             "listener_refused",
             "Connections or sessions refused: outside sourceRanges or over the limit (sampled)",
             listeners.refused.clone(),
+        );
+        registry.register(
+            "cloud_api_calls",
+            "Cloud API calls by pool, provider and the cloud's operation name, mutating or not, counted by the SDK (sampled; AWS)",
+            listeners.api_calls.clone(),
         );
         Metrics {
             registry,
@@ -362,6 +377,9 @@ impl LoadBalancerProvider for MeteredProvider {
     async fn listener_stats(&self) -> Vec<ListenerStatsRow> {
         self.inner.listener_stats().await
     }
+    fn api_calls(&self) -> Vec<ApiCalls> {
+        self.inner.api_calls()
+    }
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
         let r = self.inner.update_nodes(nodes).await;
         self.count("update_nodes", &r);
@@ -370,6 +388,22 @@ impl LoadBalancerProvider for MeteredProvider {
 }
 
 impl Metrics {
+    /// Sets the cloud API call counts of one pool's provider.
+    pub fn set_api_calls(&self, pool: &str, provider: &'static str, rows: &[ApiCalls]) {
+        for r in rows {
+            let labels = ApiCallLabels {
+                pool: pool.to_string(),
+                provider,
+                operation: r.operation.clone(),
+                mutating: if r.mutating { "true" } else { "false" },
+            };
+            self.listeners
+                .api_calls
+                .get_or_create(&labels)
+                .set(i64::try_from(r.calls).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Replaces the listener series with these rows (listeners that went away disappear).
     pub fn set_listeners(&self, rows: &[(String, ListenerStatsRow)]) {
         let l = &self.listeners;

@@ -158,7 +158,18 @@ pub struct Limits {
     pub max_ports_per_lb: u32,
     /// Load balancers the account allows, if the provider knows.
     pub max_lbs: Option<u32>,
+    /// Port/protocol pairs the whole pool may hold, when one budget is shared by all its load balancers (the
+    /// rules of the node security group on AWS).
+    pub max_ports_total: Option<u32>,
     pub port_mode: PortMode,
+}
+
+/// Calls of one cloud API operation since the provider was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiCalls {
+    pub operation: String,
+    pub mutating: bool,
+    pub calls: u64,
 }
 
 /// Counters of one listener that carries traffic itself (the local provider).
@@ -213,6 +224,12 @@ pub trait LoadBalancerProvider: Send + Sync + Debug {
 
     /// Per-listener traffic counters, for providers that carry the traffic themselves; clouds report none.
     async fn listener_stats(&self) -> Vec<ListenerStatsRow> {
+        Vec::new()
+    }
+
+    /// The cloud API calls this provider made so far, by the cloud's operation name (`CreateListener`), with
+    /// whether the operation changes something; clouds whose SDK can count them report, others report none.
+    fn api_calls(&self) -> Vec<ApiCalls> {
         Vec::new()
     }
 

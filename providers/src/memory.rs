@@ -172,6 +172,7 @@ impl LoadBalancerProvider for MemoryProvider {
         Limits {
             max_ports_per_lb: MAX_LISTENERS_PER_LB,
             max_lbs: self.faults.load_balancer_quota,
+            max_ports_total: None,
             port_mode: PortMode::PerLoadBalancer,
         }
     }

@@ -476,6 +476,8 @@ async fn run_controllers(
                     ctx.allocators.lock().await.values().cloned().collect();
                 let mut rows = Vec::new();
                 for a in allocators {
+                    ctx.metrics
+                        .set_api_calls(&a.pool, a.provider.kind(), &a.provider.api_calls());
                     rows.extend(
                         a.provider
                             .listener_stats()

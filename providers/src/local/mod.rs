@@ -181,6 +181,7 @@ impl LoadBalancerProvider for LocalProvider {
         Limits {
             max_ports_per_lb: MAX_LISTENERS_PER_ADDRESS,
             max_lbs: Some(self.addresses.len() as u32),
+            max_ports_total: None,
             port_mode: PortMode::PerLoadBalancer,
         }
     }
