@@ -720,8 +720,13 @@ async fn ensure_service(
                 port: i32::from(a.port),
                 target_port: Some(spec.target_port.clone()),
                 protocol: Some(protocol_from_placement(a.protocol).as_str().to_string()),
-                // passthrough clouds: the external port is the node port
-                node_port: (mode == PortMode::PoolWide).then_some(i32::from(a.port)),
+                node_port: match mode {
+                    // passthrough clouds: the external port is the node port
+                    PortMode::PoolWide => Some(i32::from(a.port)),
+                    // one port on both protocols shares one node port (AWS's TCP_UDP listener needs it; the
+                    // apiserver does it itself when it creates both at once, not when one is added later)
+                    PortMode::PerLoadBalancer => shared_node_port(existing.as_ref(), a.port),
+                },
                 ..ServicePort::default()
             })
         })
@@ -788,6 +793,23 @@ async fn ensure_service(
         .await
         .map_err(Error::from_kube)?;
     Ok(Ok(node_ports(&applied)))
+}
+
+/// The node port the Service already gives external `port` (its TCP entry's first), so that TCP and UDP on
+/// one port converge on one node port.
+fn shared_node_port(existing: Option<&Service>, port: u16) -> Option<i32> {
+    let have: Vec<&ServicePort> = existing?
+        .spec
+        .as_ref()?
+        .ports
+        .iter()
+        .flatten()
+        .filter(|h| h.port == i32::from(port) && h.node_port.is_some())
+        .collect();
+    have.iter()
+        .find(|h| h.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .or(have.first())
+        .and_then(|h| h.node_port)
 }
 
 fn node_ports(s: &Service) -> BTreeMap<String, u16> {
