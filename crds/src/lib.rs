@@ -289,8 +289,15 @@ pub struct AwsSettings {
     /// `internet-facing` (default) or `internal`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheme: Option<String>,
+    /// Elastic IP allocation ids for internet-facing NLBs: one per subnet per NLB, in order (NLB i takes
+    /// the i-th group of as many as there are subnets); the pool then has at most `len / subnets` NLBs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub eip_allocation_ids: Vec<String>,
+    /// Inbound rules the node security group may hold (AWS's default quota is 60). Each allocated port opens
+    /// one rule per source CIDR, so this caps the ports of the whole pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub security_group_rule_limit: Option<u32>,
 }
 
 /// GCP passthrough Network Load Balancers.

@@ -89,6 +89,8 @@ impl ProviderFactory for BuiltinProviders {
                 subnet_ids: a.subnet_ids.clone(),
                 node_security_group_id: a.node_security_group_id.clone(),
                 internal: a.scheme.as_deref() == Some("internal"),
+                eip_allocation_ids: a.eip_allocation_ids.clone(),
+                security_group_rule_limit: a.security_group_rule_limit,
             };
             let p = sharedlb_providers::aws::AwsProvider::new(cluster_id, pool, settings).await?;
             return Ok(Arc::new(p));

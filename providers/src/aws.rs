@@ -1,32 +1,43 @@
 //! AWS: each load balancer of a pool is a Network Load Balancer the operator creates and owns; each allocated
-//! port is a target group (instance targets on the node port, TCP health check) and a listener forwarding to it;
-//! the nodes' security group gets exactly the node port, from `sourceRanges`, plus the VPC for health checks.
+//! port is a target group (instance targets on the node port) and a listener forwarding to it; the nodes'
+//! security group gets exactly the node port, from `sourceRanges`, plus what health checks need.
+//!
+//! When one SharedLB asks TCP and UDP on one port, the two become ONE `TCP_UDP` listener and target group (AWS
+//! refuses a TCP and a UDP listener on the same port of an NLB): the operator gives both Service ports the same
+//! node port, and the provider merges on the second `ensure_listener` and splits on `remove_listener`.
 //!
 //! Names are deterministic (`slb-<hash of cluster/pool>-<index>`, target groups add port, protocol and node
 //! port), so a retry after a crash finds what exists instead of duplicating it; everything carries the
-//! sharedlb tags, which is how `inventory` finds it. Built behind the `aws` feature with the official SDK.
+//! sharedlb tags, which is how `inventory` finds it. Built behind the `aws` feature with the official SDK; every
+//! SDK call is counted by operation (`api_calls`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use aws_sdk_ec2 as ec2;
 use aws_sdk_elasticloadbalancingv2 as elb;
 use elb::error::{DisplayErrorContext, ProvideErrorMetadata};
 use elb::types::{
-    Action, ActionTypeEnum, LoadBalancerSchemeEnum, LoadBalancerTypeEnum, ProtocolEnum, Tag,
-    TargetDescription, TargetTypeEnum,
+    Action, ActionTypeEnum, LoadBalancerSchemeEnum, LoadBalancerTypeEnum, ProtocolEnum,
+    SubnetMapping, Tag, TargetDescription, TargetTypeEnum,
 };
 
 use crate::{
-    Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec, LoadBalancerInfo,
-    LoadBalancerKey, LoadBalancerProvider, NodeTarget, PortMode, Protocol, ProviderError, tags,
+    ApiCalls, Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec,
+    LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, NodeTarget, PortMode, Protocol,
+    ProviderError, tags,
 };
 
 /// AWS's hard limit on listeners per Network Load Balancer (moto does not enforce it: the planner must).
 pub const MAX_LISTENERS_PER_NLB: u32 = 50;
 /// Registered targets per Availability Zone per NLB, counted as nodes x target groups.
 pub const MAX_TARGETS_PER_AZ: u32 = 500;
+/// Inbound rules per security group, AWS's default quota (each CIDR of a permission is one rule).
+pub const DEFAULT_SECURITY_GROUP_RULES: u32 = 60;
+/// kube-proxy's health server: UDP target groups are health-checked here (a UDP node port answers no TCP).
+pub const KUBE_PROXY_HEALTH_PORT: u16 = 10256;
 
 const TAG_PORT: &str = "sharedlb.dev/port";
 const TAG_PROTOCOL: &str = "sharedlb.dev/protocol";
@@ -36,10 +47,18 @@ const TAG_NODE_PORT: &str = "sharedlb.dev/node-port";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AwsPool {
     pub region: String,
+    /// Empty: the subnets' VPC.
     pub vpc_id: String,
+    /// Empty: discovered by the tags `kubernetes.io/cluster/<cluster id>` and `kubernetes.io/role/elb` (or
+    /// `internal-elb`), one subnet per Availability Zone.
     pub subnet_ids: Vec<String>,
     pub node_security_group_id: Option<String>,
     pub internal: bool,
+    /// Elastic IP allocations, one per subnet per NLB in order: NLB i takes
+    /// `[i * subnets, (i + 1) * subnets)`, so the pool has at most `len / subnets` NLBs.
+    pub eip_allocation_ids: Vec<String>,
+    /// Inbound rules the node security group may hold (AWS default 60); `None` is the default.
+    pub security_group_rule_limit: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -56,6 +75,68 @@ pub struct AwsProvider {
     /// name only while the settings match).
     creating: tokio::sync::Mutex<()>,
     vpc_cidr: tokio::sync::OnceCell<Option<String>>,
+    /// Firewall openings this process made or found, so a steady-state reconcile makes no EC2 call.
+    opened: Mutex<BTreeSet<(Protocol, u16, Vec<String>)>>,
+    /// Whether kube-proxy's health port is open to the VPC (for UDP target groups' health checks).
+    health_rule: tokio::sync::Mutex<bool>,
+    /// Rules in the node security group that are not this pool's (other pools, the cluster's own).
+    foreign_rules: AtomicU32,
+    calls: Arc<CallCounter>,
+}
+
+/// Counts every SDK call by operation name (an SDK interceptor, so retries are one call and nothing escapes).
+#[derive(Debug, Default)]
+pub struct CallCounter {
+    by_op: Mutex<BTreeMap<String, u64>>,
+}
+
+impl CallCounter {
+    /// (operation, calls so far), e.g. ("CreateListener", 3).
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        self.by_op
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+}
+
+#[derive(Debug)]
+struct Counting(Arc<CallCounter>);
+
+impl elb::config::Intercept for Counting {
+    fn name(&self) -> &'static str {
+        "sharedlb-call-counter"
+    }
+
+    // once per call, after the operation's own configuration (its name) is in the bag
+    fn read_before_serialization(
+        &self,
+        _context: &elb::config::interceptors::BeforeSerializationInterceptorContextRef<'_>,
+        _components: &elb::config::RuntimeComponents,
+        cfg: &mut elb::config::ConfigBag,
+    ) -> Result<(), elb::error::BoxError> {
+        let op = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .map_or("unknown", |m| m.name())
+            .to_string();
+        *self
+            .0
+            .by_op
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(op)
+            .or_default() += 1;
+        Ok(())
+    }
+}
+
+/// True for API operations that change something (everything but Describe*, Get*, List*).
+pub fn is_mutating(operation: &str) -> bool {
+    !["Describe", "Get", "List"]
+        .iter()
+        .any(|p| operation.starts_with(p))
 }
 
 /// Maps any SDK error to an error by meaning, keeping AWS's code and message for the condition.
@@ -85,8 +166,13 @@ where
             || c.starts_with("AuthFailure")
             || c.contains("AccessDenied")
             || c.contains("UnrecognizedClient")
+            || c.contains("SignatureDoesNotMatch")
             || c == "ValidationError" =>
         {
+            ProviderError::InvalidConfig(msg)
+        }
+        // no credentials at all, or a wrong endpoint: nothing a quick retry fixes, but not the user's spec
+        "" if matches!(e, elb::error::SdkError::ConstructionFailure(_)) => {
             ProviderError::InvalidConfig(msg)
         }
         _ => ProviderError::Other(msg),
@@ -117,15 +203,98 @@ fn fnv(s: &str) -> u32 {
     })
 }
 
-fn proto(p: Protocol) -> ProtocolEnum {
+/// What one target group and listener carry: one protocol, or both on one port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Tcp,
+    Udp,
+    TcpUdp,
+}
+
+impl Wire {
+    fn of(p: Protocol) -> Self {
+        match p {
+            Protocol::Tcp => Wire::Tcp,
+            Protocol::Udp => Wire::Udp,
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "TCP" => Some(Wire::Tcp),
+            "UDP" => Some(Wire::Udp),
+            "TCP_UDP" => Some(Wire::TcpUdp),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Wire::Tcp => "TCP",
+            Wire::Udp => "UDP",
+            Wire::TcpUdp => "TCP_UDP",
+        }
+    }
+
+    fn elb(self) -> ProtocolEnum {
+        match self {
+            Wire::Tcp => ProtocolEnum::Tcp,
+            Wire::Udp => ProtocolEnum::Udp,
+            Wire::TcpUdp => ProtocolEnum::TcpUdp,
+        }
+    }
+
+    fn protocols(self) -> &'static [Protocol] {
+        match self {
+            Wire::Tcp => &[Protocol::Tcp],
+            Wire::Udp => &[Protocol::Udp],
+            Wire::TcpUdp => &[Protocol::Tcp, Protocol::Udp],
+        }
+    }
+
+    fn covers(self, p: Protocol) -> bool {
+        self.protocols().contains(&p)
+    }
+
+    fn overlaps(self, o: Wire) -> bool {
+        o.protocols().iter().any(|p| self.covers(*p))
+    }
+}
+
+fn other(p: Protocol) -> Protocol {
     match p {
-        Protocol::Tcp => ProtocolEnum::Tcp,
-        Protocol::Udp => ProtocolEnum::Udp,
+        Protocol::Tcp => Protocol::Udp,
+        Protocol::Udp => Protocol::Tcp,
     }
 }
 
 fn tag(k: &str, v: impl Into<String>) -> Tag {
     Tag::builder().key(k).value(v).build()
+}
+
+/// One of the pool's target groups, read from its tags.
+#[derive(Debug, Clone)]
+struct Group {
+    arn: String,
+    /// the traffic port (the node port) targets are registered on
+    target_port: i32,
+    port: u16,
+    wire: Wire,
+    node_port: u16,
+    owner_uid: String,
+}
+
+impl Group {
+    fn from(tg: &elb::types::TargetGroup, t: &BTreeMap<String, String>) -> Option<Self> {
+        Some(Group {
+            arn: tg.target_group_arn()?.to_string(),
+            target_port: tg.port().unwrap_or_default(),
+            port: t.get(TAG_PORT)?.parse().ok()?,
+            wire: Wire::parse(t.get(TAG_PROTOCOL)?)?,
+            node_port: t.get(TAG_NODE_PORT)?.parse().ok()?,
+            owner_uid: t.get(tags::OWNER_UID)?.clone(),
+        })
+    }
 }
 
 /// `aws:///us-east-1a/i-0123456789abcdef0` -> `i-0123456789abcdef0`
@@ -137,8 +306,33 @@ pub fn instance_id(provider_id: &str) -> Option<&str> {
         .filter(|i| i.starts_with("i-"))
 }
 
+/// Rules in a security group: each CIDR, prefix list and group reference of a permission counts as one.
+fn rule_count(p: &ec2::types::IpPermission, only_described: Option<&str>) -> u32 {
+    let ours = |d: Option<&str>| only_described.is_none_or(|m| d == Some(m));
+    let n = p
+        .ip_ranges()
+        .iter()
+        .filter(|r| ours(r.description()))
+        .count()
+        + p.ipv6_ranges()
+            .iter()
+            .filter(|r| ours(r.description()))
+            .count()
+        + p.prefix_list_ids()
+            .iter()
+            .filter(|r| ours(r.description()))
+            .count()
+        + p.user_id_group_pairs()
+            .iter()
+            .filter(|r| ours(r.description()))
+            .count();
+    n as u32
+}
+
 impl AwsProvider {
     /// Credentials and endpoint from the environment (IRSA, instance profile, or `AWS_ENDPOINT_URL` for moto).
+    /// Finds the subnets (and VPC) when not given, and reads the node security group once: a wrong id or
+    /// missing network fails here, as a pool condition, before anything is made.
     pub async fn new(
         cluster_id: &str,
         pool: &str,
@@ -149,18 +343,34 @@ impl AwsProvider {
                 "aws: region is required".into(),
             ));
         }
-        if settings.vpc_id.is_empty() || settings.subnet_ids.is_empty() {
-            return Err(ProviderError::InvalidConfig(
-                "aws: vpcId and subnetIds are required (discovery by cluster tag is not implemented yet)".into(),
-            ));
-        }
+        // throttling and 5xx are retried by the SDK with jittered exponential backoff; what still fails becomes
+        // an error by meaning (Throttled -> requeued later); no call waits forever
         let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new(settings.region.clone()))
+            .retry_config(
+                aws_config::retry::RetryConfig::standard()
+                    .with_max_attempts(5)
+                    .with_max_backoff(Duration::from_secs(10)),
+            )
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(30))
+                    .operation_timeout(Duration::from_secs(90))
+                    .build(),
+            )
             .load()
             .await;
-        Ok(AwsProvider {
-            elb: elb::Client::new(&conf),
-            ec2: ec2::Client::new(&conf),
+        let calls = Arc::new(CallCounter::default());
+        let elb_conf = elb::config::Builder::from(&conf)
+            .interceptor(Counting(calls.clone()))
+            .build();
+        let ec2_conf = ec2::config::Builder::from(&conf)
+            .interceptor(Counting(calls.clone()))
+            .build();
+        let mut p = AwsProvider {
+            elb: elb::Client::from_conf(elb_conf),
+            ec2: ec2::Client::from_conf(ec2_conf),
             cluster_id: cluster_id.into(),
             pool: pool.into(),
             prefix: format!("slb-{:08x}-", fnv(&format!("{cluster_id}/{pool}"))),
@@ -168,17 +378,139 @@ impl AwsProvider {
             nodes: RwLock::new(Vec::new()),
             creating: tokio::sync::Mutex::new(()),
             vpc_cidr: tokio::sync::OnceCell::new(),
-        })
+            opened: Mutex::new(BTreeSet::new()),
+            health_rule: tokio::sync::Mutex::new(false),
+            foreign_rules: AtomicU32::new(0),
+            calls,
+        };
+        p.discover_network().await?;
+        p.count_foreign_rules().await?;
+        Ok(p)
+    }
+
+    /// The SDK calls made so far, by operation.
+    pub fn api_calls(&self) -> Vec<(String, u64)> {
+        self.calls.snapshot()
+    }
+
+    /// Subnets by the cluster's role tags when none are given, one per Availability Zone; the VPC from them.
+    async fn discover_network(&mut self) -> Result<(), ProviderError> {
+        let f = |k: &str, v: &[&str]| {
+            ec2::types::Filter::builder()
+                .name(k)
+                .set_values(Some(v.iter().map(|v| v.to_string()).collect()))
+                .build()
+        };
+        let mut req = self.ec2.describe_subnets();
+        if self.settings.subnet_ids.is_empty() {
+            let role = if self.settings.internal {
+                "kubernetes.io/role/internal-elb"
+            } else {
+                "kubernetes.io/role/elb"
+            };
+            req = req
+                .filters(f(
+                    "tag-key",
+                    &[&format!("kubernetes.io/cluster/{}", self.cluster_id)],
+                ))
+                .filters(f(&format!("tag:{role}"), &["1", ""]));
+            if !self.settings.vpc_id.is_empty() {
+                req = req.filters(f("vpc-id", &[&self.settings.vpc_id]));
+            }
+        } else if self.settings.vpc_id.is_empty() {
+            req = req.set_subnet_ids(Some(self.settings.subnet_ids.clone()));
+        } else {
+            return Ok(());
+        }
+        let found = req
+            .send()
+            .await
+            .map_err(|e| classify("describe_subnets", e))?
+            .subnets
+            .unwrap_or_default();
+        let mut by_zone: BTreeMap<String, (String, String)> = BTreeMap::new();
+        for s in &found {
+            let (Some(id), Some(zone), Some(vpc)) =
+                (s.subnet_id(), s.availability_zone(), s.vpc_id())
+            else {
+                continue;
+            };
+            let e = by_zone
+                .entry(zone.to_string())
+                .or_insert_with(|| (id.to_string(), vpc.to_string()));
+            if id < e.0.as_str() {
+                *e = (id.to_string(), vpc.to_string());
+            }
+        }
+        let vpcs: BTreeSet<&String> = by_zone.values().map(|(_, v)| v).collect();
+        if vpcs.len() != 1 {
+            return Err(ProviderError::InvalidConfig(format!(
+                "aws: no single VPC for the load balancers: subnets {} found in VPCs {vpcs:?} (tag the subnets kubernetes.io/cluster/{} and kubernetes.io/role/{}elb, or set vpcId and subnetIds)",
+                found.len(),
+                self.cluster_id,
+                if self.settings.internal {
+                    "internal-"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if self.settings.vpc_id.is_empty() {
+            self.settings.vpc_id = vpcs.into_iter().next().cloned().unwrap_or_default();
+        }
+        if self.settings.subnet_ids.is_empty() {
+            self.settings.subnet_ids = by_zone.into_values().map(|(id, _)| id).collect();
+        }
+        Ok(())
+    }
+
+    /// `slb-<hash of cluster/pool>-`: every name this provider gives starts so.
+    pub fn name_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The subnets the pool's NLBs use (given or discovered).
+    pub fn subnets(&self) -> &[String] {
+        &self.settings.subnet_ids
+    }
+
+    fn description(&self) -> String {
+        format!("sharedlb {}/{}", self.cluster_id, self.pool)
+    }
+
+    /// Counts the node security group's rules that are not this pool's: the rest of the quota is the pool's.
+    async fn count_foreign_rules(&self) -> Result<(), ProviderError> {
+        let Some(sg) = &self.settings.node_security_group_id else {
+            return Ok(());
+        };
+        let r = self
+            .ec2
+            .describe_security_groups()
+            .group_ids(sg)
+            .send()
+            .await
+            .map_err(|e| classify("describe_security_groups", e))?;
+        let mine = self.description();
+        let (all, ours) = r
+            .security_groups()
+            .iter()
+            .flat_map(|g| g.ip_permissions())
+            .fold((0, 0), |(a, o), p| {
+                (a + rule_count(p, None), o + rule_count(p, Some(&mine)))
+            });
+        self.foreign_rules.store(all - ours, Ordering::Relaxed);
+        Ok(())
     }
 
     fn lb_name(&self, index: u32) -> String {
         format!("{}{index}", self.prefix)
     }
 
-    fn tg_name(&self, index: u32, port: u16, protocol: Protocol, node_port: u16) -> String {
-        let p = match protocol {
-            Protocol::Tcp => 't',
-            Protocol::Udp => 'u',
+    fn tg_name(&self, index: u32, port: u16, wire: Wire, node_port: u16) -> String {
+        let p = match wire {
+            Wire::Tcp => 't',
+            Wire::Udp => 'u',
+            Wire::TcpUdp => 'b',
         };
         format!("{}{index}-{port}{p}-{node_port}", self.prefix)
     }
@@ -238,20 +570,14 @@ impl AwsProvider {
         t.get(tags::CLUSTER) == Some(&self.cluster_id) && t.get(tags::POOL) == Some(&self.pool)
     }
 
-    /// This load balancer's target groups (by name prefix, confirmed by tags), with their tags.
-    async fn target_groups(
-        &self,
-        index: u32,
-    ) -> Result<Vec<(elb::types::TargetGroup, BTreeMap<String, String>)>, ProviderError> {
+    /// This load balancer's target groups (by name prefix, confirmed by tags).
+    async fn target_groups(&self, index: u32) -> Result<Vec<Group>, ProviderError> {
         self.target_groups_named(&format!("{}{index}-", self.prefix))
             .await
     }
 
-    /// Target groups whose name starts with `prefix` and whose tags say they are this pool's, with the tags.
-    async fn target_groups_named(
-        &self,
-        prefix: &str,
-    ) -> Result<Vec<(elb::types::TargetGroup, BTreeMap<String, String>)>, ProviderError> {
+    /// Target groups whose name starts with `prefix` and whose tags say they are this pool's.
+    async fn target_groups_named(&self, prefix: &str) -> Result<Vec<Group>, ProviderError> {
         let mut all = Vec::new();
         let mut pages = self.elb.describe_target_groups().into_paginator().send();
         while let Some(page) = pages.next().await {
@@ -269,10 +595,13 @@ impl AwsProvider {
             .collect();
         let tags = self.tags_of(&arns).await?;
         Ok(all
-            .into_iter()
+            .iter()
             .filter_map(|t| {
-                let tg_tags = tags.get(t.target_group_arn()?)?.clone();
-                self.ours(&tg_tags).then_some((t, tg_tags))
+                let tg_tags = tags.get(t.target_group_arn()?)?;
+                if !self.ours(tg_tags) {
+                    return None;
+                }
+                Group::from(t, tg_tags)
             })
             .collect())
     }
@@ -312,57 +641,39 @@ impl AwsProvider {
             .cloned()
     }
 
-    /// The ingress one listener needs: its node port from the client ranges (the NLB keeps client IPs) and from
-    /// the VPC (health checks). Nothing wider.
-    async fn permissions(
+    fn permission(
         &self,
-        l_protocol: Protocol,
-        node_port: u16,
-        ranges: &[String],
-    ) -> Result<Vec<ec2::types::IpPermission>, ProviderError> {
-        let mut cidrs: BTreeSet<String> = if ranges.is_empty() {
-            ["0.0.0.0/0".to_string()].into()
-        } else {
-            ranges.iter().cloned().collect()
-        };
-        if let Some(vpc) = self.vpc_cidr().await? {
-            cidrs.insert(vpc);
-        }
+        protocol: Protocol,
+        port: u16,
+        cidrs: impl IntoIterator<Item = String>,
+    ) -> ec2::types::IpPermission {
         let ip_ranges = cidrs
             .into_iter()
             .filter(|c| !c.contains(':'))
             .map(|c| {
                 ec2::types::IpRange::builder()
                     .cidr_ip(c)
-                    .description(format!("sharedlb {}/{}", self.cluster_id, self.pool))
+                    .description(self.description())
                     .build()
             })
             .collect();
-        Ok(vec![
-            ec2::types::IpPermission::builder()
-                .ip_protocol(l_protocol.as_str().to_lowercase())
-                .from_port(i32::from(node_port))
-                .to_port(i32::from(node_port))
-                .set_ip_ranges(Some(ip_ranges))
-                .build(),
-        ])
+        ec2::types::IpPermission::builder()
+            .ip_protocol(protocol.as_str().to_lowercase())
+            .from_port(i32::from(port))
+            .to_port(i32::from(port))
+            .set_ip_ranges(Some(ip_ranges))
+            .build()
     }
 
-    async fn open_firewall(
-        &self,
-        protocol: Protocol,
-        node_port: u16,
-        ranges: &[String],
-    ) -> Result<(), ProviderError> {
+    async fn authorize(&self, perm: ec2::types::IpPermission) -> Result<(), ProviderError> {
         let Some(sg) = &self.settings.node_security_group_id else {
             return Ok(());
         };
-        let perms = self.permissions(protocol, node_port, ranges).await?;
         already_done(
             self.ec2
                 .authorize_security_group_ingress()
                 .group_id(sg)
-                .set_ip_permissions(Some(perms))
+                .ip_permissions(perm)
                 .send()
                 .await
                 .map(|_| ())
@@ -371,6 +682,52 @@ impl AwsProvider {
         )
     }
 
+    /// The ingress one listener needs: its node port from the client ranges (the NLB keeps client IPs), and
+    /// from the VPC for health checks unless the ranges are open anyway (one rule per port then). UDP ports are
+    /// health-checked on kube-proxy's port, opened to the VPC once for the pool. Nothing wider.
+    async fn open_firewall(
+        &self,
+        protocol: Protocol,
+        node_port: u16,
+        ranges: &[String],
+    ) -> Result<(), ProviderError> {
+        if self.settings.node_security_group_id.is_none() {
+            return Ok(());
+        }
+        let key = (protocol, node_port, ranges.to_vec());
+        if self
+            .opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&key)
+        {
+            return Ok(());
+        }
+        let mut cidrs: BTreeSet<String> = ranges.iter().cloned().collect();
+        if cidrs.is_empty() {
+            cidrs.insert("0.0.0.0/0".into());
+        } else if let Some(vpc) = self.vpc_cidr().await? {
+            cidrs.insert(vpc);
+        }
+        if protocol == Protocol::Udp {
+            let mut open = self.health_rule.lock().await;
+            if !*open {
+                let vpc = self.vpc_cidr().await?.into_iter();
+                self.authorize(self.permission(Protocol::Tcp, KUBE_PROXY_HEALTH_PORT, vpc))
+                    .await?;
+                *open = true;
+            }
+        }
+        self.authorize(self.permission(protocol, node_port, cidrs))
+            .await?;
+        self.opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key);
+        Ok(())
+    }
+
+    /// Revokes exactly the rules sharedlb added for this node port, whatever their sources.
     async fn close_firewall(
         &self,
         protocol: Protocol,
@@ -379,7 +736,10 @@ impl AwsProvider {
         let Some(sg) = &self.settings.node_security_group_id else {
             return Ok(());
         };
-        // revoke exactly the rules sharedlb added for this node port, whatever their sources
+        self.opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(p, n, _)| !(*p == protocol && *n == node_port));
         let r = self
             .ec2
             .describe_security_groups()
@@ -387,32 +747,23 @@ impl AwsProvider {
             .send()
             .await
             .map_err(|e| classify("describe_security_groups", e))?;
-        let mine = format!("sharedlb {}/{}", self.cluster_id, self.pool);
+        let mine = self.description();
+        let wire = protocol.as_str().to_lowercase();
         let perms: Vec<ec2::types::IpPermission> = r
-            .security_groups
-            .unwrap_or_default()
-            .into_iter()
-            .flat_map(|g| g.ip_permissions.unwrap_or_default())
+            .security_groups()
+            .iter()
+            .flat_map(|g| g.ip_permissions())
             .filter(|p| {
-                p.from_port == Some(i32::from(node_port))
-                    && p.ip_protocol.as_deref() == Some(protocol.as_str().to_lowercase().as_str())
+                p.from_port == Some(i32::from(node_port)) && p.ip_protocol() == Some(wire.as_str())
             })
             .filter_map(|p| {
-                let ranges: Vec<_> = p
-                    .ip_ranges
-                    .clone()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|r| r.description.as_deref() == Some(&mine))
+                let ranges: Vec<String> = p
+                    .ip_ranges()
+                    .iter()
+                    .filter(|r| r.description() == Some(&mine))
+                    .filter_map(|r| r.cidr_ip().map(str::to_string))
                     .collect();
-                (!ranges.is_empty()).then(|| {
-                    ec2::types::IpPermission::builder()
-                        .ip_protocol(protocol.as_str().to_lowercase())
-                        .from_port(i32::from(node_port))
-                        .to_port(i32::from(node_port))
-                        .set_ip_ranges(Some(ranges))
-                        .build()
-                })
+                (!ranges.is_empty()).then(|| self.permission(protocol, node_port, ranges))
             })
             .collect();
         if perms.is_empty() {
@@ -431,34 +782,189 @@ impl AwsProvider {
         )
     }
 
-    /// Deletes a target group and its firewall opening (its listener must be gone).
-    async fn drop_target_group(
+    /// Finds or creates the target group for one port, protocol(s) and node port, with the nodes registered
+    /// when it is new (`update_nodes` keeps existing ones in step).
+    async fn ensure_target_group(
         &self,
-        tg: &elb::types::TargetGroup,
-        t: &BTreeMap<String, String>,
-    ) -> Result<(), ProviderError> {
-        if let Some(arn) = tg.target_group_arn() {
-            already_done(
-                self.elb
-                    .delete_target_group()
-                    .target_group_arn(arn)
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| classify("delete_target_group", e)),
-                Already::Gone,
-            )?;
+        index: u32,
+        groups: &[Group],
+        port: u16,
+        wire: Wire,
+        node_port: u16,
+        owner_uid: &str,
+    ) -> Result<String, ProviderError> {
+        if let Some(g) = groups.iter().find(|g| {
+            g.port == port && g.wire == wire && g.node_port == node_port && g.owner_uid == owner_uid
+        }) {
+            return Ok(g.arn.clone());
         }
-        let protocol = if t.get(TAG_PROTOCOL).map(String::as_str) == Some("UDP") {
-            Protocol::Udp
+        let mut t = self.base_tags(index);
+        t.push(tag(tags::OWNER_UID, owner_uid));
+        t.push(tag(TAG_PORT, port.to_string()));
+        t.push(tag(TAG_PROTOCOL, wire.as_str()));
+        t.push(tag(TAG_NODE_PORT, node_port.to_string()));
+        let mut req = self
+            .elb
+            .create_target_group()
+            .name(self.tg_name(index, port, wire, node_port))
+            .protocol(wire.elb())
+            .port(i32::from(node_port))
+            .vpc_id(&self.settings.vpc_id)
+            .target_type(TargetTypeEnum::Instance)
+            .set_tags(Some(t));
+        req = if wire == Wire::Udp {
+            req.health_check_protocol(ProtocolEnum::Http)
+                .health_check_port(KUBE_PROXY_HEALTH_PORT.to_string())
+                .health_check_path("/healthz")
         } else {
-            Protocol::Tcp
+            req.health_check_protocol(ProtocolEnum::Tcp)
         };
-        if let Some(np) = t.get(TAG_NODE_PORT).and_then(|p| p.parse().ok()) {
-            self.close_firewall(protocol, np).await?;
+        let arn = req
+            .send()
+            .await
+            .map_err(|e| classify("create_target_group", e))?
+            .target_groups
+            .unwrap_or_default()
+            .into_iter()
+            .next()
+            .and_then(|t| t.target_group_arn)
+            .ok_or_else(|| {
+                ProviderError::Other("aws: create_target_group returned nothing".into())
+            })?;
+        let targets = self.targets(node_port);
+        if !targets.is_empty() {
+            self.elb
+                .register_targets()
+                .target_group_arn(&arn)
+                .set_targets(Some(targets))
+                .send()
+                .await
+                .map_err(|e| classify("register_targets", e))?;
+        }
+        Ok(arn)
+    }
+
+    async fn listeners(&self, lb_arn: &str) -> Result<Vec<elb::types::Listener>, ProviderError> {
+        Ok(self
+            .elb
+            .describe_listeners()
+            .load_balancer_arn(lb_arn)
+            .send()
+            .await
+            .map_err(|e| classify("describe_listeners", e))?
+            .listeners
+            .unwrap_or_default())
+    }
+
+    async fn delete_listener(&self, l: &elb::types::Listener) -> Result<(), ProviderError> {
+        already_done(
+            self.elb
+                .delete_listener()
+                .listener_arn(l.listener_arn().unwrap_or_default())
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify("delete_listener", e)),
+            Already::Gone,
+        )
+    }
+
+    async fn create_listener(
+        &self,
+        lb_arn: &str,
+        port: u16,
+        wire: Wire,
+        tg_arn: &str,
+    ) -> Result<(), ProviderError> {
+        self.elb
+            .create_listener()
+            .load_balancer_arn(lb_arn)
+            .port(i32::from(port))
+            .protocol(wire.elb())
+            .default_actions(forward(tg_arn))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| classify("create_listener", e))
+    }
+
+    /// Makes the listener on `port` carry `wire` to `tg_arn`. Listeners on the port that overlap it in
+    /// protocol go first (AWS allows one listener per port and protocol family), so a TCP listener becomes a
+    /// TCP_UDP one by delete and create (ModifyListener cannot change it on moto; a gap of one call).
+    async fn point_listener(
+        &self,
+        lb_arn: &str,
+        port: u16,
+        wire: Wire,
+        tg_arn: &str,
+    ) -> Result<(), ProviderError> {
+        let on_port: Vec<_> = self
+            .listeners(lb_arn)
+            .await?
+            .into_iter()
+            .filter(|x| x.port == Some(i32::from(port)))
+            .collect();
+        let mut exact = None;
+        for x in &on_port {
+            let Some(w) = x.protocol().and_then(|p| Wire::parse(p.as_str())) else {
+                continue;
+            };
+            if w == wire && exact.is_none() {
+                exact = Some(x);
+            } else if w.overlaps(wire) {
+                self.delete_listener(x).await?;
+            }
+        }
+        match exact {
+            None => self.create_listener(lb_arn, port, wire, tg_arn).await,
+            Some(x)
+                if x.default_actions()
+                    .first()
+                    .and_then(|a| a.target_group_arn())
+                    == Some(tg_arn) =>
+            {
+                Ok(())
+            }
+            Some(x) => self
+                .elb
+                .modify_listener()
+                .listener_arn(x.listener_arn().unwrap_or_default())
+                .default_actions(forward(tg_arn))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify("modify_listener", e)),
+        }
+    }
+
+    /// Deletes a target group (no listener may use it) and closes the firewall for what it carried, except
+    /// what `keep` (protocols on a node port) still needs.
+    async fn drop_group(&self, g: &Group, keep: Option<(Wire, u16)>) -> Result<(), ProviderError> {
+        already_done(
+            self.elb
+                .delete_target_group()
+                .target_group_arn(&g.arn)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify("delete_target_group", e)),
+            Already::Gone,
+        )?;
+        for p in g.wire.protocols() {
+            let kept = keep.is_some_and(|(w, np)| w.covers(*p) && np == g.node_port);
+            if !kept {
+                self.close_firewall(*p, g.node_port).await?;
+            }
         }
         Ok(())
     }
+}
+
+fn forward(tg_arn: &str) -> Action {
+    Action::builder()
+        .r#type(ActionTypeEnum::Forward)
+        .target_group_arn(tg_arn)
+        .build()
 }
 
 #[async_trait::async_trait]
@@ -480,13 +986,39 @@ impl LoadBalancerProvider for AwsProvider {
             *per_zone.entry(zone).or_default() += 1;
         }
         let busiest = per_zone.values().copied().max().unwrap_or(1).max(1);
+        // every port opens (at least) one rule in the node security group, which all the pool's NLBs share;
+        // one rule stays for kube-proxy's health port
+        let max_ports_total = self.settings.node_security_group_id.as_ref().map(|_| {
+            self.settings
+                .security_group_rule_limit
+                .unwrap_or(DEFAULT_SECURITY_GROUP_RULES)
+                .saturating_sub(self.foreign_rules.load(Ordering::Relaxed))
+                .saturating_sub(1)
+        });
+        // with Elastic IPs, each NLB takes one per subnet
+        let subnets = self.settings.subnet_ids.len().max(1);
+        let max_lbs = (!self.settings.eip_allocation_ids.is_empty())
+            .then(|| (self.settings.eip_allocation_ids.len() / subnets) as u32);
         Limits {
             max_ports_per_lb: MAX_LISTENERS_PER_NLB
                 .min(MAX_TARGETS_PER_AZ / busiest)
                 .max(1),
-            max_lbs: None,
+            max_lbs,
+            max_ports_total,
             port_mode: PortMode::PerLoadBalancer,
         }
+    }
+
+    fn api_calls(&self) -> Vec<ApiCalls> {
+        self.calls
+            .snapshot()
+            .into_iter()
+            .map(|(operation, calls)| ApiCalls {
+                mutating: is_mutating(&operation),
+                operation,
+                calls,
+            })
+            .collect()
     }
 
     async fn ensure_load_balancer(
@@ -502,14 +1034,40 @@ impl LoadBalancerProvider for AwsProvider {
                 } else {
                     LoadBalancerSchemeEnum::InternetFacing
                 };
-                let out = self
+                let mut req = self
                     .elb
                     .create_load_balancer()
                     .name(self.lb_name(lb.index))
                     .r#type(LoadBalancerTypeEnum::Network)
                     .scheme(scheme)
-                    .set_subnets(Some(self.settings.subnet_ids.clone()))
-                    .set_tags(Some(self.base_tags(lb.index)))
+                    .set_tags(Some(self.base_tags(lb.index)));
+                let subnets = &self.settings.subnet_ids;
+                if self.settings.eip_allocation_ids.is_empty() {
+                    req = req.set_subnets(Some(subnets.clone()));
+                } else {
+                    let from = lb.index as usize * subnets.len();
+                    let eips = self
+                        .settings
+                        .eip_allocation_ids
+                        .get(from..from + subnets.len())
+                        .ok_or_else(|| {
+                            ProviderError::QuotaExceeded(format!(
+                                "aws: {} needs {} Elastic IP allocations from eipAllocationIds[{from}..], which has {}",
+                                lb.name(),
+                                subnets.len(),
+                                self.settings.eip_allocation_ids.len()
+                            ))
+                        })?;
+                    for (subnet, eip) in subnets.iter().zip(eips) {
+                        req = req.subnet_mappings(
+                            SubnetMapping::builder()
+                                .subnet_id(subnet)
+                                .allocation_id(eip)
+                                .build(),
+                        );
+                    }
+                }
+                let out = req
                     .send()
                     .await
                     .map_err(|e| classify("create_load_balancer", e))?;
@@ -537,6 +1095,8 @@ impl LoadBalancerProvider for AwsProvider {
         })
     }
 
+    /// One target group and listener per port; when the owner already has the other protocol on this port on
+    /// the same node port, the two become one TCP_UDP target group and listener.
     async fn ensure_listener(
         &self,
         lb: &LoadBalancerKey,
@@ -547,105 +1107,34 @@ impl LoadBalancerProvider for AwsProvider {
             .await?
             .ok_or_else(|| ProviderError::NotFound(format!("aws: {}", lb.name())))?;
         let lb_arn = nlb.load_balancer_arn().unwrap_or_default().to_string();
-        let name = self.tg_name(lb.index, l.port, l.protocol, l.node_port);
-        let tgs = self.target_groups(lb.index).await?;
-        let tg_arn = match tgs
-            .iter()
-            .find(|(t, _)| t.target_group_name() == Some(name.as_str()))
-        {
-            Some((t, _)) => t.target_group_arn().unwrap_or_default().to_string(),
-            None => {
-                let mut t = self.base_tags(lb.index);
-                t.push(tag(tags::OWNER_UID, &l.owner.uid));
-                t.push(tag(TAG_PORT, l.port.to_string()));
-                t.push(tag(TAG_PROTOCOL, l.protocol.as_str()));
-                t.push(tag(TAG_NODE_PORT, l.node_port.to_string()));
-                let out = self
-                    .elb
-                    .create_target_group()
-                    .name(&name)
-                    .protocol(proto(l.protocol))
-                    .port(i32::from(l.node_port))
-                    .vpc_id(&self.settings.vpc_id)
-                    .target_type(TargetTypeEnum::Instance)
-                    .health_check_protocol(ProtocolEnum::Tcp)
-                    .set_tags(Some(t))
-                    .send()
-                    .await
-                    .map_err(|e| classify("create_target_group", e))?;
-                out.target_groups
-                    .unwrap_or_default()
-                    .into_iter()
-                    .next()
-                    .and_then(|t| t.target_group_arn)
-                    .ok_or_else(|| {
-                        ProviderError::Other("aws: create_target_group returned nothing".into())
-                    })?
-            }
+        let groups: Vec<Group> = self
+            .target_groups(lb.index)
+            .await?
+            .into_iter()
+            .filter(|g| g.port == l.port)
+            .collect();
+        let paired = groups.iter().any(|g| {
+            g.wire.covers(other(l.protocol))
+                && g.owner_uid == l.owner.uid
+                && g.node_port == l.node_port
+        });
+        let wire = if paired {
+            Wire::TcpUdp
+        } else {
+            Wire::of(l.protocol)
         };
-        let targets = self.targets(l.node_port);
-        if !targets.is_empty() {
-            self.elb
-                .register_targets()
-                .target_group_arn(&tg_arn)
-                .set_targets(Some(targets))
-                .send()
-                .await
-                .map_err(|e| classify("register_targets", e))?;
-        }
+        let tg_arn = self
+            .ensure_target_group(lb.index, &groups, l.port, wire, l.node_port, &l.owner.uid)
+            .await?;
         self.open_firewall(l.protocol, l.node_port, &l.source_ranges)
             .await?;
-        let listeners = self
-            .elb
-            .describe_listeners()
-            .load_balancer_arn(&lb_arn)
-            .send()
-            .await
-            .map_err(|e| classify("describe_listeners", e))?
-            .listeners
-            .unwrap_or_default();
-        let forward = Action::builder()
-            .r#type(ActionTypeEnum::Forward)
-            .target_group_arn(&tg_arn)
-            .build();
-        let existing = listeners.iter().find(|x| {
-            x.port == Some(i32::from(l.port)) && x.protocol.as_ref() == Some(&proto(l.protocol))
-        });
-        match existing {
-            None => {
-                self.elb
-                    .create_listener()
-                    .load_balancer_arn(&lb_arn)
-                    .port(i32::from(l.port))
-                    .protocol(proto(l.protocol))
-                    .default_actions(forward)
-                    .send()
-                    .await
-                    .map_err(|e| classify("create_listener", e))?;
-            }
-            Some(x) => {
-                let current = x
-                    .default_actions()
-                    .first()
-                    .and_then(|a| a.target_group_arn());
-                if current != Some(tg_arn.as_str()) {
-                    self.elb
-                        .modify_listener()
-                        .listener_arn(x.listener_arn().unwrap_or_default())
-                        .default_actions(forward)
-                        .send()
-                        .await
-                        .map_err(|e| classify("modify_listener", e))?;
-                }
-            }
-        }
-        // target groups of this port/protocol for an older node port are now unused
-        for (t, tt) in &tgs {
-            let same_port = tt.get(TAG_PORT) == Some(&l.port.to_string())
-                && tt.get(TAG_PROTOCOL).map(String::as_str) == Some(l.protocol.as_str());
-            if same_port && t.target_group_arn() != Some(tg_arn.as_str()) {
-                self.drop_target_group(t, tt).await?;
-            }
+        self.point_listener(&lb_arn, l.port, wire, &tg_arn).await?;
+        // groups this one replaces: the single-protocol halves of a merge, or an older node port
+        for g in groups
+            .iter()
+            .filter(|g| g.arn != tg_arn && g.wire.overlaps(wire))
+        {
+            self.drop_group(g, Some((wire, l.node_port))).await?;
         }
         Ok(())
     }
@@ -661,50 +1150,44 @@ impl LoadBalancerProvider for AwsProvider {
             return Ok(());
         };
         let lb_arn = nlb.load_balancer_arn().unwrap_or_default().to_string();
-        let tgs: Vec<_> = self
-            .target_groups(lb.index)
-            .await?
-            .into_iter()
-            .filter(|(_, t)| {
-                t.get(TAG_PORT) == Some(&port.to_string())
-                    && t.get(TAG_PROTOCOL).map(String::as_str) == Some(protocol.as_str())
-                    && t.get(tags::OWNER_UID).map(String::as_str) == Some(owner_uid)
-            })
+        let all = self.target_groups(lb.index).await?;
+        let mine: Vec<&Group> = all
+            .iter()
+            .filter(|g| g.port == port && g.wire.covers(protocol) && g.owner_uid == owner_uid)
             .collect();
-        if tgs.is_empty() {
+        if mine.is_empty() {
             return Ok(());
         }
-        let listeners = self
-            .elb
-            .describe_listeners()
-            .load_balancer_arn(&lb_arn)
-            .send()
-            .await
-            .map_err(|e| classify("describe_listeners", e))?
-            .listeners
-            .unwrap_or_default();
-        for x in listeners.iter().filter(|x| {
-            x.port == Some(i32::from(port)) && x.protocol.as_ref() == Some(&proto(protocol))
-        }) {
-            let forwards_to_ours = x.default_actions().iter().any(|a| {
-                tgs.iter()
-                    .any(|(t, _)| a.target_group_arn() == t.target_group_arn())
-            });
-            if forwards_to_ours {
-                already_done(
-                    self.elb
-                        .delete_listener()
-                        .listener_arn(x.listener_arn().unwrap_or_default())
-                        .send()
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| classify("delete_listener", e)),
-                    Already::Gone,
-                )?;
+        for g in mine {
+            if g.wire == Wire::TcpUdp {
+                // split: what stays gets its own group and listener, then the merged group goes
+                let rest = Wire::of(other(protocol));
+                let arn = self
+                    .ensure_target_group(lb.index, &all, port, rest, g.node_port, owner_uid)
+                    .await?;
+                self.point_listener(&lb_arn, port, rest, &arn).await?;
+                for x in self.listeners(&lb_arn).await? {
+                    if x.port == Some(i32::from(port))
+                        && x.default_actions()
+                            .iter()
+                            .any(|a| a.target_group_arn() == Some(g.arn.as_str()))
+                    {
+                        self.delete_listener(&x).await?;
+                    }
+                }
+                self.drop_group(g, Some((rest, g.node_port))).await?;
+            } else {
+                for x in self.listeners(&lb_arn).await? {
+                    if x.port == Some(i32::from(port))
+                        && x.default_actions()
+                            .iter()
+                            .any(|a| a.target_group_arn() == Some(g.arn.as_str()))
+                    {
+                        self.delete_listener(&x).await?;
+                    }
+                }
+                self.drop_group(g, None).await?;
             }
-        }
-        for (t, tt) in &tgs {
-            self.drop_target_group(t, tt).await?;
         }
         Ok(())
     }
@@ -723,8 +1206,15 @@ impl LoadBalancerProvider for AwsProvider {
                 Already::Gone,
             )?;
         }
-        for (t, tt) in self.target_groups(lb.index).await? {
-            self.drop_target_group(&t, &tt).await?;
+        for g in self.target_groups(lb.index).await? {
+            self.drop_group(&g, None).await?;
+        }
+        // the last NLB of the pool takes the pool's health-check rule with it
+        if self.inventory().await?.load_balancers.is_empty() {
+            let mut open = self.health_rule.lock().await;
+            self.close_firewall(Protocol::Tcp, KUBE_PROXY_HEALTH_PORT)
+                .await?;
+            *open = false;
         }
         Ok(())
     }
@@ -761,23 +1251,20 @@ impl LoadBalancerProvider for AwsProvider {
             let Some(index) = t.get(tags::INDEX).and_then(|i| i.parse().ok()) else {
                 continue;
             };
-            let listeners = self
+            let mut listeners: Vec<InventoryListener> = self
                 .target_groups(index)
                 .await?
                 .into_iter()
-                .filter_map(|(_, tt)| {
-                    Some(InventoryListener {
-                        port: tt.get(TAG_PORT)?.parse().ok()?,
-                        protocol: if tt.get(TAG_PROTOCOL)? == "UDP" {
-                            Protocol::Udp
-                        } else {
-                            Protocol::Tcp
-                        },
-                        node_port: tt.get(TAG_NODE_PORT)?.parse().ok()?,
-                        owner_uid: tt.get(tags::OWNER_UID)?.clone(),
+                .flat_map(|g| {
+                    g.wire.protocols().iter().map(move |p| InventoryListener {
+                        port: g.port,
+                        protocol: *p,
+                        node_port: g.node_port,
+                        owner_uid: g.owner_uid.clone(),
                     })
                 })
                 .collect();
+            listeners.sort();
             out.push(InventoryLoadBalancer {
                 index,
                 info: LoadBalancerInfo {
@@ -788,6 +1275,7 @@ impl LoadBalancerProvider for AwsProvider {
                 listeners,
             });
         }
+        self.count_foreign_rules().await?;
         Ok(Inventory {
             load_balancers: out,
         })
@@ -802,16 +1290,11 @@ impl LoadBalancerProvider for AwsProvider {
             .filter_map(|n| instance_id(n.provider_id.as_deref()?))
             .map(str::to_string)
             .collect();
-        let groups = self.target_groups_named(&self.prefix).await?;
-        for (tg, _) in groups {
-            let Some(arn) = tg.target_group_arn() else {
-                continue;
-            };
-            let port = tg.port().unwrap_or_default();
+        for g in self.target_groups_named(&self.prefix).await? {
             let health = self
                 .elb
                 .describe_target_health()
-                .target_group_arn(arn)
+                .target_group_arn(&g.arn)
                 .send()
                 .await
                 .map_err(|e| classify("describe_target_health", e))?;
@@ -821,13 +1304,18 @@ impl LoadBalancerProvider for AwsProvider {
                 .into_iter()
                 .filter_map(|d| d.target?.id)
                 .collect();
-            let target = |id: &String| TargetDescription::builder().id(id).port(port).build();
+            let target = |id: &String| {
+                TargetDescription::builder()
+                    .id(id)
+                    .port(g.target_port)
+                    .build()
+            };
             let add: Vec<_> = want.difference(&have).map(target).collect();
             let gone: Vec<_> = have.difference(&want).map(target).collect();
             if !add.is_empty() {
                 self.elb
                     .register_targets()
-                    .target_group_arn(arn)
+                    .target_group_arn(&g.arn)
                     .set_targets(Some(add))
                     .send()
                     .await
@@ -836,7 +1324,7 @@ impl LoadBalancerProvider for AwsProvider {
             if !gone.is_empty() {
                 self.elb
                     .deregister_targets()
-                    .target_group_arn(arn)
+                    .target_group_arn(&g.arn)
                     .set_targets(Some(gone))
                     .send()
                     .await

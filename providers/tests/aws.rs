@@ -2,6 +2,7 @@
 //! `WITH_MOTO=1 scripts/test-env up`; the official SDK clients talk to it through AWS_ENDPOINT_URL.
 #![cfg(feature = "aws")]
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use sharedlb_providers::aws::{AwsPool, AwsProvider, instance_id};
@@ -61,6 +62,7 @@ async fn network() -> AwsPool {
         subnet_ids: subnets,
         node_security_group_id: Some(sg),
         internal: false,
+        ..AwsPool::default()
     }
 }
 
@@ -304,4 +306,477 @@ fn node(name: &str, provider_id: &str) -> NodeTarget {
         provider_id: Some(provider_id.into()),
         internal_ip: None,
     }
+}
+
+async fn elb() -> aws_sdk_elasticloadbalancingv2::Client {
+    ec2().await;
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .load()
+        .await;
+    aws_sdk_elasticloadbalancingv2::Client::new(&conf)
+}
+
+/// The security group's inbound rules as (protocol, port, cidr), sorted.
+async fn ingress(sg: &str) -> Vec<(String, i32, String)> {
+    let g = ec2()
+        .await
+        .describe_security_groups()
+        .group_ids(sg)
+        .send()
+        .await
+        .expect("sg")
+        .security_groups
+        .unwrap_or_default();
+    let mut out: Vec<(String, i32, String)> = g
+        .iter()
+        .flat_map(|g| g.ip_permissions())
+        .flat_map(|p| {
+            p.ip_ranges().iter().map(move |r| {
+                (
+                    p.ip_protocol().unwrap_or_default().to_string(),
+                    p.from_port().unwrap_or_default(),
+                    r.cidr_ip().unwrap_or_default().to_string(),
+                )
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The load balancer's listeners as (port, protocol, name of the target group it forwards to), sorted.
+async fn listeners(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    lb_arn: &str,
+) -> Vec<(i32, String, String)> {
+    let tgs = elb
+        .describe_target_groups()
+        .send()
+        .await
+        .expect("tgs")
+        .target_groups
+        .unwrap_or_default();
+    let name = |arn: Option<&str>| {
+        tgs.iter()
+            .find(|t| t.target_group_arn() == arn)
+            .and_then(|t| t.target_group_name())
+            .unwrap_or("?")
+            .to_string()
+    };
+    let mut out: Vec<(i32, String, String)> = elb
+        .describe_listeners()
+        .load_balancer_arn(lb_arn)
+        .send()
+        .await
+        .expect("listeners")
+        .listeners
+        .unwrap_or_default()
+        .iter()
+        .map(|l| {
+            (
+                l.port().unwrap_or_default(),
+                l.protocol()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default(),
+                name(
+                    l.default_actions()
+                        .first()
+                        .and_then(|a| a.target_group_arn()),
+                ),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn spec(
+    port: u16,
+    protocol: Protocol,
+    node_port: u16,
+    owner: &str,
+    ranges: &[&str],
+) -> ListenerSpec {
+    ListenerSpec {
+        port,
+        protocol,
+        node_port,
+        owner: Owner {
+            uid: owner.into(),
+            namespace: "ns".into(),
+            name: owner.into(),
+        },
+        source_ranges: ranges.iter().map(|r| r.to_string()).collect(),
+        backends: vec![],
+    }
+}
+
+fn mutating(p: &AwsProvider) -> BTreeMap<String, u64> {
+    p.api_calls()
+        .into_iter()
+        .filter(|(op, _)| sharedlb_providers::aws::is_mutating(op))
+        .collect()
+}
+
+fn diff(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v - before.get(k).copied().unwrap_or(0);
+            (d > 0).then(|| (k.clone(), d))
+        })
+        .collect()
+}
+
+/// TCP and UDP of one owner on one port become one TCP_UDP listener and target group (AWS refuses two
+/// listeners on one port); removing one protocol splits it back; the firewall follows exactly. A new port
+/// costs 4 mutating calls, and ensuring it again costs none.
+#[tokio::test]
+async fn tcp_and_udp_on_one_port_share_one_tcp_udp_listener_and_split_back() {
+    let net = network().await;
+    let sg = net.node_security_group_id.clone().expect("sg");
+    let p = AwsProvider::new("both", "p1", net).await.expect("provider");
+    p.update_nodes(&[node("n1", "aws:///us-east-1a/i-0000000000000d001")])
+        .await
+        .expect("nodes");
+    let key = LoadBalancerKey {
+        cluster_id: "both".into(),
+        pool: "p1".into(),
+        index: 0,
+    };
+    let lb = p.ensure_load_balancer(&key).await.expect("nlb").id;
+    let elb = elb().await;
+    let prefix = p.api_calls(); // construction made only reads
+    assert!(
+        prefix
+            .iter()
+            .all(|(op, _)| !sharedlb_providers::aws::is_mutating(op) || op == "CreateLoadBalancer"),
+        "{prefix:?}"
+    );
+
+    let before = mutating(&p);
+    p.ensure_listener(&key, &spec(53, Protocol::Tcp, 31053, "dns", &[]))
+        .await
+        .expect("tcp");
+    let cost = diff(&mutating(&p), &before);
+    assert_eq!(
+        cost.keys().cloned().collect::<Vec<_>>(),
+        [
+            "AuthorizeSecurityGroupIngress",
+            "CreateListener",
+            "CreateTargetGroup",
+            "RegisterTargets"
+        ],
+        "{cost:?}"
+    );
+    assert_eq!(
+        cost.values().sum::<u64>(),
+        4,
+        "four mutating calls for a new port: {cost:?}"
+    );
+    let before = mutating(&p);
+    p.ensure_listener(&key, &spec(53, Protocol::Tcp, 31053, "dns", &[]))
+        .await
+        .expect("again");
+    assert_eq!(
+        diff(&mutating(&p), &before),
+        BTreeMap::new(),
+        "a steady-state ensure changes nothing"
+    );
+
+    p.ensure_listener(&key, &spec(53, Protocol::Udp, 31053, "dns", &[]))
+        .await
+        .expect("udp");
+    let suffix = |n: &str| {
+        n.rsplit_once("-0-")
+            .map(|(_, s)| s.to_string())
+            .unwrap_or_default()
+    };
+    let got: Vec<(i32, String, String)> = listeners(&elb, &lb)
+        .await
+        .into_iter()
+        .map(|(port, proto, tg)| (port, proto, suffix(&tg)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(53, "TCP_UDP".to_string(), "53b-31053".to_string())],
+        "one merged listener"
+    );
+    let open = "0.0.0.0/0".to_string();
+    assert_eq!(
+        ingress(&sg).await,
+        vec![
+            ("tcp".to_string(), 10256, "10.42.0.0/16".to_string()),
+            ("tcp".to_string(), 31053, open.clone()),
+            ("udp".to_string(), 31053, open.clone()),
+        ],
+        "both protocols on the node port, kube-proxy's health port to the VPC, nothing else"
+    );
+    let inv = p.inventory().await.expect("inventory");
+    let l: Vec<(u16, Protocol, u16)> = inv.load_balancers[0]
+        .listeners
+        .iter()
+        .map(|l| (l.port, l.protocol, l.node_port))
+        .collect();
+    assert_eq!(
+        l,
+        vec![(53, Protocol::Tcp, 31053), (53, Protocol::Udp, 31053)],
+        "the inventory sees both"
+    );
+    assert_eq!(
+        tg_names(&elb, &p).await,
+        vec!["53b-31053".to_string()],
+        "the single-protocol group is gone"
+    );
+
+    // a UDP-only port is health-checked on kube-proxy's port, a TCP one on its node port
+    p.ensure_listener(
+        &key,
+        &spec(5000, Protocol::Udp, 31500, "u", &["198.51.100.0/24"]),
+    )
+    .await
+    .expect("udp only");
+    let hc = health_check(&elb, "5000u-31500").await;
+    assert_eq!(hc, ("HTTP".to_string(), "10256".to_string()));
+    assert_eq!(
+        health_check(&elb, "53b-31053").await,
+        ("TCP".to_string(), "traffic-port".to_string())
+    );
+
+    // removing UDP from port 53 leaves a TCP listener and only the TCP rule
+    p.remove_listener(&key, 53, Protocol::Udp, "dns")
+        .await
+        .expect("split");
+    let got: Vec<(i32, String, String)> = listeners(&elb, &lb)
+        .await
+        .into_iter()
+        .map(|(port, proto, tg)| (port, proto, suffix(&tg)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (53, "TCP".to_string(), "53t-31053".to_string()),
+            (5000, "UDP".to_string(), "5000u-31500".to_string())
+        ]
+    );
+    let rules = ingress(&sg).await;
+    assert!(
+        rules.contains(&("tcp".to_string(), 31053, open.clone())),
+        "{rules:?}"
+    );
+    assert!(
+        !rules.iter().any(|r| r.0 == "udp" && r.1 == 31053),
+        "{rules:?}"
+    );
+    // someone else's uid removes nothing
+    p.remove_listener(&key, 53, Protocol::Tcp, "not-the-owner")
+        .await
+        .expect("noop");
+    assert_eq!(listeners(&elb, &lb).await.len(), 2);
+
+    p.remove_listener(&key, 53, Protocol::Tcp, "dns")
+        .await
+        .expect("tcp");
+    p.remove_listener(&key, 5000, Protocol::Udp, "u")
+        .await
+        .expect("udp");
+    assert!(listeners(&elb, &lb).await.is_empty());
+    p.delete_load_balancer(&key).await.expect("delete");
+    assert_eq!(
+        ingress(&sg).await,
+        vec![],
+        "every rule went with its port, the health rule with the last NLB"
+    );
+    assert!(tg_names(&elb, &p).await.is_empty());
+}
+
+/// Names (after `<prefix><index>-`) of the provider's target groups.
+async fn tg_names(elb: &aws_sdk_elasticloadbalancingv2::Client, p: &AwsProvider) -> Vec<String> {
+    let inv_prefix = p.name_prefix().to_string();
+    let mut out: Vec<String> = elb
+        .describe_target_groups()
+        .send()
+        .await
+        .expect("tgs")
+        .target_groups
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|t| t.target_group_name()?.strip_prefix(&inv_prefix))
+        .map(|n| {
+            n.split_once('-')
+                .map(|(_, s)| s.to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// (protocol, port) of the health check of the target group whose name ends with `suffix`.
+async fn health_check(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    suffix: &str,
+) -> (String, String) {
+    let tgs = elb
+        .describe_target_groups()
+        .send()
+        .await
+        .expect("tgs")
+        .target_groups
+        .unwrap_or_default();
+    let t = tgs
+        .iter()
+        .find(|t| t.target_group_name().is_some_and(|n| n.ends_with(suffix)))
+        .expect("group");
+    (
+        t.health_check_protocol()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default(),
+        t.health_check_port().unwrap_or_default().to_string(),
+    )
+}
+
+/// The node security group's rule quota becomes a pool-wide port budget, less the rules others hold there.
+#[tokio::test]
+async fn the_security_group_rule_quota_is_the_pools_port_budget() {
+    let mut net = network().await;
+    let sg = net.node_security_group_id.clone().expect("sg");
+    let ec2 = ec2().await;
+    for port in [22, 443, 10250] {
+        ec2.authorize_security_group_ingress()
+            .group_id(&sg)
+            .ip_protocol("tcp")
+            .from_port(port)
+            .to_port(port)
+            .cidr_ip("10.0.0.0/8")
+            .send()
+            .await
+            .expect("someone else's rule");
+    }
+    let p = AwsProvider::new("budget", "p", net.clone())
+        .await
+        .expect("provider");
+    assert_eq!(
+        p.limits().max_ports_total,
+        Some(60 - 3 - 1),
+        "the default quota, less 3 foreign rules and kube-proxy's health rule"
+    );
+    net.security_group_rule_limit = Some(200);
+    let p = AwsProvider::new("budget", "p", net.clone())
+        .await
+        .expect("provider");
+    assert_eq!(p.limits().max_ports_total, Some(196));
+    net.node_security_group_id = None;
+    let p = AwsProvider::new("budget", "p", net)
+        .await
+        .expect("provider");
+    assert_eq!(
+        p.limits().max_ports_total,
+        None,
+        "no security group to fill, no budget"
+    );
+    assert_eq!(p.limits().max_ports_per_lb, 50);
+}
+
+/// Without subnets, the provider finds the cluster's tagged ones (one per zone) and their VPC; Elastic IPs
+/// cap the pool at one NLB per group of as many as there are subnets.
+#[tokio::test]
+async fn subnets_are_found_by_the_cluster_tag_and_elastic_ips_cap_the_pool() {
+    let net = network().await;
+    let ec2 = ec2().await;
+    let cluster = format!("tagged-{}", fastrand::u32(..));
+    let mut tagged = Vec::new();
+    for (i, az) in ["us-east-1a", "us-east-1b"].iter().enumerate() {
+        let s = ec2
+            .create_subnet()
+            .vpc_id(&net.vpc_id)
+            .cidr_block(format!("10.42.{}.0/24", 10 + i))
+            .availability_zone(*az)
+            .send()
+            .await
+            .expect("subnet")
+            .subnet
+            .and_then(|s| s.subnet_id)
+            .expect("id");
+        ec2.create_tags()
+            .resources(&s)
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key(format!("kubernetes.io/cluster/{cluster}"))
+                    .value("shared")
+                    .build(),
+            )
+            .tags(
+                aws_sdk_ec2::types::Tag::builder()
+                    .key("kubernetes.io/role/elb")
+                    .value("1")
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("tags");
+        tagged.push(s);
+    }
+    tagged.sort();
+    let mut eips = Vec::new();
+    for _ in 0..3 {
+        eips.push(
+            ec2.allocate_address()
+                .domain(aws_sdk_ec2::types::DomainType::Vpc)
+                .send()
+                .await
+                .expect("eip")
+                .allocation_id
+                .expect("allocation"),
+        );
+    }
+    let pool = AwsPool {
+        region: "us-east-1".into(),
+        eip_allocation_ids: eips,
+        ..AwsPool::default()
+    };
+    let p = AwsProvider::new(&cluster, "p", pool)
+        .await
+        .expect("provider");
+    let mut found = p.subnets().to_vec();
+    found.sort();
+    assert_eq!(
+        found, tagged,
+        "the tagged subnets, not the untagged ones of the same VPC"
+    );
+    assert_eq!(
+        p.limits().max_lbs,
+        Some(1),
+        "3 Elastic IPs over 2 subnets is one NLB"
+    );
+    let key = |index| LoadBalancerKey {
+        cluster_id: cluster.clone(),
+        pool: "p".into(),
+        index,
+    };
+    p.ensure_load_balancer(&key(0))
+        .await
+        .expect("the first NLB has its two EIPs");
+    let e = p
+        .ensure_load_balancer(&key(1))
+        .await
+        .expect_err("no EIPs left");
+    assert!(matches!(e, ProviderError::QuotaExceeded(_)), "{e:?}");
+    p.delete_load_balancer(&key(0)).await.expect("delete");
+
+    let e = AwsProvider::new(
+        "no-such-cluster",
+        "p",
+        AwsPool {
+            region: "us-east-1".into(),
+            ..AwsPool::default()
+        },
+    )
+    .await
+    .expect_err("nothing tagged");
+    assert!(
+        matches!(e, ProviderError::InvalidConfig(ref m) if m.contains("kubernetes.io/cluster/no-such-cluster")),
+        "{e:?}"
+    );
 }
