@@ -70,6 +70,11 @@ async fn add_node(client: &Client, name: &str, zone: &str, instance: &str) {
 
 /// Our NLBs (by the tags sharedlb puts on them) and our target groups' target counts.
 async fn cloud(cluster: &str) -> (Vec<String>, Vec<usize>) {
+    cloud_of(cluster, None).await
+}
+
+/// The same, for one pool only when `pool` is given.
+async fn cloud_of(cluster: &str, pool: Option<&str>) -> (Vec<String>, Vec<usize>) {
     let c = elb::Client::new(&conf().await);
     let lbs = c
         .describe_load_balancers()
@@ -99,11 +104,13 @@ async fn cloud(cluster: &str) -> (Vec<String>, Vec<usize>) {
             .await
             .expect("tags");
         for td in d.tag_descriptions.unwrap_or_default() {
-            if td
-                .tags
-                .unwrap_or_default()
-                .iter()
-                .any(|t| t.key() == Some("sharedlb.dev/cluster") && t.value() == Some(cluster))
+            let has = |k: &str, v: &str| {
+                td.tags()
+                    .iter()
+                    .any(|t| t.key() == Some(k) && t.value() == Some(v))
+            };
+            if has("sharedlb.dev/cluster", cluster)
+                && pool.is_none_or(|p| has("sharedlb.dev/pool", p))
             {
                 ours.insert(td.resource_arn.unwrap_or_default());
             }
@@ -239,4 +246,312 @@ async fn a_missing_subnet_is_a_condition_with_the_aws_message_and_nothing_half_m
     delete_namespace(&client, &ns).await;
     delete_pool(&client, "aws-bad").await;
     op.kill().await;
+}
+
+/// The node security group's inbound rules as (protocol, port, cidr), sorted.
+async fn ingress(sg: &str) -> Vec<(String, i32, String)> {
+    let ec2 = aws_sdk_ec2::Client::new(&conf().await);
+    let g = ec2
+        .describe_security_groups()
+        .group_ids(sg)
+        .send()
+        .await
+        .expect("sg")
+        .security_groups
+        .unwrap_or_default();
+    let mut out: Vec<(String, i32, String)> = g
+        .iter()
+        .flat_map(|g| g.ip_permissions())
+        .flat_map(|p| {
+            p.ip_ranges().iter().map(move |r| {
+                (
+                    p.ip_protocol().unwrap_or_default().to_string(),
+                    p.from_port().unwrap_or_default(),
+                    r.cidr_ip().unwrap_or_default().to_string(),
+                )
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Listeners of the NLBs whose name starts with nothing in particular but whose DNS name is `hostname`:
+/// (port, protocol, target group port).
+async fn nlb_listeners(hostname: &str) -> Vec<(i32, String, i32)> {
+    let c = elb::Client::new(&conf().await);
+    let lb = c
+        .describe_load_balancers()
+        .send()
+        .await
+        .expect("lbs")
+        .load_balancers
+        .unwrap_or_default()
+        .into_iter()
+        .find(|l| l.dns_name() == Some(hostname))
+        .expect("the SharedLB's NLB");
+    let tgs = c
+        .describe_target_groups()
+        .load_balancer_arn(lb.load_balancer_arn().unwrap_or_default())
+        .send()
+        .await
+        .expect("tgs")
+        .target_groups
+        .unwrap_or_default();
+    let mut out: Vec<(i32, String, i32)> = c
+        .describe_listeners()
+        .load_balancer_arn(lb.load_balancer_arn().unwrap_or_default())
+        .send()
+        .await
+        .expect("listeners")
+        .listeners
+        .unwrap_or_default()
+        .iter()
+        .map(|l| {
+            let tg = l
+                .default_actions()
+                .first()
+                .and_then(|a| a.target_group_arn());
+            (
+                l.port().unwrap_or_default(),
+                l.protocol()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_default(),
+                tgs.iter()
+                    .find(|t| t.target_group_arn() == tg)
+                    .and_then(|t| t.port())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn node_port(s: &sharedlb_crds::SharedLB, name: &str) -> i32 {
+    s.status
+        .as_ref()
+        .and_then(|st| st.ports.iter().find(|p| p.name == name))
+        .and_then(|p| p.node_port)
+        .expect("a node port")
+}
+
+fn port(s: &sharedlb_crds::SharedLB, name: &str) -> i32 {
+    s.status
+        .as_ref()
+        .and_then(|st| st.ports.iter().find(|p| p.name == name))
+        .map(|p| p.port)
+        .expect("a port")
+}
+
+/// TCP, UDP and both on one port: one TCP_UDP listener for the pair (one node port for both Service ports),
+/// security-group rules exactly for the node ports and sources; the rule quota caps the pool with a clear
+/// condition; dropping a protocol splits the listener; deleting leaves no rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_udp_and_both_get_exact_listeners_and_rules_within_the_rule_budget() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let (vpc, subnets) = network().await;
+    let ec2 = aws_sdk_ec2::Client::new(&conf().await);
+    let sg = ec2
+        .create_security_group()
+        .group_name(format!("e2e-nodes-{}", fastrand::u32(..)))
+        .description("nodes")
+        .vpc_id(&vpc)
+        .send()
+        .await
+        .expect("sg")
+        .group_id
+        .expect("sg id");
+    add_node(&client, "aws-m1", "us-east-1a", "i-00000000000000c01").await;
+    let op = Operator::start(&client, &MemoryCloud::new());
+    let ns = namespace(&client, "aws-mix", &[]).await;
+    let pool = format!("aws-mix-{}", fastrand::u32(..100_000));
+    // 6 rules, one kept for kube-proxy's health port: 5 ports in the whole pool
+    create_pool(
+        &client,
+        &pool,
+        json!({"provider": {"aws": {"region": "us-east-1", "vpcId": vpc, "subnetIds": subnets,
+            "nodeSecurityGroupId": sg, "securityGroupRuleLimit": 6}},
+        "portRange": {"min": 7000, "max": 7999}}),
+    )
+    .await;
+    let api: Api<sharedlb_crds::SharedLB> = Api::namespaced(client.clone(), &ns);
+    create_slb(
+        &client,
+        &ns,
+        "dns",
+        json!({"pool": pool, "selector": {"app": "dns"}, "ports": [
+        {"name": "dns-tcp", "port": 53, "targetPort": 5353, "protocol": "TCP"},
+        {"name": "dns-udp", "port": 53, "targetPort": 5353, "protocol": "UDP"}]}),
+    )
+    .await;
+    create_slb(
+        &client,
+        &ns,
+        "web",
+        json!({"pool": pool, "selector": {"app": "web"}, "ports": [
+        {"name": "http", "targetPort": 80}]}),
+    )
+    .await;
+    create_slb(&client, &ns, "game", json!({"pool": pool, "selector": {"app": "game"},
+        "sourceRanges": ["198.51.100.0/24"], "ports": [{"name": "g", "targetPort": 7777, "protocol": "UDP"}]})).await;
+    let dns = ready(&client, &ns, "dns", 120).await;
+    let web = ready(&client, &ns, "web", 120).await;
+    let game = ready(&client, &ns, "game", 120).await;
+    let (dns_np, web_np, game_np) = (
+        node_port(&dns, "dns-tcp"),
+        node_port(&web, "http"),
+        node_port(&game, "g"),
+    );
+    assert_eq!(
+        dns_np,
+        node_port(&dns, "dns-udp"),
+        "TCP and UDP of port 53 share one node port"
+    );
+    let svc: k8s_openapi::api::core::v1::Service = Api::namespaced(client.clone(), &ns)
+        .get("dns-sharedlb")
+        .await
+        .expect("service");
+    let nps: BTreeSet<i32> = svc
+        .spec
+        .and_then(|s| s.ports)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p.node_port)
+        .collect();
+    assert_eq!(nps, BTreeSet::from([dns_np]), "the Service agrees");
+    let host = dns
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.clone())
+        .and_then(|l| l.hostname)
+        .expect("host");
+    let mut want_listeners = vec![
+        (53, "TCP_UDP".to_string(), dns_np),
+        (port(&web, "http"), "TCP".to_string(), web_np),
+        (port(&game, "g"), "UDP".to_string(), game_np),
+    ];
+    want_listeners.sort();
+    assert_eq!(
+        nlb_listeners(&host).await,
+        want_listeners,
+        "one listener per port, TCP_UDP for the pair, each to its node port"
+    );
+    let open = "0.0.0.0/0".to_string();
+    let vpc_cidr = "10.77.0.0/16".to_string();
+    let s = |p: &str, n: i32, c: &str| (p.to_string(), n, c.to_string());
+    let mut want = vec![
+        s("tcp", dns_np, &open),
+        s("udp", dns_np, &open),
+        s("tcp", web_np, &open),
+        s("udp", game_np, "198.51.100.0/24"),
+        s("udp", game_np, &vpc_cidr),
+        s("tcp", 10256, &vpc_cidr),
+    ];
+    want.sort();
+    assert_eq!(
+        ingress(&sg).await,
+        want,
+        "exactly the node ports, from exactly the sources"
+    );
+
+    // the budget: 4 ports used, 1 left
+    create_slb(
+        &client,
+        &ns,
+        "fifth",
+        json!({"pool": pool, "selector": {"app": "x"}, "ports": [{"name": "p", "targetPort": 80}]}),
+    )
+    .await;
+    ready(&client, &ns, "fifth", 60).await;
+    create_slb(
+        &client,
+        &ns,
+        "sixth",
+        json!({"pool": pool, "selector": {"app": "x"}, "ports": [{"name": "p", "targetPort": 80}]}),
+    )
+    .await;
+    let msg = refused(&client, &ns, "sixth", "PoolPortBudgetExhausted").await;
+    assert!(msg.contains("budget of 5"), "{msg}");
+    eventually(10, "an Event says so", || async {
+        event_reasons(&client, &ns, "sixth")
+            .await
+            .contains(&"PoolPortBudgetExhausted".to_string())
+            .then_some(())
+    })
+    .await;
+
+    // dropping UDP from port 53 splits the listener and takes the UDP rule away
+    api.patch(
+        "dns",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"ports": [{"name": "dns-tcp", "port": 53, "targetPort": 5353, "protocol": "TCP"}]}})),
+    )
+    .await
+    .expect("patch");
+    eventually(60, "port 53 is TCP only", || async {
+        nlb_listeners(&host)
+            .await
+            .contains(&(53, "TCP".to_string(), dns_np))
+            .then_some(())
+    })
+    .await;
+    let rules = ingress(&sg).await;
+    assert!(
+        !rules.contains(&s("udp", dns_np, &open)) && rules.contains(&s("tcp", dns_np, &open)),
+        "{rules:?}"
+    );
+    // the freed port lets the refused one in
+    ready(&client, &ns, "sixth", 60).await;
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, &pool).await;
+    assert_eq!(ingress(&sg).await, vec![], "no rule is left");
+    let (nlbs, tgs) = cloud_of("e2e", Some(&pool)).await;
+    assert!(nlbs.is_empty() && tgs.is_empty(), "{nlbs:?} {}", tgs.len());
+    let _ = Api::<Node>::all(client.clone())
+        .delete("aws-m1", &DeleteParams::default())
+        .await;
+    op.kill().await;
+}
+
+/// `examples/pool-aws.yaml` is a valid pool: the apiserver takes it (server-side dry run) and keeps every field
+/// of it (a field the schema does not know would be pruned silently).
+#[tokio::test]
+async fn the_aws_pool_example_is_accepted_whole() {
+    use serde::Deserialize;
+    let client = client().await;
+    let path = format!("{}/../examples/pool-aws.yaml", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).expect("example");
+    let doc: serde_json::Value =
+        serde_json::Value::deserialize(serde_yaml::Deserializer::from_str(&text)).expect("yaml");
+    let ar = kube::api::ApiResource::erase::<sharedlb_crds::LoadBalancerPool>(&());
+    let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &ar);
+    let obj: kube::api::DynamicObject = serde_json::from_value(doc.clone()).expect("object");
+    let back = api
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            },
+            &obj,
+        )
+        .await
+        .expect("the apiserver accepts the example");
+    fn within(want: &serde_json::Value, got: &serde_json::Value, at: &str) {
+        match (want, got) {
+            (serde_json::Value::Object(w), serde_json::Value::Object(g)) => {
+                for (k, v) in w {
+                    within(
+                        v,
+                        g.get(k).unwrap_or(&serde_json::Value::Null),
+                        &format!("{at}.{k}"),
+                    );
+                }
+            }
+            _ => assert_eq!(want, got, "{at} is kept as written"),
+        }
+    }
+    within(&doc["spec"], &back.data["spec"], "spec");
 }
