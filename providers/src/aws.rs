@@ -179,6 +179,14 @@ where
     }
 }
 
+/// At construction, something the pool names that does not exist is a configuration error.
+fn config_error(e: ProviderError) -> ProviderError {
+    match e {
+        ProviderError::NotFound(m) => ProviderError::InvalidConfig(m),
+        other => other,
+    }
+}
+
 /// What an idempotent step may find already done.
 #[derive(Debug, Clone, Copy)]
 enum Already {
@@ -384,7 +392,8 @@ impl AwsProvider {
             calls,
         };
         p.discover_network().await?;
-        p.count_foreign_rules().await?;
+        p.vpc_cidr().await.map_err(config_error)?;
+        p.count_foreign_rules().await.map_err(config_error)?;
         Ok(p)
     }
 
@@ -417,15 +426,14 @@ impl AwsProvider {
             if !self.settings.vpc_id.is_empty() {
                 req = req.filters(f("vpc-id", &[&self.settings.vpc_id]));
             }
-        } else if self.settings.vpc_id.is_empty() {
-            req = req.set_subnet_ids(Some(self.settings.subnet_ids.clone()));
         } else {
-            return Ok(());
+            // given subnets are checked: a wrong id is the pool's condition before anything is made
+            req = req.set_subnet_ids(Some(self.settings.subnet_ids.clone()));
         }
         let found = req
             .send()
             .await
-            .map_err(|e| classify("describe_subnets", e))?
+            .map_err(|e| config_error(classify("describe_subnets", e)))?
             .subnets
             .unwrap_or_default();
         let mut by_zone: BTreeMap<String, (String, String)> = BTreeMap::new();
@@ -443,6 +451,21 @@ impl AwsProvider {
             }
         }
         let vpcs: BTreeSet<&String> = by_zone.values().map(|(_, v)| v).collect();
+        if !self.settings.subnet_ids.is_empty() {
+            let wrong_vpc = !self.settings.vpc_id.is_empty()
+                && vpcs.iter().any(|v| **v != self.settings.vpc_id);
+            if vpcs.len() != 1 || wrong_vpc {
+                return Err(ProviderError::InvalidConfig(format!(
+                    "aws: subnets {:?} are in VPCs {vpcs:?}, not all in one VPC{}",
+                    self.settings.subnet_ids,
+                    if wrong_vpc {
+                        format!(" {}", self.settings.vpc_id)
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+        }
         if vpcs.len() != 1 {
             return Err(ProviderError::InvalidConfig(format!(
                 "aws: no single VPC for the load balancers: subnets {} found in VPCs {vpcs:?} (tag the subnets kubernetes.io/cluster/{} and kubernetes.io/role/{}elb, or set vpcId and subnetIds)",

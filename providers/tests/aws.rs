@@ -225,30 +225,47 @@ async fn listeners_target_groups_and_firewall_are_exactly_what_the_port_needs() 
 }
 
 #[tokio::test]
-async fn a_missing_vpc_or_subnet_is_an_error_by_meaning() {
-    let mut net = network().await;
-    net.subnet_ids = vec!["subnet-0000000000000dead".into()];
-    let p = AwsProvider::new("bad", "p", net).await.expect("provider");
-    let key = LoadBalancerKey {
-        cluster_id: "bad".into(),
-        pool: "p".into(),
-        index: 0,
-    };
-    let e = p
-        .ensure_load_balancer(&key)
-        .await
-        .expect_err("no such subnet");
-    assert!(
-        matches!(
-            e,
-            ProviderError::InvalidConfig(_) | ProviderError::NotFound(_)
+async fn a_missing_vpc_subnet_or_security_group_is_a_configuration_error_before_anything_is_made() {
+    let net = network().await;
+    let cases = [
+        (
+            "subnet",
+            AwsPool {
+                subnet_ids: vec!["subnet-0000000000000dead".into()],
+                ..net.clone()
+            },
         ),
-        "{e:?}"
-    );
-    assert!(
-        e.to_string().contains("subnet"),
-        "AWS's message is kept: {e}"
-    );
+        (
+            "vpc",
+            AwsPool {
+                vpc_id: "vpc-0000000000000dead".into(),
+                ..net.clone()
+            },
+        ),
+        (
+            "group",
+            AwsPool {
+                node_security_group_id: Some("sg-0000000000000dead".into()),
+                ..net.clone()
+            },
+        ),
+    ];
+    for (what, pool) in cases {
+        let e = AwsProvider::new("bad", "p", pool)
+            .await
+            .expect_err("refused at construction");
+        assert!(
+            matches!(e, ProviderError::InvalidConfig(_)),
+            "{what}: {e:?}"
+        );
+        assert!(
+            e.to_string().to_lowercase().contains(what),
+            "AWS's message names the {what}: {e}"
+        );
+    }
+    let p = AwsProvider::new("bad", "p", net)
+        .await
+        .expect("the good one");
     assert!(
         p.inventory()
             .await

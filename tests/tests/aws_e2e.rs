@@ -222,26 +222,34 @@ async fn a_missing_subnet_is_a_condition_with_the_aws_message_and_nothing_half_m
     let ns = namespace(&client, "aws-bad", &[]).await;
     create_pool(&client, "aws-bad", json!({"provider": {"aws": {"region": "us-east-1", "vpcId": vpc, "subnetIds": ["subnet-0000000000000dead"]}}})).await;
     create_slb(&client, &ns, "x", json!({"pool": "aws-bad", "selector": {"app": "x"}, "ports": [{"name": "p", "targetPort": 80}]})).await;
-    let api: Api<sharedlb_crds::SharedLB> = Api::namespaced(client.clone(), &ns);
-    let (reason, msg) = eventually(60, "a cloud condition", || async {
-        let (st, r, m) = condition(&api.get("x").await.ok()?, "Programmed")?;
-        (st == "False").then_some((r, m))
+    // the pool says what is wrong, in AWS's words
+    let pools: Api<sharedlb_crds::LoadBalancerPool> = Api::all(client.clone());
+    let (reason, msg) = eventually(60, "a pool condition", || async {
+        let p = pools.get("aws-bad").await.ok()?;
+        let c = p
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready" && c.status == "False")?;
+        Some((c.reason, c.message))
     })
     .await;
-    assert!(reason.starts_with("Cloud"), "{reason}");
+    assert_eq!(reason, "CloudInvalidConfig");
     assert!(
-        msg.contains("subnet"),
-        "AWS's message reaches the user: {msg}"
+        msg.contains("InvalidSubnetID") || msg.contains("subnet"),
+        "AWS's message reaches the pool: {msg}"
     );
-    eventually(10, "an Event with the cloud reason", || async {
+    // and so does the SharedLB, with an Event
+    let msg = refused(&client, &ns, "x", "PoolNotReady").await;
+    assert!(msg.contains("subnet"), "{msg}");
+    eventually(10, "an Event with the reason", || async {
         event_reasons(&client, &ns, "x")
             .await
-            .contains(&reason)
+            .contains(&"PoolNotReady".to_string())
             .then_some(())
     })
     .await;
-    // the other aws test deletes all it makes, so any NLB of the cluster now would be this pool's
-    let (nlbs, _) = cloud("e2e").await;
+    let (nlbs, _) = cloud_of("e2e", Some("aws-bad")).await;
     assert!(nlbs.is_empty(), "nothing half-made: {nlbs:?}");
     delete_namespace(&client, &ns).await;
     delete_pool(&client, "aws-bad").await;
