@@ -171,7 +171,10 @@ where
         {
             ProviderError::InvalidConfig(msg)
         }
-        // no credentials at all, or a wrong endpoint: nothing a quick retry fixes, but not the user's spec
+        // no credentials at all: nothing a quick retry fixes
+        "" if msg.contains("credential") => ProviderError::InvalidConfig(format!(
+            "{msg} (the operator finds credentials by IRSA, an instance profile, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+        )),
         "" if matches!(e, elb::error::SdkError::ConstructionFailure(_)) => {
             ProviderError::InvalidConfig(msg)
         }
@@ -599,12 +602,52 @@ impl AwsProvider {
             .await
     }
 
-    /// Target groups whose name starts with `prefix` and whose tags say they are this pool's.
+    /// The target groups this load balancer's listeners use: the hot path (every ensure) costs calls in
+    /// proportion to one NLB's ports, not to every target group of the account.
+    async fn lb_groups(&self, index: u32, lb_arn: &str) -> Result<Vec<Group>, ProviderError> {
+        self.groups_where(&format!("{}{index}-", self.prefix), Some(lb_arn))
+            .await
+    }
+
+    /// The one target group of this name, if it exists and is this pool's (made but not yet used by a
+    /// listener when a crash came between the two).
+    async fn named_group(&self, name: &str) -> Result<Option<Group>, ProviderError> {
+        let found = match self.elb.describe_target_groups().names(name).send().await {
+            Ok(r) => r.target_groups.unwrap_or_default(),
+            Err(e) => match classify("describe_target_groups", e) {
+                ProviderError::NotFound(_) => return Ok(None),
+                other => return Err(other),
+            },
+        };
+        self.ours_of(found).await.map(|g| g.into_iter().next())
+    }
+
+    /// Target groups whose name starts with `prefix` and whose tags say they are this pool's: every target
+    /// group of the account is listed (the API filters by name, ARN or load balancer only), so this is for
+    /// rebuilds, deletes and node changes, not for every reconcile.
     async fn target_groups_named(&self, prefix: &str) -> Result<Vec<Group>, ProviderError> {
+        self.groups_where(prefix, None).await
+    }
+
+    async fn groups_where(
+        &self,
+        prefix: &str,
+        lb_arn: Option<&str>,
+    ) -> Result<Vec<Group>, ProviderError> {
         let mut all = Vec::new();
-        let mut pages = self.elb.describe_target_groups().into_paginator().send();
+        let mut pages = self
+            .elb
+            .describe_target_groups()
+            .set_load_balancer_arn(lb_arn.map(str::to_string))
+            .into_paginator()
+            .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| classify("describe_target_groups", e))?;
+            let page = match page.map_err(|e| classify("describe_target_groups", e)) {
+                Ok(p) => p,
+                // a load balancer without target groups (moto says "not found" rather than nothing)
+                Err(ProviderError::NotFound(_)) if lb_arn.is_some() => break,
+                Err(e) => return Err(e),
+            };
             all.extend(
                 page.target_groups
                     .unwrap_or_default()
@@ -612,6 +655,14 @@ impl AwsProvider {
                     .filter(|t| t.target_group_name().is_some_and(|n| n.starts_with(prefix))),
             );
         }
+        self.ours_of(all).await
+    }
+
+    /// The given target groups that are this pool's, read from their tags.
+    async fn ours_of(
+        &self,
+        all: Vec<elb::types::TargetGroup>,
+    ) -> Result<Vec<Group>, ProviderError> {
         let arns: Vec<String> = all
             .iter()
             .filter_map(|t| t.target_group_arn().map(str::to_string))
@@ -816,10 +867,15 @@ impl AwsProvider {
         node_port: u16,
         owner_uid: &str,
     ) -> Result<String, ProviderError> {
-        if let Some(g) = groups.iter().find(|g| {
+        let same = |g: &Group| {
             g.port == port && g.wire == wire && g.node_port == node_port && g.owner_uid == owner_uid
-        }) {
+        };
+        if let Some(g) = groups.iter().find(|g| same(g)) {
             return Ok(g.arn.clone());
+        }
+        let name = self.tg_name(index, port, wire, node_port);
+        if let Some(g) = self.named_group(&name).await?.filter(same) {
+            return Ok(g.arn);
         }
         let mut t = self.base_tags(index);
         t.push(tag(tags::OWNER_UID, owner_uid));
@@ -829,7 +885,7 @@ impl AwsProvider {
         let mut req = self
             .elb
             .create_target_group()
-            .name(self.tg_name(index, port, wire, node_port))
+            .name(name)
             .protocol(wire.elb())
             .port(i32::from(node_port))
             .vpc_id(&self.settings.vpc_id)
@@ -1131,7 +1187,7 @@ impl LoadBalancerProvider for AwsProvider {
             .ok_or_else(|| ProviderError::NotFound(format!("aws: {}", lb.name())))?;
         let lb_arn = nlb.load_balancer_arn().unwrap_or_default().to_string();
         let groups: Vec<Group> = self
-            .target_groups(lb.index)
+            .lb_groups(lb.index, &lb_arn)
             .await?
             .into_iter()
             .filter(|g| g.port == l.port)
@@ -1173,11 +1229,14 @@ impl LoadBalancerProvider for AwsProvider {
             return Ok(());
         };
         let lb_arn = nlb.load_balancer_arn().unwrap_or_default().to_string();
-        let all = self.target_groups(lb.index).await?;
-        let mine: Vec<&Group> = all
-            .iter()
-            .filter(|g| g.port == port && g.wire.covers(protocol) && g.owner_uid == owner_uid)
-            .collect();
+        let is_mine =
+            |g: &&Group| g.port == port && g.wire.covers(protocol) && g.owner_uid == owner_uid;
+        let mut all = self.lb_groups(lb.index, &lb_arn).await?;
+        if !all.iter().any(|g| is_mine(&g)) {
+            // not behind a listener: look through every group of this NLB, made but never used
+            all = self.target_groups(lb.index).await?;
+        }
+        let mine: Vec<&Group> = all.iter().filter(is_mine).collect();
         if mine.is_empty() {
             return Ok(());
         }

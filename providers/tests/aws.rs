@@ -473,9 +473,15 @@ async fn tcp_and_udp_on_one_port_share_one_tcp_udp_listener_and_split_back() {
     );
 
     let before = mutating(&p);
+    let all_before: u64 = p.api_calls().iter().map(|(_, n)| n).sum();
     p.ensure_listener(&key, &spec(53, Protocol::Tcp, 31053, "dns", &[]))
         .await
         .expect("tcp");
+    let all: u64 = p.api_calls().iter().map(|(_, n)| n).sum::<u64>() - all_before;
+    eprintln!(
+        "calls for a new port: {all} in all, of which mutating: {:?}",
+        diff(&mutating(&p), &before)
+    );
     let cost = diff(&mutating(&p), &before);
     assert_eq!(
         cost.keys().cloned().collect::<Vec<_>>(),

@@ -151,16 +151,17 @@ async fn sixty_sharedlbs_make_two_nlbs_follow_nodes_and_leave_nothing_behind() {
     add_node(&client, "aws-n2", "us-east-1b", "i-00000000000000b02").await;
     let op = Operator::start(&client, &MemoryCloud::new());
     let ns = namespace(&client, "aws", &[]).await;
+    let pool = format!("aws-{}", fastrand::u32(..100_000));
     create_pool(
         &client,
-        "aws",
+        &pool,
         json!({"provider": {"aws": {"region": "us-east-1", "vpcId": vpc, "subnetIds": subnets}},
         "portRange": {"min": 4000, "max": 4999}}),
     )
     .await;
     for i in 0..60 {
         let protocol = if i % 3 == 0 { "UDP" } else { "TCP" };
-        let spec = json!({"pool": "aws", "selector": {"app": "x"}, "ports": [{"name": "p", "targetPort": 80, "protocol": protocol}]});
+        let spec = json!({"pool": pool, "selector": {"app": "x"}, "ports": [{"name": "p", "targetPort": 80, "protocol": protocol}]});
         create_slb(&client, &ns, &format!("a{i:02}"), spec).await;
     }
     let mut seen = BTreeSet::new();
@@ -198,7 +199,7 @@ async fn sixty_sharedlbs_make_two_nlbs_follow_nodes_and_leave_nothing_behind() {
     .await;
 
     delete_namespace(&client, &ns).await;
-    delete_pool(&client, "aws").await;
+    delete_pool(&client, &pool).await;
     let (nlbs, targets) = cloud("e2e").await;
     assert!(
         nlbs.is_empty() && targets.is_empty(),
@@ -220,12 +221,19 @@ async fn a_missing_subnet_is_a_condition_with_the_aws_message_and_nothing_half_m
     let (vpc, _) = network().await;
     let op = Operator::start(&client, &MemoryCloud::new());
     let ns = namespace(&client, "aws-bad", &[]).await;
-    create_pool(&client, "aws-bad", json!({"provider": {"aws": {"region": "us-east-1", "vpcId": vpc, "subnetIds": ["subnet-0000000000000dead"]}}})).await;
-    create_slb(&client, &ns, "x", json!({"pool": "aws-bad", "selector": {"app": "x"}, "ports": [{"name": "p", "targetPort": 80}]})).await;
+    let pool = format!("aws-bad-{}", fastrand::u32(..100_000));
+    create_pool(&client, &pool, json!({"provider": {"aws": {"region": "us-east-1", "vpcId": vpc, "subnetIds": ["subnet-0000000000000dead"]}}})).await;
+    create_slb(
+        &client,
+        &ns,
+        "x",
+        json!({"pool": pool, "selector": {"app": "x"}, "ports": [{"name": "p", "targetPort": 80}]}),
+    )
+    .await;
     // the pool says what is wrong, in AWS's words
     let pools: Api<sharedlb_crds::LoadBalancerPool> = Api::all(client.clone());
     let (reason, msg) = eventually(60, "a pool condition", || async {
-        let p = pools.get("aws-bad").await.ok()?;
+        let p = pools.get(&pool).await.ok()?;
         let c = p
             .status?
             .conditions
@@ -249,10 +257,10 @@ async fn a_missing_subnet_is_a_condition_with_the_aws_message_and_nothing_half_m
             .then_some(())
     })
     .await;
-    let (nlbs, _) = cloud_of("e2e", Some("aws-bad")).await;
+    let (nlbs, _) = cloud_of("e2e", Some(&pool)).await;
     assert!(nlbs.is_empty(), "nothing half-made: {nlbs:?}");
     delete_namespace(&client, &ns).await;
-    delete_pool(&client, "aws-bad").await;
+    delete_pool(&client, &pool).await;
     op.kill().await;
 }
 
@@ -562,4 +570,75 @@ async fn the_aws_pool_example_is_accepted_whole() {
         }
     }
     within(&doc["spec"], &back.data["spec"], "spec");
+}
+
+/// A real `sharedlb run` process with no AWS credentials at all (and no instance metadata to fall back on):
+/// the pool says so, in the SDK's words, instead of panicking or staying silently pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_credentials_is_the_pools_condition() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let exe = std::env::current_exe().expect("test path");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("sharedlb");
+    assert!(bin.exists(), "scripts/test builds {}", bin.display());
+    let pool = format!("aws-nocreds-{}", fastrand::u32(..100_000));
+    let log = std::env::temp_dir().join(format!("{pool}.log"));
+    let mut child = tokio::process::Command::new(bin)
+        .args(["run", "--cluster-id", "nocreds"])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start sharedlb");
+    create_pool(
+        &client,
+        &pool,
+        json!({"provider": {"aws": {"region": "us-east-1", "vpcId": "vpc-0123456789abcdef0",
+            "subnetIds": ["subnet-0123456789abcdef0"]}}}),
+    )
+    .await;
+    let pools: Api<sharedlb_crds::LoadBalancerPool> = Api::all(client.clone());
+    let (reason, msg) = eventually(60, "a pool condition", || async {
+        let p = pools.get(&pool).await.ok()?;
+        let c = p
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready" && c.status == "False")?;
+        Some((c.reason, c.message))
+    })
+    .await;
+    eprintln!("pool condition without credentials: {reason}: {msg}");
+    assert_eq!(reason, "CloudInvalidConfig", "{msg}");
+    assert!(
+        msg.to_lowercase().contains("credential"),
+        "the condition says credentials are the problem: {msg}"
+    );
+    assert!(
+        child.try_wait().expect("status").is_none(),
+        "the operator is still running, not panicked"
+    );
+    let _ = child.kill().await;
+    // nothing could ever have been made without credentials: let the pool go without its cleanup
+    let _ = pools
+        .patch(
+            &pool,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await;
+    delete_pool(&client, &pool).await;
+    let _ = std::fs::remove_file(&log);
 }
