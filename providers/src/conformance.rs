@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::{ListenerSpec, LoadBalancerKey, LoadBalancerProvider, Owner, Protocol};
+use crate::{ListenerSpec, LoadBalancerKey, LoadBalancerProvider, Owner, PortMode, Protocol};
 
 fn key(pool: &str, index: u32) -> LoadBalancerKey {
     LoadBalancerKey {
@@ -13,6 +13,25 @@ fn key(pool: &str, index: u32) -> LoadBalancerKey {
         pool: pool.into(),
         index,
     }
+}
+
+/// The node port a listener gets on this provider: on passthrough clouds (`PortMode::PoolWide`) it is the
+/// external port itself.
+fn node_port_on(p: &dyn LoadBalancerProvider, port: u16, node_port: u16) -> u16 {
+    match p.limits().port_mode {
+        PortMode::PoolWide => port,
+        PortMode::PerLoadBalancer => node_port,
+    }
+}
+
+fn listener_on(
+    p: &dyn LoadBalancerProvider,
+    port: u16,
+    protocol: Protocol,
+    node_port: u16,
+    uid: &str,
+) -> ListenerSpec {
+    listener(port, protocol, node_port_on(p, port, node_port), uid)
 }
 
 fn listener(port: u16, protocol: Protocol, node_port: u16, uid: &str) -> ListenerSpec {
@@ -79,7 +98,7 @@ async fn ensure_is_idempotent(p: Arc<dyn LoadBalancerProvider>) {
         p.kind()
     );
 
-    let l = listener(4000, Protocol::Tcp, 30080, "uid-1");
+    let l = listener_on(&*p, 4000, Protocol::Tcp, 30080, "uid-1");
     p.ensure_listener(&k, &l)
         .await
         .expect("first ensure_listener");
@@ -97,22 +116,24 @@ async fn ensure_is_idempotent(p: Arc<dyn LoadBalancerProvider>) {
     assert_eq!(ls.len(), 1, "{}: one listener after two ensures", p.kind());
     assert_eq!(
         (ls[0].port, ls[0].protocol, ls[0].node_port),
-        (4000, Protocol::Tcp, 30080)
+        (4000, Protocol::Tcp, node_port_on(&*p, 4000, 30080))
     );
     assert_eq!(ls[0].owner_uid, "uid-1");
 
-    // a changed node port converges in place
-    p.ensure_listener(&k, &listener(4000, Protocol::Tcp, 30081, "uid-1"))
-        .await
-        .expect("re-ensure");
-    let inv = p.inventory().await.expect("inventory");
-    assert_eq!(inv.load_balancers[0].listeners.len(), 1);
-    assert_eq!(
-        inv.load_balancers[0].listeners[0].node_port,
-        30081,
-        "{}: ensure converges",
-        p.kind()
-    );
+    // a changed node port converges in place (passthrough clouds have no node port of their own)
+    if p.limits().port_mode == PortMode::PerLoadBalancer {
+        p.ensure_listener(&k, &listener(4000, Protocol::Tcp, 30081, "uid-1"))
+            .await
+            .expect("re-ensure");
+        let inv = p.inventory().await.expect("inventory");
+        assert_eq!(inv.load_balancers[0].listeners.len(), 1);
+        assert_eq!(
+            inv.load_balancers[0].listeners[0].node_port,
+            30081,
+            "{}: ensure converges",
+            p.kind()
+        );
+    }
 
     p.delete_load_balancer(&k).await.expect("delete");
     p.delete_load_balancer(&k).await.expect("second delete");
@@ -145,7 +166,7 @@ async fn removal_of_missing_is_success(p: Arc<dyn LoadBalancerProvider>) {
 async fn listeners_are_removed_only_by_their_owner(p: Arc<dyn LoadBalancerProvider>) {
     let k = key("conf-owner", 0);
     p.ensure_load_balancer(&k).await.expect("ensure");
-    p.ensure_listener(&k, &listener(5000, Protocol::Udp, 30500, "owner"))
+    p.ensure_listener(&k, &listener_on(&*p, 5000, Protocol::Udp, 30500, "owner"))
         .await
         .expect("listener");
     p.remove_listener(&k, 5000, Protocol::Udp, "someone-else")
@@ -181,13 +202,13 @@ async fn inventory_finds_exactly_what_was_made(
     }
     a.ensure_listener(
         &key("conf-inv-a", 1),
-        &listener(4001, Protocol::Tcp, 30001, "x"),
+        &listener_on(&*a, 4001, Protocol::Tcp, 30001, "x"),
     )
     .await
     .expect("l1");
     a.ensure_listener(
         &key("conf-inv-a", 1),
-        &listener(4001, Protocol::Udp, 30002, "x"),
+        &listener_on(&*a, 4001, Protocol::Udp, 30002, "x"),
     )
     .await
     .expect("l2");

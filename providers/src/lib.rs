@@ -18,6 +18,8 @@ pub use sharedlb_placement::{PortMode, Protocol};
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod conformance;
+#[cfg(feature = "gcp")]
+pub mod gcp;
 pub mod local;
 pub mod memory;
 

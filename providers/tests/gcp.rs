@@ -1,0 +1,386 @@
+//! The gcp provider driven through Google's real `google-cloud-compute-v1` client against the project's Compute
+//! Engine FAKE (`sharedlb-fakes`, loopback only): there is no Compute Engine emulator. The fake keeps the
+//! semantics that matter (operations, 404/409/quota, one forwarding rule per IP + port + protocol, nothing in
+//! use deleted), not Google's whole behaviour.
+#![cfg(feature = "gcp")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use sharedlb_fakes::gcp::GcpFake;
+use sharedlb_providers::gcp::{GcpPool, GcpProvider, instance_path};
+use sharedlb_providers::{
+    ListenerSpec, LoadBalancerKey, LoadBalancerProvider, NodeTarget, Owner, PortMode, Protocol,
+    ProviderError,
+};
+
+fn pool(fake: &GcpFake) -> GcpPool {
+    GcpPool {
+        project: "proj".into(),
+        region: "europe-west1".into(),
+        network: String::new(),
+        node_tag: "gke-nodes".into(),
+        endpoint: Some(fake.endpoint()),
+        anonymous: true,
+        poll_delay: Some(Duration::from_millis(5)),
+    }
+}
+
+fn key(pool: &str, index: u32) -> LoadBalancerKey {
+    LoadBalancerKey {
+        cluster_id: "c1".into(),
+        pool: pool.into(),
+        index,
+    }
+}
+
+fn spec(port: u16, protocol: Protocol, owner: &str, ranges: &[&str]) -> ListenerSpec {
+    ListenerSpec {
+        port,
+        protocol,
+        node_port: port,
+        owner: Owner {
+            uid: owner.into(),
+            namespace: "ns".into(),
+            name: owner.into(),
+        },
+        source_ranges: ranges.iter().map(|r| r.to_string()).collect(),
+        backends: vec![],
+    }
+}
+
+fn names(v: &[Value]) -> Vec<String> {
+    let mut n: Vec<String> = v
+        .iter()
+        .filter_map(|x| x["name"].as_str().map(str::to_string))
+        .collect();
+    n.sort();
+    n
+}
+
+#[tokio::test]
+async fn gcp_provider_is_conformant_on_the_fake() {
+    let fake = GcpFake::start().await;
+    let settings = pool(&fake);
+    sharedlb_providers::conformance::run(|pool| {
+        let settings = settings.clone();
+        async move {
+            Arc::new(
+                GcpProvider::new("conformance", &pool, settings)
+                    .await
+                    .expect("provider"),
+            ) as Arc<dyn LoadBalancerProvider>
+        }
+    })
+    .await;
+    assert!(fake.resources("forwardingRules").is_empty());
+    assert!(fake.resources("addresses").is_empty());
+    assert!(fake.resources("targetPools").is_empty());
+    assert!(
+        fake.resources("firewalls").is_empty(),
+        "{:?}",
+        names(&fake.resources("firewalls"))
+    );
+    assert!(fake.resources("httpHealthChecks").is_empty());
+}
+
+/// An IP, a target pool of the nodes with kube-proxy's health check, one forwarding rule per port and protocol
+/// on that IP (external port = node port), one firewall rule per SharedLB with exactly its ports from exactly its
+/// sources; nodes followed with one call per target pool; delete leaves nothing.
+#[tokio::test]
+async fn ips_rules_target_pools_and_firewalls_are_exactly_what_the_ports_need() {
+    let fake = GcpFake::start().await;
+    let p = GcpProvider::new("c1", "web", pool(&fake))
+        .await
+        .expect("provider");
+    assert_eq!(
+        p.limits().port_mode,
+        PortMode::PoolWide,
+        "passthrough: the port is the node port"
+    );
+    assert_eq!(
+        instance_path("gce://proj/europe-west1-b/node-1").as_deref(),
+        Some("projects/proj/zones/europe-west1-b/instances/node-1")
+    );
+    p.update_nodes(&[node("n1", "gce://proj/europe-west1-b/node-1")])
+        .await
+        .expect("nodes");
+    let info = p.ensure_load_balancer(&key("web", 0)).await.expect("lb");
+    let ip = info.ip.clone().expect("an external IP");
+    assert_eq!(
+        p.ensure_load_balancer(&key("web", 0)).await.expect("again"),
+        info
+    );
+
+    p.ensure_listener(&key("web", 0), &spec(30053, Protocol::Tcp, "dns", &[]))
+        .await
+        .expect("tcp");
+    p.ensure_listener(&key("web", 0), &spec(30053, Protocol::Udp, "dns", &[]))
+        .await
+        .expect("udp");
+    p.ensure_listener(
+        &key("web", 0),
+        &spec(30080, Protocol::Tcp, "web", &["198.51.100.0/24"]),
+    )
+    .await
+    .expect("web");
+    let rules = fake.resources("forwardingRules");
+    let mut shape: Vec<(String, String, String)> = rules
+        .iter()
+        .map(|r| {
+            (
+                r["IPAddress"].as_str().unwrap_or_default().to_string(),
+                r["IPProtocol"].as_str().unwrap_or_default().to_string(),
+                r["portRange"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    shape.sort();
+    assert_eq!(
+        shape,
+        vec![
+            (ip.clone(), "TCP".to_string(), "30053-30053".to_string()),
+            (ip.clone(), "TCP".to_string(), "30080-30080".to_string()),
+            (ip.clone(), "UDP".to_string(), "30053-30053".to_string()),
+        ],
+        "one rule per port and protocol, all on the pool's IP"
+    );
+    let pools = fake.resources("targetPools");
+    assert_eq!(pools.len(), 1);
+    assert!(
+        rules.iter().all(|r| r["target"] == pools[0]["selfLink"]),
+        "every rule forwards to the IP's target pool"
+    );
+    assert_eq!(pools[0]["instances"].as_array().map(Vec::len), Some(1));
+    let hc = fake.resources("httpHealthChecks");
+    assert_eq!(
+        (hc[0]["port"].as_i64(), hc[0]["requestPath"].as_str()),
+        (Some(10256), Some("/healthz"))
+    );
+
+    // firewall: one rule per SharedLB, exactly its ports, from exactly its sources, to the nodes' tag
+    let fw = fake.resources("firewalls");
+    let rule_of = |owner: &str| {
+        fw.iter()
+            .find(|f| {
+                f["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with(&format!("fw-{owner}")))
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("a firewall rule for {owner}: {:?}", names(&fw)))
+    };
+    let dns = rule_of("dns");
+    let mut allowed: Vec<(String, Vec<String>)> = dns["allowed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            (
+                a["IPProtocol"].as_str().unwrap_or_default().to_string(),
+                a["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.as_str().map(str::to_string))
+                    .collect(),
+            )
+        })
+        .collect();
+    allowed.sort();
+    assert_eq!(
+        allowed,
+        vec![
+            ("tcp".to_string(), vec!["30053".to_string()]),
+            ("udp".to_string(), vec!["30053".to_string()])
+        ],
+        "never the whole NodePort range"
+    );
+    assert_eq!(dns["sourceRanges"], serde_json::json!(["0.0.0.0/0"]));
+    assert_eq!(dns["targetTags"], serde_json::json!(["gke-nodes"]));
+    assert_eq!(
+        rule_of("web")["sourceRanges"],
+        serde_json::json!(["198.51.100.0/24"])
+    );
+    let health = fw
+        .iter()
+        .find(|f| f["name"].as_str().is_some_and(|n| n.ends_with("-hc")))
+        .expect("the health-check rule");
+    assert_eq!(
+        health["sourceRanges"],
+        serde_json::json!(["35.191.0.0/16", "209.85.152.0/22", "209.85.204.0/22"])
+    );
+
+    // another owner's port is not removed by someone else; the owner's removal narrows its firewall rule
+    p.remove_listener(&key("web", 0), 30053, Protocol::Udp, "web")
+        .await
+        .expect("noop");
+    assert_eq!(fake.resources("forwardingRules").len(), 3);
+    p.remove_listener(&key("web", 0), 30053, Protocol::Udp, "dns")
+        .await
+        .expect("remove udp");
+    let dns = fake
+        .resources("firewalls")
+        .into_iter()
+        .find(|f| f["name"].as_str().is_some_and(|n| n.ends_with("fw-dns")))
+        .expect("still there for tcp");
+    assert_eq!(dns["allowed"].as_array().map(Vec::len), Some(1));
+    assert_eq!(dns["allowed"][0]["IPProtocol"], "tcp");
+
+    // nodes: one call per target pool and direction
+    let before = fake.requests().len();
+    p.update_nodes(&[
+        node("n2", "gce://proj/europe-west1-c/node-2"),
+        node("n3", "gce://proj/europe-west1-d/node-3"),
+    ])
+    .await
+    .expect("nodes changed");
+    let calls: Vec<(String, String)> = fake.requests()[before..]
+        .iter()
+        .filter(|(m, path)| m == "POST" && !path.contains("/operations/"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        calls.len(),
+        2,
+        "one addInstance and one removeInstance: {calls:?}"
+    );
+    let instances: Vec<String> = fake.resources("targetPools")[0]["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.as_str())
+        .map(|i| i.rsplit('/').next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(instances, vec!["node-2", "node-3"]);
+
+    p.remove_listener(&key("web", 0), 30053, Protocol::Tcp, "dns")
+        .await
+        .expect("dns");
+    p.delete_load_balancer(&key("web", 0))
+        .await
+        .expect("delete");
+    for kind in [
+        "forwardingRules",
+        "addresses",
+        "targetPools",
+        "firewalls",
+        "httpHealthChecks",
+    ] {
+        assert!(
+            fake.resources(kind).is_empty(),
+            "{kind} left: {:?}",
+            names(&fake.resources(kind))
+        );
+    }
+}
+
+/// Google's errors by meaning: a quota is a quota with Google's words; a name taken by someone else is not
+/// adopted; the passthrough rule (one forwarding rule per IP + port + protocol) is enforced by the fake.
+#[tokio::test]
+async fn quota_foreign_names_and_bad_settings_are_errors_by_meaning() {
+    let fake = GcpFake::start().await;
+    let p = GcpProvider::new("c1", "q", pool(&fake))
+        .await
+        .expect("provider");
+    fake.set_quota("addresses", 1);
+    p.ensure_load_balancer(&key("q", 0))
+        .await
+        .expect("the first fits");
+    let e = p
+        .ensure_load_balancer(&key("q", 1))
+        .await
+        .expect_err("over quota");
+    assert!(
+        matches!(e, ProviderError::QuotaExceeded(ref m) if m.contains("Quota")),
+        "{e:?}"
+    );
+    assert_eq!(
+        fake.resources("targetPools").len(),
+        1,
+        "nothing half-made for the refused one"
+    );
+
+    let other = GcpProvider::new("c1", "other", pool(&fake))
+        .await
+        .expect("provider");
+    fake.set_quota("addresses", 10);
+    fake.plant(
+        "projects/proj/regions/europe-west1/addresses",
+        serde_json::json!({"name": format!("{}0", other.name_prefix()), "address": "192.0.2.9"}),
+    );
+    let e = other
+        .ensure_load_balancer(&key("other", 0))
+        .await
+        .expect_err("not ours");
+    assert!(matches!(e, ProviderError::AlreadyExists(_)), "{e:?}");
+
+    let mut bad = pool(&fake);
+    bad.node_tag = String::new();
+    let e = GcpProvider::new("c1", "x", bad)
+        .await
+        .expect_err("no node tag");
+    assert!(
+        matches!(e, ProviderError::InvalidConfig(ref m) if m.contains("nodeTag")),
+        "{e:?}"
+    );
+    let e = p
+        .ensure_listener(
+            &key("q", 0),
+            &ListenerSpec {
+                node_port: 31000,
+                ..spec(30000, Protocol::Tcp, "a", &[])
+            },
+        )
+        .await
+        .expect_err("node port must equal the port");
+    assert!(matches!(e, ProviderError::InvalidConfig(_)));
+
+    // the fake keeps the passthrough rule: a second forwarding rule on the same IP, port and protocol is refused
+    p.ensure_listener(&key("q", 0), &spec(30000, Protocol::Tcp, "a", &[]))
+        .await
+        .expect("the first rule");
+    let ip = fake.resources("addresses")[0]["address"]
+        .as_str()
+        .expect("ip")
+        .to_string();
+    let client = google_cloud_compute_v1::client::ForwardingRules::builder()
+        .with_endpoint(fake.endpoint())
+        .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+        .build()
+        .await
+        .expect("client");
+    let clash = client
+        .insert()
+        .set_project("proj")
+        .set_region("europe-west1")
+        .set_body(
+            google_cloud_compute_v1::model::ForwardingRule::new()
+                .set_name("someone-else")
+                .set_ip_address(ip)
+                .set_ip_protocol(google_cloud_compute_v1::model::forwarding_rule::IPProtocol::Tcp)
+                .set_port_range("29990-30010"),
+        )
+        .send()
+        .await
+        .expect_err("the IP, port and protocol are taken");
+    assert_eq!(clash.http_status_code(), Some(400), "{clash}");
+    assert!(clash.to_string().contains("in-use"), "{clash}");
+    p.remove_listener(&key("q", 0), 30000, Protocol::Tcp, "a")
+        .await
+        .expect("remove");
+
+    fake.fail_next("GET", 429, "rateLimitExceeded");
+    let e = p.inventory().await.expect_err("throttled");
+    assert!(matches!(e, ProviderError::Throttled { .. }), "{e:?}");
+    p.delete_load_balancer(&key("q", 0)).await.expect("delete");
+}
+
+fn node(name: &str, provider_id: &str) -> NodeTarget {
+    NodeTarget {
+        name: name.into(),
+        provider_id: Some(provider_id.into()),
+        internal_ip: None,
+    }
+}
