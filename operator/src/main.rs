@@ -117,7 +117,10 @@ async fn main() -> anyhow::Result<()> {
             sharedlb::run(
                 client,
                 settings,
-                Arc::new(BuiltinProviders::default()),
+                Arc::new(
+                    BuiltinProviders::default()
+                        .with_gcp_endpoint(std::env::var("SHAREDLB_GCP_ENDPOINT").ok()),
+                ),
                 shutdown,
             )
             .await?;

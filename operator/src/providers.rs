@@ -25,18 +25,32 @@ pub const BUILT_IN: &[&str] = &[
     "memory",
     #[cfg(feature = "aws")]
     "aws",
+    #[cfg(feature = "gcp")]
+    "gcp",
 ];
 
 /// The providers built into this binary.
 #[derive(Debug, Clone)]
 pub struct BuiltinProviders {
     memory: Arc<MemoryCloud>,
+    /// Another Compute Engine endpoint than Google's (`SHAREDLB_GCP_ENDPOINT`; the tests' fake).
+    gcp_endpoint: Option<String>,
 }
 
 impl BuiltinProviders {
     /// `memory` is the account every memory pool shares.
     pub fn new(memory: Arc<MemoryCloud>) -> Self {
-        BuiltinProviders { memory }
+        BuiltinProviders {
+            memory,
+            gcp_endpoint: None,
+        }
+    }
+
+    /// Sends gcp pools' Compute Engine calls to `endpoint` (a fake, in tests). Only a loopback endpoint is
+    /// called without credentials.
+    pub fn with_gcp_endpoint(mut self, endpoint: Option<String>) -> Self {
+        self.gcp_endpoint = endpoint;
+        self
     }
 }
 
@@ -93,6 +107,26 @@ impl ProviderFactory for BuiltinProviders {
                 security_group_rule_limit: a.security_group_rule_limit,
             };
             let p = sharedlb_providers::aws::AwsProvider::new(cluster_id, pool, settings).await?;
+            return Ok(Arc::new(p));
+        }
+        #[cfg(feature = "gcp")]
+        if let Some(g) = &spec.provider.gcp {
+            // SHAREDLB_GCP_ENDPOINT points the client elsewhere (the tests' fake); only a loopback endpoint
+            // goes without credentials, so Google's API is always called with real ones
+            let endpoint = self.gcp_endpoint.clone();
+            let anonymous = endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("http://127.0.0.1:"));
+            let settings = sharedlb_providers::gcp::GcpPool {
+                project: g.project.clone(),
+                region: g.region.clone(),
+                network: g.network.clone().unwrap_or_default(),
+                node_tag: g.node_tag.clone().unwrap_or_default(),
+                endpoint,
+                anonymous,
+                poll_delay: anonymous.then(|| Duration::from_millis(20)),
+            };
+            let p = sharedlb_providers::gcp::GcpProvider::new(cluster_id, pool, settings).await?;
             return Ok(Arc::new(p));
         }
         let kind = spec.provider.kind().unwrap_or("none");

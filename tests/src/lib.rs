@@ -56,7 +56,16 @@ impl Operator {
     }
 
     pub fn start_with(client: &Client, cloud: &Arc<MemoryCloud>, settings: Settings) -> Operator {
-        let factory = Arc::new(BuiltinProviders::new(cloud.clone()));
+        Self::start_with_providers(client, BuiltinProviders::new(cloud.clone()), settings)
+    }
+
+    /// With the given providers (e.g. gcp pointed at the fake).
+    pub fn start_with_providers(
+        client: &Client,
+        providers: BuiltinProviders,
+        settings: Settings,
+    ) -> Operator {
+        let factory = Arc::new(providers);
         let client = client.clone();
         let task = tokio::spawn(async move {
             if let Err(e) =

@@ -357,13 +357,13 @@ async fn program(
 
     let node_ports = match ensure_service(ctx, slb, allocation, mode).await? {
         Ok(p) => p,
-        Err(msg) => {
+        Err((reason, msg)) => {
             return refuse(
                 ctx,
                 slb,
                 Refusal {
                     allocated: true,
-                    ..Refusal::new("ServiceConflict", msg)
+                    ..Refusal::new(reason, msg).retry(RETRY_REFUSED)
                 },
             )
             .await;
@@ -691,7 +691,7 @@ async fn ensure_service(
     slb: &SharedLB,
     allocation: &Allocation,
     mode: PortMode,
-) -> Result<Result<BTreeMap<String, u16>, String>, Error> {
+) -> Result<Result<BTreeMap<String, u16>, (&'static str, String)>, Error> {
     let ns = slb.namespace().unwrap_or_default();
     let name = service_name(&slb.name_any());
     let uid = slb.uid().unwrap_or_default();
@@ -705,8 +705,11 @@ async fn ensure_service(
             .flatten()
             .any(|o| o.uid == uid);
         if !ours {
-            return Ok(Err(format!(
-                "Service {ns}/{name} already exists and was not created by this SharedLB; sharedlb does not take over Services it did not make"
+            return Ok(Err((
+                "ServiceConflict",
+                format!(
+                    "Service {ns}/{name} already exists and was not created by this SharedLB; sharedlb does not take over Services it did not make"
+                ),
             )));
         }
     }
@@ -784,14 +787,27 @@ async fn ensure_service(
         }),
         ..Service::default()
     };
-    let applied = api
+    let applied = match api
         .patch(
             &name,
             &PatchParams::apply(FIELD_MANAGER).force(),
             &Patch::Apply(&svc),
         )
         .await
-        .map_err(Error::from_kube)?;
+    {
+        Ok(a) => a,
+        // passthrough: the node port must be the external port, and another Service holds it
+        Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("already allocated") => {
+            return Ok(Err((
+                "NodePortTaken",
+                format!(
+                    "the Service {ns}/{name} cannot have its node port equal to the external port: {}; on this cloud the external port is the node port, so another Service outside sharedlb holds it",
+                    e.message
+                ),
+            )));
+        }
+        Err(e) => return Err(Error::from_kube(e)),
+    };
     Ok(Ok(node_ports(&applied)))
 }
 

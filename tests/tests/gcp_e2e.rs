@@ -1,0 +1,266 @@
+//! The gcp provider end to end: the real apiserver, the operator in-process, Google's real
+//! `google-cloud-compute-v1` client talking to the project's Compute Engine FAKE (`sharedlb-fakes`; no emulator
+//! exists), Node objects with GCE provider IDs.
+#![cfg(feature = "gcp")]
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use sharedlb::{BuiltinProviders, Settings};
+use sharedlb_e2e::*;
+use sharedlb_fakes::gcp::GcpFake;
+use sharedlb_providers::memory::MemoryCloud;
+
+async fn add_node(client: &Client, name: &str, zone: &str) {
+    let api: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": name}, "spec": {"providerID": format!("gce://proj/{zone}/{name}")}
+    }))
+    .expect("node");
+    let _ = api.create(&PostParams::default(), &node).await;
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+        "message": "ready", "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("node status");
+}
+
+fn rule_shape(fake: &GcpFake) -> BTreeSet<(String, String, String)> {
+    fake.resources("forwardingRules")
+        .iter()
+        .map(|r| {
+            (
+                r["IPAddress"].as_str().unwrap_or_default().to_string(),
+                r["IPProtocol"].as_str().unwrap_or_default().to_string(),
+                r["portRange"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn status_port(s: &sharedlb_crds::SharedLB, name: &str) -> (i32, Option<i32>) {
+    s.status
+        .as_ref()
+        .and_then(|st| st.ports.iter().find(|p| p.name == name))
+        .map(|p| (p.port, p.node_port))
+        .expect("port")
+}
+
+/// TCP, UDP and both on one port: an IP per load balancer, one forwarding rule per port and protocol on it, the
+/// external port equal to the Service's node port, one firewall rule per SharedLB with exactly its ports; a
+/// capacity of 3 ports opens a second IP; nodes follow; deleting leaves nothing in the fake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_udp_sharedlbs_get_ips_rules_and_firewalls_and_leave_nothing() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let fake = GcpFake::start().await;
+    add_node(&client, "gce-n1", "europe-west1-b").await;
+    let op = Operator::start_with_providers(
+        &client,
+        BuiltinProviders::new(MemoryCloud::new()).with_gcp_endpoint(Some(fake.endpoint())),
+        Settings {
+            cluster_id: "e2e".into(),
+            ..Settings::default()
+        },
+    );
+    let ns = namespace(&client, "gcp", &[]).await;
+    let pool = format!("gcp-{}", fastrand::u32(..100_000));
+    create_pool(
+        &client,
+        &pool,
+        json!({"provider": {"gcp": {"project": "proj", "region": "europe-west1", "nodeTag": "nodes"}},
+            "capacity": {"maxPortsPerLoadBalancer": 2}}),
+    )
+    .await;
+    create_slb(
+        &client,
+        &ns,
+        "dns",
+        json!({"pool": pool, "selector": {"app": "dns"}, "ports": [
+        {"name": "dns-tcp", "targetPort": 5353, "protocol": "TCP"},
+        {"name": "dns-udp", "targetPort": 5353, "protocol": "UDP"}]}),
+    )
+    .await;
+    create_slb(
+        &client,
+        &ns,
+        "web",
+        json!({"pool": pool, "selector": {"app": "web"},
+        "sourceRanges": ["198.51.100.0/24"], "ports": [{"name": "http", "targetPort": 80}]}),
+    )
+    .await;
+    let dns = ready(&client, &ns, "dns", 120).await;
+    let web = ready(&client, &ns, "web", 120).await;
+
+    // passthrough: the external port is the node port, in the status and in the Service
+    for (s, names) in [(&dns, vec!["dns-tcp", "dns-udp"]), (&web, vec!["http"])] {
+        for n in names {
+            let (port, node_port) = status_port(s, n);
+            assert_eq!(Some(port), node_port, "{n}: external port = node port");
+            assert!(
+                (30000..=32767).contains(&port),
+                "{n}: in the NodePort range: {port}"
+            );
+        }
+    }
+    let svc: Service = Api::namespaced(client.clone(), &ns)
+        .get("dns-sharedlb")
+        .await
+        .expect("service");
+    for p in svc.spec.and_then(|s| s.ports).unwrap_or_default() {
+        assert_eq!(Some(p.port), p.node_port, "the Service agrees: {p:?}");
+    }
+
+    let ip_of = |s: &sharedlb_crds::SharedLB| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .and_then(|l| l.ip.clone())
+            .expect("an IP")
+    };
+    let (dns_ip, web_ip) = (ip_of(&dns), ip_of(&web));
+    assert_ne!(
+        dns_ip, web_ip,
+        "2 ports per IP: dns fills one, web opens a second"
+    );
+    let range = |p: i32| format!("{p}-{p}");
+    let want: BTreeSet<(String, String, String)> = [
+        (
+            dns_ip.clone(),
+            "TCP".to_string(),
+            range(status_port(&dns, "dns-tcp").0),
+        ),
+        (
+            dns_ip.clone(),
+            "UDP".to_string(),
+            range(status_port(&dns, "dns-udp").0),
+        ),
+        (
+            web_ip.clone(),
+            "TCP".to_string(),
+            range(status_port(&web, "http").0),
+        ),
+    ]
+    .into();
+    assert_eq!(
+        rule_shape(&fake),
+        want,
+        "exactly one forwarding rule per port and protocol"
+    );
+    let fw = fake.resources("firewalls");
+    let web_fw: &Value = fw
+        .iter()
+        .find(|f| f["sourceRanges"] == json!(["198.51.100.0/24"]))
+        .expect("web's firewall rule");
+    assert_eq!(
+        web_fw["allowed"],
+        json!([{"IPProtocol": "tcp", "ports": [status_port(&web, "http").0.to_string()]}]),
+        "exactly web's port, never the NodePort range"
+    );
+    assert_eq!(fw.len(), 3, "dns, web and the pool's health-check rule");
+
+    // a new node is added to every target pool
+    add_node(&client, "gce-n2", "europe-west1-c").await;
+    eventually(60, "both nodes in both target pools", || async {
+        let pools = fake.resources("targetPools");
+        (pools.len() == 2
+            && pools
+                .iter()
+                .all(|p| p["instances"].as_array().map(Vec::len) == Some(2)))
+        .then_some(())
+    })
+    .await;
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, &pool).await;
+    for kind in [
+        "forwardingRules",
+        "addresses",
+        "targetPools",
+        "firewalls",
+        "httpHealthChecks",
+    ] {
+        assert!(
+            fake.resources(kind).is_empty(),
+            "{kind} left: {:?}",
+            fake.resources(kind)
+        );
+    }
+    for n in ["gce-n1", "gce-n2"] {
+        let _ = Api::<Node>::all(client.clone())
+            .delete(n, &DeleteParams::default())
+            .await;
+    }
+    op.kill().await;
+}
+
+/// On a passthrough cloud the external port is the node port: when a Service outside sharedlb holds it, the
+/// SharedLB says so (condition + Event with the apiserver's words) instead of pending silently, and becomes
+/// Ready once the port is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_port_held_by_another_service_is_a_condition_until_it_frees() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let fake = GcpFake::start().await;
+    let op = Operator::start_with_providers(
+        &client,
+        BuiltinProviders::new(MemoryCloud::new()).with_gcp_endpoint(Some(fake.endpoint())),
+        Settings {
+            cluster_id: "e2e".into(),
+            ..Settings::default()
+        },
+    );
+    let ns = namespace(&client, "gcp-taken", &[]).await;
+    let pool = format!("gcp-{}", fastrand::u32(..100_000));
+    create_pool(
+        &client,
+        &pool,
+        json!({"provider": {"gcp": {"project": "proj", "region": "europe-west1", "nodeTag": "nodes"}},
+            "portRange": {"min": 31500, "max": 31599}}),
+    )
+    .await;
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let foreign: Service = serde_json::from_value(json!({
+        "metadata": {"name": "someone-else"},
+        "spec": {"type": "NodePort", "selector": {"app": "x"},
+            "ports": [{"port": 80, "targetPort": 80, "nodePort": 31500}]}
+    }))
+    .expect("service");
+    services
+        .create(&PostParams::default(), &foreign)
+        .await
+        .expect("a Service outside sharedlb on 31500");
+    create_slb(
+        &client,
+        &ns,
+        "game",
+        json!({"pool": pool, "selector": {"app": "game"},
+        "ports": [{"name": "g", "targetPort": 7777}]}),
+    )
+    .await;
+    let msg = refused(&client, &ns, "game", "NodePortTaken").await;
+    assert!(
+        msg.contains("31500") && msg.contains("already allocated"),
+        "{msg}"
+    );
+    eventually(10, "an Event says so", || async {
+        event_reasons(&client, &ns, "game")
+            .await
+            .contains(&"NodePortTaken".to_string())
+            .then_some(())
+    })
+    .await;
+    services
+        .delete("someone-else", &DeleteParams::default())
+        .await
+        .expect("free the port");
+    let s = ready(&client, &ns, "game", 90).await;
+    assert_eq!(status_port(&s, "g"), (31500, Some(31500)));
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, &pool).await;
+    assert!(fake.resources("forwardingRules").is_empty());
+    op.kill().await;
+}
