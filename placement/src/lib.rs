@@ -251,6 +251,9 @@ pub struct RestoreConflict {
     pub held_by: ItemKey,
 }
 
+/// The owner recorded for ports blocked by `block_port` (no item key can be empty).
+const BLOCKED: &str = "";
+
 /// The occupancy of one pool: its load balancers and every item's allocation.
 #[derive(Clone, Debug)]
 pub struct PoolState {
@@ -355,6 +358,15 @@ impl PoolState {
         }
         self.occupy(key, alloc);
         Ok(())
+    }
+
+    /// `PortMode::PoolWide`: a port something outside the pool holds (on GCP, another Service's node port), so
+    /// it is never handed out. Ports already held by an item are left to it. Forgotten at rebuild: if the port is
+    /// still taken the shell finds out again.
+    pub fn block_port(&mut self, port: u16) {
+        if self.config.port_mode == PortMode::PoolWide && !self.pool_ports.contains_key(&port) {
+            self.pool_ports.insert(port, BLOCKED.to_string());
+        }
     }
 
     /// Drops a load balancer the shell has deleted from the cloud. Only an empty one marked deleting goes.

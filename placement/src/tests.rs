@@ -345,6 +345,41 @@ fn the_pool_wide_budget_caps_every_load_balancer_together() {
     assert_eq!((again.placed.len(), again.refused.len()), (1, 1));
 }
 
+#[test]
+fn a_blocked_pool_wide_port_is_never_handed_out() {
+    let mut c = cfg(5, None);
+    c.port_mode = PortMode::PoolWide;
+    c.port_range = (30000, 30003);
+    let mut s = PoolState::new(c);
+    s.block_port(30000);
+    s.block_port(30002);
+    let plan = plan_apply(
+        &mut s,
+        &(0..3)
+            .map(|i| up(&format!("i{i}"), vec![tcp("p", None)]))
+            .collect::<Vec<_>>(),
+    );
+    let mut ports: Vec<u16> = plan.placed.iter().map(|(_, a)| a.ports[0].port).collect();
+    ports.sort();
+    assert_eq!(ports, vec![30001, 30003], "the blocked ports are skipped");
+    assert!(matches!(
+        plan.refused[0].1,
+        Refusal::PortRangeExhausted { .. }
+    ));
+    // a fixed request for a blocked port is refused too
+    let fixed = plan_apply(&mut s, &[up("f", vec![tcp("p", Some(30000))])]);
+    assert_eq!(fixed.refused.len(), 1);
+    // blocking a port an item holds leaves it to the item: re-planning it changes nothing
+    let holder = ["i0", "i1", "i2"]
+        .into_iter()
+        .find(|k| s.allocation(k).is_some_and(|a| a.ports[0].port == 30001))
+        .expect("someone holds 30001");
+    s.block_port(30001);
+    let again = s.plan(&[up(holder, vec![tcp("p", None)])]);
+    assert!(again.placed.is_empty() && again.refused.is_empty() && again.actions.is_empty());
+    assert_eq!(check_invariants(&s), Ok(()));
+}
+
 fn check_invariants(s: &PoolState) -> Result<(), String> {
     let cap = s.config().max_ports_per_lb;
     let mut used: BTreeMap<LbIndex, u32> = BTreeMap::new();

@@ -197,11 +197,11 @@ async fn tcp_udp_sharedlbs_get_ips_rules_and_firewalls_and_leave_nothing() {
     op.kill().await;
 }
 
-/// On a passthrough cloud the external port is the node port: when a Service outside sharedlb holds it, the
-/// SharedLB says so (condition + Event with the apiserver's words) instead of pending silently, and becomes
-/// Ready once the port is free.
+/// On a passthrough cloud the external port is the node port: when a Service outside sharedlb holds the one a
+/// new SharedLB was given, the apiserver refuses the node port; the SharedLB says so (condition + Event with the
+/// apiserver's words) and is placed again on a free port; the other Service is not touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_port_held_by_another_service_is_a_condition_until_it_frees() {
+async fn a_node_port_held_by_another_service_makes_the_sharedlb_move_before_it_serves() {
     let _turn = SERIAL.lock().await;
     let client = client().await;
     let fake = GcpFake::start().await;
@@ -241,26 +241,38 @@ async fn a_node_port_held_by_another_service_is_a_condition_until_it_frees() {
         "ports": [{"name": "g", "targetPort": 7777}]}),
     )
     .await;
-    let msg = refused(&client, &ns, "game", "NodePortTaken").await;
-    assert!(
-        msg.contains("31500") && msg.contains("already allocated"),
-        "{msg}"
+    let s = ready(&client, &ns, "game", 60).await;
+    assert_eq!(
+        status_port(&s, "g"),
+        (31501, Some(31501)),
+        "placed again on the next free port, external = node port"
     );
-    eventually(10, "an Event says so", || async {
+    eventually(10, "an Event says why", || async {
         event_reasons(&client, &ns, "game")
             .await
             .contains(&"NodePortTaken".to_string())
             .then_some(())
     })
     .await;
-    services
-        .delete("someone-else", &DeleteParams::default())
-        .await
-        .expect("free the port");
-    let s = ready(&client, &ns, "game", 90).await;
-    assert_eq!(status_port(&s, "g"), (31500, Some(31500)));
+    let held = services.get("someone-else").await.expect("still there");
+    assert_eq!(
+        held.spec.and_then(|s| s.ports).unwrap_or_default()[0].node_port,
+        Some(31500),
+        "the other Service keeps its port"
+    );
+    let rules = rule_shape(&fake);
+    assert_eq!(
+        rules.len(),
+        1,
+        "one forwarding rule, on the new port: {rules:?}"
+    );
+    assert!(
+        rules.iter().all(|(_, _, r)| r == "31501-31501"),
+        "{rules:?}"
+    );
     delete_namespace(&client, &ns).await;
     delete_pool(&client, &pool).await;
     assert!(fake.resources("forwardingRules").is_empty());
+    assert!(fake.resources("addresses").is_empty());
     op.kill().await;
 }

@@ -139,6 +139,7 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
         &ctx,
         &slb,
         &alloc,
+        &pool,
         &allocation,
         &plan.actions,
         pool_mode(&alloc),
@@ -339,10 +340,12 @@ async fn send_status(
 }
 
 /// The Service, the cloud, then Ready.
+#[allow(clippy::too_many_arguments)]
 async fn program(
     ctx: &Context,
     slb: &SharedLB,
     alloc: &PoolAllocator,
+    pool: &LoadBalancerPool,
     allocation: &Allocation,
     actions: &[PlanAction],
     mode: PortMode,
@@ -358,6 +361,11 @@ async fn program(
     let node_ports = match ensure_service(ctx, slb, allocation, mode).await? {
         Ok(p) => p,
         Err((reason, msg)) => {
+            let taken = taken_node_ports(&msg);
+            // a placement that never served traffic may still move: placed again, around the taken ports
+            if reason == NODE_PORT_TAKEN && !taken.is_empty() && !is_ready(slb) {
+                return place_again_around(ctx, slb, alloc, pool, &taken, &msg).await;
+            }
             return refuse(
                 ctx,
                 slb,
@@ -799,7 +807,7 @@ async fn ensure_service(
         // passthrough: the node port must be the external port, and another Service holds it
         Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("already allocated") => {
             return Ok(Err((
-                "NodePortTaken",
+                NODE_PORT_TAKEN,
                 format!(
                     "the Service {ns}/{name} cannot have its node port equal to the external port: {}; on this cloud the external port is the node port, so another Service outside sharedlb holds it",
                     e.message
@@ -809,6 +817,98 @@ async fn ensure_service(
         Err(e) => return Err(Error::from_kube(e)),
     };
     Ok(Ok(node_ports(&applied)))
+}
+
+const NODE_PORT_TAKEN: &str = "NodePortTaken";
+
+fn is_ready(slb: &SharedLB) -> bool {
+    slb.status
+        .as_ref()
+        .and_then(|s| status::get(&s.conditions, READY))
+        .is_some_and(|c| c.status == "True")
+}
+
+/// The node ports the apiserver says are taken: `...nodePort: Invalid value: 31500: provided port is already
+/// allocated` (one such cause per port).
+fn taken_node_ports(msg: &str) -> Vec<u16> {
+    msg.split("Invalid value: ")
+        .skip(1)
+        .filter_map(|part| {
+            let (num, rest) = part.split_once(':')?;
+            rest.trim_start()
+                .starts_with("provided port is already allocated")
+                .then(|| num.trim().parse().ok())?
+        })
+        .collect()
+}
+
+/// On a passthrough cloud another Service holds a node port this SharedLB was given, before it ever served:
+/// the ports are blocked in the pool, the placement is dropped (and what it made in the cloud removed), the
+/// status says why, and the next reconcile places it again around them.
+async fn place_again_around(
+    ctx: &Context,
+    slb: &SharedLB,
+    alloc: &PoolAllocator,
+    pool: &LoadBalancerPool,
+    taken: &[u16],
+    msg: &str,
+) -> Result<Action, Error> {
+    let uid = slb.uid().unwrap_or_default();
+    let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
+    let plan = state.plan(&[Change::Remove { key: uid.clone() }]);
+    state.apply(&plan);
+    for p in taken {
+        state.block_port(*p);
+    }
+    let doomed = state.deleting();
+    drop(state);
+    for a in &plan.actions {
+        if let PlanAction::RemoveListener {
+            lb,
+            port,
+            protocol,
+            owner,
+        } = a
+            && let Err(e) = alloc
+                .provider
+                .remove_listener(&alloc.key(*lb), *port, *protocol, owner)
+                .await
+        {
+            warn!(error = %e, "removing a listener of a dropped placement failed; the audit retries");
+        }
+    }
+    if let Err(e) = alloc.delete_marked(doomed).await {
+        warn!(error = %e, "deleting an empty load balancer failed; the pool retries");
+    }
+    let message = format!("{msg}; placing it again on another port");
+    let mut st = slb.status.clone().unwrap_or_default();
+    st.pool = None;
+    st.load_balancer = None;
+    st.ports = Vec::new();
+    st.port_summary = None;
+    let generation = slb.meta().generation;
+    status::set(
+        &mut st.conditions,
+        ALLOCATED,
+        false,
+        NODE_PORT_TAKEN,
+        &message,
+        generation,
+    );
+    status::set(
+        &mut st.conditions,
+        READY,
+        false,
+        NODE_PORT_TAKEN,
+        &message,
+        generation,
+    );
+    ctx.event(slb, EventType::Warning, NODE_PORT_TAKEN, message.clone())
+        .await;
+    // no resourceVersion precondition: the object in hand predates this reconcile's own allocation write, and
+    // reconciles of one object never overlap
+    send_status(ctx, slb, &st, Precondition::None).await?;
+    Ok(Action::requeue(Duration::from_millis(200)))
 }
 
 /// The node port the Service already gives external `port` (its TCP entry's first), so that TCP and UDP on
