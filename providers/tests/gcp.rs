@@ -119,12 +119,35 @@ async fn ips_rules_target_pools_and_firewalls_are_exactly_what_the_ports_need() 
     p.ensure_listener(&key("web", 0), &spec(30053, Protocol::Udp, "dns", &[]))
         .await
         .expect("udp");
+    let before = fake.requests().len();
     p.ensure_listener(
         &key("web", 0),
         &spec(30080, Protocol::Tcp, "web", &["198.51.100.0/24"]),
     )
     .await
     .expect("web");
+    let made: Vec<(String, String)> = fake.requests()[before..].to_vec();
+    let mutating = made.iter().filter(|(m, _)| m != "GET").count();
+    eprintln!(
+        "calls for a new port: {} requests, {mutating} mutating (the rest reads and operation polls): {made:?}",
+        made.len()
+    );
+    assert_eq!(
+        mutating, 2,
+        "a firewall rule and a forwarding rule: {made:?}"
+    );
+    let before = fake.requests().len();
+    p.ensure_listener(
+        &key("web", 0),
+        &spec(30080, Protocol::Tcp, "web", &["198.51.100.0/24"]),
+    )
+    .await
+    .expect("again");
+    let again = &fake.requests()[before..];
+    assert!(
+        again.iter().all(|(m, _)| m == "GET"),
+        "a steady-state ensure changes nothing: {again:?}"
+    );
     let rules = fake.resources("forwardingRules");
     let mut shape: Vec<(String, String, String)> = rules
         .iter()
@@ -371,6 +394,18 @@ async fn quota_foreign_names_and_bad_settings_are_errors_by_meaning() {
         .await
         .expect("remove");
 
+    fake.fail_next("POST", 403, "forbidden");
+    let e = p
+        .ensure_listener(&key("q", 0), &spec(30001, Protocol::Tcp, "a", &[]))
+        .await
+        .expect_err("no permission");
+    assert!(
+        matches!(e, ProviderError::InvalidConfig(ref m) if m.contains("forbidden")),
+        "{e:?}"
+    );
+    p.remove_listener(&key("q", 0), 30001, Protocol::Tcp, "a")
+        .await
+        .expect("nothing to remove");
     fake.fail_next("GET", 429, "rateLimitExceeded");
     let e = p.inventory().await.expect_err("throttled");
     assert!(matches!(e, ProviderError::Throttled { .. }), "{e:?}");
@@ -382,5 +417,113 @@ fn node(name: &str, provider_id: &str) -> NodeTarget {
         name: name.into(),
         provider_id: Some(provider_id.into()),
         internal_ip: None,
+    }
+}
+
+/// The fake is held to Google's discovery document `compute.v1.json` (from `google-api-python-client`, fetched
+/// by `scripts/test-env install`): every request the provider made through Google's client is a method the
+/// document describes, with its HTTP verb, and every field of every resource the fake returned is a property of
+/// that resource's schema. A fake that drifts from Compute Engine's API fails here.
+#[tokio::test]
+async fn the_fake_and_the_provider_speak_only_what_googles_discovery_document_describes() {
+    let path = std::env::var("SHAREDLB_COMPUTE_DISCOVERY")
+        .expect("compute.v1.json: run through scripts/test (scripts/test-env install fetches it)");
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    // a whole life: load balancer, TCP and UDP, nodes, removal, deletion
+    let fake = GcpFake::start().await;
+    let p = GcpProvider::new("c1", "doc", pool(&fake))
+        .await
+        .expect("provider");
+    p.update_nodes(&[node("n1", "gce://proj/europe-west1-b/node-1")])
+        .await
+        .expect("nodes");
+    p.ensure_load_balancer(&key("doc", 0)).await.expect("lb");
+    p.ensure_listener(
+        &key("doc", 0),
+        &spec(30100, Protocol::Tcp, "a", &["198.51.100.0/24"]),
+    )
+    .await
+    .expect("tcp");
+    p.ensure_listener(&key("doc", 0), &spec(30100, Protocol::Udp, "a", &[]))
+        .await
+        .expect("udp");
+    p.update_nodes(&[node("n2", "gce://proj/europe-west1-c/node-2")])
+        .await
+        .expect("nodes");
+    let mut returned: Vec<(&str, Value)> = Vec::new();
+    for (kind, schema) in [
+        ("addresses", "Address"),
+        ("forwardingRules", "ForwardingRule"),
+        ("targetPools", "TargetPool"),
+        ("firewalls", "Firewall"),
+        ("httpHealthChecks", "HttpHealthCheck"),
+    ] {
+        for r in fake.resources(kind) {
+            returned.push((schema, r));
+        }
+    }
+    p.inventory().await.expect("inventory");
+    p.remove_listener(&key("doc", 0), 30100, Protocol::Udp, "a")
+        .await
+        .expect("remove");
+    p.delete_load_balancer(&key("doc", 0))
+        .await
+        .expect("delete");
+
+    let mut templates: Vec<(String, Vec<String>)> = Vec::new();
+    for res in [
+        "addresses",
+        "forwardingRules",
+        "targetPools",
+        "firewalls",
+        "httpHealthChecks",
+        "regionOperations",
+        "globalOperations",
+    ] {
+        for m in doc["resources"][res]["methods"]
+            .as_object()
+            .expect("methods")
+            .values()
+        {
+            let flat = m["flatPath"].as_str().or(m["path"].as_str()).expect("path");
+            templates.push((
+                m["httpMethod"].as_str().expect("verb").to_string(),
+                flat.split('/').map(str::to_string).collect(),
+            ));
+        }
+    }
+    let described = |verb: &str, path: &str| {
+        let segs: Vec<&str> = path.split('/').collect();
+        templates.iter().any(|(v, t)| {
+            v == verb
+                && t.len() == segs.len()
+                && t.iter()
+                    .zip(&segs)
+                    .all(|(a, b)| (a.starts_with('{') && a.ends_with('}')) || a == b)
+        })
+    };
+    let requests = fake.requests();
+    assert!(
+        requests.len() > 20,
+        "a whole life makes many calls: {}",
+        requests.len()
+    );
+    for (verb, path) in &requests {
+        assert!(
+            described(verb, path),
+            "{verb} {path} is not a Compute Engine method"
+        );
+    }
+    for (schema, r) in returned {
+        let props = doc["schemas"][schema]["properties"]
+            .as_object()
+            .expect("schema");
+        for k in r.as_object().expect("object").keys() {
+            assert!(
+                props.contains_key(k),
+                "{schema}.{k} is not in Google's schema"
+            );
+        }
     }
 }

@@ -276,3 +276,71 @@ async fn a_node_port_held_by_another_service_makes_the_sharedlb_move_before_it_s
     assert!(fake.resources("addresses").is_empty());
     op.kill().await;
 }
+
+/// A quota Google refuses becomes the SharedLB's condition and Event with Google's words, and nothing is left
+/// half-made (no target pool, rule, firewall or health check for an address that was never granted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exceeded_quota_is_a_condition_with_googles_message_and_nothing_half_made() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let fake = GcpFake::start().await;
+    fake.set_quota("addresses", 0);
+    let op = Operator::start_with_providers(
+        &client,
+        BuiltinProviders::new(MemoryCloud::new()).with_gcp_endpoint(Some(fake.endpoint())),
+        Settings {
+            cluster_id: "e2e".into(),
+            ..Settings::default()
+        },
+    );
+    let ns = namespace(&client, "gcp-quota", &[]).await;
+    let pool = format!("gcp-{}", fastrand::u32(..100_000));
+    create_pool(
+        &client,
+        &pool,
+        json!({"provider": {"gcp": {"project": "proj", "region": "europe-west1", "nodeTag": "nodes"}}}),
+    )
+    .await;
+    create_slb(
+        &client,
+        &ns,
+        "x",
+        json!({"pool": pool, "selector": {"app": "x"},
+        "ports": [{"name": "p", "targetPort": 80}]}),
+    )
+    .await;
+    let api: Api<sharedlb_crds::SharedLB> = Api::namespaced(client.clone(), &ns);
+    let (reason, msg) = eventually(60, "a cloud condition", || async {
+        let (st, r, m) = condition(&api.get("x").await.ok()?, "Programmed")?;
+        (st == "False").then_some((r, m))
+    })
+    .await;
+    assert_eq!(reason, "CloudQuotaExceeded", "{msg}");
+    assert!(
+        msg.contains("Quota 'ADDRESSES' exceeded"),
+        "Google's words reach the user: {msg}"
+    );
+    eventually(10, "an Event with the reason", || async {
+        event_reasons(&client, &ns, "x")
+            .await
+            .contains(&reason)
+            .then_some(())
+    })
+    .await;
+    for kind in [
+        "addresses",
+        "forwardingRules",
+        "targetPools",
+        "firewalls",
+        "httpHealthChecks",
+    ] {
+        assert!(
+            fake.resources(kind).is_empty(),
+            "{kind} half-made: {:?}",
+            fake.resources(kind)
+        );
+    }
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, &pool).await;
+    op.kill().await;
+}
