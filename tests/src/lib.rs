@@ -215,6 +215,21 @@ pub async fn refused(client: &Client, ns: &str, name: &str, reason: &str) -> Str
     .await
 }
 
+/// Waits until the pool reports Ready=False; returns (reason, message).
+pub async fn pool_not_ready(client: &Client, pool: &str) -> (String, String) {
+    let pools: Api<LoadBalancerPool> = Api::all(client.clone());
+    eventually(60, &format!("pool {pool} Ready=False"), || async {
+        let p = pools.get(pool).await.ok()?;
+        let c = p
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready" && c.status == "False")?;
+        Some((c.reason, c.message))
+    })
+    .await
+}
+
 /// Event reasons recorded for an object.
 pub async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
     let api: Api<KubeEvent> = Api::namespaced(client.clone(), ns);

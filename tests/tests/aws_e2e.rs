@@ -231,17 +231,7 @@ async fn a_missing_subnet_is_a_condition_with_the_aws_message_and_nothing_half_m
     )
     .await;
     // the pool says what is wrong, in AWS's words
-    let pools: Api<sharedlb_crds::LoadBalancerPool> = Api::all(client.clone());
-    let (reason, msg) = eventually(60, "a pool condition", || async {
-        let p = pools.get(&pool).await.ok()?;
-        let c = p
-            .status?
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Ready" && c.status == "False")?;
-        Some((c.reason, c.message))
-    })
-    .await;
+    let (reason, msg) = pool_not_ready(&client, &pool).await;
     assert_eq!(reason, "CloudInvalidConfig");
     assert!(
         msg.contains("InvalidSubnetID") || msg.contains("subnet"),
@@ -609,17 +599,7 @@ async fn no_credentials_is_the_pools_condition() {
             "subnetIds": ["subnet-0123456789abcdef0"]}}}),
     )
     .await;
-    let pools: Api<sharedlb_crds::LoadBalancerPool> = Api::all(client.clone());
-    let (reason, msg) = eventually(60, "a pool condition", || async {
-        let p = pools.get(&pool).await.ok()?;
-        let c = p
-            .status?
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Ready" && c.status == "False")?;
-        Some((c.reason, c.message))
-    })
-    .await;
+    let (reason, msg) = pool_not_ready(&client, &pool).await;
     eprintln!("pool condition without credentials: {reason}: {msg}");
     assert_eq!(reason, "CloudInvalidConfig", "{msg}");
     assert!(
@@ -632,6 +612,7 @@ async fn no_credentials_is_the_pools_condition() {
     );
     let _ = child.kill().await;
     // nothing could ever have been made without credentials: let the pool go without its cleanup
+    let pools: Api<sharedlb_crds::LoadBalancerPool> = Api::all(client.clone());
     let _ = pools
         .patch(
             &pool,

@@ -28,6 +28,30 @@ async fn add_node(client: &Client, name: &str, zone: &str) {
         .expect("node status");
 }
 
+/// The operator in-process, its gcp pools talking to `fake`.
+fn operator_on(client: &Client, fake: &GcpFake) -> Operator {
+    Operator::start_with_providers(
+        client,
+        BuiltinProviders::new(MemoryCloud::new()).with_gcp_endpoint(Some(fake.endpoint())),
+        Settings {
+            cluster_id: "e2e".into(),
+            ..Settings::default()
+        },
+    )
+}
+
+/// A gcp pool with a random name on project `proj`, region europe-west1, nodes tagged `nodes`; `extra` adds
+/// to its spec.
+async fn gcp_pool(client: &Client, extra: Value) -> String {
+    let pool = format!("gcp-{}", fastrand::u32(..100_000));
+    let mut spec = json!({"provider": {"gcp": {"project": "proj", "region": "europe-west1", "nodeTag": "nodes"}}});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        s.extend(e.clone());
+    }
+    create_pool(client, &pool, spec).await;
+    pool
+}
+
 fn rule_shape(fake: &GcpFake) -> BTreeSet<(String, String, String)> {
     fake.resources("forwardingRules")
         .iter()
@@ -58,23 +82,9 @@ async fn tcp_udp_sharedlbs_get_ips_rules_and_firewalls_and_leave_nothing() {
     let client = client().await;
     let fake = GcpFake::start().await;
     add_node(&client, "gce-n1", "europe-west1-b").await;
-    let op = Operator::start_with_providers(
-        &client,
-        BuiltinProviders::new(MemoryCloud::new()).with_gcp_endpoint(Some(fake.endpoint())),
-        Settings {
-            cluster_id: "e2e".into(),
-            ..Settings::default()
-        },
-    );
+    let op = operator_on(&client, &fake);
     let ns = namespace(&client, "gcp", &[]).await;
-    let pool = format!("gcp-{}", fastrand::u32(..100_000));
-    create_pool(
-        &client,
-        &pool,
-        json!({"provider": {"gcp": {"project": "proj", "region": "europe-west1", "nodeTag": "nodes"}},
-            "capacity": {"maxPortsPerLoadBalancer": 2}}),
-    )
-    .await;
+    let pool = gcp_pool(&client, json!({"capacity": {"maxPortsPerLoadBalancer": 2}})).await;
     create_slb(
         &client,
         &ns,
@@ -205,23 +215,9 @@ async fn a_node_port_held_by_another_service_makes_the_sharedlb_move_before_it_s
     let _turn = SERIAL.lock().await;
     let client = client().await;
     let fake = GcpFake::start().await;
-    let op = Operator::start_with_providers(
-        &client,
-        BuiltinProviders::new(MemoryCloud::new()).with_gcp_endpoint(Some(fake.endpoint())),
-        Settings {
-            cluster_id: "e2e".into(),
-            ..Settings::default()
-        },
-    );
+    let op = operator_on(&client, &fake);
     let ns = namespace(&client, "gcp-taken", &[]).await;
-    let pool = format!("gcp-{}", fastrand::u32(..100_000));
-    create_pool(
-        &client,
-        &pool,
-        json!({"provider": {"gcp": {"project": "proj", "region": "europe-west1", "nodeTag": "nodes"}},
-            "portRange": {"min": 31500, "max": 31599}}),
-    )
-    .await;
+    let pool = gcp_pool(&client, json!({"portRange": {"min": 31500, "max": 31599}})).await;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let foreign: Service = serde_json::from_value(json!({
         "metadata": {"name": "someone-else"},
@@ -285,22 +281,9 @@ async fn an_exceeded_quota_is_a_condition_with_googles_message_and_nothing_half_
     let client = client().await;
     let fake = GcpFake::start().await;
     fake.set_quota("addresses", 0);
-    let op = Operator::start_with_providers(
-        &client,
-        BuiltinProviders::new(MemoryCloud::new()).with_gcp_endpoint(Some(fake.endpoint())),
-        Settings {
-            cluster_id: "e2e".into(),
-            ..Settings::default()
-        },
-    );
+    let op = operator_on(&client, &fake);
     let ns = namespace(&client, "gcp-quota", &[]).await;
-    let pool = format!("gcp-{}", fastrand::u32(..100_000));
-    create_pool(
-        &client,
-        &pool,
-        json!({"provider": {"gcp": {"project": "proj", "region": "europe-west1", "nodeTag": "nodes"}}}),
-    )
-    .await;
+    let pool = gcp_pool(&client, json!({})).await;
     create_slb(
         &client,
         &ns,
