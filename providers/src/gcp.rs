@@ -25,8 +25,9 @@ use google_cloud_compute_v1::model;
 use google_cloud_lro::Poller;
 
 use crate::{
-    Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec, LoadBalancerInfo,
-    LoadBalancerKey, LoadBalancerProvider, NodeTarget, PortMode, Protocol, ProviderError,
+    ApiCalls, Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec,
+    LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, NodeTarget, PortMode, Protocol,
+    ProviderError,
 };
 
 /// Forwarding rules (ports) the planner puts on one IP. GCP sets no per-IP cap: the region's forwarding-rule
@@ -69,6 +70,8 @@ pub struct GcpProvider {
     creating: tokio::sync::Mutex<()>,
     /// One firewall rule per SharedLB is read-modify-write: one change at a time per provider.
     firewall_lock: tokio::sync::Mutex<()>,
+    /// Compute Engine calls by method (`forwardingRules.insert`), counted where each is made.
+    calls: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
 fn fnv(s: &str) -> u32 {
@@ -106,7 +109,10 @@ fn classify(op: &str, e: google_cloud_gax::error::Error) -> ProviderError {
 }
 
 /// A finished operation's own error (the poller reports it as an error too).
-fn op_result(op: &str, r: google_cloud_gax::Result<model::Operation>) -> Result<(), ProviderError> {
+fn operation_result(
+    op: &str,
+    r: google_cloud_gax::Result<model::Operation>,
+) -> Result<(), ProviderError> {
     match r {
         Ok(o) => match o.error.as_ref().filter(|e| !e.errors.is_empty()) {
             None => Ok(()),
@@ -146,7 +152,7 @@ fn exists_ok(r: Result<(), ProviderError>) -> Result<(), ProviderError> {
     }
 }
 
-fn get_opt<T>(r: google_cloud_gax::Result<T>, op: &str) -> Result<Option<T>, ProviderError> {
+fn optional<T>(r: google_cloud_gax::Result<T>, op: &str) -> Result<Option<T>, ProviderError> {
     match r {
         Ok(v) => Ok(Some(v)),
         Err(e) => match classify(op, e) {
@@ -243,12 +249,42 @@ impl GcpProvider {
             nodes: RwLock::new(Vec::new()),
             creating: tokio::sync::Mutex::new(()),
             firewall_lock: tokio::sync::Mutex::new(()),
+            calls: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
     /// `slb-<hash of cluster/pool>-`: every name this provider gives starts so.
     pub fn name_prefix(&self) -> &str {
         &self.prefix
+    }
+
+    fn count(&self, op: &str) {
+        *self
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(op.to_string())
+            .or_default() += 1;
+    }
+
+    /// A finished long-running operation (counted as one call of `op`).
+    fn done(
+        &self,
+        op: &str,
+        r: google_cloud_gax::Result<model::Operation>,
+    ) -> Result<(), ProviderError> {
+        self.count(op);
+        operation_result(op, r)
+    }
+
+    /// A read whose 404 means "not there" (counted as one call of `op`).
+    fn found<T>(
+        &self,
+        r: google_cloud_gax::Result<T>,
+        op: &str,
+    ) -> Result<Option<T>, ProviderError> {
+        self.count(op);
+        optional(r, op)
     }
 
     fn p(&self) -> &str {
@@ -318,7 +354,7 @@ impl GcpProvider {
     }
 
     async fn address(&self, index: u32) -> Result<Option<model::Address>, ProviderError> {
-        get_opt(
+        self.found(
             self.addresses
                 .get()
                 .set_project(self.p())
@@ -331,7 +367,7 @@ impl GcpProvider {
     }
 
     async fn target_pool(&self, index: u32) -> Result<Option<model::TargetPool>, ProviderError> {
-        get_opt(
+        self.found(
             self.pools
                 .get()
                 .set_project(self.p())
@@ -346,7 +382,7 @@ impl GcpProvider {
     /// The pool's health check on kube-proxy, and the firewall rule that lets Google's checkers reach it.
     async fn ensure_health_check(&self) -> Result<String, ProviderError> {
         let name = self.health_name();
-        let found = get_opt(
+        let found = self.found(
             self.checks
                 .get()
                 .set_project(self.p())
@@ -358,45 +394,49 @@ impl GcpProvider {
         if let Some(h) = found {
             return Ok(h.self_link.unwrap_or_default());
         }
-        exists_ok(op_result(
-            "httpHealthChecks.insert",
-            self.checks
-                .insert()
-                .set_project(self.p())
-                .set_body(
-                    model::HttpHealthCheck::new()
-                        .set_name(&name)
-                        .set_port(i32::from(KUBE_PROXY_HEALTH_PORT))
-                        .set_request_path("/healthz")
-                        .set_description(format!("sharedlb {}/{}", self.cluster_id, self.pool)),
-                )
-                .poller()
-                .until_done()
-                .await,
-        ))?;
-        exists_ok(op_result(
-            "firewalls.insert",
-            self.firewalls
-                .insert()
-                .set_project(self.p())
-                .set_body(
-                    model::Firewall::new()
-                        .set_name(&name)
-                        .set_network(&self.settings.network)
-                        .set_description(format!(
-                            "sharedlb {}/{}: health checks to kube-proxy",
-                            self.cluster_id, self.pool
-                        ))
-                        .set_allowed([model::firewall::Allowed::new()
-                            .set_ip_protocol("tcp")
-                            .set_ports([KUBE_PROXY_HEALTH_PORT.to_string()])])
-                        .set_source_ranges(HEALTH_CHECK_RANGES)
-                        .set_target_tags([self.settings.node_tag.clone()]),
-                )
-                .poller()
-                .until_done()
-                .await,
-        ))?;
+        exists_ok(
+            self.done(
+                "httpHealthChecks.insert",
+                self.checks
+                    .insert()
+                    .set_project(self.p())
+                    .set_body(
+                        model::HttpHealthCheck::new()
+                            .set_name(&name)
+                            .set_port(i32::from(KUBE_PROXY_HEALTH_PORT))
+                            .set_request_path("/healthz")
+                            .set_description(format!("sharedlb {}/{}", self.cluster_id, self.pool)),
+                    )
+                    .poller()
+                    .until_done()
+                    .await,
+            ),
+        )?;
+        exists_ok(
+            self.done(
+                "firewalls.insert",
+                self.firewalls
+                    .insert()
+                    .set_project(self.p())
+                    .set_body(
+                        model::Firewall::new()
+                            .set_name(&name)
+                            .set_network(&self.settings.network)
+                            .set_description(format!(
+                                "sharedlb {}/{}: health checks to kube-proxy",
+                                self.cluster_id, self.pool
+                            ))
+                            .set_allowed([model::firewall::Allowed::new()
+                                .set_ip_protocol("tcp")
+                                .set_ports([KUBE_PROXY_HEALTH_PORT.to_string()])])
+                            .set_source_ranges(HEALTH_CHECK_RANGES)
+                            .set_target_tags([self.settings.node_tag.clone()]),
+                    )
+                    .poller()
+                    .until_done()
+                    .await,
+            ),
+        )?;
         let h = self
             .checks
             .get()
@@ -405,6 +445,7 @@ impl GcpProvider {
             .send()
             .await
             .map_err(|e| classify("httpHealthChecks.get", e))?;
+        self.count("httpHealthChecks.get");
         Ok(h.self_link.unwrap_or_default())
     }
 
@@ -427,6 +468,7 @@ impl GcpProvider {
                 .send()
                 .await
                 .map_err(|e| classify("forwardingRules.list", e))?;
+            self.count("forwardingRules.list");
             out.extend(page.items.into_iter().filter(|r| {
                 r.name
                     .as_deref()
@@ -440,17 +482,19 @@ impl GcpProvider {
     }
 
     async fn delete_rule(&self, name: &str) -> Result<(), ProviderError> {
-        gone_ok(op_result(
-            "forwardingRules.delete",
-            self.rules
-                .delete()
-                .set_project(self.p())
-                .set_region(self.r())
-                .set_forwarding_rule(name)
-                .poller()
-                .until_done()
-                .await,
-        ))
+        gone_ok(
+            self.done(
+                "forwardingRules.delete",
+                self.rules
+                    .delete()
+                    .set_project(self.p())
+                    .set_region(self.r())
+                    .set_forwarding_rule(name)
+                    .poller()
+                    .until_done()
+                    .await,
+            ),
+        )
     }
 
     /// Makes the SharedLB's firewall rule allow exactly `ports` (protocol -> ports) from `ranges`; deletes it
@@ -463,7 +507,7 @@ impl GcpProvider {
     ) -> Result<(), ProviderError> {
         let _one = self.firewall_lock.lock().await;
         let name = self.firewall_name(owner_uid);
-        let found = get_opt(
+        let found = self.found(
             self.firewalls
                 .get()
                 .set_project(self.p())
@@ -504,16 +548,18 @@ impl GcpProvider {
         }
         if ports.is_empty() {
             return if found.is_some() {
-                gone_ok(op_result(
-                    "firewalls.delete",
-                    self.firewalls
-                        .delete()
-                        .set_project(self.p())
-                        .set_firewall(&name)
-                        .poller()
-                        .until_done()
-                        .await,
-                ))
+                gone_ok(
+                    self.done(
+                        "firewalls.delete",
+                        self.firewalls
+                            .delete()
+                            .set_project(self.p())
+                            .set_firewall(&name)
+                            .poller()
+                            .until_done()
+                            .await,
+                    ),
+                )
             } else {
                 Ok(())
             };
@@ -533,7 +579,7 @@ impl GcpProvider {
             .set_source_ranges(sources)
             .set_target_tags([self.settings.node_tag.clone()]);
         if found.is_some() {
-            op_result(
+            self.done(
                 "firewalls.patch",
                 self.firewalls
                     .patch()
@@ -545,7 +591,7 @@ impl GcpProvider {
                     .await,
             )
         } else {
-            op_result(
+            self.done(
                 "firewalls.insert",
                 self.firewalls
                     .insert()
@@ -563,6 +609,19 @@ impl GcpProvider {
 impl LoadBalancerProvider for GcpProvider {
     fn kind(&self) -> &'static str {
         "gcp"
+    }
+
+    fn api_calls(&self) -> Vec<ApiCalls> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(op, n)| ApiCalls {
+                operation: op.clone(),
+                mutating: !(op.ends_with(".get") || op.ends_with(".list")),
+                calls: *n,
+            })
+            .collect()
     }
 
     fn limits(&self) -> Limits {
@@ -583,22 +642,24 @@ impl LoadBalancerProvider for GcpProvider {
         let address = match self.address(lb.index).await? {
             Some(a) => a,
             None => {
-                exists_ok(op_result(
-                    "addresses.insert",
-                    self.addresses
-                        .insert()
-                        .set_project(self.p())
-                        .set_region(self.r())
-                        .set_body(
-                            model::Address::new()
-                                .set_name(&name)
-                                .set_description(format!("sharedlb {}", lb.name()))
-                                .set_labels(self.labels(Some(lb.index))),
-                        )
-                        .poller()
-                        .until_done()
-                        .await,
-                ))?;
+                exists_ok(
+                    self.done(
+                        "addresses.insert",
+                        self.addresses
+                            .insert()
+                            .set_project(self.p())
+                            .set_region(self.r())
+                            .set_body(
+                                model::Address::new()
+                                    .set_name(&name)
+                                    .set_description(format!("sharedlb {}", lb.name()))
+                                    .set_labels(self.labels(Some(lb.index))),
+                            )
+                            .poller()
+                            .until_done()
+                            .await,
+                    ),
+                )?;
                 self.address(lb.index).await?.ok_or_else(|| {
                     ProviderError::Other(format!("gcp: address {name} vanished after insert"))
                 })?
@@ -611,23 +672,25 @@ impl LoadBalancerProvider for GcpProvider {
         }
         if self.target_pool(lb.index).await?.is_none() {
             let hc = self.ensure_health_check().await?;
-            exists_ok(op_result(
-                "targetPools.insert",
-                self.pools
-                    .insert()
-                    .set_project(self.p())
-                    .set_region(self.r())
-                    .set_body(
-                        model::TargetPool::new()
-                            .set_name(&name)
-                            .set_description(format!("sharedlb {}", lb.name()))
-                            .set_health_checks([hc])
-                            .set_instances(self.instance_urls()),
-                    )
-                    .poller()
-                    .until_done()
-                    .await,
-            ))?;
+            exists_ok(
+                self.done(
+                    "targetPools.insert",
+                    self.pools
+                        .insert()
+                        .set_project(self.p())
+                        .set_region(self.r())
+                        .set_body(
+                            model::TargetPool::new()
+                                .set_name(&name)
+                                .set_description(format!("sharedlb {}", lb.name()))
+                                .set_health_checks([hc])
+                                .set_instances(self.instance_urls()),
+                        )
+                        .poller()
+                        .until_done()
+                        .await,
+                ),
+            )?;
         }
         Ok(LoadBalancerInfo {
             id: address.self_link.unwrap_or_default(),
@@ -667,7 +730,7 @@ impl LoadBalancerProvider for GcpProvider {
         .await?;
         let name = self.rule_name(lb.index, l.port, l.protocol);
         let want_desc = describe(&l.owner.uid, l.node_port);
-        let existing = get_opt(
+        let existing = self.found(
             self.rules
                 .get()
                 .set_project(self.p())
@@ -688,29 +751,31 @@ impl LoadBalancerProvider for GcpProvider {
             Protocol::Tcp => model::forwarding_rule::IPProtocol::Tcp,
             Protocol::Udp => model::forwarding_rule::IPProtocol::Udp,
         };
-        exists_ok(op_result(
-            "forwardingRules.insert",
-            self.rules
-                .insert()
-                .set_project(self.p())
-                .set_region(self.r())
-                .set_body(
-                    model::ForwardingRule::new()
-                        .set_name(&name)
-                        .set_description(want_desc)
-                        .set_ip_address(address.address.clone().unwrap_or_default())
-                        .set_ip_protocol(ip_proto)
-                        .set_port_range(format!("{0}-{0}", l.port))
-                        .set_target(pool.self_link.clone().unwrap_or_default())
-                        .set_load_balancing_scheme(
-                            model::forwarding_rule::LoadBalancingScheme::External,
-                        )
-                        .set_labels(self.labels(Some(lb.index))),
-                )
-                .poller()
-                .until_done()
-                .await,
-        ))
+        exists_ok(
+            self.done(
+                "forwardingRules.insert",
+                self.rules
+                    .insert()
+                    .set_project(self.p())
+                    .set_region(self.r())
+                    .set_body(
+                        model::ForwardingRule::new()
+                            .set_name(&name)
+                            .set_description(want_desc)
+                            .set_ip_address(address.address.clone().unwrap_or_default())
+                            .set_ip_protocol(ip_proto)
+                            .set_port_range(format!("{0}-{0}", l.port))
+                            .set_target(pool.self_link.clone().unwrap_or_default())
+                            .set_load_balancing_scheme(
+                                model::forwarding_rule::LoadBalancingScheme::External,
+                            )
+                            .set_labels(self.labels(Some(lb.index))),
+                    )
+                    .poller()
+                    .until_done()
+                    .await,
+            ),
+        )
     }
 
     async fn remove_listener(
@@ -721,7 +786,7 @@ impl LoadBalancerProvider for GcpProvider {
         owner_uid: &str,
     ) -> Result<(), ProviderError> {
         let name = self.rule_name(lb.index, port, protocol);
-        let existing = get_opt(
+        let existing = self.found(
             self.rules
                 .get()
                 .set_project(self.p())
@@ -792,50 +857,58 @@ impl LoadBalancerProvider for GcpProvider {
                 .await?;
             }
         }
-        gone_ok(op_result(
-            "targetPools.delete",
-            self.pools
-                .delete()
-                .set_project(self.p())
-                .set_region(self.r())
-                .set_target_pool(self.lb_name(lb.index))
-                .poller()
-                .until_done()
-                .await,
-        ))?;
-        gone_ok(op_result(
-            "addresses.delete",
-            self.addresses
-                .delete()
-                .set_project(self.p())
-                .set_region(self.r())
-                .set_address(self.lb_name(lb.index))
-                .poller()
-                .until_done()
-                .await,
-        ))?;
+        gone_ok(
+            self.done(
+                "targetPools.delete",
+                self.pools
+                    .delete()
+                    .set_project(self.p())
+                    .set_region(self.r())
+                    .set_target_pool(self.lb_name(lb.index))
+                    .poller()
+                    .until_done()
+                    .await,
+            ),
+        )?;
+        gone_ok(
+            self.done(
+                "addresses.delete",
+                self.addresses
+                    .delete()
+                    .set_project(self.p())
+                    .set_region(self.r())
+                    .set_address(self.lb_name(lb.index))
+                    .poller()
+                    .until_done()
+                    .await,
+            ),
+        )?;
         // the last load balancer of the pool takes the health check and its firewall rule with it
         if self.inventory().await?.load_balancers.is_empty() {
-            gone_ok(op_result(
-                "firewalls.delete",
-                self.firewalls
-                    .delete()
-                    .set_project(self.p())
-                    .set_firewall(self.health_name())
-                    .poller()
-                    .until_done()
-                    .await,
-            ))?;
-            gone_ok(op_result(
-                "httpHealthChecks.delete",
-                self.checks
-                    .delete()
-                    .set_project(self.p())
-                    .set_http_health_check(self.health_name())
-                    .poller()
-                    .until_done()
-                    .await,
-            ))?;
+            gone_ok(
+                self.done(
+                    "firewalls.delete",
+                    self.firewalls
+                        .delete()
+                        .set_project(self.p())
+                        .set_firewall(self.health_name())
+                        .poller()
+                        .until_done()
+                        .await,
+                ),
+            )?;
+            gone_ok(
+                self.done(
+                    "httpHealthChecks.delete",
+                    self.checks
+                        .delete()
+                        .set_project(self.p())
+                        .set_http_health_check(self.health_name())
+                        .poller()
+                        .until_done()
+                        .await,
+                ),
+            )?;
         }
         Ok(())
     }
@@ -854,6 +927,7 @@ impl LoadBalancerProvider for GcpProvider {
                 .send()
                 .await
                 .map_err(|e| classify("addresses.list", e))?;
+            self.count("addresses.list");
             for a in page.items {
                 if !self.ours(&a.labels) {
                     continue;
@@ -966,7 +1040,7 @@ impl LoadBalancerProvider for GcpProvider {
                 .map(|(_, u)| model::InstanceReference::new().set_instance(u))
                 .collect();
             if !add.is_empty() {
-                op_result(
+                self.done(
                     "targetPools.addInstance",
                     self.pools
                         .add_instance()
@@ -980,7 +1054,7 @@ impl LoadBalancerProvider for GcpProvider {
                 )?;
             }
             if !gone.is_empty() {
-                op_result(
+                self.done(
                     "targetPools.removeInstance",
                     self.pools
                         .remove_instance()

@@ -119,6 +119,12 @@ async fn ips_rules_target_pools_and_firewalls_are_exactly_what_the_ports_need() 
     p.ensure_listener(&key("web", 0), &spec(30053, Protocol::Udp, "dns", &[]))
         .await
         .expect("udp");
+    let mutating_before: u64 = p
+        .api_calls()
+        .iter()
+        .filter(|c| c.mutating)
+        .map(|c| c.calls)
+        .sum();
     let before = fake.requests().len();
     p.ensure_listener(
         &key("web", 0),
@@ -136,6 +142,14 @@ async fn ips_rules_target_pools_and_firewalls_are_exactly_what_the_ports_need() 
         mutating, 2,
         "a firewall rule and a forwarding rule: {made:?}"
     );
+    // the provider's own count (sharedlb_cloud_api_calls) agrees with what the fake saw
+    let counted: u64 = p
+        .api_calls()
+        .iter()
+        .filter(|c| c.mutating)
+        .map(|c| c.calls)
+        .sum();
+    assert_eq!(counted - mutating_before, 2, "{:?}", p.api_calls());
     let before = fake.requests().len();
     p.ensure_listener(
         &key("web", 0),
