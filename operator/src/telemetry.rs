@@ -190,7 +190,7 @@ impl Metrics {
         );
         registry.register(
             "cloud_api_calls",
-            "Cloud API calls by pool, provider and the cloud's operation name, mutating or not, counted by the SDK (sampled; AWS)",
+            "Cloud API calls by pool, provider and the cloud's operation name, mutating or not, sampled every 10 s (AWS: every SDK call, by an interceptor; GCP: every Compute Engine call the provider makes)",
             listeners.api_calls.clone(),
         );
         Metrics {
