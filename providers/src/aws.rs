@@ -190,30 +190,6 @@ fn config_error(e: ProviderError) -> ProviderError {
     }
 }
 
-/// What an idempotent step may find already done.
-#[derive(Debug, Clone, Copy)]
-enum Already {
-    /// a delete or revoke of something that is not there
-    Gone,
-    /// an opening or create of something that is there
-    Exists,
-}
-
-/// An idempotent step: the error that means "already as wanted" is success; every other error stays one.
-fn already_done(r: Result<(), ProviderError>, already: Already) -> Result<(), ProviderError> {
-    match (r, already) {
-        (Err(ProviderError::NotFound(_)), Already::Gone)
-        | (Err(ProviderError::AlreadyExists(_)), Already::Exists) => Ok(()),
-        (other, _) => other,
-    }
-}
-
-fn fnv(s: &str) -> u32 {
-    s.bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
-}
-
 /// What one target group and listener carry: one protocol, or both on one port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wire {
@@ -287,6 +263,8 @@ fn tag(k: &str, v: impl Into<String>) -> Tag {
 #[derive(Debug, Clone)]
 struct Group {
     arn: String,
+    /// the load balancer it belongs to
+    index: u32,
     /// the traffic port (the node port) targets are registered on
     target_port: i32,
     port: u16,
@@ -299,6 +277,7 @@ impl Group {
     fn from(tg: &elb::types::TargetGroup, t: &BTreeMap<String, String>) -> Option<Self> {
         Some(Group {
             arn: tg.target_group_arn()?.to_string(),
+            index: t.get(tags::INDEX)?.parse().ok()?,
             target_port: tg.port().unwrap_or_default(),
             port: t.get(TAG_PORT)?.parse().ok()?,
             wire: Wire::parse(t.get(TAG_PROTOCOL)?)?,
@@ -384,7 +363,7 @@ impl AwsProvider {
             ec2: ec2::Client::from_conf(ec2_conf),
             cluster_id: cluster_id.into(),
             pool: pool.into(),
-            prefix: format!("slb-{:08x}-", fnv(&format!("{cluster_id}/{pool}"))),
+            prefix: crate::cloud_name_prefix(cluster_id, pool),
             settings,
             nodes: RwLock::new(Vec::new()),
             creating: tokio::sync::Mutex::new(()),
@@ -493,6 +472,36 @@ impl AwsProvider {
     /// `slb-<hash of cluster/pool>-`: every name this provider gives starts so.
     pub fn name_prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The pool's NLBs (by name prefix, confirmed by tags), with their index.
+    async fn our_lbs(&self) -> Result<Vec<(u32, elb::types::LoadBalancer)>, ProviderError> {
+        let mut lbs = Vec::new();
+        let mut pages = self.elb.describe_load_balancers().into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("describe_load_balancers", e))?;
+            lbs.extend(
+                page.load_balancers
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|l| {
+                        l.load_balancer_name()
+                            .is_some_and(|n| n.starts_with(&self.prefix))
+                    }),
+            );
+        }
+        let arns: Vec<String> = lbs
+            .iter()
+            .filter_map(|l| l.load_balancer_arn().map(str::to_string))
+            .collect();
+        let tags = self.tags_of(&arns).await?;
+        Ok(lbs
+            .into_iter()
+            .filter_map(|l| {
+                let t = tags.get(l.load_balancer_arn()?).filter(|t| self.ours(t))?;
+                Some((t.get(tags::INDEX)?.parse().ok()?, l))
+            })
+            .collect())
     }
 
     /// The subnets the pool's NLBs use (given or discovered).
@@ -743,7 +752,7 @@ impl AwsProvider {
         let Some(sg) = &self.settings.node_security_group_id else {
             return Ok(());
         };
-        already_done(
+        crate::existing_is_ok(
             self.ec2
                 .authorize_security_group_ingress()
                 .group_id(sg)
@@ -752,7 +761,6 @@ impl AwsProvider {
                 .await
                 .map(|_| ())
                 .map_err(|e| classify("authorize_security_group_ingress", e)),
-            Already::Exists,
         )
     }
 
@@ -843,7 +851,7 @@ impl AwsProvider {
         if perms.is_empty() {
             return Ok(());
         }
-        already_done(
+        crate::gone_is_ok(
             self.ec2
                 .revoke_security_group_ingress()
                 .group_id(sg)
@@ -852,7 +860,6 @@ impl AwsProvider {
                 .await
                 .map(|_| ())
                 .map_err(|e| classify("revoke_security_group_ingress", e)),
-            Already::Gone,
         )
     }
 
@@ -936,7 +943,7 @@ impl AwsProvider {
     }
 
     async fn delete_listener(&self, l: &elb::types::Listener) -> Result<(), ProviderError> {
-        already_done(
+        crate::gone_is_ok(
             self.elb
                 .delete_listener()
                 .listener_arn(l.listener_arn().unwrap_or_default())
@@ -944,7 +951,6 @@ impl AwsProvider {
                 .await
                 .map(|_| ())
                 .map_err(|e| classify("delete_listener", e)),
-            Already::Gone,
         )
     }
 
@@ -1019,7 +1025,7 @@ impl AwsProvider {
     /// Deletes a target group (no listener may use it) and closes the firewall for what it carried, except
     /// what `keep` (protocols on a node port) still needs.
     async fn drop_group(&self, g: &Group, keep: Option<(Wire, u16)>) -> Result<(), ProviderError> {
-        already_done(
+        crate::gone_is_ok(
             self.elb
                 .delete_target_group()
                 .target_group_arn(&g.arn)
@@ -1027,7 +1033,6 @@ impl AwsProvider {
                 .await
                 .map(|_| ())
                 .map_err(|e| classify("delete_target_group", e)),
-            Already::Gone,
         )?;
         for p in g.wire.protocols() {
             let kept = keep.is_some_and(|(w, np)| w.covers(*p) && np == g.node_port);
@@ -1236,28 +1241,16 @@ impl LoadBalancerProvider for AwsProvider {
             // not behind a listener: look through every group of this NLB, made but never used
             all = self.target_groups(lb.index).await?;
         }
-        let mine: Vec<&Group> = all.iter().filter(is_mine).collect();
-        if mine.is_empty() {
-            return Ok(());
-        }
-        for g in mine {
-            if g.wire == Wire::TcpUdp {
-                // split: what stays gets its own group and listener, then the merged group goes
+        for g in all.iter().filter(is_mine) {
+            let keep = if g.wire == Wire::TcpUdp {
+                // split: what stays gets its own group and listener, which replaces the merged listener
+                // (point_listener deletes the overlapping TCP_UDP one), then the merged group goes
                 let rest = Wire::of(other(protocol));
                 let arn = self
                     .ensure_target_group(lb.index, &all, port, rest, g.node_port, owner_uid)
                     .await?;
                 self.point_listener(&lb_arn, port, rest, &arn).await?;
-                for x in self.listeners(&lb_arn).await? {
-                    if x.port == Some(i32::from(port))
-                        && x.default_actions()
-                            .iter()
-                            .any(|a| a.target_group_arn() == Some(g.arn.as_str()))
-                    {
-                        self.delete_listener(&x).await?;
-                    }
-                }
-                self.drop_group(g, Some((rest, g.node_port))).await?;
+                Some((rest, g.node_port))
             } else {
                 for x in self.listeners(&lb_arn).await? {
                     if x.port == Some(i32::from(port))
@@ -1268,8 +1261,9 @@ impl LoadBalancerProvider for AwsProvider {
                         self.delete_listener(&x).await?;
                     }
                 }
-                self.drop_group(g, None).await?;
-            }
+                None
+            };
+            self.drop_group(g, keep).await?;
         }
         Ok(())
     }
@@ -1277,7 +1271,7 @@ impl LoadBalancerProvider for AwsProvider {
     async fn delete_load_balancer(&self, lb: &LoadBalancerKey) -> Result<(), ProviderError> {
         if let Some(nlb) = self.find_lb(lb.index).await? {
             // deleting an NLB deletes its listeners; its target groups and firewall rules go after
-            already_done(
+            crate::gone_is_ok(
                 self.elb
                     .delete_load_balancer()
                     .load_balancer_arn(nlb.load_balancer_arn().unwrap_or_default())
@@ -1285,14 +1279,13 @@ impl LoadBalancerProvider for AwsProvider {
                     .await
                     .map(|_| ())
                     .map_err(|e| classify("delete_load_balancer", e)),
-                Already::Gone,
             )?;
         }
         for g in self.target_groups(lb.index).await? {
             self.drop_group(&g, None).await?;
         }
         // the last NLB of the pool takes the pool's health-check rule with it
-        if self.inventory().await?.load_balancers.is_empty() {
+        if self.our_lbs().await?.is_empty() {
             let mut open = self.health_rule.lock().await;
             self.close_firewall(Protocol::Tcp, KUBE_PROXY_HEALTH_PORT)
                 .await?;
@@ -1302,43 +1295,16 @@ impl LoadBalancerProvider for AwsProvider {
     }
 
     async fn inventory(&self) -> Result<Inventory, ProviderError> {
-        let mut lbs = Vec::new();
-        let mut pages = self.elb.describe_load_balancers().into_paginator().send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| classify("describe_load_balancers", e))?;
-            lbs.extend(
-                page.load_balancers
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|l| {
-                        l.load_balancer_name()
-                            .is_some_and(|n| n.starts_with(&self.prefix))
-                    }),
-            );
-        }
-        let arns: Vec<String> = lbs
-            .iter()
-            .filter_map(|l| l.load_balancer_arn().map(str::to_string))
-            .collect();
-        let tags = self.tags_of(&arns).await?;
+        let lbs = self.our_lbs().await?;
+        // one walk over the account's target groups for all of the pool's NLBs
+        let groups = self.target_groups_named(&self.prefix).await?;
         let mut out = Vec::new();
-        for l in lbs {
-            let Some(t) = l
-                .load_balancer_arn()
-                .and_then(|a| tags.get(a))
-                .filter(|t| self.ours(t))
-            else {
-                continue;
-            };
-            let Some(index) = t.get(tags::INDEX).and_then(|i| i.parse().ok()) else {
-                continue;
-            };
-            let mut listeners: Vec<InventoryListener> = self
-                .target_groups(index)
-                .await?
-                .into_iter()
+        for (index, l) in lbs {
+            let mut listeners: Vec<InventoryListener> = groups
+                .iter()
+                .filter(|g| g.index == index)
                 .flat_map(|g| {
-                    g.wire.protocols().iter().map(move |p| InventoryListener {
+                    g.wire.protocols().iter().map(|p| InventoryListener {
                         port: g.port,
                         protocol: *p,
                         node_port: g.node_port,

@@ -74,12 +74,6 @@ pub struct GcpProvider {
     calls: std::sync::Mutex<BTreeMap<String, u64>>,
 }
 
-fn fnv(s: &str) -> u32 {
-    s.bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
-}
-
 /// Maps a Google error to one by meaning, keeping Google's message.
 fn classify(op: &str, e: google_cloud_gax::error::Error) -> ProviderError {
     let code = e.http_status_code();
@@ -135,20 +129,6 @@ fn operation_result(
             }
         },
         Err(e) => Err(classify(op, e)),
-    }
-}
-
-fn gone_ok(r: Result<(), ProviderError>) -> Result<(), ProviderError> {
-    match r {
-        Err(ProviderError::NotFound(_)) => Ok(()),
-        other => other,
-    }
-}
-
-fn exists_ok(r: Result<(), ProviderError>) -> Result<(), ProviderError> {
-    match r {
-        Err(ProviderError::AlreadyExists(_)) => Ok(()),
-        other => other,
     }
 }
 
@@ -242,7 +222,7 @@ impl GcpProvider {
             pools: client!(TargetPools),
             firewalls: client!(Firewalls),
             checks: client!(HttpHealthChecks),
-            prefix: format!("slb-{:08x}-", fnv(&format!("{cluster_id}/{pool}"))),
+            prefix: crate::cloud_name_prefix(cluster_id, pool),
             cluster_id: cluster_id.into(),
             pool: pool.into(),
             settings,
@@ -394,7 +374,7 @@ impl GcpProvider {
         if let Some(h) = found {
             return Ok(h.self_link.unwrap_or_default());
         }
-        exists_ok(
+        crate::existing_is_ok(
             self.done(
                 "httpHealthChecks.insert",
                 self.checks
@@ -412,7 +392,7 @@ impl GcpProvider {
                     .await,
             ),
         )?;
-        exists_ok(
+        crate::existing_is_ok(
             self.done(
                 "firewalls.insert",
                 self.firewalls
@@ -453,6 +433,55 @@ impl GcpProvider {
         self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The pool's load balancers: its reserved addresses (by name prefix, confirmed by labels), by index, with
+    /// no listeners filled in.
+    async fn our_addresses(&self) -> Result<BTreeMap<u32, InventoryLoadBalancer>, ProviderError> {
+        let mut lbs: BTreeMap<u32, InventoryLoadBalancer> = BTreeMap::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .addresses
+                .list()
+                .set_project(self.p())
+                .set_region(self.r())
+                .set_filter(format!("name eq \"{}.*\"", self.prefix))
+                .set_or_clear_page_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| classify("addresses.list", e))?;
+            self.count("addresses.list");
+            for a in page.items {
+                if !self.ours(&a.labels) {
+                    continue;
+                }
+                let Some(index) = a
+                    .labels
+                    .get("sharedlb-index")
+                    .and_then(|i| i.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                lbs.insert(
+                    index,
+                    InventoryLoadBalancer {
+                        index,
+                        info: LoadBalancerInfo {
+                            id: a.self_link.clone().unwrap_or_default(),
+                            ip: a.address.clone(),
+                            hostname: None,
+                        },
+                        listeners: Vec::new(),
+                    },
+                );
+            }
+            token = page.next_page_token.filter(|t| !t.is_empty());
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(lbs)
+    }
+
     /// The pool's forwarding rules (by name prefix), all load balancers.
     async fn all_rules(&self) -> Result<Vec<model::ForwardingRule>, ProviderError> {
         let mut out = Vec::new();
@@ -482,7 +511,7 @@ impl GcpProvider {
     }
 
     async fn delete_rule(&self, name: &str) -> Result<(), ProviderError> {
-        gone_ok(
+        crate::gone_is_ok(
             self.done(
                 "forwardingRules.delete",
                 self.rules
@@ -548,7 +577,7 @@ impl GcpProvider {
         }
         if ports.is_empty() {
             return if found.is_some() {
-                gone_ok(
+                crate::gone_is_ok(
                     self.done(
                         "firewalls.delete",
                         self.firewalls
@@ -642,7 +671,7 @@ impl LoadBalancerProvider for GcpProvider {
         let address = match self.address(lb.index).await? {
             Some(a) => a,
             None => {
-                exists_ok(
+                crate::existing_is_ok(
                     self.done(
                         "addresses.insert",
                         self.addresses
@@ -672,7 +701,7 @@ impl LoadBalancerProvider for GcpProvider {
         }
         if self.target_pool(lb.index).await?.is_none() {
             let hc = self.ensure_health_check().await?;
-            exists_ok(
+            crate::existing_is_ok(
                 self.done(
                     "targetPools.insert",
                     self.pools
@@ -751,7 +780,7 @@ impl LoadBalancerProvider for GcpProvider {
             Protocol::Tcp => model::forwarding_rule::IPProtocol::Tcp,
             Protocol::Udp => model::forwarding_rule::IPProtocol::Udp,
         };
-        exists_ok(
+        crate::existing_is_ok(
             self.done(
                 "forwardingRules.insert",
                 self.rules
@@ -857,7 +886,7 @@ impl LoadBalancerProvider for GcpProvider {
                 .await?;
             }
         }
-        gone_ok(
+        crate::gone_is_ok(
             self.done(
                 "targetPools.delete",
                 self.pools
@@ -870,7 +899,7 @@ impl LoadBalancerProvider for GcpProvider {
                     .await,
             ),
         )?;
-        gone_ok(
+        crate::gone_is_ok(
             self.done(
                 "addresses.delete",
                 self.addresses
@@ -884,8 +913,8 @@ impl LoadBalancerProvider for GcpProvider {
             ),
         )?;
         // the last load balancer of the pool takes the health check and its firewall rule with it
-        if self.inventory().await?.load_balancers.is_empty() {
-            gone_ok(
+        if self.our_addresses().await?.is_empty() {
+            crate::gone_is_ok(
                 self.done(
                     "firewalls.delete",
                     self.firewalls
@@ -897,7 +926,7 @@ impl LoadBalancerProvider for GcpProvider {
                         .await,
                 ),
             )?;
-            gone_ok(
+            crate::gone_is_ok(
                 self.done(
                     "httpHealthChecks.delete",
                     self.checks
@@ -914,49 +943,7 @@ impl LoadBalancerProvider for GcpProvider {
     }
 
     async fn inventory(&self) -> Result<Inventory, ProviderError> {
-        let mut lbs: BTreeMap<u32, InventoryLoadBalancer> = BTreeMap::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .addresses
-                .list()
-                .set_project(self.p())
-                .set_region(self.r())
-                .set_filter(format!("name eq \"{}.*\"", self.prefix))
-                .set_or_clear_page_token(token.clone())
-                .send()
-                .await
-                .map_err(|e| classify("addresses.list", e))?;
-            self.count("addresses.list");
-            for a in page.items {
-                if !self.ours(&a.labels) {
-                    continue;
-                }
-                let Some(index) = a
-                    .labels
-                    .get("sharedlb-index")
-                    .and_then(|i| i.parse::<u32>().ok())
-                else {
-                    continue;
-                };
-                lbs.insert(
-                    index,
-                    InventoryLoadBalancer {
-                        index,
-                        info: LoadBalancerInfo {
-                            id: a.self_link.clone().unwrap_or_default(),
-                            ip: a.address.clone(),
-                            hostname: None,
-                        },
-                        listeners: Vec::new(),
-                    },
-                );
-            }
-            token = page.next_page_token.filter(|t| !t.is_empty());
-            if token.is_none() {
-                break;
-            }
-        }
+        let mut lbs = self.our_addresses().await?;
         for r in self.all_rules().await? {
             let Some(rest) = r.name.as_deref().and_then(|n| n.strip_prefix(&self.prefix)) else {
                 continue;
@@ -1015,8 +1002,8 @@ impl LoadBalancerProvider for GcpProvider {
             .map(|p| format!("{base}{p}"))
             .collect();
         *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = want.iter().cloned().collect();
-        let inv = self.inventory().await?;
-        for lb in inv.load_balancers {
+        // the target pools to update are the pool's load balancers: its addresses, no need for the rules
+        for lb in self.our_addresses().await?.into_values() {
             let Some(pool) = self.target_pool(lb.index).await? else {
                 continue;
             };

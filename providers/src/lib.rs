@@ -32,6 +32,18 @@ pub mod tags {
     pub const OWNER_UID: &str = "sharedlb.dev/owner-uid";
 }
 
+/// `slb-<8 hex digits>-`: the start of every cloud name a provider gives for one cluster's pool. Cloud names are
+/// short (32 characters for AWS target groups), so the cluster and pool are hashed (FNV-1a, stable across
+/// releases: changing it would orphan what exists).
+pub fn cloud_name_prefix(cluster_id: &str, pool: &str) -> String {
+    let h = format!("{cluster_id}/{pool}")
+        .bytes()
+        .fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+    format!("slb-{h:08x}-")
+}
+
 /// Errors by meaning, so the controller can branch on them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderError {
@@ -75,6 +87,22 @@ impl ProviderError {
             ProviderError::QuotaExceeded(_) => Some(Duration::from_secs(60)),
             ProviderError::InvalidConfig(_) => None,
         }
+    }
+}
+
+/// An idempotent delete: what is already gone is success; every other error stays one.
+pub fn gone_is_ok(r: Result<(), ProviderError>) -> Result<(), ProviderError> {
+    match r {
+        Err(ProviderError::NotFound(_)) => Ok(()),
+        other => other,
+    }
+}
+
+/// An idempotent create or opening: what already exists is success; every other error stays one.
+pub fn existing_is_ok(r: Result<(), ProviderError>) -> Result<(), ProviderError> {
+    match r {
+        Err(ProviderError::AlreadyExists(_)) => Ok(()),
+        other => other,
     }
 }
 
@@ -239,5 +267,14 @@ pub trait LoadBalancerProvider: Send + Sync + Debug {
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
         let _ = nodes;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Existing clouds hold names made with this prefix: it must never change for a given cluster and pool.
+    #[test]
+    fn the_cloud_name_prefix_is_stable() {
+        assert_eq!(super::cloud_name_prefix("c1", "web"), "slb-a47c3254-");
     }
 }
