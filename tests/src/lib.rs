@@ -215,6 +215,25 @@ pub async fn refused(client: &Client, ns: &str, name: &str, reason: &str) -> Str
     .await
 }
 
+/// A Node object with this provider ID, Ready (the test apiserver runs no kubelet, so the test writes the status).
+pub async fn add_ready_node(client: &Client, name: &str, provider_id: &str) {
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let node = serde_json::from_value(json!({
+        "metadata": {"name": name}, "spec": {"providerID": provider_id}
+    }))
+    .expect("node");
+    let _ = api.create(&PostParams::default(), &node).await;
+    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+        "message": "ready", "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&status),
+    )
+    .await
+    .expect("node status");
+}
+
 /// Waits until the pool reports Ready=False; returns (reason, message).
 pub async fn pool_not_ready(client: &Client, pool: &str) -> (String, String) {
     let pools: Api<LoadBalancerPool> = Api::all(client.clone());

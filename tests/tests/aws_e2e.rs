@@ -55,17 +55,7 @@ async fn network() -> (String, Vec<String>) {
 }
 
 async fn add_node(client: &Client, name: &str, zone: &str, instance: &str) {
-    let api: Api<Node> = Api::all(client.clone());
-    let node: Node = serde_json::from_value(json!({
-        "metadata": {"name": name}, "spec": {"providerID": format!("aws:///{zone}/{instance}")}
-    }))
-    .expect("node");
-    let _ = api.create(&PostParams::default(), &node).await;
-    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-        "message": "ready", "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("node status");
+    add_ready_node(client, name, &format!("aws:///{zone}/{instance}")).await;
 }
 
 /// Our NLBs (by the tags sharedlb puts on them) and our target groups' target counts.

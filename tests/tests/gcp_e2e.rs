@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::{Node, Service};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use sharedlb::{BuiltinProviders, Settings};
@@ -15,17 +15,7 @@ use sharedlb_fakes::gcp::GcpFake;
 use sharedlb_providers::memory::MemoryCloud;
 
 async fn add_node(client: &Client, name: &str, zone: &str) {
-    let api: Api<Node> = Api::all(client.clone());
-    let node: Node = serde_json::from_value(json!({
-        "metadata": {"name": name}, "spec": {"providerID": format!("gce://proj/{zone}/{name}")}
-    }))
-    .expect("node");
-    let _ = api.create(&PostParams::default(), &node).await;
-    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-        "message": "ready", "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("node status");
+    add_ready_node(client, name, &format!("gce://proj/{zone}/{name}")).await;
 }
 
 /// The operator in-process, its gcp pools talking to `fake`.
