@@ -17,6 +17,8 @@ pub use sharedlb_placement::{PortMode, Protocol};
 
 #[cfg(feature = "aws")]
 pub mod aws;
+#[cfg(feature = "azure")]
+pub mod azure;
 pub mod conformance;
 #[cfg(feature = "gcp")]
 pub mod gcp;

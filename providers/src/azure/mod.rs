@@ -1,0 +1,1190 @@
+//! Azure Standard Load Balancer through Microsoft's `azure_core` 1.x pipeline and `azure_identity` 1.x, with the
+//! provider's own typed ARM models ([`arm`]).
+//!
+//! One pool is one Standard Load Balancer that the operator owns (tagged). Each load balancer *of the pool* is a
+//! frontend IP configuration `fe-<index>` on it with its own Standard public IP; each allocated port/protocol is
+//! a load-balancing rule `r-<index>-<port>-<t|u>-<owner uid>` from that frontend to the backend pool `nodes` on
+//! the Service's node port, with a TCP probe on the node port (UDP rules use kube-proxy's `/healthz` on 10256:
+//! nothing answers TCP on a UDP node port). The node security group gets one rule per SharedLB and protocol
+//! allowing exactly its node ports from its `sourceRanges` (`Internet` when open) and `AzureLoadBalancer`.
+//!
+//! Azure writes a load balancer or an NSG as one document. Rule changes are therefore queued per document and
+//! written together: whoever gets the document's turn waits a short window, reads it, applies every queued edit,
+//! and PUTs it once with `If-Match: <etag>`, reading and applying again on 412. A burst of SharedLBs costs a few
+//! PUTs, and a concurrent writer (another operator replica, a human) never loses a change.
+
+pub mod arm;
+pub mod client;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use azure_core::credentials::{Secret, TokenCredential};
+use azure_core::http::Transport;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Map;
+use tokio::sync::oneshot;
+
+use crate::{
+    ApiCalls, Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec,
+    LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, NodeTarget, PortMode, Protocol,
+    ProviderError, cloud_name_prefix, tags,
+};
+use arm::{
+    BackendAddressProperties, BackendPoolProperties, Child, FrontendProperties, LoadBalancer,
+    LoadBalancerProperties, NetworkSecurityGroup, ProbeProperties, PublicIpAddress,
+    PublicIpProperties, Resource, RuleProperties, SecurityRuleProperties, Sku, SubResource,
+};
+use client::{ArmClient, Precondition, is_precondition_failed};
+
+/// Load-balancing rules one Standard Load Balancer may hold.
+pub const MAX_RULES_PER_LB: u32 = 1500;
+/// Frontend IP configurations one Standard Load Balancer may hold.
+pub const MAX_FRONTENDS_PER_LB: u32 = 600;
+/// Load-balancing rules that may reach one NIC IP configuration: every node is behind every rule, so this caps
+/// the IP:port pairs of the whole cluster.
+pub const MAX_RULES_PER_NIC: u32 = 300;
+/// Security rules one NSG may hold.
+pub const MAX_NSG_RULES: u32 = 1000;
+/// The NSG priorities sharedlb takes its rules from (lower is evaluated first; 100-499 are left to people).
+pub const PRIORITIES: std::ops::RangeInclusive<u32> = 500..=4096;
+/// kube-proxy's health endpoint, which UDP rules are probed on.
+pub const KUBE_PROXY_HEALTH_PORT: u16 = 10256;
+const BACKEND_POOL: &str = "nodes";
+const UDP_PROBE: &str = "probe-kube-proxy";
+
+/// How the provider gets its Azure token.
+#[derive(Debug, Clone)]
+pub enum AzureAuth {
+    /// What the pod has: workload identity when `AZURE_FEDERATED_TOKEN_FILE` is set, a client secret when
+    /// `AZURE_CLIENT_SECRET` is (with `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`), else the managed identity
+    /// (`AZURE_CLIENT_ID` picks a user-assigned one). `AZURE_AUTHORITY_HOST` names another Entra ID.
+    Environment,
+    /// A service principal's secret, from an explicit authority host (a sovereign cloud, or the tests' fake).
+    ClientSecret {
+        tenant_id: String,
+        client_id: String,
+        secret: String,
+        authority_host: Option<String>,
+    },
+}
+
+/// An HTTP transport that trusts `ca_pem` besides the system's roots (a private ARM endpoint or proxy; the tests'
+/// fake). Certificates are still verified.
+pub fn transport_trusting(ca_pem: &[u8]) -> Result<Transport, ProviderError> {
+    let cert = reqwest::Certificate::from_pem(ca_pem)
+        .map_err(|e| ProviderError::InvalidConfig(format!("extra root CA: {e}")))?;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(cert)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| ProviderError::InvalidConfig(format!("HTTP client: {e}")))?;
+    Ok(Transport::new(Arc::new(client)))
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn credential_error(e: azure_core::Error) -> ProviderError {
+    ProviderError::InvalidConfig(format!("Azure credentials: {e}"))
+}
+
+/// The token credential for `auth`, its own HTTP calls going through `transport`.
+pub fn credential(
+    auth: &AzureAuth,
+    transport: Option<Transport>,
+) -> Result<Arc<dyn TokenCredential>, ProviderError> {
+    use azure_core::cloud::{CloudConfiguration, CustomConfiguration};
+    use azure_core::http::ClientOptions;
+    use azure_identity::*;
+    let options = |authority: Option<&str>| {
+        let cloud = authority.map(|a| {
+            let mut c = CustomConfiguration::default();
+            c.authority_host = a.to_string();
+            Arc::new(CloudConfiguration::from(c))
+        });
+        ClientOptions {
+            transport: transport.clone(),
+            retry: client::retry_options(),
+            cloud,
+            ..ClientOptions::default()
+        }
+    };
+    match auth {
+        AzureAuth::ClientSecret {
+            tenant_id,
+            client_id,
+            secret,
+            authority_host,
+        } => {
+            let c = ClientSecretCredential::new(
+                tenant_id,
+                client_id.clone(),
+                Secret::new(secret.clone()),
+                Some(ClientSecretCredentialOptions {
+                    client_options: options(authority_host.as_deref()),
+                }),
+            )
+            .map_err(credential_error)?;
+            Ok(c)
+        }
+        AzureAuth::Environment => {
+            if env("AZURE_FEDERATED_TOKEN_FILE").is_some() {
+                let c = WorkloadIdentityCredential::new(Some(WorkloadIdentityCredentialOptions {
+                    credential_options: ClientAssertionCredentialOptions {
+                        client_options: options(None),
+                    },
+                    ..Default::default()
+                }))
+                .map_err(credential_error)?;
+                return Ok(c);
+            }
+            if let Some(secret) = env("AZURE_CLIENT_SECRET") {
+                let (Some(tenant_id), Some(client_id)) =
+                    (env("AZURE_TENANT_ID"), env("AZURE_CLIENT_ID"))
+                else {
+                    return Err(ProviderError::InvalidConfig(
+                        "AZURE_CLIENT_SECRET is set but AZURE_TENANT_ID or AZURE_CLIENT_ID is not"
+                            .into(),
+                    ));
+                };
+                return credential(
+                    &AzureAuth::ClientSecret {
+                        tenant_id,
+                        client_id,
+                        secret,
+                        authority_host: env("AZURE_AUTHORITY_HOST"),
+                    },
+                    transport,
+                );
+            }
+            let c = ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
+                user_assigned_id: env("AZURE_CLIENT_ID").map(UserAssignedId::ClientId),
+                client_options: options(None),
+            }))
+            .map_err(credential_error)?;
+            Ok(c)
+        }
+    }
+}
+
+/// One pool's Azure settings.
+#[derive(Clone)]
+pub struct AzurePool {
+    pub subscription_id: String,
+    pub resource_group: String,
+    pub location: String,
+    /// The Standard Load Balancer this pool owns; default `<prefix>lb`.
+    pub load_balancer_name: Option<String>,
+    /// The nodes' network security group, which gets one rule per SharedLB.
+    pub network_security_group: String,
+    /// Its resource group, when not `resource_group`.
+    pub network_security_group_resource_group: Option<String>,
+    /// The nodes' virtual network (name in `resource_group`, or a full resource id): backend addresses are the
+    /// nodes' IPs in it.
+    pub virtual_network: String,
+    /// ARM's endpoint; default `https://management.azure.com`.
+    pub endpoint: Option<String>,
+    pub credential: Arc<dyn TokenCredential>,
+    pub transport: Option<Transport>,
+    /// How long the first queued edit of a document waits for others before the write.
+    pub batch_window: Duration,
+    /// The shortest wait between polls of a long-running operation.
+    pub min_poll: Duration,
+}
+
+impl std::fmt::Debug for AzurePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzurePool")
+            .field("subscription_id", &self.subscription_id)
+            .field("resource_group", &self.resource_group)
+            .field("location", &self.location)
+            .field("load_balancer_name", &self.load_balancer_name)
+            .field("network_security_group", &self.network_security_group)
+            .field("virtual_network", &self.virtual_network)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+type Edit<T> = Box<dyn Fn(&mut T) -> Result<(), ProviderError> + Send + Sync>;
+
+struct Queued<T> {
+    edit: Edit<T>,
+    done: oneshot::Sender<Result<(), ProviderError>>,
+}
+
+/// The queue of edits to one ARM document and its write turn (see the module doc).
+struct DocWriter<T> {
+    path: String,
+    /// `LoadBalancers`, `NetworkSecurityGroups`: the operation names' stem.
+    kind: &'static str,
+    queue: Mutex<Vec<Queued<T>>>,
+    turn: tokio::sync::Mutex<()>,
+    /// The document as last read or written by this process.
+    last: Arc<Mutex<Option<T>>>,
+    writes: AtomicU64,
+}
+
+impl<T> std::fmt::Debug for DocWriter<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocWriter")
+            .field("path", &self.path)
+            .field("writes", &self.writes)
+            .finish_non_exhaustive()
+    }
+}
+
+trait Etagged {
+    fn etag(&self) -> Option<&str>;
+}
+
+impl<P> Etagged for Resource<P> {
+    fn etag(&self) -> Option<&str> {
+        self.etag.as_deref()
+    }
+}
+
+impl<T> DocWriter<T>
+where
+    T: Clone + PartialEq + Serialize + DeserializeOwned + Etagged + Send + Sync,
+{
+    fn new(path: String, kind: &'static str) -> Self {
+        DocWriter {
+            path,
+            kind,
+            queue: Mutex::new(Vec::new()),
+            turn: tokio::sync::Mutex::new(()),
+            last: Arc::new(Mutex::new(None)),
+            writes: AtomicU64::new(0),
+        }
+    }
+
+    fn remember(&self, doc: Option<T>) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = doc;
+    }
+
+    async fn read(&self, arm: &ArmClient) -> Result<Option<T>, ProviderError> {
+        let doc: Option<T> = arm.get(&format!("{}.Get", self.kind), &self.path).await?;
+        self.remember(doc.clone());
+        Ok(doc)
+    }
+
+    /// Applies `edit` to the document together with every edit queued within `window`, in one PUT. `fresh` is
+    /// the document to start from when it does not exist; without one, edits to a missing document succeed
+    /// without effect (they only remove).
+    async fn edit(
+        &self,
+        arm: &ArmClient,
+        window: Duration,
+        fresh: Option<T>,
+        edit: Edit<T>,
+    ) -> Result<(), ProviderError> {
+        let (tx, mut rx) = oneshot::channel();
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Queued { edit, done: tx });
+        let _turn = self.turn.lock().await;
+        match rx.try_recv() {
+            Ok(r) => return r,
+            Err(oneshot::error::TryRecvError::Closed) => {
+                return Err(ProviderError::Other(format!(
+                    "{}: the write that carried this change was cancelled",
+                    self.kind
+                )));
+            }
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+        tokio::time::sleep(window).await;
+        let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        let results = self.write(arm, fresh, &batch).await;
+        for (q, r) in batch.into_iter().zip(results) {
+            let _ = q.done.send(r);
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(ProviderError::Other(format!(
+                "{}: the change was not carried",
+                self.kind
+            )))
+        })
+    }
+
+    /// One read-modify-write of `batch`, retried on 412; a result per edit.
+    async fn write(
+        &self,
+        arm: &ArmClient,
+        fresh: Option<T>,
+        batch: &[Queued<T>],
+    ) -> Vec<Result<(), ProviderError>> {
+        let fail = |e: ProviderError| batch.iter().map(|_| Err(e.clone())).collect();
+        for _ in 0..8 {
+            let current = match self.read(arm).await {
+                Ok(d) => d,
+                Err(e) => return fail(e),
+            };
+            let Some(mut doc) = current.clone().or_else(|| fresh.clone()) else {
+                return batch.iter().map(|_| Ok(())).collect();
+            };
+            let mut results = Vec::with_capacity(batch.len());
+            for q in batch {
+                let mut trial = doc.clone();
+                match (q.edit)(&mut trial) {
+                    Ok(()) => {
+                        doc = trial;
+                        results.push(Ok(()));
+                    }
+                    Err(e) => results.push(Err(e)),
+                }
+            }
+            let nothing_to_write = match &current {
+                Some(c) => *c == doc,
+                None => results.iter().all(Result::is_err),
+            };
+            if nothing_to_write {
+                return results;
+            }
+            let precondition = match current.as_ref().and_then(Etagged::etag) {
+                Some(etag) => Precondition::IfMatch(etag),
+                None if current.is_none() => Precondition::IfNoneMatch,
+                None => Precondition::None,
+            };
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            let put = arm
+                .put(
+                    &format!("{}.CreateOrUpdate", self.kind),
+                    &self.path,
+                    &doc,
+                    precondition,
+                )
+                .await;
+            match put {
+                Ok(()) => {
+                    self.remember(Some(doc));
+                    return results;
+                }
+                Err(e) if is_precondition_failed(&e) => {
+                    tracing::debug!(path = %self.path, "the document changed since it was read; again");
+                }
+                Err(e) => {
+                    self.remember(None);
+                    return results.into_iter().map(|r| r.and(Err(e.clone()))).collect();
+                }
+            }
+        }
+        fail(ProviderError::Other(format!(
+            "{}: the document kept changing under every write (8 ETag conflicts)",
+            self.kind
+        )))
+    }
+}
+
+/// `azure:///subscriptions/.../virtualMachines/<name>` or a scale set's VM: a node Azure can send traffic to.
+pub fn is_azure_node(provider_id: &str) -> bool {
+    provider_id.starts_with("azure://") && provider_id.contains("/virtualMachine")
+}
+
+fn proto_letter(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "t",
+        Protocol::Udp => "u",
+    }
+}
+
+fn arm_protocol(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "Tcp",
+        Protocol::Udp => "Udp",
+    }
+}
+
+/// `r-<index>-<port>-<t|u>-<uid>` -> (index, port, protocol, uid)
+fn parse_rule_name(name: &str) -> Option<(u32, u16, Protocol, String)> {
+    let mut it = name.splitn(5, '-');
+    if it.next()? != "r" {
+        return None;
+    }
+    let index = it.next()?.parse().ok()?;
+    let port = it.next()?.parse().ok()?;
+    let protocol = match it.next()? {
+        "t" => Protocol::Tcp,
+        "u" => Protocol::Udp,
+        _ => return None,
+    };
+    Some((index, port, protocol, it.next()?.to_string()))
+}
+
+fn rule_prefix(index: u32, port: u16, protocol: Protocol) -> String {
+    format!("r-{index}-{port}-{}-", proto_letter(protocol))
+}
+
+fn frontend_name(index: u32) -> String {
+    format!("fe-{index}")
+}
+
+/// Probes no rule refers to are dropped.
+fn drop_unused_probes(lb: &mut LoadBalancer) {
+    let used: BTreeSet<String> = lb
+        .properties
+        .rules
+        .iter()
+        .filter_map(|r| r.properties.probe.as_ref().map(|p| p.id.clone()))
+        .collect();
+    let lb_id = lb.id.clone().unwrap_or_default();
+    lb.properties.probes.retain(|p| {
+        used.contains(&format!("{lb_id}/probes/{}", p.name)) || !p.name.starts_with("probe-")
+    });
+}
+
+/// One Azure account's view for one pool.
+#[derive(Debug)]
+pub struct AzureProvider {
+    cluster_id: String,
+    pool: String,
+    prefix: String,
+    arm: ArmClient,
+    location: String,
+    /// `/subscriptions/<s>/resourceGroups/<rg>/providers/Microsoft.Network`
+    network: String,
+    lb_id: String,
+    vnet_id: String,
+    lb: DocWriter<LoadBalancer>,
+    nsg: DocWriter<NetworkSecurityGroup>,
+    window: Duration,
+    /// The backend addresses of the nodes last given.
+    nodes: Mutex<Vec<Child<BackendAddressProperties>>>,
+    /// NSG rules that are not this pool's (they share the NSG's 1,000).
+    foreign_nsg_rules: AtomicU32,
+}
+
+impl AzureProvider {
+    /// Checks the settings against Azure (the NSG and virtual network exist) before anything is made.
+    pub async fn new(
+        cluster_id: &str,
+        pool: &str,
+        settings: AzurePool,
+    ) -> Result<Self, ProviderError> {
+        for (what, v) in [
+            ("subscriptionId", &settings.subscription_id),
+            ("resourceGroup", &settings.resource_group),
+            ("location", &settings.location),
+            ("networkSecurityGroup", &settings.network_security_group),
+            ("virtualNetwork", &settings.virtual_network),
+        ] {
+            if v.is_empty() || v.contains(['?', '#']) {
+                return Err(ProviderError::InvalidConfig(format!(
+                    "azure.{what} is required (got {v:?})"
+                )));
+            }
+        }
+        let endpoint = settings
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| "https://management.azure.com".into());
+        let arm = ArmClient::new(
+            &endpoint,
+            settings.credential.clone(),
+            settings.transport.clone(),
+            settings.min_poll,
+        )?;
+        let prefix = cloud_name_prefix(cluster_id, pool);
+        let rg = |g: &str| {
+            format!(
+                "/subscriptions/{}/resourceGroups/{g}",
+                settings.subscription_id
+            )
+        };
+        let network = format!(
+            "{}/providers/Microsoft.Network",
+            rg(&settings.resource_group)
+        );
+        let lb_name = settings
+            .load_balancer_name
+            .clone()
+            .unwrap_or_else(|| format!("{prefix}lb"));
+        let lb_id = format!("{network}/loadBalancers/{lb_name}");
+        let nsg_rg = settings
+            .network_security_group_resource_group
+            .clone()
+            .unwrap_or_else(|| settings.resource_group.clone());
+        let nsg_id = format!(
+            "{}/providers/Microsoft.Network/networkSecurityGroups/{}",
+            rg(&nsg_rg),
+            settings.network_security_group
+        );
+        let vnet_id = if settings.virtual_network.starts_with("/subscriptions/") {
+            settings.virtual_network.clone()
+        } else {
+            format!("{network}/virtualNetworks/{}", settings.virtual_network)
+        };
+        let p = AzureProvider {
+            cluster_id: cluster_id.to_string(),
+            pool: pool.to_string(),
+            prefix,
+            location: settings.location.clone(),
+            network,
+            lb: DocWriter::new(lb_id.clone(), "LoadBalancers"),
+            nsg: DocWriter::new(nsg_id.clone(), "NetworkSecurityGroups"),
+            lb_id,
+            vnet_id: vnet_id.clone(),
+            arm,
+            window: settings.batch_window,
+            nodes: Mutex::new(Vec::new()),
+            foreign_nsg_rules: AtomicU32::new(0),
+        };
+        let vnet: Option<serde_json::Value> = p.arm.get("VirtualNetworks.Get", &vnet_id).await?;
+        if vnet.is_none() {
+            return Err(ProviderError::InvalidConfig(format!(
+                "virtual network {vnet_id} not found"
+            )));
+        }
+        let nsg = p.nsg.read(&p.arm).await?.ok_or_else(|| {
+            ProviderError::InvalidConfig(format!("network security group {nsg_id} not found"))
+        })?;
+        p.count_foreign(&nsg);
+        // a load balancer of the same name that is not this pool's is never taken over
+        if let Some(lb) = p.lb.read(&p.arm).await?
+            && !p.ours(&lb.tags)
+        {
+            return Err(ProviderError::InvalidConfig(format!(
+                "load balancer {} exists and is not this pool's (tags {:?})",
+                p.lb_id, lb.tags
+            )));
+        }
+        Ok(p)
+    }
+
+    /// How many times a load balancer and an NSG document were written (PUT), for the batching figures.
+    pub fn document_writes(&self) -> (u64, u64) {
+        (
+            self.lb.writes.load(Ordering::Relaxed),
+            self.nsg.writes.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn load_balancer_id(&self) -> &str {
+        &self.lb_id
+    }
+
+    fn tags(&self, index: Option<u32>) -> BTreeMap<String, String> {
+        let mut t = BTreeMap::from([
+            (tags::MANAGED_BY.to_string(), "sharedlb".to_string()),
+            (tags::CLUSTER.to_string(), self.cluster_id.clone()),
+            (tags::POOL.to_string(), self.pool.clone()),
+        ]);
+        if let Some(i) = index {
+            t.insert(tags::INDEX.to_string(), i.to_string());
+        }
+        t
+    }
+
+    fn ours(&self, t: &BTreeMap<String, String>) -> bool {
+        t.get(tags::MANAGED_BY).map(String::as_str) == Some("sharedlb")
+            && t.get(tags::CLUSTER) == Some(&self.cluster_id)
+            && t.get(tags::POOL) == Some(&self.pool)
+    }
+
+    fn ip_name(&self, index: u32) -> String {
+        format!("{}ip-{index}", self.prefix)
+    }
+
+    fn ip_path(&self, index: u32) -> String {
+        format!("{}/publicIPAddresses/{}", self.network, self.ip_name(index))
+    }
+
+    fn frontend_id(&self, index: u32) -> String {
+        format!(
+            "{}/frontendIPConfigurations/{}",
+            self.lb_id,
+            frontend_name(index)
+        )
+    }
+
+    fn nsg_rule_name(&self, uid: &str, protocol: Protocol) -> String {
+        format!(
+            "{}{uid}-{}",
+            self.prefix,
+            arm_protocol(protocol).to_lowercase()
+        )
+    }
+
+    fn count_foreign(&self, nsg: &NetworkSecurityGroup) {
+        let foreign = nsg
+            .properties
+            .security_rules
+            .iter()
+            .filter(|r| !r.name.starts_with(&self.prefix))
+            .count();
+        self.foreign_nsg_rules.store(
+            u32::try_from(foreign).unwrap_or(u32::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The load balancer as first written: Standard SKU, tagged, the backend pool with the nodes known so far.
+    fn fresh_lb(&self) -> LoadBalancer {
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Resource {
+            id: None,
+            name: None,
+            location: Some(self.location.clone()),
+            tags: self.tags(None),
+            etag: None,
+            sku: Some(Sku {
+                name: "Standard".into(),
+                tier: Some("Regional".into()),
+            }),
+            properties: LoadBalancerProperties {
+                backend_pools: vec![Child::new(
+                    BACKEND_POOL,
+                    BackendPoolProperties {
+                        addresses: nodes,
+                        other: Map::new(),
+                    },
+                )],
+                ..LoadBalancerProperties::default()
+            },
+            other: Map::new(),
+        }
+    }
+
+    async fn edit_lb(
+        &self,
+        create: bool,
+        edit: impl Fn(&mut LoadBalancer) -> Result<(), ProviderError> + Send + Sync + 'static,
+    ) -> Result<(), ProviderError> {
+        let fresh = create.then(|| self.fresh_lb());
+        self.lb
+            .edit(&self.arm, self.window, fresh, Box::new(edit))
+            .await
+    }
+
+    /// Makes the owner's NSG rules (one per protocol) allow exactly the node ports its load-balancing rules
+    /// forward to, as the load balancer was last read or written; `sources` replaces the allowed sources
+    /// (`None` keeps them).
+    async fn sync_nsg_owner(
+        &self,
+        uid: &str,
+        description: Option<String>,
+        sources: Option<Vec<String>>,
+    ) -> Result<(), ProviderError> {
+        let last_lb = self.lb.last.clone();
+        let uid = uid.to_string();
+        let names = [Protocol::Tcp, Protocol::Udp].map(|p| (p, self.nsg_rule_name(&uid, p)));
+        let edit = move |nsg: &mut NetworkSecurityGroup| {
+            let mut ports: BTreeMap<Protocol, BTreeSet<u16>> = BTreeMap::new();
+            if let Some(lb) = last_lb.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                for r in &lb.properties.rules {
+                    if let Some((_, _, p, owner)) = parse_rule_name(&r.name)
+                        && owner == uid
+                    {
+                        ports
+                            .entry(p)
+                            .or_default()
+                            .insert(r.properties.backend_port);
+                    }
+                }
+            }
+            for (protocol, name) in &names {
+                let rules = &mut nsg.properties.security_rules;
+                let at = rules.iter().position(|r| &r.name == name);
+                let wanted = ports.get(protocol).filter(|s| !s.is_empty());
+                let Some(wanted) = wanted else {
+                    if let Some(i) = at {
+                        rules.remove(i);
+                    }
+                    continue;
+                };
+                let existing = at.map(|i| rules[i].properties.clone());
+                let mut prefixes = match &sources {
+                    Some(s) => s.clone(),
+                    None => existing
+                        .as_ref()
+                        .map(|e| {
+                            e.source_address_prefixes
+                                .iter()
+                                .filter(|p| *p != "AzureLoadBalancer" && *p != "Internet")
+                                .cloned()
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                };
+                if prefixes.is_empty() {
+                    prefixes.push("Internet".into());
+                }
+                prefixes.push("AzureLoadBalancer".into());
+                let priority =
+                    match &existing {
+                        Some(e) => e.priority,
+                        None => {
+                            let used: BTreeSet<u32> = rules
+                                .iter()
+                                .filter(|r| r.properties.direction.eq_ignore_ascii_case("Inbound"))
+                                .map(|r| r.properties.priority)
+                                .collect();
+                            PRIORITIES.clone().find(|p| !used.contains(p)).ok_or_else(|| {
+                            ProviderError::QuotaExceeded(format!(
+                                "network security group: no free inbound priority in {}..={}",
+                                PRIORITIES.start(),
+                                PRIORITIES.end()
+                            ))
+                        })?
+                        }
+                    };
+                let props = SecurityRuleProperties {
+                    protocol: arm_protocol(*protocol).into(),
+                    source_port_range: Some("*".into()),
+                    destination_port_range: None,
+                    destination_port_ranges: wanted.iter().map(u16::to_string).collect(),
+                    source_address_prefix: None,
+                    source_address_prefixes: prefixes,
+                    destination_address_prefix: Some("*".into()),
+                    access: "Allow".into(),
+                    priority,
+                    direction: "Inbound".into(),
+                    description: description
+                        .clone()
+                        .or_else(|| existing.as_ref().and_then(|e| e.description.clone())),
+                    other: existing.map(|e| e.other).unwrap_or_default(),
+                };
+                match at {
+                    Some(i) => rules[i].properties = props,
+                    None => rules.push(Child::new(name.clone(), props)),
+                }
+            }
+            Ok(())
+        };
+        self.nsg
+            .edit(&self.arm, self.window, None, Box::new(edit))
+            .await
+    }
+
+    async fn public_ip(&self, index: u32) -> Result<Option<PublicIpAddress>, ProviderError> {
+        self.arm
+            .get("PublicIPAddresses.Get", &self.ip_path(index))
+            .await
+    }
+
+    async fn ensure_public_ip(&self, index: u32) -> Result<PublicIpAddress, ProviderError> {
+        if let Some(ip) = self.public_ip(index).await? {
+            if !self.ours(&ip.tags) {
+                return Err(ProviderError::AlreadyExists(format!(
+                    "public IP {} exists and is not this pool's",
+                    self.ip_name(index)
+                )));
+            }
+            if ip.properties.ip_address.is_some() {
+                return Ok(ip);
+            }
+        } else {
+            let ip = Resource {
+                id: None,
+                name: None,
+                location: Some(self.location.clone()),
+                tags: self.tags(Some(index)),
+                etag: None,
+                sku: Some(Sku {
+                    name: "Standard".into(),
+                    tier: Some("Regional".into()),
+                }),
+                properties: PublicIpProperties {
+                    allocation_method: Some("Static".into()),
+                    version: Some("IPv4".into()),
+                    ip_address: None,
+                    other: Map::new(),
+                },
+                other: Map::new(),
+            };
+            let put = self
+                .arm
+                .put(
+                    "PublicIPAddresses.CreateOrUpdate",
+                    &self.ip_path(index),
+                    &ip,
+                    Precondition::IfNoneMatch,
+                )
+                .await;
+            // made meanwhile by another ensure: read it
+            if let Err(e) = put
+                && !is_precondition_failed(&e)
+            {
+                return Err(e);
+            }
+        }
+        let ip = self.public_ip(index).await?.ok_or_else(|| {
+            ProviderError::Other(format!("public IP {} vanished", self.ip_name(index)))
+        })?;
+        if ip.properties.ip_address.is_none() {
+            return Err(ProviderError::Other(format!(
+                "public IP {} has no address yet",
+                self.ip_name(index)
+            )));
+        }
+        Ok(ip)
+    }
+
+    /// The load balancer's frontend indexes and listeners.
+    fn listeners_of(lb: &LoadBalancer) -> BTreeMap<u32, Vec<InventoryListener>> {
+        let mut out: BTreeMap<u32, Vec<InventoryListener>> = BTreeMap::new();
+        for f in &lb.properties.frontends {
+            if let Some(i) = f.name.strip_prefix("fe-").and_then(|i| i.parse().ok()) {
+                out.entry(i).or_default();
+            }
+        }
+        for r in &lb.properties.rules {
+            if let Some((index, port, protocol, owner_uid)) = parse_rule_name(&r.name) {
+                out.entry(index).or_default().push(InventoryListener {
+                    port,
+                    protocol,
+                    node_port: r.properties.backend_port,
+                    owner_uid,
+                });
+            }
+        }
+        for ls in out.values_mut() {
+            ls.sort();
+        }
+        out
+    }
+}
+
+#[async_trait::async_trait]
+impl LoadBalancerProvider for AzureProvider {
+    fn kind(&self) -> &'static str {
+        "azure"
+    }
+
+    fn api_calls(&self) -> Vec<ApiCalls> {
+        self.arm.api_calls()
+    }
+
+    fn limits(&self) -> Limits {
+        let nsg_room = MAX_NSG_RULES.saturating_sub(self.foreign_nsg_rules.load(Ordering::Relaxed));
+        // every rule of the pool is on one Azure load balancer and reaches every node's NIC
+        let total = MAX_RULES_PER_LB.min(MAX_RULES_PER_NIC).min(nsg_room).max(1);
+        Limits {
+            max_ports_per_lb: total,
+            max_lbs: Some(MAX_FRONTENDS_PER_LB),
+            max_ports_total: Some(total),
+            port_mode: PortMode::PerLoadBalancer,
+        }
+    }
+
+    async fn ensure_load_balancer(
+        &self,
+        lb: &LoadBalancerKey,
+    ) -> Result<LoadBalancerInfo, ProviderError> {
+        let index = lb.index;
+        let ip = self.ensure_public_ip(index).await?;
+        let ip_id = ip.id.clone().unwrap_or_else(|| self.ip_path(index));
+        let name = frontend_name(index);
+        self.edit_lb(true, move |doc| {
+            let fe = FrontendProperties {
+                public_ip: Some(SubResource { id: ip_id.clone() }),
+                other: Map::new(),
+            };
+            match doc.properties.frontends.iter_mut().find(|f| f.name == name) {
+                Some(f)
+                    if f.properties.public_ip.as_ref().map(|p| p.id.as_str())
+                        == Some(ip_id.as_str()) => {}
+                Some(f) => f.properties.public_ip = fe.public_ip,
+                None => doc.properties.frontends.push(Child::new(name.clone(), fe)),
+            }
+            if !doc
+                .properties
+                .backend_pools
+                .iter()
+                .any(|b| b.name == BACKEND_POOL)
+            {
+                doc.properties
+                    .backend_pools
+                    .push(Child::new(BACKEND_POOL, BackendPoolProperties::default()));
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(LoadBalancerInfo {
+            id: self.frontend_id(index),
+            ip: ip.properties.ip_address.clone(),
+            hostname: None,
+        })
+    }
+
+    async fn ensure_listener(
+        &self,
+        lb: &LoadBalancerKey,
+        l: &ListenerSpec,
+    ) -> Result<(), ProviderError> {
+        let (index, port, protocol, node_port) = (lb.index, l.port, l.protocol, l.node_port);
+        let uid = l.owner.uid.clone();
+        let lb_id = self.lb_id.clone();
+        self.edit_lb(false, move |doc| {
+            let fe = frontend_name(index);
+            if !doc.properties.frontends.iter().any(|f| f.name == fe) {
+                return Err(ProviderError::NotFound(format!(
+                    "frontend {fe} of {lb_id} (ensure the load balancer first)"
+                )));
+            }
+            let prefix = rule_prefix(index, port, protocol);
+            let name = format!("{prefix}{uid}");
+            // the planner gave this port to `uid`: a rule of a previous owner goes
+            doc.properties
+                .rules
+                .retain(|r| !r.name.starts_with(&prefix) || r.name == name);
+            let probe = match protocol {
+                Protocol::Tcp => format!("probe-{node_port}"),
+                Protocol::Udp => UDP_PROBE.to_string(),
+            };
+            if !doc.properties.probes.iter().any(|p| p.name == probe) {
+                let (proto, port, path) = match protocol {
+                    Protocol::Tcp => ("Tcp", node_port, None),
+                    Protocol::Udp => ("Http", KUBE_PROXY_HEALTH_PORT, Some("/healthz".to_string())),
+                };
+                doc.properties.probes.push(Child::new(
+                    probe.clone(),
+                    ProbeProperties {
+                        protocol: proto.into(),
+                        port,
+                        interval_seconds: Some(5),
+                        number_of_probes: Some(2),
+                        request_path: path,
+                        other: Map::new(),
+                    },
+                ));
+            }
+            let props = RuleProperties {
+                frontend: SubResource {
+                    id: format!("{lb_id}/frontendIPConfigurations/{fe}"),
+                },
+                backend_pool: Some(SubResource {
+                    id: format!("{lb_id}/backendAddressPools/{BACKEND_POOL}"),
+                }),
+                probe: Some(SubResource {
+                    id: format!("{lb_id}/probes/{probe}"),
+                }),
+                protocol: arm_protocol(protocol).into(),
+                frontend_port: port,
+                backend_port: node_port,
+                floating_ip: false,
+                disable_outbound_snat: true,
+                other: Map::new(),
+            };
+            match doc.properties.rules.iter_mut().find(|r| r.name == name) {
+                Some(r) => {
+                    let other = std::mem::take(&mut r.properties.other);
+                    r.properties = RuleProperties { other, ..props };
+                }
+                None => doc.properties.rules.push(Child::new(name, props)),
+            }
+            if doc.id.is_none() {
+                doc.id = Some(lb_id.clone());
+            }
+            drop_unused_probes(doc);
+            Ok(())
+        })
+        .await?;
+        let description = format!(
+            "sharedlb {}/{} {}",
+            l.owner.namespace, l.owner.name, l.owner.uid
+        );
+        let description: String = description.chars().take(140).collect();
+        self.sync_nsg_owner(
+            &l.owner.uid,
+            Some(description),
+            Some(l.source_ranges.clone()),
+        )
+        .await
+    }
+
+    async fn remove_listener(
+        &self,
+        lb: &LoadBalancerKey,
+        port: u16,
+        protocol: Protocol,
+        owner_uid: &str,
+    ) -> Result<(), ProviderError> {
+        let name = format!("{}{owner_uid}", rule_prefix(lb.index, port, protocol));
+        let lb_id = self.lb_id.clone();
+        self.edit_lb(false, move |doc| {
+            doc.properties.rules.retain(|r| r.name != name);
+            if doc.id.is_none() {
+                doc.id = Some(lb_id.clone());
+            }
+            drop_unused_probes(doc);
+            Ok(())
+        })
+        .await?;
+        self.sync_nsg_owner(owner_uid, None, None).await
+    }
+
+    async fn delete_load_balancer(&self, lb: &LoadBalancerKey) -> Result<(), ProviderError> {
+        let index = lb.index;
+        let owners = Arc::new(Mutex::new(BTreeSet::new()));
+        let seen = owners.clone();
+        let fe = frontend_name(index);
+        let lb_id = self.lb_id.clone();
+        self.edit_lb(false, move |doc| {
+            let mut gone = BTreeSet::new();
+            doc.properties
+                .rules
+                .retain(|r| match parse_rule_name(&r.name) {
+                    Some((i, _, _, uid)) if i == index => {
+                        gone.insert(uid);
+                        false
+                    }
+                    _ => true,
+                });
+            doc.properties.frontends.retain(|f| f.name != fe);
+            if doc.id.is_none() {
+                doc.id = Some(lb_id.clone());
+            }
+            drop_unused_probes(doc);
+            *seen.lock().unwrap_or_else(|e| e.into_inner()) = gone;
+            Ok(())
+        })
+        .await?;
+        let owners = std::mem::take(&mut *owners.lock().unwrap_or_else(|e| e.into_inner()));
+        for uid in owners {
+            self.sync_nsg_owner(&uid, None, None).await?;
+        }
+        {
+            // the last frontend gone: the load balancer goes, in its write turn so no edit races it
+            let _turn = self.lb.turn.lock().await;
+            if let Some(doc) = self.lb.read(&self.arm).await?
+                && doc.properties.frontends.is_empty()
+            {
+                self.arm.delete("LoadBalancers.Delete", &self.lb_id).await?;
+                self.lb.remember(None);
+            }
+        }
+        self.arm
+            .delete("PublicIPAddresses.Delete", &self.ip_path(index))
+            .await
+    }
+
+    async fn inventory(&self) -> Result<Inventory, ProviderError> {
+        let lb = {
+            let _turn = self.lb.turn.lock().await;
+            self.lb.read(&self.arm).await?
+        };
+        if let Some(nsg) = self.nsg.read(&self.arm).await? {
+            self.count_foreign(&nsg);
+        }
+        let mut by_index = lb.as_ref().map(Self::listeners_of).unwrap_or_default();
+        let ips: Vec<PublicIpAddress> = self
+            .arm
+            .list(
+                "PublicIPAddresses.List",
+                &format!("{}/publicIPAddresses", self.network),
+            )
+            .await?;
+        let mut addresses = BTreeMap::new();
+        for ip in ips.into_iter().filter(|ip| self.ours(&ip.tags)) {
+            if let Some(i) = ip.tags.get(tags::INDEX).and_then(|i| i.parse::<u32>().ok()) {
+                by_index.entry(i).or_default();
+                addresses.insert(i, ip.properties.ip_address.clone());
+            }
+        }
+        Ok(Inventory {
+            load_balancers: by_index
+                .into_iter()
+                .map(|(index, listeners)| InventoryLoadBalancer {
+                    index,
+                    info: LoadBalancerInfo {
+                        id: self.frontend_id(index),
+                        ip: addresses.get(&index).cloned().flatten(),
+                        hostname: None,
+                    },
+                    listeners,
+                })
+                .collect(),
+        })
+    }
+
+    async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
+        let mut backends: Vec<Child<BackendAddressProperties>> = nodes
+            .iter()
+            .filter(|n| n.provider_id.as_deref().is_some_and(is_azure_node))
+            .filter_map(|n| {
+                n.internal_ip.as_ref().map(|ip| {
+                    Child::new(
+                        n.name.clone(),
+                        BackendAddressProperties {
+                            ip_address: Some(ip.clone()),
+                            virtual_network: Some(SubResource {
+                                id: self.vnet_id.clone(),
+                            }),
+                            other: Map::new(),
+                        },
+                    )
+                })
+            })
+            .collect();
+        backends.sort_by(|a, b| a.name.cmp(&b.name));
+        *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = backends.clone();
+        self.edit_lb(false, move |doc| {
+            let pool = match doc
+                .properties
+                .backend_pools
+                .iter_mut()
+                .find(|b| b.name == BACKEND_POOL)
+            {
+                Some(p) => p,
+                None => {
+                    doc.properties
+                        .backend_pools
+                        .push(Child::new(BACKEND_POOL, BackendPoolProperties::default()));
+                    let last = doc.properties.backend_pools.len() - 1;
+                    &mut doc.properties.backend_pools[last]
+                }
+            };
+            let mut have = pool.properties.addresses.clone();
+            have.sort_by(|a, b| a.name.cmp(&b.name));
+            let same = have.len() == backends.len()
+                && have.iter().zip(&backends).all(|(h, w)| {
+                    h.name == w.name && h.properties.ip_address == w.properties.ip_address
+                });
+            if !same {
+                pool.properties.addresses = backends.clone();
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_names_carry_index_port_protocol_and_owner() {
+        let uid = "0c6f1e9a-3b1d-4e57-9a4c-1f1f1f1f1f1f";
+        let name = format!("{}{uid}", rule_prefix(12, 5353, Protocol::Udp));
+        assert!(name.len() <= 80, "Azure names are at most 80 characters");
+        assert_eq!(
+            parse_rule_name(&name),
+            Some((12, 5353, Protocol::Udp, uid.to_string()))
+        );
+        assert_eq!(parse_rule_name("fe-1"), None);
+        assert_eq!(parse_rule_name("r-1-x-t-u"), None);
+    }
+
+    #[test]
+    fn azure_nodes_are_vms_and_scale_set_vms() {
+        assert!(is_azure_node(
+            "azure:///subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/n1"
+        ));
+        assert!(is_azure_node(
+            "azure:///subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/virtualMachineScaleSets/ss/virtualMachines/3"
+        ));
+        assert!(!is_azure_node("aws:///us-east-1a/i-0123"));
+        assert!(!is_azure_node("kind://docker/kind/kind-worker"));
+    }
+}

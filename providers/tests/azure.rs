@@ -1,0 +1,684 @@
+//! The azure provider driven through Microsoft's real `azure_core` pipeline and `azure_identity` client-secret
+//! credential against the project's Azure Network FAKE (`sharedlb-fakes::azure`, HTTPS on loopback with a CA made
+//! per test): no Azure Network emulator exists. The fake keeps the semantics that matter (ETags and 412, async
+//! operations, 404/429, reference checks and limits), not Azure's whole behaviour.
+#![cfg(feature = "azure")]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sharedlb_fakes::azure::{AzureFake, CLIENT_SECRET};
+use sharedlb_providers::azure::{
+    AzureAuth, AzurePool, AzureProvider, credential, transport_trusting,
+};
+use sharedlb_providers::{
+    ListenerSpec, LoadBalancerKey, LoadBalancerProvider, NodeTarget, Owner, Protocol, ProviderError,
+};
+
+const NET: &str = "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Network";
+
+fn nsg_id() -> String {
+    format!("{NET}/networkSecurityGroups/nodes-nsg")
+}
+
+/// The fake with the cluster's virtual network and node NSG (two rules of someone else's, one at priority 500).
+async fn fake() -> AzureFake {
+    let fake = AzureFake::start().await;
+    fake.plant(
+        &format!("{NET}/virtualNetworks/vnet"),
+        json!({"location": "westeurope", "properties": {"addressSpace": {"addressPrefixes": ["10.224.0.0/12"]}}}),
+    );
+    fake.plant(
+        &nsg_id(),
+        json!({"location": "westeurope", "tags": {}, "properties": {"securityRules": [
+            {"name": "ssh", "properties": {"protocol": "Tcp", "sourcePortRange": "*", "destinationPortRange": "22",
+             "sourceAddressPrefix": "10.0.0.0/8", "destinationAddressPrefix": "*", "access": "Allow",
+             "priority": 100, "direction": "Inbound"}},
+            {"name": "aks-svc", "properties": {"protocol": "Tcp", "sourcePortRange": "*", "destinationPortRange": "443",
+             "sourceAddressPrefix": "Internet", "destinationAddressPrefix": "*", "access": "Allow",
+             "priority": 500, "direction": "Inbound"}}]}}),
+    );
+    fake
+}
+
+fn settings(fake: &AzureFake) -> AzurePool {
+    let transport = transport_trusting(fake.ca_pem().as_bytes()).expect("transport");
+    let auth = AzureAuth::ClientSecret {
+        tenant_id: "tenant".into(),
+        client_id: "sharedlb".into(),
+        secret: CLIENT_SECRET.into(),
+        authority_host: Some(fake.endpoint()),
+    };
+    AzurePool {
+        subscription_id: "sub".into(),
+        resource_group: "rg".into(),
+        location: "westeurope".into(),
+        load_balancer_name: None,
+        network_security_group: "nodes-nsg".into(),
+        network_security_group_resource_group: None,
+        virtual_network: "vnet".into(),
+        endpoint: Some(fake.endpoint()),
+        credential: credential(&auth, Some(transport.clone())).expect("credential"),
+        transport: Some(transport),
+        batch_window: Duration::from_millis(30),
+        min_poll: Duration::from_millis(5),
+    }
+}
+
+async fn provider(fake: &AzureFake, pool: &str) -> AzureProvider {
+    AzureProvider::new("c1", pool, settings(fake))
+        .await
+        .expect("provider")
+}
+
+fn key(pool: &str, index: u32) -> LoadBalancerKey {
+    LoadBalancerKey {
+        cluster_id: "c1".into(),
+        pool: pool.into(),
+        index,
+    }
+}
+
+fn spec(
+    port: u16,
+    protocol: Protocol,
+    node_port: u16,
+    owner: &str,
+    ranges: &[&str],
+) -> ListenerSpec {
+    ListenerSpec {
+        port,
+        protocol,
+        node_port,
+        owner: Owner {
+            uid: owner.into(),
+            namespace: "ns".into(),
+            name: owner.into(),
+        },
+        source_ranges: ranges.iter().map(|r| r.to_string()).collect(),
+        backends: vec![],
+    }
+}
+
+fn lb(fake: &AzureFake) -> Value {
+    let lbs = fake.resources("loadBalancers");
+    assert_eq!(lbs.len(), 1, "one Azure load balancer per pool: {lbs:?}");
+    lbs[0].clone()
+}
+
+/// (frontend, frontend port, protocol, backend port, probe) of every rule.
+fn rules(lb: &Value) -> BTreeSet<(String, u64, String, u64, String)> {
+    let last = |v: &Value| {
+        v.as_str()
+            .unwrap_or_default()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    lb["properties"]["loadBalancingRules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let p = &r["properties"];
+            (
+                last(&p["frontendIPConfiguration"]["id"]),
+                p["frontendPort"].as_u64().unwrap_or_default(),
+                p["protocol"].as_str().unwrap_or_default().to_string(),
+                p["backendPort"].as_u64().unwrap_or_default(),
+                last(&p["probe"]["id"]),
+            )
+        })
+        .collect()
+}
+
+/// (protocol, ports, sources, priority) of every sharedlb rule of the NSG.
+fn nsg_rules(fake: &AzureFake) -> BTreeSet<(String, Vec<String>, Vec<String>, u64)> {
+    let nsg = fake.get(&nsg_id()).expect("nsg");
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect()
+    };
+    nsg["properties"]["securityRules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["name"].as_str().is_some_and(|n| n.starts_with("slb-")))
+        .map(|r| {
+            let p = &r["properties"];
+            (
+                p["protocol"].as_str().unwrap_or_default().to_string(),
+                strings(&p["destinationPortRanges"]),
+                strings(&p["sourceAddressPrefixes"]),
+                p["priority"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn foreign_rules_intact(fake: &AzureFake) {
+    let nsg = fake.get(&nsg_id()).expect("nsg");
+    let names: BTreeSet<&str> = nsg["properties"]["securityRules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["name"].as_str())
+        .filter(|n| !n.starts_with("slb-"))
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["aks-svc", "ssh"]),
+        "others' NSG rules are kept"
+    );
+}
+
+#[tokio::test]
+async fn azure_provider_is_conformant_on_the_fake() {
+    let fake = fake().await;
+    let s = settings(&fake);
+    sharedlb_providers::conformance::run(|pool| {
+        let s = s.clone();
+        async move {
+            Arc::new(
+                AzureProvider::new("conformance", &pool, s)
+                    .await
+                    .expect("provider"),
+            ) as Arc<dyn LoadBalancerProvider>
+        }
+    })
+    .await;
+    assert!(
+        fake.resources("loadBalancers").is_empty(),
+        "no load balancer left"
+    );
+    assert!(
+        fake.resources("publicIPAddresses").is_empty(),
+        "no public IP left"
+    );
+    assert!(nsg_rules(&fake).is_empty(), "no NSG rule left");
+    foreign_rules_intact(&fake);
+}
+
+/// Frontends with their own IPs, a rule per port/protocol to the node port with the right probe, one NSG rule per
+/// SharedLB and protocol with exactly its node ports and sources, backends from Azure nodes only; calls per new
+/// port; nothing written when nothing changes; removal and deletion leave nothing.
+#[tokio::test]
+async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() {
+    let fake = fake().await;
+    let p = provider(&fake, "web").await;
+    let vm = |n: &str| {
+        format!(
+            "azure:///subscriptions/sub/resourceGroups/mc/providers/Microsoft.Compute/virtualMachines/{n}"
+        )
+    };
+    p.update_nodes(&[
+        NodeTarget {
+            name: "n1".into(),
+            provider_id: Some(vm("n1")),
+            internal_ip: Some("10.224.0.4".into()),
+        },
+        NodeTarget {
+            name: "kind".into(),
+            provider_id: Some("kind://docker/x".into()),
+            internal_ip: Some("172.18.0.2".into()),
+        },
+    ])
+    .await
+    .expect("nodes before the load balancer exists");
+    assert!(
+        fake.resources("loadBalancers").is_empty(),
+        "nodes alone make nothing"
+    );
+
+    let a = p.ensure_load_balancer(&key("web", 0)).await.expect("lb 0");
+    let b = p.ensure_load_balancer(&key("web", 1)).await.expect("lb 1");
+    assert_ne!(
+        a.ip, b.ip,
+        "each load balancer of the pool has its own public IP"
+    );
+    assert!(a.id.ends_with("/frontendIPConfigurations/fe-0"), "{}", a.id);
+
+    p.ensure_listener(&key("web", 0), &spec(53, Protocol::Tcp, 30053, "dns", &[]))
+        .await
+        .expect("dns tcp");
+    p.ensure_listener(&key("web", 0), &spec(53, Protocol::Udp, 30053, "dns", &[]))
+        .await
+        .expect("dns udp");
+    p.ensure_listener(
+        &key("web", 1),
+        &spec(80, Protocol::Tcp, 30080, "web", &["198.51.100.0/24"]),
+    )
+    .await
+    .expect("web");
+
+    let doc = lb(&fake);
+    assert_eq!(
+        rules(&doc),
+        BTreeSet::from([
+            ("fe-0".into(), 53, "Tcp".into(), 30053, "probe-30053".into()),
+            (
+                "fe-0".into(),
+                53,
+                "Udp".into(),
+                30053,
+                "probe-kube-proxy".into()
+            ),
+            ("fe-1".into(), 80, "Tcp".into(), 30080, "probe-30080".into()),
+        ])
+    );
+    let probes: BTreeSet<(String, String, u64)> = doc["properties"]["probes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_string(),
+                p["properties"]["protocol"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                p["properties"]["port"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        probes,
+        BTreeSet::from([
+            ("probe-30053".into(), "Tcp".into(), 30053),
+            ("probe-30080".into(), "Tcp".into(), 30080),
+            ("probe-kube-proxy".into(), "Http".into(), 10256),
+        ])
+    );
+    let backends =
+        &doc["properties"]["backendAddressPools"][0]["properties"]["loadBalancerBackendAddresses"];
+    assert_eq!(
+        backends.as_array().map(Vec::len),
+        Some(1),
+        "only the Azure node: {backends}"
+    );
+    assert_eq!(backends[0]["properties"]["ipAddress"], "10.224.0.4");
+    assert_eq!(doc["tags"]["sharedlb.dev/pool"], "web");
+
+    let open = vec!["Internet".to_string(), "AzureLoadBalancer".to_string()];
+    let nsg = nsg_rules(&fake);
+    let priorities: BTreeSet<u64> = nsg.iter().map(|r| r.3).collect();
+    assert_eq!(priorities.len(), 3, "priorities never collide: {nsg:?}");
+    assert!(!priorities.contains(&500), "500 is someone else's");
+    let shape: BTreeSet<_> = nsg
+        .into_iter()
+        .map(|(pr, ports, src, _)| (pr, ports, src))
+        .collect();
+    assert_eq!(
+        shape,
+        BTreeSet::from([
+            ("Tcp".into(), vec!["30053".into()], open.clone()),
+            ("Udp".into(), vec!["30053".into()], open.clone()),
+            (
+                "Tcp".into(),
+                vec!["30080".into()],
+                vec!["198.51.100.0/24".into(), "AzureLoadBalancer".into()]
+            ),
+        ])
+    );
+    foreign_rules_intact(&fake);
+
+    // calls for one more port, and none written for a port that is already there
+    let before = p.api_calls();
+    p.ensure_listener(
+        &key("web", 1),
+        &spec(8080, Protocol::Tcp, 30081, "web", &["198.51.100.0/24"]),
+    )
+    .await
+    .expect("web 8080");
+    let after = p.api_calls();
+    let diff = |m: bool| -> u64 {
+        after
+            .iter()
+            .filter(|c| c.mutating == m)
+            .map(|c| c.calls)
+            .sum::<u64>()
+            - before
+                .iter()
+                .filter(|c| c.mutating == m)
+                .map(|c| c.calls)
+                .sum::<u64>()
+    };
+    println!(
+        "azure: a new port costs {} mutating and {} other calls",
+        diff(true),
+        diff(false)
+    );
+    assert_eq!(diff(true), 2, "one load balancer PUT and one NSG PUT");
+    let nsg_web = nsg_rules(&fake)
+        .into_iter()
+        .find(|r| r.0 == "Tcp" && r.2[0] == "198.51.100.0/24")
+        .expect("web rule");
+    assert_eq!(
+        nsg_web.1,
+        vec!["30080".to_string(), "30081".to_string()],
+        "one NSG rule for the SharedLB's ports"
+    );
+    let writes = p.document_writes();
+    p.ensure_listener(
+        &key("web", 1),
+        &spec(8080, Protocol::Tcp, 30081, "web", &["198.51.100.0/24"]),
+    )
+    .await
+    .expect("again");
+    p.ensure_load_balancer(&key("web", 1)).await.expect("again");
+    assert_eq!(
+        p.document_writes(),
+        writes,
+        "nothing is written when nothing changes"
+    );
+
+    // a moved node port converges; a foreign owner cannot remove
+    p.ensure_listener(
+        &key("web", 1),
+        &spec(8080, Protocol::Tcp, 30082, "web", &["198.51.100.0/24"]),
+    )
+    .await
+    .expect("moved");
+    p.remove_listener(&key("web", 1), 8080, Protocol::Tcp, "intruder")
+        .await
+        .expect("not theirs");
+    assert!(rules(&lb(&fake)).contains(&(
+        "fe-1".into(),
+        8080,
+        "Tcp".into(),
+        30082,
+        "probe-30082".into()
+    )));
+    assert!(
+        !rules(&lb(&fake)).iter().any(|r| r.3 == 30081),
+        "the old node port is gone"
+    );
+    p.remove_listener(&key("web", 1), 8080, Protocol::Tcp, "web")
+        .await
+        .expect("removed");
+    let nsg_web = nsg_rules(&fake)
+        .into_iter()
+        .find(|r| r.0 == "Tcp" && r.2[0] == "198.51.100.0/24")
+        .expect("web rule");
+    assert_eq!(
+        nsg_web.1,
+        vec!["30080".to_string()],
+        "the NSG rule shrinks with the ports"
+    );
+    p.remove_listener(&key("web", 0), 53, Protocol::Udp, "dns")
+        .await
+        .expect("dns udp");
+    assert!(
+        !nsg_rules(&fake).iter().any(|r| r.0 == "Udp"),
+        "the UDP NSG rule goes with the last UDP port"
+    );
+    let probes = lb(&fake)["properties"]["probes"].to_string();
+    assert!(
+        !probes.contains("probe-kube-proxy"),
+        "unused probes go: {probes}"
+    );
+
+    let inv = p.inventory().await.expect("inventory");
+    let got: Vec<(u32, Vec<(u16, Protocol, u16, String)>)> = inv
+        .load_balancers
+        .iter()
+        .map(|l| {
+            (
+                l.index,
+                l.listeners
+                    .iter()
+                    .map(|x| (x.port, x.protocol, x.node_port, x.owner_uid.clone()))
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, vec![(53, Protocol::Tcp, 30053, "dns".into())]),
+            (1, vec![(80, Protocol::Tcp, 30080, "web".into())]),
+        ]
+    );
+
+    p.delete_load_balancer(&key("web", 0))
+        .await
+        .expect("delete 0");
+    assert_eq!(fake.resources("publicIPAddresses").len(), 1);
+    assert!(
+        !nsg_rules(&fake)
+            .iter()
+            .any(|r| r.1 == vec!["30053".to_string()]),
+        "dns's NSG rule went with its load balancer"
+    );
+    p.delete_load_balancer(&key("web", 1))
+        .await
+        .expect("delete 1");
+    assert!(
+        fake.resources("loadBalancers").is_empty(),
+        "the last frontend takes the load balancer"
+    );
+    assert!(fake.resources("publicIPAddresses").is_empty());
+    assert!(nsg_rules(&fake).is_empty());
+    foreign_rules_intact(&fake);
+}
+
+/// A burst of changes is carried by a few PUTs of the load balancer and of the NSG, not one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_100_ports_lands_in_a_few_puts() {
+    let fake = fake().await;
+    let p = Arc::new(provider(&fake, "burst").await);
+    p.ensure_load_balancer(&key("burst", 0)).await.expect("lb");
+    let lb_puts = fake.count("PUT", "/loadbalancers/", None);
+    let nsg_puts = fake.count("PUT", "/networksecuritygroups/", None);
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..100u16 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            p.ensure_listener(
+                &key("burst", 0),
+                &spec(1000 + i, Protocol::Tcp, 30000 + i, &format!("o{i}"), &[]),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task").expect("ensure");
+    }
+    let lb_puts = fake.count("PUT", "/loadbalancers/", None) - lb_puts;
+    let nsg_puts = fake.count("PUT", "/networksecuritygroups/", None) - nsg_puts;
+    println!(
+        "azure: 100 ports in {lb_puts} load balancer PUTs and {nsg_puts} NSG PUTs, {} ms",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(rules(&lb(&fake)).len(), 100, "every port has its rule");
+    assert_eq!(
+        nsg_rules(&fake).len(),
+        100,
+        "every SharedLB has its NSG rule"
+    );
+    assert!(lb_puts <= 5, "{lb_puts} load balancer PUTs for 100 ports");
+    assert!(nsg_puts <= 5, "{nsg_puts} NSG PUTs for 100 ports");
+}
+
+/// Two writers (two operator replicas during a hand-over, or one replica and a person) edit the same documents
+/// at once, and someone changes the load balancer between a read and a write: every change survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_and_etag_conflicts_lose_nothing() {
+    let fake = fake().await;
+    let a = Arc::new(provider(&fake, "race").await);
+    let b = Arc::new(provider(&fake, "race").await);
+    a.ensure_load_balancer(&key("race", 0)).await.expect("lb");
+    fake.touch_after_next_get("/loadbalancers/");
+    fake.touch_after_next_get("/networksecuritygroups/");
+    let mut tasks = Vec::new();
+    for i in 0..40u16 {
+        let p = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            p.ensure_listener(
+                &key("race", 0),
+                &spec(2000 + i, Protocol::Udp, 31000 + i, &format!("r{i}"), &[]),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task").expect("ensure");
+    }
+    let conflicts = fake.count("PUT", "/", Some(412));
+    println!("azure: {conflicts} ETag conflicts resolved");
+    assert!(
+        conflicts >= 1,
+        "the touched documents were written with a stale ETag at least once"
+    );
+    let doc = lb(&fake);
+    assert_eq!(rules(&doc).len(), 40, "no rule lost");
+    assert_eq!(
+        doc["tags"]["touched"], "1",
+        "the other writer's change was kept"
+    );
+    let nsg = fake.get(&nsg_id()).expect("nsg");
+    assert_eq!(nsg["tags"]["touched"], "1");
+    assert_eq!(nsg_rules(&fake).len(), 40, "no NSG rule lost");
+    let priorities: BTreeSet<u64> = nsg_rules(&fake).iter().map(|r| r.3).collect();
+    assert_eq!(priorities.len(), 40, "no two writers took one priority");
+}
+
+/// Throttling is waited out as Azure asks; errors keep their meaning and Azure's message; nothing half-made.
+#[tokio::test]
+async fn throttling_errors_and_bad_settings_are_errors_by_meaning() {
+    let fake = fake().await;
+    let p = provider(&fake, "err").await;
+    p.ensure_load_balancer(&key("err", 0)).await.expect("lb");
+
+    // 429 with Retry-After: 1 is retried by the pipeline after a second
+    fake.fail_next("PUT", "/loadbalancers/", 429, "RetryableError", Some(1));
+    p.ensure_listener(&key("err", 0), &spec(80, Protocol::Tcp, 30080, "o", &[]))
+        .await
+        .expect("after throttling");
+    let puts: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT" && r.path.contains("/loadbalancers/"))
+        .collect();
+    let n = puts.len();
+    assert_eq!(puts[n - 2].status, 429);
+    assert!(
+        puts[n - 1].at.duration_since(puts[n - 2].at) >= Duration::from_millis(950),
+        "Retry-After was honoured"
+    );
+
+    // a limit Azure reports is a quota error with Azure's words; the document is unchanged
+    fake.fail_next(
+        "PUT",
+        "/loadbalancers/",
+        400,
+        "LoadBalancingRulesPerLoadBalancerLimitReached",
+        None,
+    );
+    let e = p
+        .ensure_listener(&key("err", 0), &spec(81, Protocol::Tcp, 30081, "o", &[]))
+        .await
+        .expect_err("limit");
+    assert!(matches!(e, ProviderError::QuotaExceeded(_)), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("LoadBalancingRulesPerLoadBalancerLimitReached"),
+        "{e}"
+    );
+    assert_eq!(rules(&lb(&fake)).len(), 1);
+
+    // a listener on a frontend that was never ensured is refused, not half made
+    let e = p
+        .ensure_listener(&key("err", 5), &spec(82, Protocol::Tcp, 30082, "o", &[]))
+        .await
+        .expect_err("no frontend");
+    assert!(matches!(e, ProviderError::NotFound(_)), "{e:?}");
+
+    // deleting what is gone (404 or 204) is success
+    fake.fail_next(
+        "DELETE",
+        "/publicipaddresses/",
+        404,
+        "ResourceNotFound",
+        None,
+    );
+    p.delete_load_balancer(&key("err", 3))
+        .await
+        .expect("404 on delete is success");
+
+    // a public IP of the same name that is not ours is never taken
+    fake.plant(
+        &format!(
+            "{NET}/publicIPAddresses/{}ip-7",
+            p.load_balancer_id().rsplit('/').next().unwrap_or_default().trim_end_matches("lb")
+        ),
+        json!({"location": "westeurope", "tags": {"owner": "someone"}, "properties": {"ipAddress": "20.0.0.7"}}),
+    );
+    let e = p
+        .ensure_load_balancer(&key("err", 7))
+        .await
+        .expect_err("collision");
+    assert!(matches!(e, ProviderError::AlreadyExists(_)), "{e:?}");
+
+    // settings that point at nothing, and a wrong secret, are invalid configuration with Azure's words
+    let mut bad = settings(&fake);
+    bad.network_security_group = "missing-nsg".into();
+    let e = AzureProvider::new("c1", "x", bad)
+        .await
+        .expect_err("missing nsg");
+    assert!(
+        matches!(e, ProviderError::InvalidConfig(ref m) if m.contains("missing-nsg")),
+        "{e:?}"
+    );
+    let mut bad = settings(&fake);
+    bad.virtual_network = "nope".into();
+    let e = AzureProvider::new("c1", "x", bad)
+        .await
+        .expect_err("missing vnet");
+    assert!(matches!(e, ProviderError::InvalidConfig(_)), "{e:?}");
+    let mut bad = settings(&fake);
+    let auth = AzureAuth::ClientSecret {
+        tenant_id: "tenant".into(),
+        client_id: "sharedlb".into(),
+        secret: "wrong".into(),
+        authority_host: Some(fake.endpoint()),
+    };
+    bad.credential = credential(&auth, bad.transport.clone()).expect("credential");
+    let e = AzureProvider::new("c1", "x", bad)
+        .await
+        .expect_err("wrong secret");
+    assert!(
+        matches!(e, ProviderError::InvalidConfig(ref m) if m.contains("AADSTS7000215")),
+        "{e:?}"
+    );
+    // a client that does not trust the fake's CA does not talk to it
+    let mut bad = settings(&fake);
+    bad.transport = None;
+    bad.credential = credential(
+        &AzureAuth::ClientSecret {
+            tenant_id: "tenant".into(),
+            client_id: "sharedlb".into(),
+            secret: CLIENT_SECRET.into(),
+            authority_host: Some(fake.endpoint()),
+        },
+        None,
+    )
+    .expect("credential");
+    assert!(
+        AzureProvider::new("c1", "x", bad).await.is_err(),
+        "an untrusted certificate is refused"
+    );
+
+    p.delete_load_balancer(&key("err", 0))
+        .await
+        .expect("delete");
+    assert!(fake.resources("loadBalancers").is_empty());
+    assert!(nsg_rules(&fake).is_empty());
+}
