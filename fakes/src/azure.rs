@@ -60,6 +60,8 @@ struct State {
     faults: Vec<Fault>,
     /// after the next GET of a path containing this, someone else changes that document
     touch_after_get: Vec<String>,
+    /// how many public IPs the subscription may hold
+    public_ip_quota: Option<usize>,
     next: u64,
     log: Vec<Logged>,
 }
@@ -207,6 +209,11 @@ impl AzureFake {
             .push(path_contains.to_lowercase());
     }
 
+    /// At most `max` public IPs may exist; creating more fails with 400 `PublicIPCountLimitReached`.
+    pub fn set_public_ip_quota(&self, max: usize) {
+        lock(&self.state).public_ip_quota = Some(max);
+    }
+
     /// Every request so far.
     pub fn requests(&self) -> Vec<Logged> {
         lock(&self.state).log.clone()
@@ -266,19 +273,20 @@ fn handle(
         status: response.status().as_u16(),
         at: Instant::now(),
     });
-    if method == Method::GET && response.status() == StatusCode::OK {
-        if let Some(i) = st.touch_after_get.iter().position(|p| path.contains(p)) {
-            st.touch_after_get.remove(i);
-            st.next += 1;
-            let n = st.next;
-            if let Some(doc) = st.resources.get_mut(&path) {
-                let touched = doc["tags"]["touched"]
-                    .as_str()
-                    .and_then(|t| t.parse::<u64>().ok())
-                    .unwrap_or(0);
-                doc["tags"]["touched"] = json!((touched + 1).to_string());
-                doc["etag"] = json!(format!("W/\"{n}\""));
-            }
+    if method == Method::GET
+        && response.status() == StatusCode::OK
+        && let Some(i) = st.touch_after_get.iter().position(|p| path.contains(p))
+    {
+        st.touch_after_get.remove(i);
+        st.next += 1;
+        let n = st.next;
+        if let Some(doc) = st.resources.get_mut(&path) {
+            let touched = doc["tags"]["touched"]
+                .as_str()
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(0);
+            doc["tags"]["touched"] = json!((touched + 1).to_string());
+            doc["etag"] = json!(format!("W/\"{n}\""));
         }
     }
     response
@@ -702,6 +710,23 @@ fn put(
         "loadbalancers" => check_load_balancer(st, id, &doc),
         "networksecuritygroups" => check_nsg(&doc),
         "publicipaddresses" => {
+            let count = st
+                .resources
+                .keys()
+                .filter(|k| k.contains("/publicipaddresses/"))
+                .count();
+            if existing.is_none()
+                && let Some(max) = st.public_ip_quota
+                && count >= max
+            {
+                return arm_error(
+                    400,
+                    "PublicIPCountLimitReached",
+                    format!(
+                        "Cannot create more than {max} public IP addresses for this subscription in this region."
+                    ),
+                );
+            }
             if let Some(ip) = existing
                 .as_ref()
                 .and_then(|e| e["properties"]["ipAddress"].as_str())

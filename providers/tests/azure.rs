@@ -102,6 +102,9 @@ fn spec(
     }
 }
 
+/// (port, protocol, node port, owner) as the inventory reports a listener.
+type Listener = (u16, Protocol, u16, String);
+
 fn lb(fake: &AzureFake) -> Value {
     let lbs = fake.resources("loadBalancers");
     assert_eq!(lbs.len(), 1, "one Azure load balancer per pool: {lbs:?}");
@@ -425,7 +428,7 @@ async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() 
     );
 
     let inv = p.inventory().await.expect("inventory");
-    let got: Vec<(u32, Vec<(u16, Protocol, u16, String)>)> = inv
+    let got: Vec<(u32, Vec<Listener>)> = inv
         .load_balancers
         .iter()
         .map(|l| {

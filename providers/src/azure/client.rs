@@ -220,7 +220,7 @@ impl ArmClient {
             .send(operation, Method::Put, url, Some(body), precondition)
             .await?;
         match u16::from(res.status()) {
-            200 | 201 | 202 => self.wait(operation, &res).await,
+            200..=202 => self.wait(operation, &res).await,
             _ => Err(classify(operation, &res)),
         }
     }

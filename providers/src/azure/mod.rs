@@ -193,7 +193,8 @@ pub struct AzurePool {
     pub endpoint: Option<String>,
     pub credential: Arc<dyn TokenCredential>,
     pub transport: Option<Transport>,
-    /// How long the first queued edit of a document waits for others before the write.
+    /// How long the first queued edit of a document waits for others before the write (again while more come,
+    /// up to four times).
     pub batch_window: Duration,
     /// The shortest wait between polls of a long-running operation.
     pub min_poll: Duration,
@@ -276,7 +277,8 @@ where
         Ok(doc)
     }
 
-    /// Applies `edit` to the document together with every edit queued within `window`, in one PUT. `fresh` is
+    /// Applies `edit` to the document together with every edit queued meanwhile, in one PUT: the write waits
+    /// `window`, and again while more edits arrived in the last one (at most four windows). `fresh` is
     /// the document to start from when it does not exist; without one, edits to a missing document succeed
     /// without effect (they only remove).
     async fn edit(
@@ -302,7 +304,17 @@ where
             }
             Err(oneshot::error::TryRecvError::Empty) => {}
         }
-        tokio::time::sleep(window).await;
+        // wait while edits keep coming, up to four windows: a burst becomes one write
+        let queued = || self.queue.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let mut seen = queued();
+        for _ in 0..4 {
+            tokio::time::sleep(window).await;
+            let now = queued();
+            if now == seen {
+                break;
+            }
+            seen = now;
+        }
         let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
         let results = self.write(arm, fresh, &batch).await;
         for (q, r) in batch.into_iter().zip(results) {
@@ -884,6 +896,29 @@ impl LoadBalancerProvider for AzureProvider {
         let ip = self.ensure_public_ip(index).await?;
         let ip_id = ip.id.clone().unwrap_or_else(|| self.ip_path(index));
         let name = frontend_name(index);
+        let info = LoadBalancerInfo {
+            id: self.frontend_id(index),
+            ip: ip.properties.ip_address.clone(),
+            hostname: None,
+        };
+        // the frontend as last read or written: nothing to do (a frontend removed behind our back fails the next
+        // rule edit, which reads the document afresh, so this is asked again)
+        let known = self
+            .lb
+            .last
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|doc| {
+                doc.properties.frontends.iter().any(|f| {
+                    f.name == name
+                        && f.properties.public_ip.as_ref().map(|p| p.id.to_lowercase())
+                            == Some(ip_id.to_lowercase())
+                })
+            });
+        if known {
+            return Ok(info);
+        }
         self.edit_lb(true, move |doc| {
             let fe = FrontendProperties {
                 public_ip: Some(SubResource { id: ip_id.clone() }),
@@ -909,11 +944,7 @@ impl LoadBalancerProvider for AzureProvider {
             Ok(())
         })
         .await?;
-        Ok(LoadBalancerInfo {
-            id: self.frontend_id(index),
-            ip: ip.properties.ip_address.clone(),
-            hostname: None,
-        })
+        Ok(info)
     }
 
     async fn ensure_listener(
