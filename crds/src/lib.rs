@@ -313,17 +313,27 @@ pub struct GcpSettings {
     pub node_tag: Option<String>,
 }
 
-/// Azure Standard Load Balancer.
+/// Azure Standard Load Balancer: the pool is one Standard Load Balancer the operator owns, each load balancer of
+/// the pool one frontend with its own Standard public IP.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AzureSettings {
     pub subscription_id: String,
+    /// Where the load balancer and public IPs are made (on AKS: the node resource group, `MC_...`).
     pub resource_group: String,
     pub location: String,
+    /// The Standard Load Balancer this pool owns (made and deleted by the operator, tagged); default derived
+    /// from the cluster id and pool name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer_name: Option<String>,
+    /// The nodes' network security group: one rule per SharedLB and protocol is added to it.
+    pub network_security_group: String,
+    /// The NSG's resource group, when not `resourceGroup`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network_security_group: Option<String>,
+    pub network_security_group_resource_group: Option<String>,
+    /// The nodes' virtual network (a name in `resourceGroup`, or a full resource id): the backend pool holds the
+    /// nodes' internal IPs in it (nodes whose `spec.providerID` is an Azure VM or scale-set VM).
+    pub virtual_network: String,
 }
 
 /// The operator itself forwards traffic, from addresses of this machine (bare metal, laptops).

@@ -13,6 +13,8 @@ pub mod telemetry;
 
 pub use controller::{LeaderElection, Settings, run};
 pub use error::Error;
+#[cfg(feature = "azure")]
+pub use providers::AzureAccess;
 pub use providers::{BuiltinProviders, ProviderFactory};
 
 /// Chooses rustls's crypto backend for the process. Both `ring` (kube) and `aws-lc-rs` (the AWS SDK) may be

@@ -114,16 +114,11 @@ async fn main() -> anyhow::Result<()> {
                     _ = term.recv() => {},
                 }
             };
-            sharedlb::run(
-                client,
-                settings,
-                Arc::new(
-                    BuiltinProviders::default()
-                        .with_gcp_endpoint(std::env::var("SHAREDLB_GCP_ENDPOINT").ok()),
-                ),
-                shutdown,
-            )
-            .await?;
+            let providers = BuiltinProviders::default()
+                .with_gcp_endpoint(std::env::var("SHAREDLB_GCP_ENDPOINT").ok());
+            #[cfg(feature = "azure")]
+            let providers = providers.with_azure(sharedlb::AzureAccess::from_env()?);
+            sharedlb::run(client, settings, Arc::new(providers), shutdown).await?;
             Ok(())
         }
     }

@@ -27,7 +27,37 @@ pub const BUILT_IN: &[&str] = &[
     "aws",
     #[cfg(feature = "gcp")]
     "gcp",
+    #[cfg(feature = "azure")]
+    "azure",
 ];
+
+/// How azure pools reach Azure.
+#[cfg(feature = "azure")]
+#[derive(Debug, Clone, Default)]
+pub struct AzureAccess {
+    /// ARM's endpoint (`SHAREDLB_AZURE_ENDPOINT`); default the public cloud's, `https://management.azure.com`.
+    pub endpoint: Option<String>,
+    /// PEM of a root CA to trust besides the system's (`SHAREDLB_AZURE_CA_FILE`): a private endpoint or proxy,
+    /// or the tests' fake. Certificates are always verified.
+    pub extra_ca_pem: Option<Vec<u8>>,
+    /// `None`: what the pod has (workload identity, `AZURE_CLIENT_SECRET`, managed identity).
+    pub auth: Option<sharedlb_providers::azure::AzureAuth>,
+}
+
+#[cfg(feature = "azure")]
+impl AzureAccess {
+    /// From `SHAREDLB_AZURE_ENDPOINT` and `SHAREDLB_AZURE_CA_FILE`.
+    pub fn from_env() -> std::io::Result<Self> {
+        let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+        Ok(AzureAccess {
+            endpoint: var("SHAREDLB_AZURE_ENDPOINT"),
+            extra_ca_pem: var("SHAREDLB_AZURE_CA_FILE")
+                .map(std::fs::read)
+                .transpose()?,
+            auth: None,
+        })
+    }
+}
 
 /// The providers built into this binary.
 #[derive(Debug, Clone)]
@@ -35,6 +65,8 @@ pub struct BuiltinProviders {
     memory: Arc<MemoryCloud>,
     /// Another Compute Engine endpoint than Google's (`SHAREDLB_GCP_ENDPOINT`; the tests' fake).
     gcp_endpoint: Option<String>,
+    #[cfg(feature = "azure")]
+    azure: AzureAccess,
 }
 
 impl BuiltinProviders {
@@ -43,6 +75,8 @@ impl BuiltinProviders {
         BuiltinProviders {
             memory,
             gcp_endpoint: None,
+            #[cfg(feature = "azure")]
+            azure: AzureAccess::default(),
         }
     }
 
@@ -50,6 +84,13 @@ impl BuiltinProviders {
     /// called without credentials.
     pub fn with_gcp_endpoint(mut self, endpoint: Option<String>) -> Self {
         self.gcp_endpoint = endpoint;
+        self
+    }
+
+    /// How azure pools reach Azure (another endpoint, an extra CA, explicit credentials).
+    #[cfg(feature = "azure")]
+    pub fn with_azure(mut self, access: AzureAccess) -> Self {
+        self.azure = access;
         self
     }
 }
@@ -128,6 +169,48 @@ impl ProviderFactory for BuiltinProviders {
             };
             let p = sharedlb_providers::gcp::GcpProvider::new(cluster_id, pool, settings).await?;
             return Ok(Arc::new(p));
+        }
+        #[cfg(feature = "azure")]
+        if let Some(a) = &spec.provider.azure {
+            use sharedlb_providers::azure::{
+                AzureAuth, AzurePool, AzureProvider, credential, transport_trusting,
+            };
+            let transport = self
+                .azure
+                .extra_ca_pem
+                .as_deref()
+                .map(transport_trusting)
+                .transpose()?;
+            let auth = self.azure.auth.clone().unwrap_or(AzureAuth::Environment);
+            let loopback = self
+                .azure
+                .endpoint
+                .as_deref()
+                .is_some_and(|e| e.starts_with("https://127.0.0.1:"));
+            let settings = AzurePool {
+                subscription_id: a.subscription_id.clone(),
+                resource_group: a.resource_group.clone(),
+                location: a.location.clone(),
+                load_balancer_name: a.load_balancer_name.clone(),
+                network_security_group: a.network_security_group.clone(),
+                network_security_group_resource_group: a
+                    .network_security_group_resource_group
+                    .clone(),
+                virtual_network: a.virtual_network.clone(),
+                endpoint: self.azure.endpoint.clone(),
+                credential: credential(&auth, transport.clone())?,
+                transport,
+                batch_window: Duration::from_millis(100),
+                // ARM asks for ~10 s between polls; the loopback fake for none
+                min_poll: if loopback {
+                    Duration::from_millis(10)
+                } else {
+                    Duration::from_secs(1)
+                },
+            };
+            return Ok(Arc::new(
+                AzureProvider::new(cluster_id, pool, settings).await?,
+            ));
         }
         let kind = spec.provider.kind().unwrap_or("none");
         Err(ProviderError::InvalidConfig(format!(

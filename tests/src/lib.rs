@@ -217,14 +217,27 @@ pub async fn refused(client: &Client, ns: &str, name: &str, reason: &str) -> Str
 
 /// A Node object with this provider ID, Ready (the test apiserver runs no kubelet, so the test writes the status).
 pub async fn add_ready_node(client: &Client, name: &str, provider_id: &str) {
+    add_ready_node_at(client, name, provider_id, None).await;
+}
+
+/// A Ready Node with this provider ID and, when given, this InternalIP.
+pub async fn add_ready_node_at(
+    client: &Client,
+    name: &str,
+    provider_id: &str,
+    internal_ip: Option<&str>,
+) {
     let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     let node = serde_json::from_value(json!({
         "metadata": {"name": name}, "spec": {"providerID": provider_id}
     }))
     .expect("node");
     let _ = api.create(&PostParams::default(), &node).await;
-    let status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+    let mut status = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
         "message": "ready", "lastHeartbeatTime": "2026-01-01T00:00:00Z", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}});
+    if let Some(ip) = internal_ip {
+        status["status"]["addresses"] = json!([{"type": "InternalIP", "address": ip}]);
+    }
     api.patch_status(
         name,
         &kube::api::PatchParams::default(),
