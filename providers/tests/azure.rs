@@ -597,7 +597,19 @@ async fn throttling_errors_and_bad_settings_are_errors_by_meaning() {
     );
     assert_eq!(rules(&lb(&fake)).len(), 1);
 
-    // a listener on a frontend that was never ensured is refused, not half made
+    // a listener on a load balancer or frontend that was never ensured is refused, not half made
+    let fresh = provider(&fake, "never").await;
+    let e = fresh
+        .ensure_listener(&key("never", 0), &spec(80, Protocol::Tcp, 30099, "o", &[]))
+        .await
+        .expect_err("no load balancer");
+    assert!(matches!(e, ProviderError::NotFound(_)), "{e:?}");
+    assert!(
+        !nsg_rules(&fake)
+            .iter()
+            .any(|r| r.1 == vec!["30099".to_string()]),
+        "no NSG rule for a refused listener"
+    );
     let e = p
         .ensure_listener(&key("err", 5), &spec(82, Protocol::Tcp, 30082, "o", &[]))
         .await

@@ -218,6 +218,8 @@ type Edit<T> = Box<dyn Fn(&mut T) -> Result<(), ProviderError> + Send + Sync>;
 
 struct Queued<T> {
     edit: Edit<T>,
+    /// The result when the document does not exist and there is no fresh one to start from.
+    if_missing: Result<(), ProviderError>,
     done: oneshot::Sender<Result<(), ProviderError>>,
 }
 
@@ -279,20 +281,25 @@ where
 
     /// Applies `edit` to the document together with every edit queued meanwhile, in one PUT: the write waits
     /// `window`, and again while more edits arrived in the last one (at most four windows). `fresh` is
-    /// the document to start from when it does not exist; without one, edits to a missing document succeed
-    /// without effect (they only remove).
+    /// the document to start from when it does not exist; without one, an edit of a missing document has no
+    /// effect and gives `if_missing`.
     async fn edit(
         &self,
         arm: &ArmClient,
         window: Duration,
         fresh: Option<T>,
+        if_missing: Result<(), ProviderError>,
         edit: Edit<T>,
     ) -> Result<(), ProviderError> {
         let (tx, mut rx) = oneshot::channel();
         self.queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(Queued { edit, done: tx });
+            .push(Queued {
+                edit,
+                if_missing,
+                done: tx,
+            });
         let _turn = self.turn.lock().await;
         match rx.try_recv() {
             Ok(r) => return r,
@@ -342,7 +349,7 @@ where
                 Err(e) => return fail(e),
             };
             let Some(mut doc) = current.clone().or_else(|| fresh.clone()) else {
-                return batch.iter().map(|_| Ok(())).collect();
+                return batch.iter().map(|q| q.if_missing.clone()).collect();
             };
             let mut results = Vec::with_capacity(batch.len());
             for q in batch {
@@ -385,7 +392,6 @@ where
                     tracing::debug!(path = %self.path, "the document changed since it was read; again");
                 }
                 Err(e) => {
-                    self.remember(None);
                     return results.into_iter().map(|r| r.and(Err(e.clone()))).collect();
                 }
             }
@@ -666,14 +672,17 @@ impl AzureProvider {
         }
     }
 
+    /// Queues `edit` of the load balancer; `create` starts a missing one afresh, else a missing one gives
+    /// `if_missing`.
     async fn edit_lb(
         &self,
         create: bool,
+        if_missing: Result<(), ProviderError>,
         edit: impl Fn(&mut LoadBalancer) -> Result<(), ProviderError> + Send + Sync + 'static,
     ) -> Result<(), ProviderError> {
         let fresh = create.then(|| self.fresh_lb());
         self.lb
-            .edit(&self.arm, self.window, fresh, Box::new(edit))
+            .edit(&self.arm, self.window, fresh, if_missing, Box::new(edit))
             .await
     }
 
@@ -688,6 +697,14 @@ impl AzureProvider {
     ) -> Result<(), ProviderError> {
         let last_lb = self.lb.last.clone();
         let uid = uid.to_string();
+        // what is removed from an NSG that vanished is gone; what is added is not
+        let if_missing = match sources {
+            Some(_) => Err(ProviderError::InvalidConfig(format!(
+                "network security group {} not found",
+                self.nsg.path
+            ))),
+            None => Ok(()),
+        };
         let names = [Protocol::Tcp, Protocol::Udp].map(|p| (p, self.nsg_rule_name(&uid, p)));
         let edit = move |nsg: &mut NetworkSecurityGroup| {
             let mut ports: BTreeMap<Protocol, BTreeSet<u16>> = BTreeMap::new();
@@ -773,7 +790,7 @@ impl AzureProvider {
             Ok(())
         };
         self.nsg
-            .edit(&self.arm, self.window, None, Box::new(edit))
+            .edit(&self.arm, self.window, None, if_missing, Box::new(edit))
             .await
     }
 
@@ -919,7 +936,7 @@ impl LoadBalancerProvider for AzureProvider {
         if known {
             return Ok(info);
         }
-        self.edit_lb(true, move |doc| {
+        self.edit_lb(true, Ok(()), move |doc| {
             let fe = FrontendProperties {
                 public_ip: Some(SubResource { id: ip_id.clone() }),
                 other: Map::new(),
@@ -955,7 +972,11 @@ impl LoadBalancerProvider for AzureProvider {
         let (index, port, protocol, node_port) = (lb.index, l.port, l.protocol, l.node_port);
         let uid = l.owner.uid.clone();
         let lb_id = self.lb_id.clone();
-        self.edit_lb(false, move |doc| {
+        let missing = ProviderError::NotFound(format!(
+            "load balancer {} (ensure the load balancer first)",
+            self.lb_id
+        ));
+        self.edit_lb(false, Err(missing), move |doc| {
             let fe = frontend_name(index);
             if !doc.properties.frontends.iter().any(|f| f.name == fe) {
                 return Err(ProviderError::NotFound(format!(
@@ -1042,7 +1063,7 @@ impl LoadBalancerProvider for AzureProvider {
     ) -> Result<(), ProviderError> {
         let name = format!("{}{owner_uid}", rule_prefix(lb.index, port, protocol));
         let lb_id = self.lb_id.clone();
-        self.edit_lb(false, move |doc| {
+        self.edit_lb(false, Ok(()), move |doc| {
             doc.properties.rules.retain(|r| r.name != name);
             if doc.id.is_none() {
                 doc.id = Some(lb_id.clone());
@@ -1060,7 +1081,7 @@ impl LoadBalancerProvider for AzureProvider {
         let seen = owners.clone();
         let fe = frontend_name(index);
         let lb_id = self.lb_id.clone();
-        self.edit_lb(false, move |doc| {
+        self.edit_lb(false, Ok(()), move |doc| {
             let mut gone = BTreeSet::new();
             doc.properties
                 .rules
@@ -1159,7 +1180,7 @@ impl LoadBalancerProvider for AzureProvider {
             .collect();
         backends.sort_by(|a, b| a.name.cmp(&b.name));
         *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = backends.clone();
-        self.edit_lb(false, move |doc| {
+        self.edit_lb(false, Ok(()), move |doc| {
             let pool = match doc
                 .properties
                 .backend_pools
