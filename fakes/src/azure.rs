@@ -166,6 +166,20 @@ impl AzureFake {
         st.resources.insert(id.to_lowercase(), doc);
     }
 
+    /// Plants a cluster's network as AKS would leave it: virtual network `vnet` and network security group `nsg`
+    /// with these inbound security rules (`[{"name", "properties"}]`), in `network`
+    /// (`/subscriptions/<s>/resourceGroups/<rg>/providers/Microsoft.Network`).
+    pub fn plant_cluster_network(&self, network: &str, vnet: &str, nsg: &str, rules: Value) {
+        self.plant(
+            &format!("{network}/virtualNetworks/{vnet}"),
+            json!({"location": "westeurope", "properties": {"addressSpace": {"addressPrefixes": ["10.224.0.0/12"]}}}),
+        );
+        self.plant(
+            &format!("{network}/networkSecurityGroups/{nsg}"),
+            json!({"location": "westeurope", "tags": {}, "properties": {"securityRules": rules}}),
+        );
+    }
+
     /// A document by id, if it exists.
     pub fn get(&self, id: &str) -> Option<Value> {
         lock(&self.state).resources.get(&id.to_lowercase()).cloned()

@@ -26,31 +26,34 @@ fn nsg_id() -> String {
 /// The fake with the cluster's virtual network and node NSG (two rules of someone else's, one at priority 500).
 async fn fake() -> AzureFake {
     let fake = AzureFake::start().await;
-    fake.plant(
-        &format!("{NET}/virtualNetworks/vnet"),
-        json!({"location": "westeurope", "properties": {"addressSpace": {"addressPrefixes": ["10.224.0.0/12"]}}}),
-    );
-    fake.plant(
-        &nsg_id(),
-        json!({"location": "westeurope", "tags": {}, "properties": {"securityRules": [
+    fake.plant_cluster_network(
+        NET,
+        "vnet",
+        "nodes-nsg",
+        json!([
             {"name": "ssh", "properties": {"protocol": "Tcp", "sourcePortRange": "*", "destinationPortRange": "22",
              "sourceAddressPrefix": "10.0.0.0/8", "destinationAddressPrefix": "*", "access": "Allow",
              "priority": 100, "direction": "Inbound"}},
             {"name": "aks-svc", "properties": {"protocol": "Tcp", "sourcePortRange": "*", "destinationPortRange": "443",
              "sourceAddressPrefix": "Internet", "destinationAddressPrefix": "*", "access": "Allow",
-             "priority": 500, "direction": "Inbound"}}]}}),
+             "priority": 500, "direction": "Inbound"}}]),
     );
     fake
 }
 
-fn settings(fake: &AzureFake) -> AzurePool {
-    let transport = transport_trusting(fake.ca_pem().as_bytes()).expect("transport");
-    let auth = AzureAuth::ClientSecret {
+/// A service principal with this secret, whose Entra ID is the fake.
+fn secret_auth(fake: &AzureFake, secret: &str) -> AzureAuth {
+    AzureAuth::ClientSecret {
         tenant_id: "tenant".into(),
         client_id: "sharedlb".into(),
-        secret: CLIENT_SECRET.into(),
+        secret: secret.into(),
         authority_host: Some(fake.endpoint()),
-    };
+    }
+}
+
+fn settings(fake: &AzureFake) -> AzurePool {
+    let transport = transport_trusting(fake.ca_pem().as_bytes()).expect("transport");
+    let auth = secret_auth(fake, CLIENT_SECRET);
     AzurePool {
         subscription_id: "sub".into(),
         resource_group: "rg".into(),
@@ -659,13 +662,8 @@ async fn throttling_errors_and_bad_settings_are_errors_by_meaning() {
         .expect_err("missing vnet");
     assert!(matches!(e, ProviderError::InvalidConfig(_)), "{e:?}");
     let mut bad = settings(&fake);
-    let auth = AzureAuth::ClientSecret {
-        tenant_id: "tenant".into(),
-        client_id: "sharedlb".into(),
-        secret: "wrong".into(),
-        authority_host: Some(fake.endpoint()),
-    };
-    bad.credential = credential(&auth, bad.transport.clone()).expect("credential");
+    bad.credential =
+        credential(&secret_auth(&fake, "wrong"), bad.transport.clone()).expect("credential");
     let e = AzureProvider::new("c1", "x", bad)
         .await
         .expect_err("wrong secret");
@@ -676,16 +674,7 @@ async fn throttling_errors_and_bad_settings_are_errors_by_meaning() {
     // a client that does not trust the fake's CA does not talk to it
     let mut bad = settings(&fake);
     bad.transport = None;
-    bad.credential = credential(
-        &AzureAuth::ClientSecret {
-            tenant_id: "tenant".into(),
-            client_id: "sharedlb".into(),
-            secret: CLIENT_SECRET.into(),
-            authority_host: Some(fake.endpoint()),
-        },
-        None,
-    )
-    .expect("credential");
+    bad.credential = credential(&secret_auth(&fake, CLIENT_SECRET), None).expect("credential");
     assert!(
         AzureProvider::new("c1", "x", bad).await.is_err(),
         "an untrusted certificate is refused"

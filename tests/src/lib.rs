@@ -247,6 +247,14 @@ pub async fn add_ready_node_at(
     .expect("node status");
 }
 
+/// Deletes these Nodes (made by `add_ready_node`); ones already gone are fine.
+pub async fn delete_nodes(client: &Client, names: &[&str]) {
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    for n in names {
+        let _ = api.delete(n, &DeleteParams::default()).await;
+    }
+}
+
 /// Waits until the pool reports Ready=False; returns (reason, message).
 pub async fn pool_not_ready(client: &Client, pool: &str) -> (String, String) {
     let pools: Api<LoadBalancerPool> = Api::all(client.clone());

@@ -5,8 +5,7 @@
 use std::collections::BTreeSet;
 
 use aws_sdk_elasticloadbalancingv2 as elb;
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use sharedlb_e2e::*;
@@ -196,11 +195,7 @@ async fn sixty_sharedlbs_make_two_nlbs_follow_nodes_and_leave_nothing_behind() {
         "moto holds nothing of the cluster: {nlbs:?} {}",
         targets.len()
     );
-    for n in ["aws-n1", "aws-n2", "aws-n3"] {
-        let _ = Api::<Node>::all(client.clone())
-            .delete(n, &DeleteParams::default())
-            .await;
-    }
+    delete_nodes(&client, &["aws-n1", "aws-n2", "aws-n3"]).await;
     op.kill().await;
 }
 
@@ -506,9 +501,7 @@ async fn tcp_udp_and_both_get_exact_listeners_and_rules_within_the_rule_budget()
     assert_eq!(ingress(&sg).await, vec![], "no rule is left");
     let (nlbs, tgs) = cloud_of("e2e", Some(&pool)).await;
     assert!(nlbs.is_empty() && tgs.is_empty(), "{nlbs:?} {}", tgs.len());
-    let _ = Api::<Node>::all(client.clone())
-        .delete("aws-m1", &DeleteParams::default())
-        .await;
+    delete_nodes(&client, &["aws-m1"]).await;
     op.kill().await;
 }
 

@@ -5,8 +5,6 @@
 
 use std::collections::BTreeSet;
 
-use k8s_openapi::api::core::v1::Node;
-use kube::api::DeleteParams;
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use sharedlb::{AzureAccess, BuiltinProviders, Settings};
@@ -25,16 +23,13 @@ fn nsg_id() -> String {
 /// The fake with the cluster's virtual network and node NSG (one rule of AKS's own).
 async fn azure_fake() -> AzureFake {
     let fake = AzureFake::start().await;
-    fake.plant(
-        &format!("{NET}/virtualNetworks/aks-vnet"),
-        json!({"location": "westeurope", "properties": {}}),
-    );
-    fake.plant(
-        &nsg_id(),
-        json!({"location": "westeurope", "properties": {"securityRules": [
-            {"name": "aks-kube-api", "properties": {"protocol": "Tcp", "sourcePortRange": "*",
+    fake.plant_cluster_network(
+        NET,
+        "aks-vnet",
+        "aks-nsg",
+        json!([{"name": "aks-kube-api", "properties": {"protocol": "Tcp", "sourcePortRange": "*",
              "destinationPortRange": "443", "sourceAddressPrefix": "*", "destinationAddressPrefix": "*",
-             "access": "Allow", "priority": 500, "direction": "Inbound"}}]}}),
+             "access": "Allow", "priority": 500, "direction": "Inbound"}}]),
     );
     fake
 }
@@ -291,11 +286,7 @@ async fn tcp_udp_sharedlbs_get_frontends_rules_and_nsg_rules_and_leave_nothing()
     delete_namespace(&client, &ns).await;
     delete_pool(&client, &pool).await;
     nothing_left(&fake, &pool);
-    for n in ["az-n1", "az-n2"] {
-        let _ = Api::<Node>::all(client.clone())
-            .delete(n, &DeleteParams::default())
-            .await;
-    }
+    delete_nodes(&client, &["az-n1", "az-n2"]).await;
     op.kill().await;
 }
 
@@ -361,9 +352,7 @@ async fn a_burst_of_50_sharedlbs_lands_in_a_handful_of_puts() {
     delete_namespace(&client, &ns).await;
     delete_pool(&client, &pool).await;
     nothing_left(&fake, &pool);
-    let _ = Api::<Node>::all(client.clone())
-        .delete("az-b1", &DeleteParams::default())
-        .await;
+    delete_nodes(&client, &["az-b1"]).await;
     op.kill().await;
 }
 

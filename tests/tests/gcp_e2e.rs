@@ -5,8 +5,8 @@
 
 use std::collections::BTreeSet;
 
-use k8s_openapi::api::core::v1::{Node, Service};
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::PostParams;
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use sharedlb::{BuiltinProviders, Settings};
@@ -189,11 +189,7 @@ async fn tcp_udp_sharedlbs_get_ips_rules_and_firewalls_and_leave_nothing() {
             fake.resources(kind)
         );
     }
-    for n in ["gce-n1", "gce-n2"] {
-        let _ = Api::<Node>::all(client.clone())
-            .delete(n, &DeleteParams::default())
-            .await;
-    }
+    delete_nodes(&client, &["gce-n1", "gce-n2"]).await;
     op.kill().await;
 }
 
