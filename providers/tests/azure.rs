@@ -105,6 +105,17 @@ fn spec(
     }
 }
 
+/// Ensures every listener at once, each through the provider given with it; all must succeed.
+async fn ensure_concurrently(jobs: Vec<(Arc<AzureProvider>, LoadBalancerKey, ListenerSpec)>) {
+    let tasks: Vec<_> = jobs
+        .into_iter()
+        .map(|(p, k, l)| tokio::spawn(async move { p.ensure_listener(&k, &l).await }))
+        .collect();
+    for t in tasks {
+        t.await.expect("task").expect("ensure");
+    }
+}
+
 /// (port, protocol, node port, owner) as the inventory reports a listener.
 type Listener = (u16, Protocol, u16, String);
 
@@ -483,20 +494,15 @@ async fn a_burst_of_100_ports_lands_in_a_few_puts() {
     let lb_puts = fake.count("PUT", "/loadbalancers/", None);
     let nsg_puts = fake.count("PUT", "/networksecuritygroups/", None);
     let started = std::time::Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..100u16 {
-        let p = p.clone();
-        tasks.push(tokio::spawn(async move {
-            p.ensure_listener(
-                &key("burst", 0),
-                &spec(1000 + i, Protocol::Tcp, 30000 + i, &format!("o{i}"), &[]),
-            )
-            .await
-        }));
-    }
-    for t in tasks {
-        t.await.expect("task").expect("ensure");
-    }
+    ensure_concurrently(
+        (0..100u16)
+            .map(|i| {
+                let l = spec(1000 + i, Protocol::Tcp, 30000 + i, &format!("o{i}"), &[]);
+                (p.clone(), key("burst", 0), l)
+            })
+            .collect(),
+    )
+    .await;
     let lb_puts = fake.count("PUT", "/loadbalancers/", None) - lb_puts;
     let nsg_puts = fake.count("PUT", "/networksecuritygroups/", None) - nsg_puts;
     println!(
@@ -523,20 +529,16 @@ async fn concurrent_writers_and_etag_conflicts_lose_nothing() {
     a.ensure_load_balancer(&key("race", 0)).await.expect("lb");
     fake.touch_after_next_get("/loadbalancers/");
     fake.touch_after_next_get("/networksecuritygroups/");
-    let mut tasks = Vec::new();
-    for i in 0..40u16 {
-        let p = if i % 2 == 0 { a.clone() } else { b.clone() };
-        tasks.push(tokio::spawn(async move {
-            p.ensure_listener(
-                &key("race", 0),
-                &spec(2000 + i, Protocol::Udp, 31000 + i, &format!("r{i}"), &[]),
-            )
-            .await
-        }));
-    }
-    for t in tasks {
-        t.await.expect("task").expect("ensure");
-    }
+    ensure_concurrently(
+        (0..40u16)
+            .map(|i| {
+                let p = if i % 2 == 0 { a.clone() } else { b.clone() };
+                let l = spec(2000 + i, Protocol::Udp, 31000 + i, &format!("r{i}"), &[]);
+                (p, key("race", 0), l)
+            })
+            .collect(),
+    )
+    .await;
     let conflicts = fake.count("PUT", "/", Some(412));
     println!("azure: {conflicts} ETag conflicts resolved");
     assert!(
