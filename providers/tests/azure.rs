@@ -428,6 +428,11 @@ async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() 
         vec!["30080".to_string()],
         "the NSG rule shrinks with the ports"
     );
+    let udp_priority = nsg_rules(&fake)
+        .iter()
+        .find(|r| r.0 == "Udp")
+        .map(|r| r.3)
+        .expect("dns's UDP rule");
     p.remove_listener(&key("web", 0), 53, Protocol::Udp, "dns")
         .await
         .expect("dns udp");
@@ -435,6 +440,23 @@ async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() 
         !nsg_rules(&fake).iter().any(|r| r.0 == "Udp"),
         "the UDP NSG rule goes with the last UDP port"
     );
+    // the freed priority is the lowest free one: the next SharedLB's rule takes it
+    p.ensure_listener(
+        &key("web", 0),
+        &spec(7000, Protocol::Tcp, 30070, "next", &[]),
+    )
+    .await
+    .expect("next");
+    assert!(
+        nsg_rules(&fake)
+            .iter()
+            .any(|r| r.1 == vec!["30070".to_string()] && r.3 == udp_priority),
+        "priority {udp_priority} reclaimed: {:?}",
+        nsg_rules(&fake)
+    );
+    p.remove_listener(&key("web", 0), 7000, Protocol::Tcp, "next")
+        .await
+        .expect("next removed");
     let probes = lb(&fake)["properties"]["probes"].to_string();
     assert!(
         !probes.contains("probe-kube-proxy"),
@@ -581,6 +603,30 @@ async fn throttling_errors_and_bad_settings_are_errors_by_meaning() {
         puts[n - 1].at.duration_since(puts[n - 2].at) >= Duration::from_millis(950),
         "Retry-After was honoured"
     );
+
+    // a conflict with an operation in progress is an error to retry, not a refusal
+    fake.fail_next(
+        "PUT",
+        "/loadbalancers/",
+        409,
+        "AnotherOperationInProgress",
+        None,
+    );
+    let e = p
+        .ensure_listener(&key("err", 0), &spec(83, Protocol::Tcp, 30083, "o", &[]))
+        .await
+        .expect_err("conflict");
+    assert!(
+        matches!(e, ProviderError::Other(ref m) if m.contains("AnotherOperationInProgress")),
+        "{e:?}"
+    );
+    assert!(e.retry_after().is_some(), "retried");
+    p.ensure_listener(&key("err", 0), &spec(83, Protocol::Tcp, 30083, "o", &[]))
+        .await
+        .expect("the retry succeeds");
+    p.remove_listener(&key("err", 0), 83, Protocol::Tcp, "o")
+        .await
+        .expect("removed");
 
     // a limit Azure reports is a quota error with Azure's words; the document is unchanged
     fake.fail_next(
