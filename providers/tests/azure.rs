@@ -485,9 +485,26 @@ async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() 
         ]
     );
 
+    // an NSG rule left behind by a crash between the load balancer write and the NSG write
+    let mut nsg = fake.get(&nsg_id()).expect("nsg");
+    let lb_name = p.load_balancer_id().rsplit('/').next().unwrap_or_default();
+    let prefix = lb_name.trim_end_matches("lb").to_string();
+    nsg["properties"]["securityRules"]
+        .as_array_mut()
+        .expect("rules")
+        .push(json!({"name": format!("{prefix}gone-uid-tcp"), "properties": {"protocol": "Tcp",
+            "sourcePortRange": "*", "destinationPortRanges": ["31999"], "sourceAddressPrefixes": ["Internet"],
+            "destinationAddressPrefix": "*", "access": "Allow", "priority": 4000, "direction": "Inbound"}}));
+    fake.plant(&nsg_id(), nsg);
     p.delete_load_balancer(&key("web", 0))
         .await
         .expect("delete 0");
+    assert!(
+        !nsg_rules(&fake)
+            .iter()
+            .any(|r| r.1 == vec!["31999".to_string()]),
+        "an orphaned NSG rule goes when a load balancer of its pool goes"
+    );
     assert_eq!(fake.resources("publicIPAddresses").len(), 1);
     assert!(
         !nsg_rules(&fake)

@@ -794,6 +794,46 @@ impl AzureProvider {
             .await
     }
 
+    /// Shrinks or removes this pool's NSG rules to the node ports the load balancer (as last read or written)
+    /// still forwards to; never adds.
+    async fn prune_nsg(&self) -> Result<(), ProviderError> {
+        let last_lb = self.lb.last.clone();
+        let prefix = self.prefix.clone();
+        let edit = move |nsg: &mut NetworkSecurityGroup| {
+            let mut live: BTreeMap<(String, &'static str), BTreeSet<String>> = BTreeMap::new();
+            if let Some(lb) = last_lb.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                for r in &lb.properties.rules {
+                    if let Some((_, _, p, owner)) = parse_rule_name(&r.name) {
+                        live.entry((owner, arm_protocol(p)))
+                            .or_default()
+                            .insert(r.properties.backend_port.to_string());
+                    }
+                }
+            }
+            nsg.properties.security_rules.retain_mut(|r| {
+                let Some((uid, proto)) = r
+                    .name
+                    .strip_prefix(&prefix)
+                    .and_then(|rest| rest.rsplit_once('-'))
+                else {
+                    return true;
+                };
+                let key = (uid.to_string(), if proto == "udp" { "Udp" } else { "Tcp" });
+                let Some(ports) = live.get(&key) else {
+                    return false;
+                };
+                r.properties
+                    .destination_port_ranges
+                    .retain(|p| ports.contains(p));
+                !r.properties.destination_port_ranges.is_empty()
+            });
+            Ok(())
+        };
+        self.nsg
+            .edit(&self.arm, self.window, None, Ok(()), Box::new(edit))
+            .await
+    }
+
     async fn public_ip(&self, index: u32) -> Result<Option<PublicIpAddress>, ProviderError> {
         self.arm
             .get("PublicIPAddresses.Get", &self.ip_path(index))
@@ -1115,6 +1155,8 @@ impl LoadBalancerProvider for AzureProvider {
                 self.lb.remember(None);
             }
         }
+        // NSG rules whose load-balancing rules are gone (a crash between the two writes) go at the latest here
+        self.prune_nsg().await?;
         self.arm
             .delete("PublicIPAddresses.Delete", &self.ip_path(index))
             .await
