@@ -5,7 +5,8 @@
 //! ([`AzureFake::ca_pem`]), because Azure's bearer-token policy refuses plain HTTP: the client trusts that CA
 //! through its transport, and the real `azure_identity` client-secret flow gets its token from here.
 //!
-//! Semantics kept from ARM: every request needs `api-version` and a bearer token this fake issued; every document
+//! A load balancer's backend pool can also be written on its own (`.../backendAddressPools/<name>`), as Azure
+//! wants for IP-based pools. Semantics kept from ARM: every request needs `api-version` and a bearer token this fake issued; every document
 //! has an ETag, and a PUT with a stale `If-Match` (or `If-None-Match: *` on an existing one) fails with 412; PUTs
 //! answer with `Azure-AsyncOperation`, DELETEs with 202 + `Location`, and both operations are still running at the
 //! first poll; errors are ARM's `{"error": {"code", "message"}}`. Checked on a load balancer: references between
@@ -383,6 +384,9 @@ fn serve(
             ),
         },
         (Method::PUT, 8) => put(&mut st, addr, &kind, uri.path(), &id, headers, body),
+        (Method::PUT, 10) if kind == "loadbalancers" && segments[8] == "backendaddresspools" => {
+            put_backend_pool(&mut st, addr, uri.path(), body)
+        }
         (Method::DELETE, 8) => delete(&mut st, addr, &kind, &id),
         _ => arm_error(405, "MethodNotAllowed", format!("{method} {path}")),
     }
@@ -777,6 +781,58 @@ fn put(
     json_response(
         status,
         &doc,
+        vec![("azure-asyncoperation", op), ("retry-after", "0".into())],
+    )
+}
+
+/// PUT `<load balancer>/backendAddressPools/<name>`: the pool is replaced inside its load balancer, which gets
+/// a new ETag.
+fn put_backend_pool(st: &mut State, addr: SocketAddr, raw_path: &str, body: &Bytes) -> Response {
+    let Ok(mut pool) = serde_json::from_slice::<Value>(body) else {
+        return arm_error(400, "InvalidRequestFormat", "the body is not JSON");
+    };
+    let raw_path = raw_path.trim_end_matches('/');
+    let lb_display = raw_path
+        .rsplitn(3, '/')
+        .nth(2)
+        .unwrap_or_default()
+        .to_string();
+    let lb_id = lb_display.to_lowercase();
+    let Some(mut doc) = st.resources.get(&lb_id).cloned() else {
+        return arm_error(
+            404,
+            "ResourceNotFound",
+            format!("The Resource '{lb_display}' was not found."),
+        );
+    };
+    let name = raw_path.rsplit('/').next().unwrap_or_default().to_string();
+    pool["name"] = json!(name);
+    pool["id"] = json!(raw_path);
+    let pools = doc["properties"]["backendAddressPools"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut pools: Vec<Value> = pools
+        .into_iter()
+        .filter(|p| {
+            !p["name"]
+                .as_str()
+                .is_some_and(|n| n.eq_ignore_ascii_case(&name))
+        })
+        .collect();
+    pools.push(pool.clone());
+    doc["properties"]["backendAddressPools"] = json!(pools);
+    if let Err((code, message)) = check_load_balancer(st, &lb_id, &doc) {
+        return arm_error(400, &code, message);
+    }
+    st.next += 1;
+    let n = st.next;
+    doc["etag"] = json!(format!("W/\"{n}\""));
+    st.resources.insert(lb_id.clone(), doc);
+    let op = new_operation(st, addr, &lb_id, None).replace("OPERATIONKIND", "operations");
+    json_response(
+        StatusCode::OK,
+        &pool,
         vec![("azure-asyncoperation", op), ("retry-after", "0".into())],
     )
 }

@@ -320,6 +320,11 @@ async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() 
         "only the Azure node: {backends}"
     );
     assert_eq!(backends[0]["properties"]["ipAddress"], "10.224.0.4");
+    assert_eq!(
+        fake.count("PUT", "/backendaddresspools/nodes", Some(200)),
+        1,
+        "the addresses are written through the backend pool, once"
+    );
     assert_eq!(doc["tags"]["sharedlb.dev/pool"], "web");
 
     let open = vec!["Internet".to_string(), "AzureLoadBalancer".to_string()];

@@ -645,9 +645,9 @@ impl AzureProvider {
         );
     }
 
-    /// The load balancer as first written: Standard SKU, tagged, the backend pool with the nodes known so far.
+    /// The load balancer as first written: Standard SKU, tagged, an empty backend pool (its addresses are
+    /// written through the backend pool itself, see `sync_backends`).
     fn fresh_lb(&self) -> LoadBalancer {
-        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Resource {
             id: None,
             name: None,
@@ -659,13 +659,7 @@ impl AzureProvider {
                 tier: Some("Regional".into()),
             }),
             properties: LoadBalancerProperties {
-                backend_pools: vec![Child::new(
-                    BACKEND_POOL,
-                    BackendPoolProperties {
-                        addresses: nodes,
-                        other: Map::new(),
-                    },
-                )],
+                backend_pools: vec![Child::new(BACKEND_POOL, BackendPoolProperties::default())],
                 ..LoadBalancerProperties::default()
             },
             other: Map::new(),
@@ -792,6 +786,55 @@ impl AzureProvider {
         self.nsg
             .edit(&self.arm, self.window, None, if_missing, Box::new(edit))
             .await
+    }
+
+    /// Makes the backend pool hold exactly the nodes last given, through the backend pool's own resource (how
+    /// Azure updates IP-based pools): one GET of the load balancer, and one PUT when they differ. In the load
+    /// balancer's write turn; its next batched write reads the result.
+    async fn sync_backends(&self) -> Result<(), ProviderError> {
+        let _turn = self.lb.turn.lock().await;
+        let Some(doc) = self.lb.read(&self.arm).await? else {
+            return Ok(());
+        };
+        let wanted = self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let existing = doc
+            .properties
+            .backend_pools
+            .iter()
+            .find(|b| b.name == BACKEND_POOL);
+        let mut have: Vec<(&str, Option<&str>)> = existing
+            .map(|p| {
+                p.properties
+                    .addresses
+                    .iter()
+                    .map(|a| (a.name.as_str(), a.properties.ip_address.as_deref()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        have.sort();
+        let want: Vec<(&str, Option<&str>)> = wanted
+            .iter()
+            .map(|a| (a.name.as_str(), a.properties.ip_address.as_deref()))
+            .collect();
+        if existing.is_some() && have == want {
+            return Ok(());
+        }
+        let mut pool = existing
+            .cloned()
+            .unwrap_or_else(|| Child::new(BACKEND_POOL, BackendPoolProperties::default()));
+        pool.properties.addresses = wanted;
+        let put = self
+            .arm
+            .put(
+                "LoadBalancerBackendAddressPools.CreateOrUpdate",
+                &format!("{}/backendAddressPools/{BACKEND_POOL}", self.lb_id),
+                &pool,
+                Precondition::None,
+            )
+            .await;
+        // what this process holds of the document is stale now
+        let _ = self.lb.read(&self.arm).await;
+        put
     }
 
     /// Shrinks or removes this pool's NSG rules to the node ports the load balancer (as last read or written)
@@ -1001,6 +1044,8 @@ impl LoadBalancerProvider for AzureProvider {
             Ok(())
         })
         .await?;
+        // a load balancer made just now gets the nodes' addresses
+        self.sync_backends().await?;
         Ok(info)
     }
 
@@ -1221,35 +1266,8 @@ impl LoadBalancerProvider for AzureProvider {
             })
             .collect();
         backends.sort_by(|a, b| a.name.cmp(&b.name));
-        *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = backends.clone();
-        self.edit_lb(false, Ok(()), move |doc| {
-            let pool = match doc
-                .properties
-                .backend_pools
-                .iter_mut()
-                .find(|b| b.name == BACKEND_POOL)
-            {
-                Some(p) => p,
-                None => {
-                    doc.properties
-                        .backend_pools
-                        .push(Child::new(BACKEND_POOL, BackendPoolProperties::default()));
-                    let last = doc.properties.backend_pools.len() - 1;
-                    &mut doc.properties.backend_pools[last]
-                }
-            };
-            let mut have = pool.properties.addresses.clone();
-            have.sort_by(|a, b| a.name.cmp(&b.name));
-            let same = have.len() == backends.len()
-                && have.iter().zip(&backends).all(|(h, w)| {
-                    h.name == w.name && h.properties.ip_address == w.properties.ip_address
-                });
-            if !same {
-                pool.properties.addresses = backends.clone();
-            }
-            Ok(())
-        })
-        .await
+        *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = backends;
+        self.sync_backends().await
     }
 }
 
