@@ -247,6 +247,22 @@ pub async fn add_ready_node_at(
     .expect("node status");
 }
 
+/// The `sharedlb` binary next to the test binaries (`scripts/test` builds it).
+pub fn sharedlb_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test path");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("sharedlb");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bin sharedlb` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
 /// Deletes these Nodes (made by `add_ready_node`); ones already gone are fine.
 pub async fn delete_nodes(client: &Client, names: &[&str]) {
     let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());

@@ -551,13 +551,7 @@ async fn the_aws_pool_example_is_accepted_whole() {
 async fn no_credentials_is_the_pools_condition() {
     let _turn = SERIAL.lock().await;
     let client = client().await;
-    let exe = std::env::current_exe().expect("test path");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("sharedlb");
-    assert!(bin.exists(), "scripts/test builds {}", bin.display());
+    let bin = sharedlb_bin();
     let pool = format!("aws-nocreds-{}", fastrand::u32(..100_000));
     let log = std::env::temp_dir().join(format!("{pool}.log"));
     let mut child = tokio::process::Command::new(bin)

@@ -430,3 +430,67 @@ async fn bad_settings_and_an_exceeded_quota_are_conditions_with_azures_words_and
     nothing_left(&fake, &pool);
     op.kill().await;
 }
+
+/// A real `sharedlb run` process configured as a pod would be: `SHAREDLB_AZURE_ENDPOINT`,
+/// `SHAREDLB_AZURE_CA_FILE` and a service principal in `AZURE_TENANT_ID`/`AZURE_CLIENT_ID`/`AZURE_CLIENT_SECRET`
+/// with `AZURE_AUTHORITY_HOST` (here all pointing at the fake): a SharedLB becomes Ready on the fake's public IP,
+/// and deleting it and the pool leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_sharedlb_process_takes_its_azure_access_from_the_environment() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let fake = azure_fake().await;
+    add_node(&client, "az-p1", "10.224.0.7").await;
+    let ca = std::env::temp_dir().join(format!("azure-fake-ca-{}.pem", fastrand::u32(..)));
+    std::fs::write(&ca, fake.ca_pem()).expect("CA file");
+    let log = ca.with_extension("log");
+    let mut child = tokio::process::Command::new(sharedlb_bin())
+        .args(["run", "--cluster-id", "e2e"])
+        .env("SHAREDLB_AZURE_ENDPOINT", fake.endpoint())
+        .env("SHAREDLB_AZURE_CA_FILE", &ca)
+        .env("AZURE_AUTHORITY_HOST", fake.endpoint())
+        .env("AZURE_TENANT_ID", "tenant")
+        .env("AZURE_CLIENT_ID", "sharedlb")
+        .env("AZURE_CLIENT_SECRET", CLIENT_SECRET)
+        .env_remove("AZURE_FEDERATED_TOKEN_FILE")
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start sharedlb");
+    let ns = namespace(&client, "azure-bin", &[]).await;
+    let pool = azure_pool(&client, json!({}), json!({})).await;
+    create_slb(
+        &client,
+        &ns,
+        "web",
+        json!({"pool": pool, "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+    )
+    .await;
+    let web = ready(&client, &ns, "web", 120).await;
+    let ips: Vec<String> = fake
+        .resources("publicIPAddresses")
+        .iter()
+        .filter(|ip| ip["tags"]["sharedlb.dev/pool"] == pool.as_str())
+        .filter_map(|ip| ip["properties"]["ipAddress"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        ips,
+        vec![ip_of(&web)],
+        "the status shows the fake's public IP"
+    );
+    assert_eq!(rule_shape(&fake, &pool).len(), 1);
+    assert!(
+        fake.count("POST", "/oauth2/v2.0/token", Some(200)) >= 1,
+        "the process got its token from the authority host in its environment"
+    );
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, &pool).await;
+    nothing_left(&fake, &pool);
+    assert!(child.try_wait().expect("status").is_none(), "still running");
+    let _ = child.kill().await;
+    delete_nodes(&client, &["az-p1"]).await;
+    let _ = std::fs::remove_file(&ca);
+    let _ = std::fs::remove_file(&log);
+}

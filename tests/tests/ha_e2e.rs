@@ -3,7 +3,6 @@
 //! no duplicate load balancer or port. Metrics are scraped from /metrics as a user's Prometheus would.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::process::Stdio;
 
 use kube::Api;
@@ -12,22 +11,6 @@ use sharedlb_crds::SharedLB;
 use sharedlb_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
-
-/// The `sharedlb` binary next to this test's directory (scripts/test builds it first).
-fn sharedlb_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test path");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .join("sharedlb");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --bin sharedlb` (scripts/test does)",
-        bin.display()
-    );
-    bin
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
