@@ -22,6 +22,7 @@ use google_cloud_compute_v1::client::{
     Addresses, Firewalls, ForwardingRules, HttpHealthChecks, TargetPools,
 };
 use google_cloud_compute_v1::model;
+use google_cloud_gax::paginator::Paginator as _;
 use google_cloud_lro::Poller;
 
 use crate::{
@@ -437,18 +438,15 @@ impl GcpProvider {
     /// no listeners filled in.
     async fn our_addresses(&self) -> Result<BTreeMap<u32, InventoryLoadBalancer>, ProviderError> {
         let mut lbs: BTreeMap<u32, InventoryLoadBalancer> = BTreeMap::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .addresses
-                .list()
-                .set_project(self.p())
-                .set_region(self.r())
-                .set_filter(format!("name eq \"{}.*\"", self.prefix))
-                .set_or_clear_page_token(token.clone())
-                .send()
-                .await
-                .map_err(|e| classify("addresses.list", e))?;
+        let mut pages = self
+            .addresses
+            .list()
+            .set_project(self.p())
+            .set_region(self.r())
+            .set_filter(format!("name eq \"{}.*\"", self.prefix))
+            .by_page();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("addresses.list", e))?;
             self.count("addresses.list");
             for a in page.items {
                 if !self.ours(&a.labels) {
@@ -474,10 +472,6 @@ impl GcpProvider {
                     },
                 );
             }
-            token = page.next_page_token.filter(|t| !t.is_empty());
-            if token.is_none() {
-                break;
-            }
         }
         Ok(lbs)
     }
@@ -485,29 +479,23 @@ impl GcpProvider {
     /// The pool's forwarding rules (by name prefix), all load balancers.
     async fn all_rules(&self) -> Result<Vec<model::ForwardingRule>, ProviderError> {
         let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .rules
-                .list()
-                .set_project(self.p())
-                .set_region(self.r())
-                .set_filter(format!("name eq \"{}.*\"", self.prefix))
-                .set_or_clear_page_token(token.clone())
-                .send()
-                .await
-                .map_err(|e| classify("forwardingRules.list", e))?;
+        let mut pages = self
+            .rules
+            .list()
+            .set_project(self.p())
+            .set_region(self.r())
+            .set_filter(format!("name eq \"{}.*\"", self.prefix))
+            .by_page();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("forwardingRules.list", e))?;
             self.count("forwardingRules.list");
             out.extend(page.items.into_iter().filter(|r| {
                 r.name
                     .as_deref()
                     .is_some_and(|n| n.starts_with(&self.prefix))
             }));
-            token = page.next_page_token.filter(|t| !t.is_empty());
-            if token.is_none() {
-                return Ok(out);
-            }
         }
+        Ok(out)
     }
 
     async fn delete_rule(&self, name: &str) -> Result<(), ProviderError> {
