@@ -34,19 +34,31 @@ fn listener_on(
     listener(port, protocol, node_port_on(p, port, node_port), uid)
 }
 
-fn listener(port: u16, protocol: Protocol, node_port: u16, uid: &str) -> ListenerSpec {
+/// A listener for tests: `port`/`protocol` forwarding to `node_port`, owned by `uid` (namespace `ns`, name `uid`),
+/// open to `ranges` (none: to everyone).
+pub fn listener_spec(
+    port: u16,
+    protocol: Protocol,
+    node_port: u16,
+    uid: &str,
+    ranges: &[&str],
+) -> ListenerSpec {
     ListenerSpec {
         port,
         protocol,
         node_port,
         owner: Owner {
             uid: uid.into(),
-            namespace: "team-a".into(),
-            name: format!("svc-{uid}"),
+            namespace: "ns".into(),
+            name: uid.into(),
         },
-        source_ranges: vec!["203.0.113.0/24".into()],
+        source_ranges: ranges.iter().map(|r| r.to_string()).collect(),
         backends: vec![],
     }
+}
+
+fn listener(port: u16, protocol: Protocol, node_port: u16, uid: &str) -> ListenerSpec {
+    listener_spec(port, protocol, node_port, uid, &["203.0.113.0/24"])
 }
 
 /// Runs every check. `make(pool)` returns a provider for that pool on the same (initially empty) account.

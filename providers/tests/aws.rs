@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use sharedlb_providers::aws::{AwsPool, AwsProvider, instance_id};
+use sharedlb_providers::conformance::listener_spec as spec;
 use sharedlb_providers::{
-    ListenerSpec, LoadBalancerKey, LoadBalancerProvider, NodeTarget, Owner, Protocol, ProviderError,
+    LoadBalancerKey, LoadBalancerProvider, NodeTarget, Protocol, ProviderError,
 };
 
 async fn ec2() -> aws_sdk_ec2::Client {
@@ -110,18 +111,7 @@ async fn listeners_target_groups_and_firewall_are_exactly_what_the_port_needs() 
         "{info:?}"
     );
     assert!(info.hostname.is_some());
-    let l = ListenerSpec {
-        port: 4000,
-        protocol: Protocol::Udp,
-        node_port: 31000,
-        owner: Owner {
-            uid: "u1".into(),
-            namespace: "ns".into(),
-            name: "dns".into(),
-        },
-        source_ranges: vec!["203.0.113.0/24".into()],
-        backends: vec![],
-    };
+    let l = spec(4000, Protocol::Udp, 31000, "u1", &["203.0.113.0/24"]);
     p.ensure_listener(&key, &l).await.expect("listener");
 
     let ec2 = ec2().await;
@@ -406,27 +396,6 @@ async fn listeners(
         .collect();
     out.sort();
     out
-}
-
-fn spec(
-    port: u16,
-    protocol: Protocol,
-    node_port: u16,
-    owner: &str,
-    ranges: &[&str],
-) -> ListenerSpec {
-    ListenerSpec {
-        port,
-        protocol,
-        node_port,
-        owner: Owner {
-            uid: owner.into(),
-            namespace: "ns".into(),
-            name: owner.into(),
-        },
-        source_ranges: ranges.iter().map(|r| r.to_string()).collect(),
-        backends: vec![],
-    }
 }
 
 fn mutating(p: &AwsProvider) -> BTreeMap<String, u64> {

@@ -13,8 +13,9 @@ use sharedlb_fakes::azure::{AzureFake, CLIENT_SECRET};
 use sharedlb_providers::azure::{
     AzureAuth, AzurePool, AzureProvider, credential, transport_trusting,
 };
+use sharedlb_providers::conformance::listener_spec as spec;
 use sharedlb_providers::{
-    ListenerSpec, LoadBalancerKey, LoadBalancerProvider, NodeTarget, Owner, Protocol, ProviderError,
+    ListenerSpec, LoadBalancerKey, LoadBalancerProvider, NodeTarget, Protocol, ProviderError,
 };
 
 const NET: &str = "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Network";
@@ -81,27 +82,6 @@ fn key(pool: &str, index: u32) -> LoadBalancerKey {
         cluster_id: "c1".into(),
         pool: pool.into(),
         index,
-    }
-}
-
-fn spec(
-    port: u16,
-    protocol: Protocol,
-    node_port: u16,
-    owner: &str,
-    ranges: &[&str],
-) -> ListenerSpec {
-    ListenerSpec {
-        port,
-        protocol,
-        node_port,
-        owner: Owner {
-            uid: owner.into(),
-            namespace: "ns".into(),
-            name: owner.into(),
-        },
-        source_ranges: ranges.iter().map(|r| r.to_string()).collect(),
-        backends: vec![],
     }
 }
 

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sharedlb_fakes::gcp::GcpFake;
+use sharedlb_providers::conformance::listener_spec;
 use sharedlb_providers::gcp::{GcpPool, GcpProvider, instance_path};
 use sharedlb_providers::{
-    ListenerSpec, LoadBalancerKey, LoadBalancerProvider, NodeTarget, Owner, PortMode, Protocol,
+    ListenerSpec, LoadBalancerKey, LoadBalancerProvider, NodeTarget, PortMode, Protocol,
     ProviderError,
 };
 
@@ -35,19 +36,9 @@ fn key(pool: &str, index: u32) -> LoadBalancerKey {
     }
 }
 
+/// Passthrough: the node port is the external port.
 fn spec(port: u16, protocol: Protocol, owner: &str, ranges: &[&str]) -> ListenerSpec {
-    ListenerSpec {
-        port,
-        protocol,
-        node_port: port,
-        owner: Owner {
-            uid: owner.into(),
-            namespace: "ns".into(),
-            name: owner.into(),
-        },
-        source_ranges: ranges.iter().map(|r| r.to_string()).collect(),
-        backends: vec![],
-    }
+    listener_spec(port, protocol, port, owner, ranges)
 }
 
 fn names(v: &[Value]) -> Vec<String> {

@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use sharedlb_providers::conformance::listener_spec;
 use sharedlb_providers::local::{LocalProvider, Tuning};
 use sharedlb_providers::{
-    ListenerSpec, LoadBalancerKey, LoadBalancerProvider, Owner, Protocol, ProviderError,
+    ListenerSpec, LoadBalancerKey, LoadBalancerProvider, Protocol, ProviderError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -29,16 +30,8 @@ fn key(i: u32) -> LoadBalancerKey {
 
 fn spec(port: u16, protocol: Protocol, owner: &str, backends: Vec<SocketAddr>) -> ListenerSpec {
     ListenerSpec {
-        port,
-        protocol,
-        node_port: 30000,
-        owner: Owner {
-            uid: owner.into(),
-            namespace: "ns".into(),
-            name: owner.into(),
-        },
-        source_ranges: vec![],
         backends,
+        ..listener_spec(port, protocol, 30000, owner, &[])
     }
 }
 
