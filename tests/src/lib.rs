@@ -286,6 +286,28 @@ pub async fn pool_not_ready(client: &Client, pool: &str) -> (String, String) {
     .await
 }
 
+/// Waits up to `secs` until an Event with `reason` is recorded for the object `ns/name`.
+pub async fn event_recorded(client: &Client, ns: &str, name: &str, reason: &str, secs: u64) {
+    eventually(secs, &format!("{ns}/{name}: an Event {reason}"), || async {
+        event_reasons(client, ns, name)
+            .await
+            .iter()
+            .any(|r| r == reason)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Waits until the SharedLB reports Programmed=False; returns (reason, message).
+pub async fn not_programmed(client: &Client, ns: &str, name: &str) -> (String, String) {
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), ns);
+    eventually(60, &format!("{ns}/{name} Programmed=False"), || async {
+        let (st, r, m) = condition(&api.get(name).await.ok()?, "Programmed")?;
+        (st == "False").then_some((r, m))
+    })
+    .await
+}
+
 /// Event reasons recorded for an object.
 pub async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
     let api: Api<KubeEvent> = Api::namespaced(client.clone(), ns);

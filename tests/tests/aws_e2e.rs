@@ -225,13 +225,7 @@ async fn a_missing_subnet_is_a_condition_with_the_aws_message_and_nothing_half_m
     // and so does the SharedLB, with an Event
     let msg = refused(&client, &ns, "x", "PoolNotReady").await;
     assert!(msg.contains("subnet"), "{msg}");
-    eventually(10, "an Event with the reason", || async {
-        event_reasons(&client, &ns, "x")
-            .await
-            .contains(&"PoolNotReady".to_string())
-            .then_some(())
-    })
-    .await;
+    event_recorded(&client, &ns, "x", "PoolNotReady", 10).await;
     let (nlbs, _) = cloud_of("e2e", Some(&pool)).await;
     assert!(nlbs.is_empty(), "nothing half-made: {nlbs:?}");
     delete_namespace(&client, &ns).await;
@@ -465,13 +459,7 @@ async fn tcp_udp_and_both_get_exact_listeners_and_rules_within_the_rule_budget()
     .await;
     let msg = refused(&client, &ns, "sixth", "PoolPortBudgetExhausted").await;
     assert!(msg.contains("budget of 5"), "{msg}");
-    eventually(10, "an Event says so", || async {
-        event_reasons(&client, &ns, "sixth")
-            .await
-            .contains(&"PoolPortBudgetExhausted".to_string())
-            .then_some(())
-    })
-    .await;
+    event_recorded(&client, &ns, "sixth", "PoolPortBudgetExhausted", 10).await;
 
     // dropping UDP from port 53 splits the listener and takes the UDP rule away
     api.patch(

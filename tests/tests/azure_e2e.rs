@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use kube::{Api, Client};
+use kube::Client;
 use serde_json::{Value, json};
 use sharedlb::{AzureAccess, BuiltinProviders, Settings};
 use sharedlb_e2e::*;
@@ -397,24 +397,13 @@ async fn bad_settings_and_an_exceeded_quota_are_conditions_with_azures_words_and
         json!({"pool": pool, "selector": {"app": "x"}, "ports": [{"name": "p", "targetPort": 80}]}),
     )
     .await;
-    let api: Api<sharedlb_crds::SharedLB> = Api::namespaced(client.clone(), &ns);
-    let (reason, msg) = eventually(60, "a cloud condition", || async {
-        let (st, r, m) = condition(&api.get("x").await.ok()?, "Programmed")?;
-        (st == "False").then_some((r, m))
-    })
-    .await;
+    let (reason, msg) = not_programmed(&client, &ns, "x").await;
     assert_eq!(reason, "CloudQuotaExceeded", "{msg}");
     assert!(
         msg.contains("PublicIPCountLimitReached"),
         "Azure's words reach the user: {msg}"
     );
-    eventually(10, "an Event with the reason", || async {
-        event_reasons(&client, &ns, "x")
-            .await
-            .contains(&reason)
-            .then_some(())
-    })
-    .await;
+    event_recorded(&client, &ns, "x", &reason, 10).await;
     assert!(
         fake.resources("loadBalancers").is_empty(),
         "no load balancer without its public IP"

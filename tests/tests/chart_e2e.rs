@@ -237,13 +237,7 @@ async fn the_operator_runs_with_only_the_charts_rbac() {
     })
     .await;
     assert_eq!(reply, "rbac:r");
-    eventually(20, "the Programmed Event", || async {
-        event_reasons(&admin, &ns, "web")
-            .await
-            .contains(&"Programmed".to_string())
-            .then_some(())
-    })
-    .await;
+    event_recorded(&admin, &ns, "web", "Programmed", 20).await;
     let pools = Api::<sharedlb_crds::LoadBalancerPool>::all(admin.clone());
     eventually(20, "pool status written", || async {
         (pools.get(&pool_name).await.ok()?.status?.totals.ports_used == 1).then_some(())

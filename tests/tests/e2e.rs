@@ -172,13 +172,7 @@ async fn fixed_ports_are_honoured_and_a_clash_is_refused_until_the_pool_may_grow
         condition(&b, "Allocated").map(|c| c.0),
         Some("False".into())
     );
-    eventually(10, "PortInUse Event", || async {
-        event_reasons(&client, &ns, "b")
-            .await
-            .contains(&"PortInUse".to_string())
-            .then_some(())
-    })
-    .await;
+    event_recorded(&client, &ns, "b", "PortInUse", 10).await;
     assert_eq!(
         cloud_pool(&cloud, "fixed").len(),
         1,
@@ -547,13 +541,7 @@ async fn every_invalid_input_gets_its_condition_and_event_and_no_cloud_call() {
     for (name, _, reason) in &cases {
         let msg = refused(&client, &ns, name, reason).await;
         assert!(!msg.is_empty(), "{name}: a message for a person");
-        eventually(10, &format!("{name}: Event {reason}"), || async {
-            event_reasons(&client, &ns, name)
-                .await
-                .contains(&reason.to_string())
-                .then_some(())
-        })
-        .await;
+        event_recorded(&client, &ns, name, reason, 10).await;
     }
     assert!(
         cloud.load_balancers().is_empty(),

@@ -229,13 +229,7 @@ async fn a_node_port_held_by_another_service_makes_the_sharedlb_move_before_it_s
         (31501, Some(31501)),
         "placed again on the next free port, external = node port"
     );
-    eventually(10, "an Event says why", || async {
-        event_reasons(&client, &ns, "game")
-            .await
-            .contains(&"NodePortTaken".to_string())
-            .then_some(())
-    })
-    .await;
+    event_recorded(&client, &ns, "game", "NodePortTaken", 10).await;
     let held = services.get("someone-else").await.expect("still there");
     assert_eq!(
         held.spec.and_then(|s| s.ports).unwrap_or_default()[0].node_port,
@@ -278,24 +272,13 @@ async fn an_exceeded_quota_is_a_condition_with_googles_message_and_nothing_half_
         "ports": [{"name": "p", "targetPort": 80}]}),
     )
     .await;
-    let api: Api<sharedlb_crds::SharedLB> = Api::namespaced(client.clone(), &ns);
-    let (reason, msg) = eventually(60, "a cloud condition", || async {
-        let (st, r, m) = condition(&api.get("x").await.ok()?, "Programmed")?;
-        (st == "False").then_some((r, m))
-    })
-    .await;
+    let (reason, msg) = not_programmed(&client, &ns, "x").await;
     assert_eq!(reason, "CloudQuotaExceeded", "{msg}");
     assert!(
         msg.contains("Quota 'ADDRESSES' exceeded"),
         "Google's words reach the user: {msg}"
     );
-    eventually(10, "an Event with the reason", || async {
-        event_reasons(&client, &ns, "x")
-            .await
-            .contains(&reason)
-            .then_some(())
-    })
-    .await;
+    event_recorded(&client, &ns, "x", &reason, 10).await;
     for kind in [
         "addresses",
         "forwardingRules",

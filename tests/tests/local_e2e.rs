@@ -270,13 +270,7 @@ async fn a_port_taken_by_another_process_is_a_condition_and_recovers() {
     .await;
     let msg = refused(&client, &ns, "fixed", "CloudAlreadyExists").await;
     assert!(msg.contains("127.0.7.10:4321"), "{msg}");
-    eventually(10, "an Event for the bind failure", || async {
-        event_reasons(&client, &ns, "fixed")
-            .await
-            .contains(&"CloudAlreadyExists".to_string())
-            .then_some(())
-    })
-    .await;
+    event_recorded(&client, &ns, "fixed", "CloudAlreadyExists", 10).await;
     drop(squatter);
     let backend = echo::tcp("f", 0).await.expect("backend");
     put_endpoints(&client, &ns, "fixed", "tcp", "TCP", &[backend]).await;
