@@ -16,6 +16,7 @@ use sharedlb_providers::azure::{
 use sharedlb_providers::conformance::listener_spec as spec;
 use sharedlb_providers::{
     ListenerSpec, LoadBalancerKey, LoadBalancerProvider, NodeTarget, Protocol, ProviderError,
+    cloud_name_prefix,
 };
 
 const NET: &str = "/subscriptions/sub/resourceGroups/rg/providers/Microsoft.Network";
@@ -472,8 +473,7 @@ async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() 
 
     // an NSG rule left behind by a crash between the load balancer write and the NSG write
     let mut nsg = fake.get(&nsg_id()).expect("nsg");
-    let lb_name = p.load_balancer_id().rsplit('/').next().unwrap_or_default();
-    let prefix = lb_name.trim_end_matches("lb").to_string();
+    let prefix = cloud_name_prefix("c1", "web");
     nsg["properties"]["securityRules"]
         .as_array_mut()
         .expect("rules")
@@ -685,7 +685,7 @@ async fn throttling_errors_and_bad_settings_are_errors_by_meaning() {
     fake.plant(
         &format!(
             "{NET}/publicIPAddresses/{}ip-7",
-            p.load_balancer_id().rsplit('/').next().unwrap_or_default().trim_end_matches("lb")
+            cloud_name_prefix("c1", "err")
         ),
         json!({"location": "westeurope", "tags": {"owner": "someone"}, "properties": {"ipAddress": "20.0.0.7"}}),
     );

@@ -586,10 +586,6 @@ impl AzureProvider {
         )
     }
 
-    pub fn load_balancer_id(&self) -> &str {
-        &self.lb_id
-    }
-
     fn tags(&self, index: Option<u32>) -> BTreeMap<String, String> {
         let mut t = BTreeMap::from([
             (tags::MANAGED_BY.to_string(), "sharedlb".to_string()),
