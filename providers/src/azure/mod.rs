@@ -438,8 +438,40 @@ fn parse_rule_name(name: &str) -> Option<(u32, u16, Protocol, String)> {
     Some((index, port, protocol, it.next()?.to_string()))
 }
 
+/// The node ports the load balancer's rules forward to, by owner and protocol: what the NSG must allow.
+fn forwarded_node_ports(lb: Option<&LoadBalancer>) -> BTreeMap<(String, Protocol), BTreeSet<u16>> {
+    let mut out: BTreeMap<(String, Protocol), BTreeSet<u16>> = BTreeMap::new();
+    for r in lb
+        .map(|lb| lb.properties.rules.as_slice())
+        .unwrap_or_default()
+    {
+        if let Some((_, _, protocol, owner)) = parse_rule_name(&r.name) {
+            out.entry((owner, protocol))
+                .or_default()
+                .insert(r.properties.backend_port);
+        }
+    }
+    out
+}
+
 fn rule_prefix(index: u32, port: u16, protocol: Protocol) -> String {
     format!("r-{index}-{port}-{}-", proto_letter(protocol))
+}
+
+/// `<prefix><uid>-tcp|udp`: the NSG rule of one owner and protocol.
+fn nsg_rule_name(prefix: &str, uid: &str, protocol: Protocol) -> String {
+    format!("{prefix}{uid}-{}", arm_protocol(protocol).to_lowercase())
+}
+
+/// (owner uid, protocol) of an NSG rule named by `nsg_rule_name` with this prefix.
+fn parse_nsg_rule_name(prefix: &str, name: &str) -> Option<(String, Protocol)> {
+    let (uid, protocol) = name.strip_prefix(prefix)?.rsplit_once('-')?;
+    let protocol = match protocol {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        _ => return None,
+    };
+    Some((uid.to_string(), protocol))
 }
 
 fn frontend_name(index: u32) -> String {
@@ -621,11 +653,7 @@ impl AzureProvider {
     }
 
     fn nsg_rule_name(&self, uid: &str, protocol: Protocol) -> String {
-        format!(
-            "{}{uid}-{}",
-            self.prefix,
-            arm_protocol(protocol).to_lowercase()
-        )
+        nsg_rule_name(&self.prefix, uid, protocol)
     }
 
     fn count_foreign(&self, nsg: &NetworkSecurityGroup) {
@@ -697,23 +725,12 @@ impl AzureProvider {
         };
         let names = [Protocol::Tcp, Protocol::Udp].map(|p| (p, self.nsg_rule_name(&uid, p)));
         let edit = move |nsg: &mut NetworkSecurityGroup| {
-            let mut ports: BTreeMap<Protocol, BTreeSet<u16>> = BTreeMap::new();
-            if let Some(lb) = last_lb.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                for r in &lb.properties.rules {
-                    if let Some((_, _, p, owner)) = parse_rule_name(&r.name)
-                        && owner == uid
-                    {
-                        ports
-                            .entry(p)
-                            .or_default()
-                            .insert(r.properties.backend_port);
-                    }
-                }
-            }
+            let ports =
+                forwarded_node_ports(last_lb.lock().unwrap_or_else(|e| e.into_inner()).as_ref());
             for (protocol, name) in &names {
                 let rules = &mut nsg.properties.security_rules;
                 let at = rules.iter().position(|r| &r.name == name);
-                let wanted = ports.get(protocol).filter(|s| !s.is_empty());
+                let wanted = ports.get(&(uid.clone(), *protocol));
                 let Some(wanted) = wanted else {
                     if let Some(i) = at {
                         rules.remove(i);
@@ -839,31 +856,18 @@ impl AzureProvider {
         let last_lb = self.lb.last.clone();
         let prefix = self.prefix.clone();
         let edit = move |nsg: &mut NetworkSecurityGroup| {
-            let mut live: BTreeMap<(String, &'static str), BTreeSet<String>> = BTreeMap::new();
-            if let Some(lb) = last_lb.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                for r in &lb.properties.rules {
-                    if let Some((_, _, p, owner)) = parse_rule_name(&r.name) {
-                        live.entry((owner, arm_protocol(p)))
-                            .or_default()
-                            .insert(r.properties.backend_port.to_string());
-                    }
-                }
-            }
+            let live =
+                forwarded_node_ports(last_lb.lock().unwrap_or_else(|e| e.into_inner()).as_ref());
             nsg.properties.security_rules.retain_mut(|r| {
-                let Some((uid, proto)) = r
-                    .name
-                    .strip_prefix(&prefix)
-                    .and_then(|rest| rest.rsplit_once('-'))
-                else {
+                let Some(owner) = parse_nsg_rule_name(&prefix, &r.name) else {
                     return true;
                 };
-                let key = (uid.to_string(), if proto == "udp" { "Udp" } else { "Tcp" });
-                let Some(ports) = live.get(&key) else {
+                let Some(ports) = live.get(&owner) else {
                     return false;
                 };
                 r.properties
                     .destination_port_ranges
-                    .retain(|p| ports.contains(p));
+                    .retain(|p| p.parse().is_ok_and(|p| ports.contains(&p)));
                 !r.properties.destination_port_ranges.is_empty()
             });
             Ok(())
@@ -1282,6 +1286,18 @@ mod tests {
         );
         assert_eq!(parse_rule_name("fe-1"), None);
         assert_eq!(parse_rule_name("r-1-x-t-u"), None);
+    }
+
+    #[test]
+    fn nsg_rule_names_carry_owner_and_protocol() {
+        let name = nsg_rule_name("slb-1-", "a-b-c", Protocol::Udp);
+        assert_eq!(name, "slb-1-a-b-c-udp");
+        assert_eq!(
+            parse_nsg_rule_name("slb-1-", &name),
+            Some(("a-b-c".to_string(), Protocol::Udp))
+        );
+        assert_eq!(parse_nsg_rule_name("slb-2-", &name), None, "another pool's");
+        assert_eq!(parse_nsg_rule_name("slb-1-", "slb-1-x-icmp"), None);
     }
 
     #[test]
