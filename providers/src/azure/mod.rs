@@ -478,6 +478,14 @@ fn frontend_name(index: u32) -> String {
     format!("fe-{index}")
 }
 
+/// The frontend carries this public IP (ARM ids compare without case).
+fn frontend_uses(f: &Child<FrontendProperties>, ip_id: &str) -> bool {
+    f.properties
+        .public_ip
+        .as_ref()
+        .is_some_and(|p| p.id.eq_ignore_ascii_case(ip_id))
+}
+
 /// Probes no rule refers to are dropped.
 fn drop_unused_probes(lb: &mut LoadBalancer) {
     let used: BTreeSet<String> = lb
@@ -1010,26 +1018,26 @@ impl LoadBalancerProvider for AzureProvider {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .is_some_and(|doc| {
-                doc.properties.frontends.iter().any(|f| {
-                    f.name == name
-                        && f.properties.public_ip.as_ref().map(|p| p.id.to_lowercase())
-                            == Some(ip_id.to_lowercase())
-                })
+                doc.properties
+                    .frontends
+                    .iter()
+                    .any(|f| f.name == name && frontend_uses(f, &ip_id))
             });
         if known {
             return Ok(info);
         }
         self.edit_lb(true, Ok(()), move |doc| {
-            let fe = FrontendProperties {
-                public_ip: Some(SubResource { id: ip_id.clone() }),
-                other: Map::new(),
-            };
+            let public_ip = Some(SubResource { id: ip_id.clone() });
             match doc.properties.frontends.iter_mut().find(|f| f.name == name) {
-                Some(f)
-                    if f.properties.public_ip.as_ref().map(|p| p.id.as_str())
-                        == Some(ip_id.as_str()) => {}
-                Some(f) => f.properties.public_ip = fe.public_ip,
-                None => doc.properties.frontends.push(Child::new(name.clone(), fe)),
+                Some(f) if frontend_uses(f, &ip_id) => {}
+                Some(f) => f.properties.public_ip = public_ip,
+                None => doc.properties.frontends.push(Child::new(
+                    name.clone(),
+                    FrontendProperties {
+                        public_ip,
+                        other: Map::new(),
+                    },
+                )),
             }
             if !doc
                 .properties
