@@ -488,16 +488,18 @@ fn frontend_uses(f: &Child<FrontendProperties>, ip_id: &str) -> bool {
 
 /// Probes no rule refers to are dropped.
 fn drop_unused_probes(lb: &mut LoadBalancer) {
+    // a rule names its probe by id; the probe's name is the id's last segment
     let used: BTreeSet<String> = lb
         .properties
         .rules
         .iter()
-        .filter_map(|r| r.properties.probe.as_ref().map(|p| p.id.clone()))
+        .filter_map(|r| r.properties.probe.as_ref())
+        .filter_map(|p| p.id.rsplit('/').next())
+        .map(str::to_lowercase)
         .collect();
-    let lb_id = lb.id.clone().unwrap_or_default();
-    lb.properties.probes.retain(|p| {
-        used.contains(&format!("{lb_id}/probes/{}", p.name)) || !p.name.starts_with("probe-")
-    });
+    lb.properties
+        .probes
+        .retain(|p| !p.name.starts_with("probe-") || used.contains(&p.name.to_lowercase()));
 }
 
 /// One Azure account's view for one pool.
@@ -1127,9 +1129,6 @@ impl LoadBalancerProvider for AzureProvider {
                 }
                 None => doc.properties.rules.push(Child::new(name, props)),
             }
-            if doc.id.is_none() {
-                doc.id = Some(lb_id.clone());
-            }
             drop_unused_probes(doc);
             Ok(())
         })
@@ -1155,12 +1154,8 @@ impl LoadBalancerProvider for AzureProvider {
         owner_uid: &str,
     ) -> Result<(), ProviderError> {
         let name = format!("{}{owner_uid}", rule_prefix(lb.index, port, protocol));
-        let lb_id = self.lb_id.clone();
         self.edit_lb(false, Ok(()), move |doc| {
             doc.properties.rules.retain(|r| r.name != name);
-            if doc.id.is_none() {
-                doc.id = Some(lb_id.clone());
-            }
             drop_unused_probes(doc);
             Ok(())
         })
@@ -1173,7 +1168,6 @@ impl LoadBalancerProvider for AzureProvider {
         let owners = Arc::new(Mutex::new(BTreeSet::new()));
         let seen = owners.clone();
         let fe = frontend_name(index);
-        let lb_id = self.lb_id.clone();
         self.edit_lb(false, Ok(()), move |doc| {
             let mut gone = BTreeSet::new();
             doc.properties
@@ -1186,9 +1180,6 @@ impl LoadBalancerProvider for AzureProvider {
                     _ => true,
                 });
             doc.properties.frontends.retain(|f| f.name != fe);
-            if doc.id.is_none() {
-                doc.id = Some(lb_id.clone());
-            }
             drop_unused_probes(doc);
             *seen.lock().unwrap_or_else(|e| e.into_inner()) = gone;
             Ok(())
