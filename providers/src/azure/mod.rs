@@ -1165,30 +1165,19 @@ impl LoadBalancerProvider for AzureProvider {
 
     async fn delete_load_balancer(&self, lb: &LoadBalancerKey) -> Result<(), ProviderError> {
         let index = lb.index;
-        let owners = Arc::new(Mutex::new(BTreeSet::new()));
-        let seen = owners.clone();
         let fe = frontend_name(index);
         self.edit_lb(false, Ok(()), move |doc| {
-            let mut gone = BTreeSet::new();
             doc.properties
                 .rules
-                .retain(|r| match parse_rule_name(&r.name) {
-                    Some((i, _, _, uid)) if i == index => {
-                        gone.insert(uid);
-                        false
-                    }
-                    _ => true,
-                });
+                .retain(|r| parse_rule_name(&r.name).is_none_or(|(i, ..)| i != index));
             doc.properties.frontends.retain(|f| f.name != fe);
             drop_unused_probes(doc);
-            *seen.lock().unwrap_or_else(|e| e.into_inner()) = gone;
             Ok(())
         })
         .await?;
-        let owners = std::mem::take(&mut *owners.lock().unwrap_or_else(|e| e.into_inner()));
-        for uid in owners {
-            self.sync_nsg_owner(&uid, None, None).await?;
-        }
+        // the NSG rules follow what the load balancer still forwards: those of this frontend's rules go, and
+        // any orphaned by a crash between a load balancer write and its NSG write
+        self.prune_nsg().await?;
         {
             // the last frontend gone: the load balancer goes, in its write turn so no edit races it
             let _turn = self.lb.turn.lock().await;
@@ -1199,8 +1188,6 @@ impl LoadBalancerProvider for AzureProvider {
                 self.lb.remember(None);
             }
         }
-        // NSG rules whose load-balancing rules are gone (a crash between the two writes) go at the latest here
-        self.prune_nsg().await?;
         self.arm
             .delete("PublicIPAddresses.Delete", &self.ip_path(index))
             .await
