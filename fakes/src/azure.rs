@@ -498,6 +498,27 @@ fn names(doc: &Value, list: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The public IP ids (lowercase) a load balancer document's frontends use.
+fn frontend_ips(doc: &Value) -> Vec<String> {
+    doc["properties"]["frontendIPConfigurations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["properties"]["publicIPAddress"]["id"].as_str())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// The load balancers (their lowercase ids) with a frontend on this public IP (lowercase id).
+fn load_balancers_using<'a>(st: &'a State, ip: &'a str) -> impl Iterator<Item = &'a str> {
+    st.resources
+        .iter()
+        .filter(move |(id, doc)| {
+            id.contains("/loadbalancers/") && frontend_ips(doc).iter().any(|i| i == ip)
+        })
+        .map(|(id, _)| id.as_str())
+}
+
 fn check_load_balancer(st: &State, id: &str, doc: &Value) -> Result<(), (String, String)> {
     let bad = |code: &str, m: String| Err((code.to_string(), m));
     let items = |list: &str| {
@@ -526,43 +547,22 @@ fn check_load_balancer(st: &State, id: &str, doc: &Value) -> Result<(), (String,
             ),
         );
     }
-    for f in &frontends {
-        let ip = f["properties"]["publicIPAddress"]["id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_lowercase();
-        if !st.resources.contains_key(&ip) {
+    let ips = frontend_ips(doc);
+    if ips.len() != frontends.len() {
+        return bad(
+            "InvalidResourceReference",
+            "a frontend IP configuration has no public IP".to_string(),
+        );
+    }
+    for ip in &ips {
+        if !st.resources.contains_key(ip) {
             return bad(
                 "InvalidResourceReference",
-                format!("public IP {ip} of frontend {} does not exist", f["name"]),
+                format!("public IP {ip} of a frontend does not exist"),
             );
         }
-        let used_elsewhere = st.resources.iter().any(|(other, d)| {
-            other != id
-                && other.contains("/loadbalancers/")
-                && d["properties"]["frontendIPConfigurations"]
-                    .as_array()
-                    .is_some_and(|fs| {
-                        fs.iter().any(|g| {
-                            g["properties"]["publicIPAddress"]["id"]
-                                .as_str()
-                                .map(str::to_lowercase)
-                                .as_deref()
-                                == Some(ip.as_str())
-                        })
-                    })
-        });
-        let twice = frontends
-            .iter()
-            .filter(|g| {
-                g["properties"]["publicIPAddress"]["id"]
-                    .as_str()
-                    .map(str::to_lowercase)
-                    .as_deref()
-                    == Some(ip.as_str())
-            })
-            .count()
-            > 1;
+        let used_elsewhere = load_balancers_using(st, ip).any(|lb| lb != id);
+        let twice = ips.iter().filter(|i| *i == ip).count() > 1;
         if used_elsewhere || twice {
             return bad(
                 "PublicIPAddressInUse",
@@ -842,21 +842,8 @@ fn delete(st: &mut State, addr: SocketAddr, kind: &str, id: &str) -> Response {
         return StatusCode::NO_CONTENT.into_response();
     }
     if kind == "publicipaddresses" {
-        let user = st.resources.iter().find(|(other, d)| {
-            other.contains("/loadbalancers/")
-                && d["properties"]["frontendIPConfigurations"]
-                    .as_array()
-                    .is_some_and(|fs| {
-                        fs.iter().any(|f| {
-                            f["properties"]["publicIPAddress"]["id"]
-                                .as_str()
-                                .map(str::to_lowercase)
-                                .as_deref()
-                                == Some(id)
-                        })
-                    })
-        });
-        if let Some((lb, _)) = user {
+        let user = load_balancers_using(st, id).next().map(str::to_string);
+        if let Some(lb) = user {
             return arm_error(
                 400,
                 "PublicIPAddressCannotBeDeleted",
