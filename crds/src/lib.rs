@@ -1,8 +1,15 @@
 //! The sharedlb custom resources, group `sharedlb.dev`, version `v1alpha1`.
 //!
 //! Doc comments on fields become the CRD's descriptions, so they are written for `kubectl explain` readers.
-//! The schema says what OpenAPI can say (ranges, enums, list uniqueness); `validate` says the rest, because
-//! the oldest supported apiserver (1.20) has no CEL and the operator must refuse bad input itself.
+//! The schema says what OpenAPI and CEL can say (ranges, enums, list-map uniqueness, `x-kubernetes-validations`
+//! rules, which every supported Kubernetes (1.32+) compiles when the CRD is created and enforces on write).
+//! `validate` says it again in the operator, because a cluster without CEL (the 1.20 test cluster) keeps none of
+//! it, and because a rule the apiserver did not run must not be trusted.
+//!
+//! A CEL rule's `self` is the node it is attached to: rules about ports sit on `ports`, rules about the name on
+//! the root (where only `metadata.name` and `metadata.generateName` are visible). Transition rules (`oldSelf`)
+//! make the identity of a pool's cloud resources immutable: changing a region or project would orphan every load
+//! balancer made in the old one.
 
 use std::collections::BTreeMap;
 
@@ -11,10 +18,11 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
+use schemars::transform::{RecursiveTransform, Transform};
 use serde::{Deserialize, Serialize};
 
 mod validate;
-pub use validate::{SpecError, validate_pool, validate_shared_lb};
+pub use validate::{SpecError, validate_pool, validate_provider_change, validate_shared_lb};
 
 pub const GROUP: &str = "sharedlb.dev";
 pub const VERSION: &str = "v1alpha1";
@@ -45,16 +53,27 @@ pub const SERVICE_SUFFIX: &str = "-sharedlb";
     printcolumn = r#"{"name":"Ports","type":"string","jsonPath":".status.portSummary"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = Rule::new("self.ports.all(p, self.ports.exists_one(q, q.name == p.name))").message("port names must be unique"),
-    validation = Rule::new("self.ports.all(p, !has(p.port) || self.ports.exists_one(q, has(q.port) && q.port == p.port && q.protocol == p.protocol))").message("each fixed port/protocol pair may appear once")
+    doc = "A set of ports, for pods selected in its namespace, exposed on a load balancer shared with other SharedLBs.",
+    // the backing Service is named `<name>-sharedlb`: a Service name is a DNS-1035 label of at most 63 characters
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 54")
+        .message("the name must be a DNS-1035 label (lower case letters, digits, '-', starting with a letter) of at most 54 characters, so that the backing Service `<name>-sharedlb` is a valid Service name")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SharedLBSpec {
     /// Labels of the pods that receive the traffic, in this SharedLB's own namespace only.
+    #[schemars(extend("minProperties" = 1))]
     pub selector: BTreeMap<String, String>,
     /// The ports to expose. Each gets a listener on the shared load balancer and a port on the backing Service.
+    /// Names are unique (a list map keyed by `name`); a fixed `port` appears once per protocol.
     #[schemars(length(min = 1, max = 64))]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["name"],
+        "x-kubernetes-validations" = [{
+            "rule": "self.all(p, !has(p.port) || self.exists_one(q, has(q.port) && q.port == p.port && q.protocol == p.protocol))",
+            "message": "a fixed port may appear once per protocol",
+        }]
+    ))]
     pub ports: Vec<SharedLBPort>,
     /// The LoadBalancerPool to use. Omitted: the pool marked `default: true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -80,6 +99,10 @@ pub struct SharedLBPort {
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
     /// The pods' port: a number or a named container port.
+    #[schemars(extend("maxLength" = 15, "x-kubernetes-validations" = [{
+        "rule": "type(self) == int ? self >= 1 && self <= 65535 : self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self) <= 15 && self.matches('[a-z]')",
+        "message": "targetPort must be 1-65535 or a container port name (an IANA_SVC_NAME: at most 15 lower case letters, digits and '-', with a letter)",
+    }]))]
     pub target_port: IntOrString,
     /// TCP or UDP.
     #[serde(default)]
@@ -213,9 +236,11 @@ pub struct Condition {
     printcolumn = r#"{"name":"LBs","type":"integer","jsonPath":".status.totals.loadBalancers"}"#,
     printcolumn = r#"{"name":"Ports-Used","type":"integer","jsonPath":".status.totals.portsUsed"}"#,
     printcolumn = r#"{"name":"Capacity","type":"integer","jsonPath":".status.totals.portsCapacity"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "A pool of cloud load balancers that the operator owns and packs SharedLBs onto."
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_integer_formats)]
 pub struct LoadBalancerPoolSpec {
     /// The cloud (or local) provider and its settings: exactly one key.
     pub provider: ProviderSpec,
@@ -236,10 +261,23 @@ pub struct LoadBalancerPoolSpec {
     pub default: bool,
 }
 
-/// Exactly one provider.
+// The messages of the transition rules that keep a pool's cloud objects where they are.
+const AWS_IDENTITY: &str =
+    "region, vpcId and scheme cannot change: the pool's NLBs live there; make a new pool";
+const GCP_IDENTITY: &str = "project, region and network cannot change: the pool's addresses and rules live there; make a new pool";
+const AZURE_IDENTITY: &str = "subscriptionId, resourceGroup, location and loadBalancerName cannot change: the pool's load balancer lives there; make a new pool";
+
+/// Exactly one provider. It cannot change: the load balancers the pool made live in that provider's cloud.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
+#[schemars(extend(
+    "minProperties" = 1,
+    "maxProperties" = 1,
+    "x-kubernetes-validations" = [{
+        "rule": "[has(self.aws), has(self.gcp), has(self.azure), has(self.local), has(self.memory)] == [has(oldSelf.aws), has(oldSelf.gcp), has(oldSelf.azure), has(oldSelf.local), has(oldSelf.memory)]",
+        "message": "the provider cannot change: the pool's load balancers live in its cloud; make a new pool",
+    }]
+))]
 pub struct ProviderSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsSettings>,
@@ -273,12 +311,18 @@ impl ProviderSpec {
     }
 }
 
-/// AWS Network Load Balancers.
+/// AWS Network Load Balancers. `region`, `vpcId` and `scheme` cannot change.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.vpcId) == has(oldSelf.vpcId) && has(self.scheme) == has(oldSelf.scheme)",
+    "message": AWS_IDENTITY,
+}]))]
 pub struct AwsSettings {
+    #[schemars(length(min = 1, max = 32), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": AWS_IDENTITY}]))]
     pub region: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": AWS_IDENTITY}]))]
     pub vpc_id: Option<String>,
     /// Subnets for the NLBs. Omitted: discovered by the cluster tag.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -288,6 +332,7 @@ pub struct AwsSettings {
     pub node_security_group_id: Option<String>,
     /// `internet-facing` (default) or `internal`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 16), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": AWS_IDENTITY}]))]
     pub scheme: Option<String>,
     /// Elastic IP allocation ids for internet-facing NLBs: one per subnet per NLB, in order (NLB i takes
     /// the i-th group of as many as there are subnets); the pool then has at most `len / subnets` NLBs.
@@ -300,13 +345,20 @@ pub struct AwsSettings {
     pub security_group_rule_limit: Option<u32>,
 }
 
-/// GCP passthrough Network Load Balancers.
+/// GCP passthrough Network Load Balancers. `project`, `region` and `network` cannot change.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.network) == has(oldSelf.network)",
+    "message": GCP_IDENTITY,
+}]))]
 pub struct GcpSettings {
+    #[schemars(length(min = 1, max = 30), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": GCP_IDENTITY}]))]
     pub project: String,
+    #[schemars(length(min = 1, max = 32), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": GCP_IDENTITY}]))]
     pub region: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": GCP_IDENTITY}]))]
     pub network: Option<String>,
     /// The network tag on the cluster's nodes, which firewall rules target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -314,17 +366,26 @@ pub struct GcpSettings {
 }
 
 /// Azure Standard Load Balancer: the pool is one Standard Load Balancer the operator owns, each load balancer of
-/// the pool one frontend with its own Standard public IP.
+/// the pool one frontend with its own Standard public IP. `subscriptionId`, `resourceGroup`, `location` and
+/// `loadBalancerName` cannot change.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.loadBalancerName) == has(oldSelf.loadBalancerName)",
+    "message": AZURE_IDENTITY,
+}]))]
 pub struct AzureSettings {
+    #[schemars(length(min = 1, max = 36), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": AZURE_IDENTITY}]))]
     pub subscription_id: String,
     /// Where the load balancer and public IPs are made (on AKS: the node resource group, `MC_...`).
+    #[schemars(length(min = 1, max = 90), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": AZURE_IDENTITY}]))]
     pub resource_group: String,
+    #[schemars(length(min = 1, max = 64), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": AZURE_IDENTITY}]))]
     pub location: String,
     /// The Standard Load Balancer this pool owns (made and deleted by the operator, tagged); default derived
     /// from the cluster id and pool name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 80), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": AZURE_IDENTITY}]))]
     pub load_balancer_name: Option<String>,
     /// The nodes' network security group: one rule per SharedLB and protocol is added to it.
     pub network_security_group: String,
@@ -341,8 +402,12 @@ pub struct AzureSettings {
 #[serde(rename_all = "camelCase")]
 pub struct LocalSettings {
     /// One address of this machine per load balancer, e.g. `127.0.0.10`; the pool has as many load balancers
-    /// as addresses.
-    #[schemars(length(min = 1, max = 1024))]
+    /// as addresses. Each a concrete IP address (not `0.0.0.0` or `::`).
+    #[schemars(length(min = 1, max = 1024), inner(length(max = 45)))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(a, isIP(a) && !ip(a).isUnspecified())",
+        "message": "each address must be a concrete IPv4 or IPv6 address, not 0.0.0.0 or ::",
+    }]))]
     pub addresses: Vec<String>,
     /// A TCP connection with no byte either way, or a UDP session with no datagram, for this long is closed.
     /// Default 300.
@@ -396,6 +461,7 @@ pub struct Capacity {
 /// An inclusive range of ports.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{"rule": "self.min <= self.max", "message": "min must not exceed max"}]))]
 pub struct PortRange {
     #[schemars(range(min = 1, max = 65535))]
     pub min: i32,
@@ -414,6 +480,7 @@ pub enum PlacementStrategy {
 /// What the pool holds now.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_integer_formats)]
 pub struct LoadBalancerPoolStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -453,6 +520,22 @@ pub struct PoolTotals {
     pub load_balancers: u32,
     pub ports_used: u32,
     pub ports_capacity: u32,
+}
+
+/// Kubernetes knows the integer formats `int32` and `int64` only; schemars writes `uint32` for a `u32`, which a
+/// current apiserver accepts with a warning on every apply (`unrecognized format "uint32"`). Every unsigned field
+/// here is at most `u32::MAX`, which `int64` holds; `minimum: 0` stays.
+fn kubernetes_integer_formats(schema: &mut schemars::Schema) {
+    RecursiveTransform(|s: &mut schemars::Schema| {
+        let unsigned = s
+            .get("format")
+            .and_then(|f| f.as_str())
+            .is_some_and(|f| f.starts_with("uint"));
+        if unsigned {
+            s.insert("format".into(), "int64".into());
+        }
+    })
+    .transform(schema);
 }
 
 /// Both CRDs as one multi-document YAML, exactly as committed in `charts/sharedlb/crds/crds.yaml`.

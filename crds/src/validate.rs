@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::{LoadBalancerPoolSpec, SERVICE_SUFFIX, SharedLBSpec};
+use crate::{LoadBalancerPoolSpec, ProviderSpec, SERVICE_SUFFIX, SharedLBSpec};
 
 const _: () = assert!(63 - SERVICE_SUFFIX.len() == 54);
 
@@ -40,12 +40,24 @@ pub enum SpecError {
         "the name has {0} characters; at most 54 are allowed so that the Service name `<name>-sharedlb` fits in 63"
     )]
     NameTooLong(usize),
+    #[error(
+        "the name {0:?} is not a DNS-1035 label (lower case letters, digits, '-', starting with a letter), so the backing Service `<name>-sharedlb` could not be made"
+    )]
+    NameNotServiceName(String),
     #[error("spec.provider must set exactly one of aws, gcp, azure, local, memory")]
     ProviderCount,
     #[error("spec.capacity: {0}")]
     BadCapacity(String),
     #[error("spec.portRange: min {min} and max {max} must satisfy 1 <= min <= max <= 65535")]
     BadPortRange { min: i32, max: i32 },
+    #[error(
+        "spec.provider.local.addresses: {0:?} is not a concrete IP address (0.0.0.0 and :: are refused)"
+    )]
+    BadAddress(String),
+    #[error(
+        "spec.provider: {0} cannot change, since the pool's load balancers live there; make a new pool instead"
+    )]
+    ProviderChanged(&'static str),
 }
 
 impl SpecError {
@@ -58,10 +70,12 @@ impl SpecError {
             SpecError::BadTargetPort { .. } => "InvalidTargetPort",
             SpecError::EmptySelector | SpecError::BadSelector(_) => "InvalidSelector",
             SpecError::BadSourceRange(_) => "InvalidSourceRange",
-            SpecError::NameTooLong(_) => "InvalidName",
+            SpecError::NameTooLong(_) | SpecError::NameNotServiceName(_) => "InvalidName",
             SpecError::ProviderCount => "InvalidProvider",
             SpecError::BadCapacity(_) => "InvalidCapacity",
             SpecError::BadPortRange { .. } => "InvalidPortRange",
+            SpecError::BadAddress(_) => "InvalidAddress",
+            SpecError::ProviderChanged(_) => "ProviderChanged",
         }
     }
 }
@@ -103,6 +117,9 @@ fn is_label_key(k: &str) -> bool {
 pub fn validate_shared_lb(name: &str, spec: &SharedLBSpec) -> Result<(), SpecError> {
     if name.len() + SERVICE_SUFFIX.len() > 63 {
         return Err(SpecError::NameTooLong(name.len()));
+    }
+    if !is_dns_label(name, 63) || !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(SpecError::NameNotServiceName(name.to_string()));
     }
     if spec.ports.is_empty() {
         return Err(SpecError::NoPorts);
@@ -202,7 +219,50 @@ pub fn validate_pool(spec: &LoadBalancerPoolSpec) -> Result<(), SpecError> {
             max: r.max,
         });
     }
+    for a in spec.provider.local.iter().flat_map(|l| &l.addresses) {
+        match a.parse::<std::net::IpAddr>() {
+            Ok(ip) if !ip.is_unspecified() => {}
+            _ => return Err(SpecError::BadAddress(a.clone())),
+        }
+    }
     Ok(())
+}
+
+/// Checks that a pool's provider keeps its identity: the same kind, and the settings that say where its cloud
+/// objects live (the CRD's transition rules say the same to apiservers that run CEL).
+pub fn validate_provider_change(old: &ProviderSpec, new: &ProviderSpec) -> Result<(), SpecError> {
+    if old.kind() != new.kind() {
+        return Err(SpecError::ProviderChanged("the provider"));
+    }
+    let same = match (old, new) {
+        (ProviderSpec { aws: Some(o), .. }, ProviderSpec { aws: Some(n), .. }) => {
+            (&o.region, &o.vpc_id, &o.scheme) == (&n.region, &n.vpc_id, &n.scheme)
+        }
+        (ProviderSpec { gcp: Some(o), .. }, ProviderSpec { gcp: Some(n), .. }) => {
+            (&o.project, &o.region, &o.network) == (&n.project, &n.region, &n.network)
+        }
+        (ProviderSpec { azure: Some(o), .. }, ProviderSpec { azure: Some(n), .. }) => {
+            (
+                &o.subscription_id,
+                &o.resource_group,
+                &o.location,
+                &o.load_balancer_name,
+            ) == (
+                &n.subscription_id,
+                &n.resource_group,
+                &n.location,
+                &n.load_balancer_name,
+            )
+        }
+        _ => true,
+    };
+    if same {
+        Ok(())
+    } else {
+        Err(SpecError::ProviderChanged(
+            "where the provider's cloud objects live (region, project, network, subscription, resource group, location, load balancer name)",
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -273,10 +333,77 @@ mod tests {
             let err = validate_shared_lb("echo", &s).expect_err(reason);
             assert_eq!(err.reason(), reason, "{err}");
         }
-        let long = "x".repeat(60);
+        for bad_name in ["x".repeat(60), "web.v1".into(), "1web".into(), "Web".into()] {
+            assert_eq!(
+                validate_shared_lb(&bad_name, &spec()).map_err(|e| e.reason()),
+                Err("InvalidName"),
+                "{bad_name}"
+            );
+        }
+        assert_eq!(validate_shared_lb(&"w".repeat(54), &spec()), Ok(()));
+    }
+
+    fn local_pool(addresses: &[&str]) -> LoadBalancerPoolSpec {
+        LoadBalancerPoolSpec {
+            provider: ProviderSpec {
+                local: Some(crate::LocalSettings {
+                    addresses: addresses.iter().map(|a| a.to_string()).collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            capacity: Default::default(),
+            port_range: None,
+            placement: Default::default(),
+            namespace_selector: None,
+            default: false,
+        }
+    }
+
+    #[test]
+    fn local_addresses_must_be_concrete_ip_addresses() {
+        assert_eq!(validate_pool(&local_pool(&["127.0.0.10", "::1"])), Ok(()));
+        for bad in ["0.0.0.0", "::", "localhost", "10.0.0.1/32"] {
+            assert_eq!(
+                validate_pool(&local_pool(&[bad])).map_err(|e| e.reason()),
+                Err("InvalidAddress"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_providers_identity_cannot_change() {
+        let aws = |region: &str, vpc: Option<&str>| ProviderSpec {
+            aws: Some(crate::AwsSettings {
+                region: region.into(),
+                vpc_id: vpc.map(str::to_string),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let local = local_pool(&["127.0.0.10"]).provider;
+        let mut more_rules = aws("eu-west-1", Some("vpc-1"));
+        if let Some(a) = more_rules.aws.as_mut() {
+            a.security_group_rule_limit = Some(200);
+        }
         assert_eq!(
-            validate_shared_lb(&long, &spec()).map_err(|e| e.reason()),
-            Err("InvalidName")
+            validate_provider_change(&aws("eu-west-1", Some("vpc-1")), &more_rules),
+            Ok(())
+        );
+        for (old, new) in [
+            (aws("eu-west-1", None), local.clone()),
+            (aws("eu-west-1", None), aws("us-east-1", None)),
+            (aws("eu-west-1", Some("vpc-1")), aws("eu-west-1", None)),
+        ] {
+            assert_eq!(
+                validate_provider_change(&old, &new).map_err(|e| e.reason()),
+                Err("ProviderChanged")
+            );
+        }
+        assert_eq!(
+            validate_provider_change(&local, &local_pool(&["127.0.0.11"]).provider),
+            Ok(())
         );
     }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex as SyncMutex};
 
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
-use sharedlb_crds::{LoadBalancerPoolSpec, SharedLB, SharedLBStatus};
+use sharedlb_crds::{LoadBalancerPoolSpec, ProviderSpec, SharedLB, SharedLBStatus};
 use sharedlb_placement::{AllocatedPort, Allocation, PoolConfig, PoolState, PortMode, Strategy};
 use sharedlb_providers::{LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, ProviderError};
 use tokio::sync::{Mutex, MutexGuard};
@@ -99,6 +99,9 @@ pub struct PoolAllocator {
     pub pool_uid: String,
     pub cluster_id: String,
     pub provider: Arc<dyn LoadBalancerProvider>,
+    /// The settings the provider was made with: a pool edited to another cloud or region keeps these (and says
+    /// so) rather than leaving every load balancer made with them behind.
+    pub provider_spec: ProviderSpec,
     state: Mutex<Option<PoolState>>,
     infos: SyncMutex<BTreeMap<u32, LoadBalancerInfo>>,
 }
@@ -109,12 +112,14 @@ impl PoolAllocator {
         pool_uid: &str,
         cluster_id: &str,
         provider: Arc<dyn LoadBalancerProvider>,
+        provider_spec: ProviderSpec,
     ) -> Self {
         PoolAllocator {
             pool: pool.to_string(),
             pool_uid: pool_uid.to_string(),
             cluster_id: cluster_id.to_string(),
             provider,
+            provider_spec,
             state: Mutex::new(None),
             infos: SyncMutex::new(BTreeMap::new()),
         }

@@ -486,9 +486,10 @@ async fn every_invalid_input_gets_its_condition_and_event_and_no_cloud_call() {
     let p = |name: &str| tcp(name, None);
     let cases: Vec<(&str, serde_json::Value, &str)> = vec![
         (
-            "no-selector",
-            json!({"pool": "small", "selector": {}, "ports": [p("a")]}),
-            "InvalidSelector",
+            // a valid object name (DNS subdomain) that cannot name the backing Service; CEL refuses it on 1.25+
+            "web.v1",
+            json!({"pool": "small", "selector": {"app": "x"}, "ports": [p("a")]}),
+            "InvalidName",
         ),
         (
             "bad-selector",
@@ -560,6 +561,7 @@ async fn every_invalid_input_gets_its_condition_and_event_and_no_cloud_call() {
         json!({"selector": {"app": "x"}, "ports": [{"name": "a", "targetPort": 1, "protocol": "SCTP"}]}),
         json!({"selector": {"app": "x"}, "ports": [{"name": "Bad_Name", "targetPort": 1}]}),
         json!({"selector": {"app": "x"}, "ports": [{"name": "a", "targetPort": 1}], "sourceRanges": ["10.0.0.0/33"]}),
+        json!({"selector": {}, "ports": [{"name": "a", "targetPort": 1}]}),
     ];
     // untyped, so that what serde could not even represent reaches the apiserver
     let ar = ApiResource::erase::<SharedLB>(&());
@@ -615,6 +617,33 @@ async fn every_invalid_input_gets_its_condition_and_event_and_no_cloud_call() {
         },
     )
     .await;
+    // a pool moved to another provider would orphan every load balancer made by the first: 1.20 runs no
+    // transition rule, so the operator refuses the change and keeps the provider it has
+    let pools = Api::<LoadBalancerPool>::all(client.clone());
+    eventually(30, "the pool records its provider", || async {
+        let st = pools.get("small").await.ok()?.status?;
+        (st.provider.as_deref() == Some("memory")).then_some(())
+    })
+    .await;
+    let to_local =
+        json!({"spec": {"provider": {"memory": null, "local": {"addresses": ["127.0.0.10"]}}}});
+    pools
+        .patch("small", &PatchParams::default(), &Patch::Merge(&to_local))
+        .await
+        .expect("1.20 accepts the change");
+    let (reason, message) = pool_not_ready(&client, "small").await;
+    assert_eq!(reason, "ProviderChanged", "{message}");
+    let st = pools
+        .get("small")
+        .await
+        .expect("pool")
+        .status
+        .expect("status");
+    assert_eq!(
+        st.provider.as_deref(),
+        Some("memory"),
+        "the recorded provider stays"
+    );
     for pool in ["small", "closed", "broken", "unbuilt"] {
         delete_pool(&client, pool).await;
     }

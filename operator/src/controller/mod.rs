@@ -117,9 +117,19 @@ impl Context {
             &uid,
             &self.settings.cluster_id,
             provider,
+            pool.spec.provider.clone(),
         ));
         all.insert(name, a.clone());
         Ok(a)
+    }
+
+    /// The allocator of this pool object, if one was made.
+    async fn existing_allocator(&self, pool: &LoadBalancerPool) -> Option<Arc<PoolAllocator>> {
+        let uid = pool.uid().unwrap_or_default();
+        let all = self.allocators.lock().await;
+        all.get(&pool.name_any())
+            .filter(|a| a.pool_uid == uid)
+            .cloned()
     }
 
     /// Forgets a deleted pool's allocator.

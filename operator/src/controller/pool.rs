@@ -11,7 +11,7 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use sharedlb_crds::{
     LoadBalancerPool, LoadBalancerPoolStatus, POOL_FINALIZER, PoolLoadBalancer, PoolTotals,
-    SharedLB, validate_pool,
+    SharedLB, SpecError, validate_pool, validate_provider_change,
 };
 use tracing::warn;
 
@@ -107,9 +107,12 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
     let old = pool.status.clone().unwrap_or_default();
     let mut st = old.clone();
     st.observed_generation = generation;
-    st.provider = pool.spec.provider.kind().map(str::to_string);
 
-    if let Err(e) = validate_pool(&pool.spec) {
+    let valid = validate_pool(&pool.spec).and(provider_unchanged(&ctx, &pool, &old).await);
+    if valid.is_ok() {
+        st.provider = pool.spec.provider.kind().map(str::to_string);
+    }
+    if let Err(e) = valid {
         status::set(
             &mut st.conditions,
             READY,
@@ -202,6 +205,24 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
         Duration::from_secs(60)
     };
     finish(&ctx, &pool, &old, st, Action::requeue(next)).await
+}
+
+/// Apiservers with CEL refuse a change of a pool's provider (the CRD's transition rules); without CEL the
+/// operator refuses it itself: against the settings its provider was made with, and after a restart against the
+/// provider kind the status recorded.
+async fn provider_unchanged(
+    ctx: &Context,
+    pool: &LoadBalancerPool,
+    old: &LoadBalancerPoolStatus,
+) -> Result<(), SpecError> {
+    let recorded = old.provider.as_deref();
+    if recorded.is_some_and(|k| Some(k) != pool.spec.provider.kind()) {
+        return Err(SpecError::ProviderChanged("the provider"));
+    }
+    match ctx.existing_allocator(pool).await {
+        Some(a) => validate_provider_change(&a.provider_spec, &pool.spec.provider),
+        None => Ok(()),
+    }
 }
 
 async fn finish(
