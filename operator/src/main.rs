@@ -78,7 +78,10 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-            let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+            // colour only for a person at a terminal: a pod's log is read by collectors
+            let fmt = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
             if log_json {
                 fmt.json().init()
             } else {

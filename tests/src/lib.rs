@@ -456,6 +456,62 @@ pub fn repo_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The kubeVersion line of the shipped chart and of the copy the 1.20 test cluster can take.
+pub const SHIPPED_KUBE_VERSION: &str = "kubeVersion: \">=1.32.0-0\"";
+const HARNESS_KUBE_VERSION: &str = "kubeVersion: \">=1.20.0-0\"";
+
+static HARNESS_CHART: LazyLock<std::path::PathBuf> = LazyLock::new(|| {
+    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).expect("mkdir");
+        for entry in std::fs::read_dir(from).expect("read chart dir") {
+            let entry = entry.expect("dir entry");
+            let target = to.join(entry.file_name());
+            if entry.file_type().expect("file type").is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).expect("copy chart file");
+            }
+        }
+    }
+    // one copy per test process; copies of processes that have ended go
+    const PREFIX: &str = "sharedlb-harness-chart-";
+    for entry in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix(PREFIX)
+            && !std::path::Path::new("/proc").join(pid).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let shipped = repo_root().join("charts/sharedlb");
+    let copy = std::env::temp_dir().join(format!("{PREFIX}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&copy);
+    copy_dir(&shipped, &copy);
+    let manifest = std::fs::read_to_string(copy.join("Chart.yaml")).expect("Chart.yaml");
+    assert_eq!(
+        manifest.matches(SHIPPED_KUBE_VERSION).count(),
+        1,
+        "Chart.yaml's kubeVersion changed: update SHIPPED_KUBE_VERSION and the README's supported versions"
+    );
+    std::fs::write(
+        copy.join("Chart.yaml"),
+        manifest.replace(SHIPPED_KUBE_VERSION, HARNESS_KUBE_VERSION),
+    )
+    .expect("write Chart.yaml");
+    copy
+});
+
+/// The chart as the 1.20 test cluster can take it. The shipped chart refuses Kubernetes before 1.32
+/// (`kubeVersion`), which is right for users and would refuse the only full apiserver that can be built here;
+/// this copy differs from it in that one line and nothing else.
+pub fn harness_chart() -> String {
+    HARNESS_CHART.display().to_string()
+}
+
 /// Where a Ready SharedLB's port `port_name` (None: its first port) is reachable: status IP and external port.
 pub fn external_addr(s: &SharedLB, port_name: Option<&str>) -> SocketAddr {
     let st = s.status.as_ref().expect("status");
