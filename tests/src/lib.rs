@@ -456,6 +456,24 @@ pub fn repo_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The documents of a multi-document YAML stream (helm template's output, an examples/ file), empty ones left out.
+pub fn yaml_docs(yaml: &str) -> Vec<serde_json::Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(yaml)
+        .filter_map(|d| serde_json::Value::deserialize(d).ok())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// A TCP port free on every address of this machine, for a server a test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("0.0.0.0:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
 /// The kubeVersion line of the shipped chart and of the copy the 1.20 test cluster can take.
 pub const SHIPPED_KUBE_VERSION: &str = "kubeVersion: \">=1.32.0-0\"";
 const HARNESS_KUBE_VERSION: &str = "kubeVersion: \">=1.20.0-0\"";

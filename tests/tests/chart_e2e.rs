@@ -7,7 +7,6 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use sharedlb::{LeaderElection, Settings};
 use sharedlb_crds::{LoadBalancerPool, SharedLB};
@@ -29,13 +28,6 @@ fn chart() -> String {
 
 fn shipped_chart() -> String {
     repo_root().join("charts/sharedlb").display().to_string()
-}
-
-fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .filter_map(|d| Value::deserialize(d).ok())
-        .filter(|v| !v.is_null())
-        .collect()
 }
 
 fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
@@ -75,7 +67,7 @@ async fn the_chart_lints_renders_and_dry_runs_for_every_example() {
         assert!(ok, "helm lint {v}: {out}{err}");
         let (ok, yaml, err) = render("sharedlb", "sharedlb-system", &["-f", &file]).await;
         assert!(ok, "helm template {v}: {err}");
-        let d = docs(&yaml);
+        let d = yaml_docs(&yaml);
         let deploy = kind(&d, "Deployment");
         assert_eq!(deploy.len(), 1, "{v}");
         let pod = &deploy[0]["spec"]["template"]["spec"];
@@ -141,7 +133,7 @@ async fn the_chart_lints_renders_and_dry_runs_for_every_example() {
     .await;
     assert!(ok);
     assert_eq!(
-        kind(&docs(&yaml), "PodDisruptionBudget")[0]["apiVersion"],
+        kind(&yaml_docs(&yaml), "PodDisruptionBudget")[0]["apiVersion"],
         "policy/v1"
     );
     let (ok, yaml, _) = render(
@@ -150,7 +142,7 @@ async fn the_chart_lints_renders_and_dry_runs_for_every_example() {
         &["-f", &file, "--set", "metrics.serviceMonitor.enabled=true"],
     )
     .await;
-    assert!(ok && kind(&docs(&yaml), "ServiceMonitor").len() == 1);
+    assert!(ok && kind(&yaml_docs(&yaml), "ServiceMonitor").len() == 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

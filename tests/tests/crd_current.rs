@@ -4,9 +4,8 @@
 //! does none of that, so these promises are proven here. The server is CRD-only: no Namespaces, Services or RBAC,
 //! so only `sharedlb.dev` documents go to it. Any warning from the server fails the test.
 
-use serde::Deserialize;
 use serde_json::{Value, json};
-use sharedlb_e2e::{SHIPPED_KUBE_VERSION, repo_root, run_tool};
+use sharedlb_e2e::{SHIPPED_KUBE_VERSION, repo_root, run_tool, yaml_docs};
 
 const CRDS: &str = "charts/sharedlb/crds/crds.yaml";
 
@@ -53,13 +52,6 @@ fn slb(name: &str, spec: Value) -> Value {
 fn pool(name: &str, spec: Value) -> Value {
     json!({"apiVersion": "sharedlb.dev/v1alpha1", "kind": "LoadBalancerPool",
            "metadata": {"name": name}, "spec": spec})
-}
-
-fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .filter_map(|d| Value::deserialize(d).ok())
-        .filter(|v| !v.is_null())
-        .collect()
 }
 
 /// One test: the steps share the server's state (the CRDs first), and each step says what it proves.
@@ -120,7 +112,7 @@ async fn every_example_is_accepted() {
             continue;
         }
         let text = std::fs::read_to_string(&path).expect("read example");
-        for doc in docs(&text) {
+        for doc in yaml_docs(&text) {
             let ours = doc["apiVersion"]
                 .as_str()
                 .is_some_and(|v| v.starts_with("sharedlb.dev/"));
@@ -162,7 +154,7 @@ async fn every_charts_pool_is_accepted() {
         )
         .await;
         assert!(ok, "helm template {kind}: {err}");
-        let pools: Vec<Value> = docs(&yaml)
+        let pools: Vec<Value> = yaml_docs(&yaml)
             .into_iter()
             .filter(|d| d["kind"] == "LoadBalancerPool")
             .collect();

@@ -12,14 +12,6 @@ use sharedlb_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 fn start(identity: &str, lease: &str, metrics: u16, log: &std::path::Path) -> Child {
     Command::new(sharedlb_bin())
         .args([

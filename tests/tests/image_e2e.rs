@@ -13,9 +13,8 @@ use std::process::{Command, Stdio};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
 use kube::api::PostParams;
-use serde::Deserialize;
+use kube::{Api, Client};
 use serde_json::{Value, json};
 use sharedlb_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,21 +25,6 @@ const SA_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// The image `scripts/image` tags (SHAREDLB_IMAGE for another).
 fn image() -> String {
     std::env::var("SHAREDLB_IMAGE").unwrap_or_else(|_| "localhost/sharedlb:dev".into())
-}
-
-fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .filter_map(|d| Value::deserialize(d).ok())
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("0.0.0.0:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 /// podman's settings for this machine: runc (crun refuses its hybrid cgroups), cgroupfs, and no default
@@ -312,50 +296,40 @@ fn probe_port(c: &Value, probe: &str) -> u16 {
     u16::try_from(n.expect("probe port")).expect("port")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
-    let _turn = SERIAL.lock().await;
-    let admin = client().await;
-    let image = image();
-    let suffix = format!("{:06x}", fastrand::u32(..0xff_ffff));
-    let dir = std::env::temp_dir().join(format!("sharedlb-image-e2e-{suffix}"));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let conf = podman_conf(&dir);
-    let mut cleanup = Cleanup {
-        conf: conf.clone(),
-        dir: dir.clone(),
-        container: None,
-        applied: None,
-        pool: None,
-        namespaces: vec![],
-    };
-
-    // the image scripts/image built: present, non-root, the Dockerfile's entrypoint
-    let (ok, _, err) = podman(&conf, &["image", "exists", &image]);
+/// The image scripts/image built: present, non-root, the Dockerfile's entrypoint. Returns its size.
+fn check_image(conf: &Path, image: &str) -> u64 {
+    let (ok, _, err) = podman(conf, &["image", "exists", image]);
     assert!(
         ok,
         "the image {image} is missing: run scripts/image (scripts/test does) {err}"
     );
-    let (ok, out, err) = podman(&conf, &["image", "inspect", &image]);
+    let (ok, out, err) = podman(conf, &["image", "inspect", image]);
     assert!(ok, "{err}");
     let inspect: Value = serde_json::from_str(&out).expect("image inspect json");
     let config = &inspect[0]["Config"];
     assert_eq!(config["User"], "65532:65532", "{config}");
     assert_eq!(config["Entrypoint"], json!(["/sharedlb"]), "{config}");
-    let size = inspect[0]["Size"].as_u64().expect("size");
-    println!("image {image}: {} MiB ({size} bytes)", size / 1024 / 1024);
+    inspect[0]["Size"].as_u64().expect("size")
+}
 
-    // the chart, rendered for this image; its ServiceAccount, RBAC and pool applied
-    let ns = namespace(&admin, "sharedlb-image", &[]).await;
-    cleanup.namespaces.push(ns.clone());
+/// What the test takes from the rendered chart.
+struct Rendered {
+    pod: Value,
+    container: Value,
+    /// The ServiceAccount, RBAC and pool documents, applied as a kubelet-less install.
+    applied: String,
+    pool: String,
+    metrics_port: u16,
+}
+
+/// The chart rendered for this image into `ns` (the shipped chart but for its kubeVersion gate, which refuses
+/// the 1.20 test apiserver), values-memory.yaml, and a free metrics port (the container shares the host's network).
+async fn render_chart(ns: &str, image: &str) -> Rendered {
     let (repository, tag) = image.rsplit_once(':').expect("image with a tag");
     let metrics_port = free_port();
-    // the shipped chart but for its kubeVersion gate, which refuses the 1.20 test apiserver
     let chart = harness_chart();
-    let values = repo_root()
-        .join("examples/values-memory.yaml")
-        .display()
-        .to_string();
+    let values = repo_root().join("examples/values-memory.yaml");
+    let values = values.display().to_string();
     let sets = [
         format!("image.repository={repository}"),
         format!("image.tag={tag}"),
@@ -366,7 +340,7 @@ async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
         RELEASE,
         &chart,
         "-n",
-        &ns,
+        ns,
         "--kube-version",
         "1.20.2",
         "-f",
@@ -377,67 +351,56 @@ async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
     }
     let (ok, yaml, err) = run_tool("helm", &args, None).await;
     assert!(ok, "helm template: {err}");
-    let d = docs(&yaml);
+    let d = yaml_docs(&yaml);
     let deploy = d
         .iter()
         .find(|x| x["kind"] == "Deployment")
         .expect("a Deployment");
-    let pod = &deploy["spec"]["template"]["spec"];
+    let pod = deploy["spec"]["template"]["spec"].clone();
     let containers = pod["containers"].as_array().expect("containers");
     assert_eq!(containers.len(), 1);
-    let c = &containers[0];
-    assert_eq!(c["image"], image.as_str(), "the pod runs the image built");
+    let container = containers[0].clone();
+    assert_eq!(container["image"], image, "the pod runs the image built");
     assert_ne!(
         pod["automountServiceAccountToken"], false,
         "the operator needs its token"
     );
+    let kinds = [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "LoadBalancerPool",
+    ];
     let applied: Vec<&Value> = d
         .iter()
-        .filter(|x| {
-            [
-                "ServiceAccount",
-                "ClusterRole",
-                "ClusterRoleBinding",
-                "Role",
-                "RoleBinding",
-                "LoadBalancerPool",
-            ]
-            .iter()
-            .any(|k| x["kind"] == *k)
-        })
+        .filter(|x| kinds.iter().any(|k| x["kind"] == *k))
         .collect();
-    let applied_yaml = applied
-        .iter()
-        .map(|x| serde_yaml::to_string(x).expect("yaml"))
-        .collect::<Vec<_>>()
-        .join("---\n");
     let pool = applied
         .iter()
         .find(|x| x["kind"] == "LoadBalancerPool")
         .and_then(|x| x["metadata"]["name"].as_str())
         .expect("the chart's pool")
         .to_string();
-    let pools = Api::<sharedlb_crds::LoadBalancerPool>::all(admin.clone());
-    if let Some(p) = pools.get_opt(&pool).await.expect("get pool") {
-        let instance = p.metadata.labels.unwrap_or_default();
-        assert_eq!(
-            instance
-                .get("app.kubernetes.io/instance")
-                .map(String::as_str),
-            Some(RELEASE),
-            "a pool {pool} not from this test exists: an earlier test left it"
-        );
+    let applied = applied
+        .iter()
+        .map(|x| serde_yaml::to_string(x).expect("yaml"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    Rendered {
+        pod,
+        container,
+        applied,
+        pool,
+        metrics_port,
     }
-    cleanup.applied = Some(applied_yaml.clone());
-    cleanup.pool = Some(pool.clone());
-    let (ok, out, err) = run_tool("kubectl", &["apply", "-f", "-"], Some(&applied_yaml)).await;
-    assert!(ok, "applying the chart's objects: {out}{err}");
+}
 
-    // the ServiceAccount's token, as the real controller-manager makes it
-    let sa = pod["serviceAccountName"]
-        .as_str()
-        .expect("serviceAccountName");
-    let secrets: Api<Secret> = Api::namespaced(admin.clone(), &ns);
+/// The ServiceAccount's token, as the real controller-manager makes it, in a directory laid out as a kubelet
+/// mounts it into a pod.
+async fn service_account_mount(admin: &Client, ns: &str, sa: &str, dir: &Path) -> PathBuf {
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
     let secret_name = format!("{sa}-image-e2e");
     let secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": secret_name, "annotations": {"kubernetes.io/service-account.name": sa}},
@@ -457,19 +420,27 @@ async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
     std::fs::create_dir_all(&mount).expect("mount dir");
     std::fs::write(mount.join("token"), &token).expect("token");
     std::fs::write(mount.join("ca.crt"), &ca).expect("ca.crt");
-    std::fs::write(mount.join("namespace"), &ns).expect("namespace");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        for p in [&dir, &mount] {
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
-        for f in ["token", "ca.crt", "namespace"] {
-            std::fs::set_permissions(mount.join(f), std::fs::Permissions::from_mode(0o644))
-                .expect("chmod");
-        }
+    std::fs::write(mount.join("namespace"), ns).expect("namespace");
+    use std::os::unix::fs::PermissionsExt;
+    for p in [dir, &mount] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
+    for f in ["token", "ca.crt", "namespace"] {
+        std::fs::set_permissions(mount.join(f), std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+    }
+    mount
+}
 
-    // the pod, as podman flags
+/// `podman run` for the rendered pod: in-cluster config, securityContext, env, limits, command and args.
+async fn podman_run_args(
+    r: &Rendered,
+    mount: &Path,
+    ns: &str,
+    pod_name: &str,
+    container: &str,
+    image: &str,
+) -> Vec<String> {
     let server = kube::Config::infer().await.expect("config").cluster_url;
     assert_eq!(
         server.host(),
@@ -477,9 +448,7 @@ async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
         "the test apiserver listens on 127.0.0.1"
     );
     let api_port = server.port_u16().expect("the apiserver's port");
-    let pod_name = format!("{RELEASE}-sharedlb-{suffix}");
-    let container = format!("sharedlb-image-e2e-{suffix}");
-    let (security, (uid, gid)) = security_flags(pod, c);
+    let c = &r.container;
     let pull = match c["imagePullPolicy"].as_str() {
         Some("Always") => "always",
         Some("Never") => "never",
@@ -489,7 +458,7 @@ async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
         "run".into(),
         "--detach".into(),
         "--name".into(),
-        container.clone(),
+        container.into(),
         format!("--pull={pull}"),
         "--network".into(),
         "host".into(),
@@ -500,39 +469,37 @@ async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
         "--volume".into(),
         format!("{}:{SA_MOUNT}:ro", mount.display()),
     ];
-    run.extend(security);
-    run.extend(env_flags(c, &pod_name, &ns));
+    run.extend(security_flags(&r.pod, c).0);
+    run.extend(env_flags(c, pod_name, ns));
     run.extend(memory_flags(c));
     if let Some(cmd) = c["command"].as_array() {
         run.extend(["--entrypoint".into(), Value::Array(cmd.clone()).to_string()]);
     }
-    run.push(image.clone());
-    run.extend(
-        c["args"]
-            .as_array()
-            .expect("args")
-            .iter()
-            .map(|a| a.as_str().expect("arg").to_string()),
-    );
-    println!("podman {}", run.join(" "));
-    cleanup.container = Some(container.clone());
-    let run: Vec<&str> = run.iter().map(String::as_str).collect();
-    let (ok, _, err) = podman(&conf, &run);
-    assert!(ok, "podman run: {err}");
+    run.push(image.into());
+    run.extend(args(c).into_iter().map(str::to_string));
+    run
+}
 
-    // what the kernel says about the container's process
-    let (ok, pid, err) = podman(
-        &conf,
-        &["inspect", "--format", "{{.State.Pid}}", &container],
-    );
+fn args(c: &Value) -> Vec<&str> {
+    c["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("arg"))
+        .collect()
+}
+
+/// What the kernel says about the container's process: uid/gid, no capabilities, no_new_privs, a seccomp
+/// filter, a read-only root; and what podman says.
+fn assert_confined(conf: &Path, container: &str, (uid, gid): (i64, i64)) {
+    let (ok, pid, err) = podman(conf, &["inspect", "--format", "{{.State.Pid}}", container]);
     assert!(
         ok && pid != "0",
         "the container is not running: {pid} {err}"
     );
-    let ids = format!("{uid}\t{uid}\t{uid}\t{uid}");
     assert_eq!(
         proc_status(&pid, "Uid"),
-        ids,
+        format!("{uid}\t{uid}\t{uid}\t{uid}"),
         "real, effective, saved, fs uid"
     );
     assert_eq!(
@@ -567,7 +534,7 @@ async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
         "readOnlyRootFilesystem: the root is mounted {}",
         root[5]
     );
-    let (_, top, _) = podman(&conf, &["top", &container, "user", "huser", "args"]);
+    let (_, top, _) = podman(conf, &["top", container, "user", "huser", "args"]);
     println!("{top}");
     assert!(
         top.lines()
@@ -575,16 +542,19 @@ async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
             .all(|l| l.starts_with("nonroot") && l.contains("65532")),
         "every process is nonroot (uid 65532): {top}"
     );
-    let (_, inspect, _) = podman(&conf, &["inspect", &container]);
+    let (_, inspect, _) = podman(conf, &["inspect", container]);
     let inspect: Value = serde_json::from_str(&inspect).expect("inspect json");
     assert_eq!(inspect[0]["HostConfig"]["ReadonlyRootfs"], true);
+}
 
-    // ready, leading, serving metrics: through the probe the chart declares
+/// Ready through the probes the chart declares, leading (metrics and the Lease the args name, held by the pod).
+async fn assert_ready_and_leading(admin: &Client, r: &Rendered, ns: &str, pod_name: &str) {
+    let c = &r.container;
     let probe_path = c["readinessProbe"]["httpGet"]["path"]
         .as_str()
         .expect("readinessProbe path");
     let probe = probe_port(c, "readinessProbe");
-    assert_eq!(probe, metrics_port);
+    assert_eq!(probe, r.metrics_port);
     eventually(60, &format!("{probe_path} answers 200"), || async {
         (http_get(probe, probe_path).await?.0 == 200).then_some(())
     })
@@ -592,14 +562,12 @@ async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
     let liveness = c["livenessProbe"]["httpGet"]["path"]
         .as_str()
         .expect("livenessProbe path");
-    assert_eq!(
-        http_get(probe_port(c, "livenessProbe"), liveness)
-            .await
-            .map(|r| r.0),
-        Some(200)
-    );
+    let live = http_get(probe_port(c, "livenessProbe"), liveness)
+        .await
+        .map(|r| r.0);
+    assert_eq!(live, Some(200));
     let metrics = eventually(30, "/metrics shows it leads", || async {
-        let (status, body) = http_get(metrics_port, "/metrics").await?;
+        let (status, body) = http_get(r.metrics_port, "/metrics").await?;
         (status == 200 && body.lines().any(|l| l == "sharedlb_leader 1")).then_some(body)
     })
     .await;
@@ -607,39 +575,29 @@ async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
         metrics.contains("# TYPE sharedlb_leader gauge"),
         "Prometheus text"
     );
-
-    // the Lease the args name, held by this pod
-    let args: Vec<&str> = c["args"]
-        .as_array()
-        .expect("args")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    let lease_name = args
-        .iter()
+    let lease_name = args(c)
+        .into_iter()
         .find_map(|a| a.strip_prefix("--lease-name="))
-        .expect("--lease-name");
-    let leases: Api<Lease> = Api::namespaced(admin.clone(), &ns);
+        .expect("--lease-name")
+        .to_string();
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), ns);
     let holder = eventually(30, "the Lease has a holder", || async {
-        leases.get(lease_name).await.ok()?.spec?.holder_identity
+        leases.get(&lease_name).await.ok()?.spec?.holder_identity
     })
     .await;
     assert_eq!(
         holder, pod_name,
         "the Lease {ns}/{lease_name} is held by the pod"
     );
+}
 
-    // a SharedLB in another namespace, on the chart's pool, made Ready by the container
-    let user = namespace(&admin, "image-user", &[]).await;
+/// A SharedLB in another namespace, on the chart's pool, made Ready by the container.
+async fn a_shared_lb_becomes_ready(admin: &Client, cleanup: &mut Cleanup, pool: &str) {
+    let user = namespace(admin, "image-user", &[]).await;
     cleanup.namespaces.push(user.clone());
-    create_slb(
-        &admin,
-        &user,
-        "web",
-        json!({"pool": pool, "selector": {"app": "web"}, "ports": [{"name": "http", "targetPort": 8080}]}),
-    )
-    .await;
-    let s = ready(&admin, &user, "web", 60).await;
+    let spec = json!({"pool": pool, "selector": {"app": "web"}, "ports": [{"name": "http", "targetPort": 8080}]});
+    create_slb(admin, &user, "web", spec).await;
+    let s = ready(admin, &user, "web", 60).await;
     let st = s.status.as_ref().expect("status");
     let ip = st
         .load_balancer
@@ -650,25 +608,28 @@ async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
         ip.starts_with("198.51.100."),
         "the memory provider's TEST-NET-2 address: {ip}"
     );
-    assert_eq!(st.pool.as_deref(), Some(pool.as_str()));
+    assert_eq!(st.pool.as_deref(), Some(pool));
     println!(
         "{user}/web Ready on {ip}:{}",
         st.ports.first().expect("a port").port
     );
+    // the operator finishes its finalizers before it is stopped
+    delete_namespace(admin, &user).await;
+    delete_pool(admin, pool).await;
+}
 
-    // the operator finishes its finalizers, then stops on SIGTERM as a kubelet stops it
-    delete_namespace(&admin, &user).await;
-    delete_pool(&admin, &pool).await;
+/// The operator stops on SIGTERM, as a kubelet stops it, within the pod's grace period, with exit code 0.
+fn stops_cleanly_on_sigterm(conf: &Path, container: &str, pod: &Value) {
     let grace = pod["terminationGracePeriodSeconds"]
         .as_u64()
         .unwrap_or(30)
         .to_string();
     let started = std::time::Instant::now();
-    let (ok, _, err) = podman(&conf, &["stop", "--time", &grace, &container]);
+    let (ok, _, err) = podman(conf, &["stop", "--time", &grace, container]);
     assert!(ok, "podman stop: {err}");
     let (_, code, _) = podman(
-        &conf,
-        &["inspect", "--format", "{{.State.ExitCode}}", &container],
+        conf,
+        &["inspect", "--format", "{{.State.ExitCode}}", container],
     );
     assert_eq!(
         code,
@@ -677,5 +638,66 @@ async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
         started.elapsed()
     );
     println!("stopped by SIGTERM in {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_runs_as_the_charts_pod_and_makes_a_sharedlb_ready() {
+    let _turn = SERIAL.lock().await;
+    let admin = client().await;
+    let image = image();
+    let suffix = format!("{:06x}", fastrand::u32(..0xff_ffff));
+    let dir = std::env::temp_dir().join(format!("sharedlb-image-e2e-{suffix}"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let conf = podman_conf(&dir);
+    let mut cleanup = Cleanup {
+        conf: conf.clone(),
+        dir: dir.clone(),
+        container: None,
+        applied: None,
+        pool: None,
+        namespaces: vec![],
+    };
+    let size = check_image(&conf, &image);
+    println!("image {image}: {} MiB ({size} bytes)", size / 1024 / 1024);
+
+    let ns = namespace(&admin, "sharedlb-image", &[]).await;
+    cleanup.namespaces.push(ns.clone());
+    let rendered = render_chart(&ns, &image).await;
+    let pools = Api::<sharedlb_crds::LoadBalancerPool>::all(admin.clone());
+    if let Some(p) = pools.get_opt(&rendered.pool).await.expect("get pool") {
+        let labels = p.metadata.labels.unwrap_or_default();
+        assert_eq!(
+            labels.get("app.kubernetes.io/instance").map(String::as_str),
+            Some(RELEASE),
+            "a pool {} not from this test exists: an earlier test left it",
+            rendered.pool
+        );
+    }
+    cleanup.applied = Some(rendered.applied.clone());
+    cleanup.pool = Some(rendered.pool.clone());
+    let (ok, out, err) = run_tool("kubectl", &["apply", "-f", "-"], Some(&rendered.applied)).await;
+    assert!(ok, "applying the chart's objects: {out}{err}");
+    let sa = rendered.pod["serviceAccountName"]
+        .as_str()
+        .expect("serviceAccountName");
+    let mount = service_account_mount(&admin, &ns, sa, &dir).await;
+
+    let pod_name = format!("{RELEASE}-sharedlb-{suffix}");
+    let container = format!("sharedlb-image-e2e-{suffix}");
+    let run = podman_run_args(&rendered, &mount, &ns, &pod_name, &container, &image).await;
+    println!("podman {}", run.join(" "));
+    cleanup.container = Some(container.clone());
+    let run: Vec<&str> = run.iter().map(String::as_str).collect();
+    let (ok, _, err) = podman(&conf, &run);
+    assert!(ok, "podman run: {err}");
+
+    assert_confined(
+        &conf,
+        &container,
+        security_flags(&rendered.pod, &rendered.container).1,
+    );
+    assert_ready_and_leading(&admin, &rendered, &ns, &pod_name).await;
+    a_shared_lb_becomes_ready(&admin, &mut cleanup, &rendered.pool).await;
+    stops_cleanly_on_sigterm(&conf, &container, &rendered.pod);
     drop(cleanup);
 }
