@@ -766,7 +766,8 @@ impl AwsProvider {
 
     /// The ingress one listener needs: its node port from the client ranges (the NLB keeps client IPs), and
     /// from the VPC for health checks unless the ranges are open anyway (one rule per port then). UDP ports are
-    /// health-checked on kube-proxy's port, opened to the VPC once for the pool. Nothing wider.
+    /// health-checked on kube-proxy's port, opened to the VPC once for the pool. Nothing wider, and nothing
+    /// left of what an earlier `sourceRanges` opened.
     async fn open_firewall(
         &self,
         protocol: Protocol,
@@ -800,12 +801,10 @@ impl AwsProvider {
                 *open = true;
             }
         }
-        self.authorize(self.permission(protocol, node_port, cidrs))
-            .await?;
-        self.opened
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key);
+        self.sync_firewall(protocol, node_port, cidrs).await?;
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        opened.retain(|(p, n, _)| !(*p == protocol && *n == node_port));
+        opened.insert(key);
         Ok(())
     }
 
@@ -815,13 +814,57 @@ impl AwsProvider {
         protocol: Protocol,
         node_port: u16,
     ) -> Result<(), ProviderError> {
-        let Some(sg) = &self.settings.node_security_group_id else {
-            return Ok(());
-        };
         self.opened
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(p, n, _)| !(*p == protocol && *n == node_port));
+        self.sync_firewall(protocol, node_port, BTreeSet::new())
+            .await
+    }
+
+    /// Makes sharedlb's rules for this node port (known by their description) open it to exactly `want`:
+    /// what is missing is authorised first, so a changed range never closes the port in between, then what is
+    /// no longer wanted is revoked, so a narrowed `sourceRanges` closes the wider rule. IPv6 sources are left
+    /// out, as `permission` leaves them out.
+    async fn sync_firewall(
+        &self,
+        protocol: Protocol,
+        node_port: u16,
+        want: BTreeSet<String>,
+    ) -> Result<(), ProviderError> {
+        let Some(sg) = &self.settings.node_security_group_id else {
+            return Ok(());
+        };
+        let want: BTreeSet<String> = want.into_iter().filter(|c| !c.contains(':')).collect();
+        let have = self.opened_sources(sg, protocol, node_port).await?;
+        let missing: Vec<String> = want.difference(&have).cloned().collect();
+        if !missing.is_empty() {
+            self.authorize(self.permission(protocol, node_port, missing))
+                .await?;
+        }
+        let extra: Vec<String> = have.difference(&want).cloned().collect();
+        if extra.is_empty() {
+            return Ok(());
+        }
+        crate::gone_is_ok(
+            self.ec2
+                .revoke_security_group_ingress()
+                .group_id(sg)
+                .ip_permissions(self.permission(protocol, node_port, extra))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify("revoke_security_group_ingress", e)),
+        )
+    }
+
+    /// The sources sharedlb's rules open this node port to.
+    async fn opened_sources(
+        &self,
+        sg: &str,
+        protocol: Protocol,
+        node_port: u16,
+    ) -> Result<BTreeSet<String>, ProviderError> {
         let r = self
             .ec2
             .describe_security_groups()
@@ -831,36 +874,16 @@ impl AwsProvider {
             .map_err(|e| classify("describe_security_groups", e))?;
         let mine = self.description();
         let wire = protocol.as_str().to_lowercase();
-        let perms: Vec<ec2::types::IpPermission> = r
-            .security_groups()
+        Ok(r.security_groups()
             .iter()
             .flat_map(|g| g.ip_permissions())
             .filter(|p| {
                 p.from_port == Some(i32::from(node_port)) && p.ip_protocol() == Some(wire.as_str())
             })
-            .filter_map(|p| {
-                let ranges: Vec<String> = p
-                    .ip_ranges()
-                    .iter()
-                    .filter(|r| r.description() == Some(&mine))
-                    .filter_map(|r| r.cidr_ip().map(str::to_string))
-                    .collect();
-                (!ranges.is_empty()).then(|| self.permission(protocol, node_port, ranges))
-            })
-            .collect();
-        if perms.is_empty() {
-            return Ok(());
-        }
-        crate::gone_is_ok(
-            self.ec2
-                .revoke_security_group_ingress()
-                .group_id(sg)
-                .set_ip_permissions(Some(perms))
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| classify("revoke_security_group_ingress", e)),
-        )
+            .flat_map(|p| p.ip_ranges())
+            .filter(|r| r.description() == Some(&mine))
+            .filter_map(|r| r.cidr_ip().map(str::to_string))
+            .collect())
     }
 
     /// Finds or creates the target group for one port, protocol(s) and node port, with the nodes registered

@@ -772,3 +772,84 @@ async fn subnets_are_found_by_the_cluster_tag_and_elastic_ips_cap_the_pool() {
         "{e:?}"
     );
 }
+
+/// Changing a SharedLB's `sourceRanges` leaves the node port open to exactly the new sources: narrowing revokes
+/// the wider rule (it used to stay open to 0.0.0.0/0), widening adds, going back to open undoes both; a rule
+/// someone else added on the same port stays; ensuring the same ranges again writes nothing.
+#[tokio::test]
+async fn a_changed_source_range_leaves_exactly_the_new_rules() {
+    let net = network().await;
+    let sg = net.node_security_group_id.clone().expect("sg");
+    let p = AwsProvider::new("ranges", "p1", net.clone())
+        .await
+        .expect("provider");
+    let key = LoadBalancerKey {
+        cluster_id: "ranges".into(),
+        pool: "p1".into(),
+        index: 0,
+    };
+    p.ensure_load_balancer(&key).await.expect("nlb");
+    let theirs = aws_sdk_ec2::types::IpPermission::builder()
+        .ip_protocol("tcp")
+        .from_port(31100)
+        .to_port(31100)
+        .ip_ranges(
+            aws_sdk_ec2::types::IpRange::builder()
+                .cidr_ip("192.0.2.0/24")
+                .build(),
+        )
+        .build();
+    ec2()
+        .await
+        .authorize_security_group_ingress()
+        .group_id(&sg)
+        .ip_permissions(theirs)
+        .send()
+        .await
+        .expect("a rule of someone else's");
+    let sources = || async {
+        ingress(&sg)
+            .await
+            .into_iter()
+            .filter(|(proto, port, _)| proto == "tcp" && *port == 31100)
+            .map(|(_, _, cidr)| cidr)
+            .collect::<Vec<_>>()
+    };
+    let steps: [(&[&str], &[&str]); 4] = [
+        (&[], &["0.0.0.0/0", "192.0.2.0/24"]),
+        (
+            &["198.51.100.0/24"],
+            &["10.42.0.0/16", "192.0.2.0/24", "198.51.100.0/24"],
+        ),
+        (
+            &["198.51.100.0/24", "203.0.113.0/24"],
+            &[
+                "10.42.0.0/16",
+                "192.0.2.0/24",
+                "198.51.100.0/24",
+                "203.0.113.0/24",
+            ],
+        ),
+        (&[], &["0.0.0.0/0", "192.0.2.0/24"]),
+    ];
+    for (ranges, expected) in steps {
+        p.ensure_listener(&key, &spec(4100, Protocol::Tcp, 31100, "o1", ranges))
+            .await
+            .expect("listener");
+        assert_eq!(sources().await, expected, "sourceRanges {ranges:?}");
+    }
+    let before = mutating(&p);
+    p.ensure_listener(&key, &spec(4100, Protocol::Tcp, 31100, "o1", &[]))
+        .await
+        .expect("listener again");
+    assert_eq!(
+        diff(&mutating(&p), &before),
+        BTreeMap::new(),
+        "nothing to write"
+    );
+    p.remove_listener(&key, 4100, Protocol::Tcp, "o1")
+        .await
+        .expect("remove");
+    assert_eq!(sources().await, ["192.0.2.0/24"], "only their rule stays");
+    p.delete_load_balancer(&key).await.expect("delete");
+}
