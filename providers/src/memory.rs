@@ -343,6 +343,10 @@ impl LoadBalancerProvider for MemoryProvider {
     }
 
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
+        // registering targets is a cloud call like any other: it takes the injected latency too
+        if !self.faults.latency.is_zero() {
+            tokio::time::sleep(self.faults.latency).await;
+        }
         let mut acc = self.cloud.lock();
         if acc.nodes != nodes {
             acc.nodes = nodes.to_vec();

@@ -708,3 +708,46 @@ async fn a_pool_in_use_waits_and_an_unused_one_takes_its_load_balancers_with_it(
     );
     op.kill().await;
 }
+
+/// A pool whose cloud answers slowly (30 s a call, as an unreachable endpoint until its timeout) delays no
+/// other pool: making its provider and registering its nodes happen outside the lock every pool goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_cloud_delays_no_other_pool() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-isolation", &[]).await;
+    create_pool(
+        &client,
+        "slow",
+        json!({"provider": {"memory": {"latencyMs": 30000}}}),
+    )
+    .await;
+    create_pool(&client, "quick", json!({"provider": {"memory": {}}})).await;
+    create_slb(&client, &ns, "stuck", spec("slow", vec![tcp("a", None)])).await;
+    // the slow pool's provider is being made (its node registration sleeping) when the quick one is needed
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    create_slb(&client, &ns, "fine", spec("quick", vec![tcp("a", None)])).await;
+    ready(&client, &ns, "fine", 25).await;
+    let took = started.elapsed();
+    println!("the quick pool's SharedLB was Ready in {took:?} beside a 30 s cloud");
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "a slow pool held up another for {took:?}"
+    );
+    // clean up at normal speed: the provider is made again, from the pool's settings, after a restart
+    op.kill().await;
+    let fast = json!({"spec": {"provider": {"memory": {"latencyMs": null}}}});
+    Api::<LoadBalancerPool>::all(client.clone())
+        .patch("slow", &PatchParams::default(), &Patch::Merge(&fast))
+        .await
+        .expect("latency off");
+    let op = Operator::start(&client, &cloud);
+    delete_namespace(&client, &ns).await;
+    for pool in ["slow", "quick"] {
+        delete_pool(&client, pool).await;
+    }
+    op.kill().await;
+}

@@ -83,7 +83,26 @@ pub struct Context {
     nodes: Store<Node>,
     slices: EndpointSlices,
     factory: Arc<dyn ProviderFactory>,
-    allocators: Mutex<HashMap<String, Arc<PoolAllocator>>>,
+    /// One slot per pool name. The map's lock is held only to find a slot, never while a provider is made or
+    /// called, so a pool whose cloud is slow or unreachable delays no other pool.
+    allocators: Mutex<HashMap<String, Arc<AllocatorSlot>>>,
+}
+
+/// A pool object's allocator, made once by the first reconcile that needs it (the others of that pool wait for
+/// it; a failed attempt leaves the slot empty for the next).
+#[derive(Debug)]
+struct AllocatorSlot {
+    pool_uid: String,
+    allocator: tokio::sync::OnceCell<Arc<PoolAllocator>>,
+}
+
+impl AllocatorSlot {
+    fn new(pool_uid: &str) -> Arc<Self> {
+        Arc::new(AllocatorSlot {
+            pool_uid: pool_uid.to_string(),
+            allocator: tokio::sync::OnceCell::new(),
+        })
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -97,12 +116,25 @@ impl std::fmt::Debug for Context {
 impl Context {
     /// The allocator of a pool, made on first use (and again if the pool was deleted and made anew).
     async fn allocator(&self, pool: &LoadBalancerPool) -> Result<Arc<PoolAllocator>, Error> {
-        let name = pool.name_any();
         let uid = pool.uid().unwrap_or_default();
-        let mut all = self.allocators.lock().await;
-        if let Some(a) = all.get(&name).filter(|a| a.pool_uid == uid) {
-            return Ok(a.clone());
-        }
+        let slot = {
+            let mut all = self.allocators.lock().await;
+            let slot = all
+                .entry(pool.name_any())
+                .or_insert_with(|| AllocatorSlot::new(&uid));
+            if slot.pool_uid != uid {
+                *slot = AllocatorSlot::new(&uid);
+            }
+            slot.clone()
+        };
+        slot.allocator
+            .get_or_try_init(|| self.make_allocator(pool))
+            .await
+            .cloned()
+    }
+
+    async fn make_allocator(&self, pool: &LoadBalancerPool) -> Result<Arc<PoolAllocator>, Error> {
+        let name = pool.name_any();
         let provider = MeteredProvider::wrap(
             self.factory
                 .make(&self.settings.cluster_id, &name, &pool.spec)
@@ -112,24 +144,29 @@ impl Context {
         if let Err(e) = provider.update_nodes(&node_targets(&self.nodes)).await {
             warn!(pool = %name, error = %e, "could not give the provider the cluster's nodes; retrying soon");
         }
-        let a = Arc::new(PoolAllocator::new(
+        Ok(Arc::new(PoolAllocator::new(
             &name,
-            &uid,
+            &pool.uid().unwrap_or_default(),
             &self.settings.cluster_id,
             provider,
             pool.spec.provider.clone(),
-        ));
-        all.insert(name, a.clone());
-        Ok(a)
+        )))
     }
 
     /// The allocator of this pool object, if one was made.
     async fn existing_allocator(&self, pool: &LoadBalancerPool) -> Option<Arc<PoolAllocator>> {
         let uid = pool.uid().unwrap_or_default();
         let all = self.allocators.lock().await;
-        all.get(&pool.name_any())
-            .filter(|a| a.pool_uid == uid)
-            .cloned()
+        let slot = all.get(&pool.name_any()).filter(|s| s.pool_uid == uid)?;
+        slot.allocator.get().cloned()
+    }
+
+    /// Every allocator made so far.
+    async fn all_allocators(&self) -> Vec<Arc<PoolAllocator>> {
+        let all = self.allocators.lock().await;
+        all.values()
+            .filter_map(|s| s.allocator.get().cloned())
+            .collect()
     }
 
     /// Forgets a deleted pool's allocator.
@@ -457,8 +494,7 @@ async fn run_controllers(
             loop {
                 tick.tick().await;
                 let now = node_targets(&ctx.nodes);
-                let allocators: Vec<Arc<PoolAllocator>> =
-                    ctx.allocators.lock().await.values().cloned().collect();
+                let allocators = ctx.all_allocators().await;
                 for a in allocators {
                     if sent.get(&a.pool) == Some(&now) {
                         continue;
@@ -482,8 +518,7 @@ async fn run_controllers(
             let mut tick = tokio::time::interval(Duration::from_secs(10));
             loop {
                 tick.tick().await;
-                let allocators: Vec<Arc<PoolAllocator>> =
-                    ctx.allocators.lock().await.values().cloned().collect();
+                let allocators = ctx.all_allocators().await;
                 let mut rows = Vec::new();
                 for a in allocators {
                     ctx.metrics
