@@ -591,6 +591,11 @@ async fn every_invalid_input_gets_its_condition_and_event_and_no_cloud_call() {
         .expect("svc");
     create_slb(&client, &ns, "taken", spec("small", vec![p("a")])).await;
     refused(&client, &ns, "taken", "ServiceConflict").await;
+    assert!(
+        cloud.mutating_calls().is_empty() && cloud.load_balancers().is_empty(),
+        "a Service conflict is found before the cloud is touched: {:?}",
+        cloud.mutating_calls()
+    );
     let svc = Api::<Service>::namespaced(client.clone(), &ns)
         .get("taken-sharedlb")
         .await

@@ -296,3 +296,37 @@ async fn an_exceeded_quota_is_a_condition_with_googles_message_and_nothing_half_
     delete_pool(&client, &pool).await;
     op.kill().await;
 }
+
+/// On GCP the external port is the node port, so a fixed port outside the cluster's node-port range cannot be
+/// served: the apiserver refuses the Service, and the SharedLB says so (ServiceInvalid, the apiserver's words,
+/// an Event) before anything is made in the cloud, instead of retrying in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fixed_port_outside_the_node_port_range_is_refused_before_the_cloud() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let fake = GcpFake::start().await;
+    let op = operator_on(&client, &fake);
+    let ns = namespace(&client, "gcp-range", &[]).await;
+    let pool = gcp_pool(&client, json!({})).await;
+    create_slb(
+        &client,
+        &ns,
+        "web",
+        json!({"pool": pool, "selector": {"app": "web"},
+        "ports": [{"name": "http", "port": 8080, "targetPort": 80}]}),
+    )
+    .await;
+    let msg = refused(&client, &ns, "web", "ServiceInvalid").await;
+    assert!(msg.contains("valid range"), "the apiserver's words: {msg}");
+    event_recorded(&client, &ns, "web", "ServiceInvalid", 10).await;
+    for kind in ["addresses", "forwardingRules", "firewalls"] {
+        assert!(
+            fake.resources(kind).is_empty(),
+            "{kind} made: {:?}",
+            fake.resources(kind)
+        );
+    }
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, &pool).await;
+    op.kill().await;
+}

@@ -352,12 +352,8 @@ async fn program(
 ) -> Result<Action, Error> {
     let uid = slb.uid().unwrap_or_default();
     let key = alloc.key(allocation.lb);
-    let info = match alloc.provider.ensure_load_balancer(&key).await {
-        Ok(i) => i,
-        Err(e) => return cloud_failed(ctx, slb, e).await,
-    };
-    alloc.remember(allocation.lb, info.clone());
-
+    // The Service first: the apiserver is the last judge of the input (a foreign Service of that name, a node
+    // port it refuses), and what it refuses must not have made anything in the cloud.
     let node_ports = match ensure_service(ctx, slb, allocation, mode).await? {
         Ok(p) => p,
         Err((reason, msg)) => {
@@ -377,6 +373,11 @@ async fn program(
             .await;
         }
     };
+    let info = match alloc.provider.ensure_load_balancer(&key).await {
+        Ok(i) => i,
+        Err(e) => return cloud_failed(ctx, slb, e).await,
+    };
+    alloc.remember(allocation.lb, info.clone());
     let owner = Owner {
         uid: uid.clone(),
         namespace: slb.namespace().unwrap_or_default(),
@@ -810,6 +811,17 @@ async fn ensure_service(
                 NODE_PORT_TAKEN,
                 format!(
                     "the Service {ns}/{name} cannot have its node port equal to the external port: {}; on this cloud the external port is the node port, so another Service outside sharedlb holds it",
+                    e.message
+                ),
+            )));
+        }
+        // anything else the apiserver finds wrong with it (a fixed port outside its node-port range on a
+        // passthrough cloud, ...) is the user's to fix: a condition and an Event, not a silent retry loop
+        Err(kube::Error::Api(e)) if e.code == 422 => {
+            return Ok(Err((
+                "ServiceInvalid",
+                format!(
+                    "the apiserver refused the backing Service {ns}/{name}: {}",
                     e.message
                 ),
             )));
