@@ -29,6 +29,7 @@ use crate::telemetry::{self, MeteredProvider, Metrics};
 use crate::{Error, ProviderFactory};
 use sharedlb_providers::NodeTarget;
 
+mod backoff;
 mod pool;
 mod shared_lb;
 mod status;
@@ -86,6 +87,8 @@ pub struct Context {
     /// One slot per pool name. The map's lock is held only to find a slot, never while a provider is made or
     /// called, so a pool whose cloud is slow or unreachable delays no other pool.
     allocators: Mutex<HashMap<String, Arc<AllocatorSlot>>>,
+    /// Consecutive failures per object, for retries that back off.
+    backoff: backoff::Backoff,
 }
 
 /// A pool object's allocator, made once by the first reconcile that needs it (the others of that pool wait for
@@ -255,18 +258,25 @@ fn result_label(e: &Error) -> String {
     }
 }
 
-fn error_policy<K>(_obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
-    match err {
-        Error::Conflict => Action::requeue(Duration::from_millis(200)),
-        Error::PoolInUse(_) => Action::requeue(Duration::from_secs(10)),
-        Error::Provider(e) => Action::requeue(e.retry_after().unwrap_or(Duration::from_secs(300))),
+/// Retries back off per object (see `backoff`): the base says how soon this kind of failure is worth another
+/// try, a cloud's Retry-After is honoured.
+fn error_policy<K: Resource>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
+    let (base, at_least) = match err {
+        Error::Conflict => (Duration::from_millis(200), None),
+        Error::PoolInUse(_) => (Duration::from_secs(10), None),
+        Error::Provider(e) => (Duration::from_secs(5), e.retry_after()),
         Error::Kube(_)
         | Error::Finalizer(_)
         | Error::Json(_)
         | Error::Lease(_)
         | Error::LostLeadership
-        | Error::Io(_) => Action::requeue(Duration::from_secs(5)),
-    }
+        | Error::Io(_) => (Duration::from_secs(5), None),
+    };
+    Action::requeue(ctx.backoff.failed(&backoff_key(&*obj), base, at_least))
+}
+
+fn backoff_key<K: Resource>(obj: &K) -> String {
+    obj.meta().uid.clone().unwrap_or_default()
 }
 
 /// Runs the operator until `shutdown` resolves: metrics and health, then — with leader election — waits for the
@@ -402,6 +412,7 @@ async fn run_controllers(
         slices: slices.clone(),
         factory,
         allocators: Mutex::new(HashMap::new()),
+        backoff: backoff::Backoff::default(),
         settings: settings.clone(),
     });
     let shutdown = shutdown.shared();
@@ -446,8 +457,18 @@ async fn run_controllers(
         .run(
             |obj, ctx: Arc<Context>| async move {
                 let m = ctx.metrics.clone();
-                m.reconcile("sharedlb", shared_lb::reconcile(obj, ctx), result_label)
-                    .await
+                let key = backoff_key(&*obj);
+                let r = m
+                    .reconcile(
+                        "sharedlb",
+                        shared_lb::reconcile(obj, ctx.clone()),
+                        result_label,
+                    )
+                    .await;
+                if r.is_ok() {
+                    ctx.backoff.succeeded(&key);
+                }
+                r
             },
             error_policy,
             ctx.clone(),
@@ -472,8 +493,18 @@ async fn run_controllers(
         .run(
             |obj, ctx: Arc<Context>| async move {
                 let m = ctx.metrics.clone();
-                m.reconcile("loadbalancerpool", pool::reconcile(obj, ctx), result_label)
-                    .await
+                let key = backoff_key(&*obj);
+                let r = m
+                    .reconcile(
+                        "loadbalancerpool",
+                        pool::reconcile(obj, ctx.clone()),
+                        result_label,
+                    )
+                    .await;
+                if r.is_ok() {
+                    ctx.backoff.succeeded(&key);
+                }
+                r
             },
             error_policy,
             ctx.clone(),
