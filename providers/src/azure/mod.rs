@@ -56,8 +56,8 @@ pub const KUBE_PROXY_HEALTH_PORT: u16 = 10256;
 const BACKEND_POOL: &str = "nodes";
 const UDP_PROBE: &str = "probe-kube-proxy";
 
-/// How the provider gets its Azure token.
-#[derive(Debug, Clone)]
+/// How the provider gets its Azure token. Its `Debug` never shows the secret.
+#[derive(Clone)]
 pub enum AzureAuth {
     /// What the pod has: workload identity when `AZURE_FEDERATED_TOKEN_FILE` is set, a client secret when
     /// `AZURE_CLIENT_SECRET` is (with `AZURE_TENANT_ID`, `AZURE_CLIENT_ID`), else the managed identity
@@ -70,6 +70,47 @@ pub enum AzureAuth {
         secret: String,
         authority_host: Option<String>,
     },
+}
+
+impl std::fmt::Debug for AzureAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AzureAuth::Environment => f.write_str("Environment"),
+            AzureAuth::ClientSecret {
+                tenant_id,
+                client_id,
+                authority_host,
+                secret: _,
+            } => f
+                .debug_struct("ClientSecret")
+                .field("tenant_id", tenant_id)
+                .field("client_id", client_id)
+                .field("secret", &"<redacted>")
+                .field("authority_host", authority_host)
+                .finish(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod auth_debug_tests {
+    use super::AzureAuth;
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let auth = AzureAuth::ClientSecret {
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            secret: "hunter2-the-secret".into(),
+            authority_host: None,
+        };
+        let shown = format!("{auth:?} {auth:#?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("<redacted>") && shown.contains("client_id"),
+            "{shown}"
+        );
+    }
 }
 
 /// An HTTP transport that trusts `ca_pem` besides the system's roots (a private ARM endpoint or proxy; the tests'
