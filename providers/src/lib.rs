@@ -67,6 +67,12 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// The message for tenants (a SharedLB's status and Events, which its namespace reads): the cloud's words
+    /// with the account's identifiers taken out. The operator's logs and the pool's status keep the whole text.
+    pub fn tenant_message(&self) -> String {
+        redact_account_ids(&self.to_string())
+    }
+
     /// A CamelCase reason for conditions and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -272,8 +278,117 @@ pub trait LoadBalancerProvider: Send + Sync + Debug {
     }
 }
 
+/// Takes the cloud account's identifiers out of a cloud's message: the account id field of AWS ARNs
+/// (`arn:aws:elasticloadbalancing:eu-west-1:123456789012:...`), every GUID (Azure subscription and tenant ids) and
+/// GCP project ids in resource paths (`projects/my-project/...`).
+pub fn redact_account_ids(msg: &str) -> String {
+    let arns = redact_arn_accounts(msg);
+    let guids = redact_guids(&arns);
+    redact_after(&guids, "projects/")
+}
+
+fn redact_arn_accounts(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(at) = rest.find("arn:") {
+        let (before, arn) = rest.split_at(at);
+        out.push_str(before);
+        // arn:partition:service:region:account:resource
+        let fields: Vec<&str> = arn.splitn(6, ':').collect();
+        if fields.len() == 6
+            && fields[4].len() == 12
+            && fields[4].bytes().all(|b| b.is_ascii_digit())
+        {
+            out.push_str(&fields[..4].join(":"));
+            out.push_str(":<account>:");
+            rest = fields[5];
+        } else {
+            out.push_str("arn:");
+            rest = &arn[4..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn redact_guids(msg: &str) -> String {
+    const SHAPE: [usize; 5] = [8, 4, 4, 4, 12];
+    let is_guid = |w: &str| {
+        let parts: Vec<&str> = w.split('-').collect();
+        parts.len() == 5
+            && parts
+                .iter()
+                .zip(SHAPE)
+                .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    let mut out = String::with_capacity(msg.len());
+    let mut word = String::new();
+    for c in msg.chars().chain(std::iter::once('\0')) {
+        if c.is_ascii_hexdigit() || c == '-' {
+            word.push(c);
+            continue;
+        }
+        if is_guid(&word) {
+            out.push_str("<id>");
+        } else {
+            out.push_str(&word);
+        }
+        word.clear();
+        if c != '\0' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Replaces the path segment after each `marker` (up to the next `/`, quote or space).
+fn redact_after(msg: &str, marker: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(at) = rest.find(marker) {
+        let (before, tail) = rest.split_at(at + marker.len());
+        out.push_str(before);
+        let end = tail
+            .find(|c: char| c == '/' || c == '\'' || c == '"' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        out.push_str(if end == 0 { "" } else { "<project>" });
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tenant_messages_carry_no_account_ids() {
+        use crate::ProviderError;
+        let aws = ProviderError::InvalidConfig("User: arn:aws:sts::123456789012:assumed-role/sharedlb/i-1 is not authorized to perform: elasticloadbalancing:CreateListener on resource: arn:aws:elasticloadbalancing:eu-west-1:123456789012:loadbalancer/net/x/abc".into());
+        let m = aws.tenant_message();
+        assert!(!m.contains("123456789012"), "{m}");
+        assert!(
+            m.contains("arn:aws:sts::<account>:assumed-role/sharedlb/i-1")
+                && m.contains("CreateListener"),
+            "{m}"
+        );
+        let azure = ProviderError::InvalidConfig("AADSTS90002: Tenant '72f988bf-86f1-41af-91ab-2d7cd011db47' not found; /subscriptions/0b1f6471-1bf0-4dda-aec3-cb9272f09590/resourceGroups/rg".into());
+        let m = azure.tenant_message();
+        assert!(!m.contains("72f988bf") && !m.contains("0b1f6471"), "{m}");
+        assert!(
+            m.contains("Tenant '<id>' not found; /subscriptions/<id>/resourceGroups/rg"),
+            "{m}"
+        );
+        let gcp = ProviderError::QuotaExceeded("Quota 'ADDRESSES' exceeded. Limit: 0.0 in region europe-west1 of projects/acme-prod-42/regions/x".into());
+        let m = gcp.tenant_message();
+        assert!(
+            m.contains("Quota 'ADDRESSES' exceeded") && m.contains("projects/<project>/regions/x"),
+            "{m}"
+        );
+        // words that only look like ids stay
+        let plain = ProviderError::Other("port 31000-31002 deadbeef arn: none".into());
+        assert_eq!(plain.tenant_message(), plain.to_string());
+    }
     /// Existing clouds hold names made with this prefix: it must never change for a given cluster and pool.
     #[test]
     fn the_cloud_name_prefix_is_stable() {

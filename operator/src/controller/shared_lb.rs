@@ -103,7 +103,7 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
     let alloc = match ctx.allocator(&pool).await {
         Ok(a) => a,
         Err(Error::Provider(e)) => {
-            let msg = format!("pool {pool_name:?} cannot be used: {e}");
+            let msg = format!("pool {pool_name:?} cannot be used: {}", e.tenant_message());
             return refuse(
                 &ctx,
                 &slb,
@@ -561,7 +561,8 @@ async fn refuse(ctx: &Context, slb: &SharedLB, r: Refusal) -> Result<Action, Err
     Ok(r.requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
-/// A cloud call failed: Programmed=False with the cloud's message, an Event, and the error for the retry policy.
+/// A cloud call failed: Programmed=False with the cloud's message (without the account's ids: the namespace
+/// reads it), an Event, and the error, whole, for the log and the retry policy.
 async fn cloud_failed(
     ctx: &Context,
     slb: &SharedLB,
@@ -570,14 +571,15 @@ async fn cloud_failed(
     let old = slb.status.clone().unwrap_or_default();
     let mut st = old.clone();
     let generation = slb.meta().generation;
+    let message = e.tenant_message();
     let changed = status::get(&old.conditions, PROGRAMMED)
-        .is_none_or(|c| c.reason != e.reason() || c.message != e.to_string());
+        .is_none_or(|c| c.reason != e.reason() || c.message != message);
     status::set(
         &mut st.conditions,
         PROGRAMMED,
         false,
         e.reason(),
-        &e.to_string(),
+        &message,
         generation,
     );
     status::set(
@@ -585,12 +587,12 @@ async fn cloud_failed(
         READY,
         false,
         e.reason(),
-        &e.to_string(),
+        &message,
         generation,
     );
     write_status_if_changed(ctx, slb, &old, &st).await?;
     if changed {
-        ctx.event(slb, EventType::Warning, e.reason(), e.to_string())
+        ctx.event(slb, EventType::Warning, e.reason(), message)
             .await;
     }
     Err(Error::Provider(e))
