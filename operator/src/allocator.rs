@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex as SyncMutex};
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use sharedlb_crds::{LoadBalancerPoolSpec, ProviderSpec, SharedLB, SharedLBStatus};
-use sharedlb_placement::{AllocatedPort, Allocation, PoolConfig, PoolState, PortMode, Strategy};
+use sharedlb_placement::{
+    AllocatedPort, Allocation, Change, PoolConfig, PoolState, PortMode, Strategy,
+};
 use sharedlb_providers::{LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, ProviderError};
 use tokio::sync::{Mutex, MutexGuard};
 use tracing::{info, warn};
@@ -104,6 +106,26 @@ pub struct PoolAllocator {
     pub provider_spec: ProviderSpec,
     state: Mutex<Option<PoolState>>,
     infos: SyncMutex<BTreeMap<u32, LoadBalancerInfo>>,
+    strays: SyncMutex<Vec<StrayListener>>,
+}
+
+/// A listener the rebuild found in the cloud that no allocation accounts for and that could not be removed. Its
+/// port stays taken in the pool's state (held under `stray:<owner>:<lb>`), so nothing else is placed on it; the pool
+/// reports it and tries again. One such listener no longer stops the whole pool from placing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StrayListener {
+    pub lb: u32,
+    pub port: u16,
+    pub protocol: sharedlb_placement::Protocol,
+    pub owner_uid: String,
+    pub error: String,
+}
+
+impl StrayListener {
+    /// The key that holds its port in the pool's state: never a SharedLB's uid.
+    fn key(&self) -> String {
+        format!("stray:{}:{}", self.owner_uid, self.lb)
+    }
 }
 
 impl PoolAllocator {
@@ -122,6 +144,7 @@ impl PoolAllocator {
             provider_spec,
             state: Mutex::new(None),
             infos: SyncMutex::new(BTreeMap::new()),
+            strays: SyncMutex::new(Vec::new()),
         }
     }
 
@@ -221,6 +244,7 @@ impl PoolAllocator {
         }
         // The audit: a listener in the cloud that no allocation accounts for is removed (a crash between the
         // status write of a freed port and the cloud call leaves one).
+        let mut strays = Vec::new();
         for lb in &inventory.load_balancers {
             for l in &lb.listeners {
                 let accounted = st.allocation(&l.owner_uid).is_some_and(|a| {
@@ -231,14 +255,80 @@ impl PoolAllocator {
                 });
                 if !accounted {
                     info!(pool = %self.pool, lb = lb.index, port = l.port, owner = %l.owner_uid, "removing a stray listener");
-                    self.provider
+                    let removed = self
+                        .provider
                         .remove_listener(&self.key(lb.index), l.port, l.protocol, &l.owner_uid)
-                        .await?;
+                        .await;
+                    if let Err(e) = removed {
+                        warn!(pool = %self.pool, lb = lb.index, port = l.port, error = %e, "a stray listener could not be removed; its port stays taken");
+                        strays.push(StrayListener {
+                            lb: lb.index,
+                            port: l.port,
+                            protocol: l.protocol,
+                            owner_uid: l.owner_uid.clone(),
+                            error: e.to_string(),
+                        });
+                    }
                 }
             }
         }
+        hold_stray_ports(&mut st, &strays);
+        *self.strays.lock().unwrap_or_else(|e| e.into_inner()) = strays;
         info!(pool = %self.pool, restored, load_balancers = inventory.load_balancers.len(), "allocator rebuilt");
         Ok(st)
+    }
+
+    /// The stray listeners that could not be removed yet.
+    pub fn strays(&self) -> Vec<StrayListener> {
+        self.strays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Tries again to remove the stray listeners; each one removed frees its port in the pool's state.
+    pub async fn retry_strays(&self) {
+        for stray in self.strays() {
+            let removed = self
+                .provider
+                .remove_listener(
+                    &self.key(stray.lb),
+                    stray.port,
+                    stray.protocol,
+                    &stray.owner_uid,
+                )
+                .await;
+            // what is left of the same key once this one is gone, or None when it stays
+            let left = {
+                let mut strays = self.strays.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(at) = strays.iter().position(|s| s == &stray) else {
+                    continue;
+                };
+                match removed {
+                    Ok(()) => {
+                        strays.remove(at);
+                        let left: Vec<StrayListener> = strays
+                            .iter()
+                            .filter(|s| s.key() == stray.key())
+                            .cloned()
+                            .collect();
+                        Some(left)
+                    }
+                    Err(e) => {
+                        strays[at].error = e.to_string();
+                        None
+                    }
+                }
+            };
+            if let Some(left) = left {
+                info!(pool = %self.pool, lb = stray.lb, port = stray.port, "removed a stray listener");
+                if let Some(st) = self.state.lock().await.as_mut() {
+                    // the planner's own release; what it plans for a stray key has no cloud side
+                    let _ = st.plan(&[Change::Remove { key: stray.key() }]);
+                    hold_stray_ports(st, &left);
+                }
+            }
+        }
     }
 
     /// Deletes empty load balancers marked for deletion, then forgets them. Failures stay marked and are tried
@@ -253,6 +343,27 @@ impl PoolAllocator {
             info!(pool = %self.pool, lb, "deleted an empty load balancer");
         }
         Ok(())
+    }
+}
+
+/// Keeps the ports of listeners that could not be removed taken, one item per owner and load balancer.
+fn hold_stray_ports(st: &mut PoolState, strays: &[StrayListener]) {
+    let mut held: BTreeMap<(String, u32), Vec<AllocatedPort>> = BTreeMap::new();
+    for s in strays {
+        held.entry((s.key(), s.lb))
+            .or_default()
+            .push(AllocatedPort {
+                name: format!("{}-{:?}", s.port, s.protocol).to_lowercase(),
+                port: s.port,
+                protocol: s.protocol,
+            });
+    }
+    for ((key, lb), mut ports) in held {
+        ports.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Err(c) = st.restore(key, Allocation { lb, ports }) {
+            // an allocation the statuses account for holds it already: its own listener replaces the stray
+            warn!(lb = c.lb, port = c.port, held_by = %c.held_by, "a stray listener's port is allocated");
+        }
     }
 }
 

@@ -91,6 +91,7 @@ pub struct Metrics {
     pub pool_load_balancers: Family<PoolLabels, Gauge>,
     pub pool_ports_used: Family<PoolLabels, Gauge>,
     pub pool_ports_free: Family<PoolLabels, Gauge>,
+    pub pool_stray_listeners: Family<PoolLabels, Gauge>,
     pub leader: Gauge,
     pub listeners: ListenerMetrics,
     ready: AtomicBool,
@@ -116,6 +117,7 @@ impl Metrics {
         let pool_load_balancers = Family::<PoolLabels, Gauge>::default();
         let pool_ports_used = Family::<PoolLabels, Gauge>::default();
         let pool_ports_free = Family::<PoolLabels, Gauge>::default();
+        let pool_stray_listeners = Family::<PoolLabels, Gauge>::default();
         let leader = Gauge::default();
         registry.register(
             "reconciles",
@@ -156,6 +158,11 @@ impl Metrics {
             "pool_ports_free",
             "Free port/protocol pairs on the pool's existing load balancers",
             pool_ports_free.clone(),
+        );
+        registry.register(
+            "pool_stray_listeners",
+            "Listeners in the cloud that no allocation accounts for and that could not be removed yet (their ports stay taken)",
+            pool_stray_listeners.clone(),
         );
         registry.register(
             "leader",
@@ -204,6 +211,7 @@ impl Metrics {
             pool_load_balancers,
             pool_ports_used,
             pool_ports_free,
+            pool_stray_listeners,
             leader,
             ready: AtomicBool::new(false),
         }

@@ -56,6 +56,8 @@ struct Account {
     /// mutating calls by operation, counted when they change something or fail
     calls: BTreeMap<&'static str, u64>,
     nodes: Vec<NodeTarget>,
+    /// Owners whose listeners a test made unremovable.
+    unremovable: BTreeSet<String>,
 }
 
 /// A cloud account in memory.
@@ -87,6 +89,28 @@ impl MemoryCloud {
     /// The nodes last set through `update_nodes`.
     pub fn nodes(&self) -> Vec<NodeTarget> {
         self.lock().nodes.clone()
+    }
+
+    /// For tests: puts a listener on the load balancer with this cloud name, as a crashed operator leaves one.
+    pub fn plant_listener(&self, lb: &str, port: u16, protocol: Protocol, owner_uid: &str) {
+        if let Some(l) = self.lock().lbs.get_mut(lb) {
+            let planted = MemoryListener {
+                node_port: 30999,
+                owner_uid: owner_uid.to_string(),
+                source_ranges: vec![],
+            };
+            l.listeners.insert((port, protocol), planted);
+        }
+    }
+
+    /// For tests: the listeners of this owner cannot be removed (a cloud that keeps refusing) until allowed again.
+    pub fn refuse_removal(&self, owner_uid: &str, refuse: bool) {
+        let mut acc = self.lock();
+        if refuse {
+            acc.unremovable.insert(owner_uid.to_string());
+        } else {
+            acc.unremovable.remove(owner_uid);
+        }
     }
 }
 
@@ -287,6 +311,11 @@ impl LoadBalancerProvider for MemoryProvider {
             .is_some_and(|x| x.owner_uid == owner_uid);
         if !present {
             return Ok(());
+        }
+        if self.cloud.lock().unremovable.contains(owner_uid) {
+            return Err(ProviderError::Other(format!(
+                "memory: the listener on {name} port {port} cannot be removed (refused by the test)"
+            )));
         }
         self.call("delete_listener").await?;
         let mut acc = self.cloud.lock();

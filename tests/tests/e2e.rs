@@ -756,3 +756,91 @@ async fn a_slow_cloud_delays_no_other_pool() {
     }
     op.kill().await;
 }
+
+/// A listener in the cloud that no allocation accounts for (a crash leaves one) and that the cloud refuses to
+/// remove used to fail every rebuild of its pool, so the pool placed nothing at all. Now its port stays taken,
+/// everything else is placed, the pool says so (CloudInSync=False, the metric), and once the cloud lets go the
+/// pool removes it and frees the port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stray_listener_that_cannot_be_removed_blocks_its_port_not_the_pool() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-stray", &[]).await;
+    create_pool(
+        &client,
+        "strays",
+        json!({"provider": {"memory": {}}, "capacity": {"maxLoadBalancers": 1}}),
+    )
+    .await;
+    create_slb(
+        &client,
+        &ns,
+        "first",
+        spec("strays", vec![tcp("a", Some(4001))]),
+    )
+    .await;
+    ready(&client, &ns, "first", 30).await;
+    op.kill().await;
+    let lb = cloud_pool(&cloud, "strays")
+        .into_keys()
+        .next()
+        .expect("the pool's load balancer");
+    cloud.plant_listener(&lb, 4002, sharedlb_providers::Protocol::Tcp, "gone-owner");
+    cloud.refuse_removal("gone-owner", true);
+
+    let op = Operator::start(&client, &cloud);
+    create_slb(
+        &client,
+        &ns,
+        "second",
+        spec("strays", vec![tcp("a", Some(4003))]),
+    )
+    .await;
+    ready(&client, &ns, "second", 30).await;
+    // never two owners of one port: the stray's port is not handed out
+    create_slb(
+        &client,
+        &ns,
+        "third",
+        spec("strays", vec![tcp("a", Some(4002))]),
+    )
+    .await;
+    refused(&client, &ns, "third", "PortInUse").await;
+    let pools = Api::<LoadBalancerPool>::all(client.clone());
+    let in_sync = |want: &'static str| {
+        let pools = pools.clone();
+        async move {
+            let st = pools.get("strays").await.ok()?.status?;
+            let c = st
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "CloudInSync")?;
+            (c.status == want).then_some(c.message)
+        }
+    };
+    let msg = eventually(30, "the pool reports the stray", || in_sync("False")).await;
+    assert!(
+        msg.contains("port 4002") && msg.contains("cannot be removed"),
+        "{msg}"
+    );
+
+    cloud.refuse_removal("gone-owner", false);
+    eventually(
+        45,
+        "the pool removes the stray once the cloud lets it",
+        || in_sync("True"),
+    )
+    .await;
+    let listeners = &cloud_pool(&cloud, "strays")[&lb].1;
+    assert!(
+        listeners
+            .iter()
+            .all(|(port, _, owner)| *port != 4002 && owner != "gone-owner"),
+        "{listeners:?}"
+    );
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "strays").await;
+    op.kill().await;
+}

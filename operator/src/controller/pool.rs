@@ -18,6 +18,7 @@ use tracing::warn;
 use super::Context;
 use super::status::{self, READY};
 use crate::Error;
+use crate::allocator::StrayListener;
 use crate::telemetry::PoolLabels;
 
 pub async fn reconcile(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -148,6 +149,8 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
         }
         Err(e) => return Err(e),
     };
+    alloc.retry_strays().await;
+    let strays = alloc.strays();
     let retry_soon = !deleting.is_empty();
     if let Err(e) = alloc.delete_marked(deleting).await {
         warn!(error = %e, pool = %pool.name_any(), "deleting an empty load balancer failed; retrying");
@@ -190,6 +193,10 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
     m.pool_ports_free
         .get_or_create(&labels)
         .set(i64::from(free));
+    m.pool_stray_listeners
+        .get_or_create(&labels)
+        .set(strays.len() as i64);
+    set_in_sync(&mut st, &strays, generation);
     let kind = st.provider.clone().unwrap_or_default();
     status::set(
         &mut st.conditions,
@@ -201,11 +208,55 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
     );
     let next = if retry_soon {
         Duration::from_secs(5)
+    } else if !strays.is_empty() {
+        Duration::from_secs(30)
     } else {
         Duration::from_secs(60)
     };
     finish(&ctx, &pool, &old, st, Action::requeue(next)).await
 }
+
+/// `CloudInSync`: False while listeners no allocation accounts for could not be removed (their ports stay taken
+/// and every reconcile of the pool tries again), each named with the cloud's error.
+fn set_in_sync(st: &mut LoadBalancerPoolStatus, strays: &[StrayListener], generation: Option<i64>) {
+    let (ok, reason, message) = match strays {
+        [] => (
+            true,
+            "InSync",
+            "every listener in the cloud belongs to an allocation".to_string(),
+        ),
+        _ => {
+            let each: Vec<String> = strays
+                .iter()
+                .map(|s| {
+                    format!(
+                        "load balancer {} port {}/{:?} (owner {}): {}",
+                        s.lb, s.port, s.protocol, s.owner_uid, s.error
+                    )
+                })
+                .collect();
+            (
+                false,
+                "StrayListenerNotRemoved",
+                format!(
+                    "{} stray listener(s) could not be removed, their ports stay taken: {}",
+                    strays.len(),
+                    each.join("; ")
+                ),
+            )
+        }
+    };
+    status::set(
+        &mut st.conditions,
+        CLOUD_IN_SYNC,
+        ok,
+        reason,
+        &message,
+        generation,
+    );
+}
+
+const CLOUD_IN_SYNC: &str = "CloudInSync";
 
 /// Apiservers with CEL refuse a change of a pool's provider (the CRD's transition rules); without CEL the
 /// operator refuses it itself: against the settings its provider was made with, and after a restart against the
