@@ -275,6 +275,23 @@ fn error_policy<K: Resource>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Act
     Action::requeue(ctx.backoff.failed(&backoff_key(&*obj), base, at_least))
 }
 
+/// One reconcile, counted and timed in the metrics; a success starts the object's backoff over.
+async fn measured(
+    controller: &'static str,
+    key: &str,
+    ctx: Arc<Context>,
+    reconcile: impl Future<Output = Result<Action, Error>>,
+) -> Result<Action, Error> {
+    let r = ctx
+        .metrics
+        .reconcile(controller, reconcile, result_label)
+        .await;
+    if r.is_ok() {
+        ctx.backoff.succeeded(key);
+    }
+    r
+}
+
 fn backoff_key<K: Resource>(obj: &K) -> String {
     obj.meta().uid.clone().unwrap_or_default()
 }
@@ -456,19 +473,14 @@ async fn run_controllers(
         .graceful_shutdown_on(shutdown.clone())
         .run(
             |obj, ctx: Arc<Context>| async move {
-                let m = ctx.metrics.clone();
                 let key = backoff_key(&*obj);
-                let r = m
-                    .reconcile(
-                        "sharedlb",
-                        shared_lb::reconcile(obj, ctx.clone()),
-                        result_label,
-                    )
-                    .await;
-                if r.is_ok() {
-                    ctx.backoff.succeeded(&key);
-                }
-                r
+                measured(
+                    "sharedlb",
+                    &key,
+                    ctx.clone(),
+                    shared_lb::reconcile(obj, ctx.clone()),
+                )
+                .await
             },
             error_policy,
             ctx.clone(),
@@ -492,19 +504,14 @@ async fn run_controllers(
         .graceful_shutdown_on(shutdown)
         .run(
             |obj, ctx: Arc<Context>| async move {
-                let m = ctx.metrics.clone();
                 let key = backoff_key(&*obj);
-                let r = m
-                    .reconcile(
-                        "loadbalancerpool",
-                        pool::reconcile(obj, ctx.clone()),
-                        result_label,
-                    )
-                    .await;
-                if r.is_ok() {
-                    ctx.backoff.succeeded(&key);
-                }
-                r
+                measured(
+                    "loadbalancerpool",
+                    &key,
+                    ctx.clone(),
+                    pool::reconcile(obj, ctx.clone()),
+                )
+                .await
             },
             error_policy,
             ctx.clone(),
