@@ -348,19 +348,22 @@ impl PoolAllocator {
 
 /// Keeps the ports of listeners that could not be removed taken, one item per owner and load balancer.
 fn hold_stray_ports(st: &mut PoolState, strays: &[StrayListener]) {
-    let mut held: BTreeMap<(String, u32), Vec<AllocatedPort>> = BTreeMap::new();
+    // the key names the owner and the load balancer, so each key is one allocation
+    let mut held: BTreeMap<String, Allocation> = BTreeMap::new();
     for s in strays {
-        held.entry((s.key(), s.lb))
-            .or_default()
-            .push(AllocatedPort {
-                name: format!("{}-{:?}", s.port, s.protocol).to_lowercase(),
-                port: s.port,
-                protocol: s.protocol,
-            });
+        let alloc = held.entry(s.key()).or_insert_with(|| Allocation {
+            lb: s.lb,
+            ports: Vec::new(),
+        });
+        alloc.ports.push(AllocatedPort {
+            name: format!("{}-{:?}", s.port, s.protocol).to_lowercase(),
+            port: s.port,
+            protocol: s.protocol,
+        });
     }
-    for ((key, lb), mut ports) in held {
-        ports.sort_by(|a, b| a.name.cmp(&b.name));
-        if let Err(c) = st.restore(key, Allocation { lb, ports }) {
+    for (key, mut alloc) in held {
+        alloc.ports.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Err(c) = st.restore(key, alloc) {
             // an allocation the statuses account for holds it already: its own listener replaces the stray
             warn!(lb = c.lb, port = c.port, held_by = %c.held_by, "a stray listener's port is allocated");
         }

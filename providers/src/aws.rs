@@ -255,6 +255,11 @@ fn other(p: Protocol) -> Protocol {
     }
 }
 
+/// Security-group rules here are written as IPv4 `IpRanges` only; an IPv6 source has no place in them.
+fn is_ipv4_range(cidr: &str) -> bool {
+    !cidr.contains(':')
+}
+
 fn tag(k: &str, v: impl Into<String>) -> Tag {
     Tag::builder().key(k).value(v).build()
 }
@@ -732,7 +737,7 @@ impl AwsProvider {
     ) -> ec2::types::IpPermission {
         let ip_ranges = cidrs
             .into_iter()
-            .filter(|c| !c.contains(':'))
+            .filter(|c| is_ipv4_range(c))
             .map(|c| {
                 ec2::types::IpRange::builder()
                     .cidr_ip(c)
@@ -825,7 +830,7 @@ impl AwsProvider {
     /// Makes sharedlb's rules for this node port (known by their description) open it to exactly `want`:
     /// what is missing is authorised first, so a changed range never closes the port in between, then what is
     /// no longer wanted is revoked, so a narrowed `sourceRanges` closes the wider rule. IPv6 sources are left
-    /// out, as `permission` leaves them out.
+    /// out, as `permission` leaves them out (both by `is_ipv4_range`).
     async fn sync_firewall(
         &self,
         protocol: Protocol,
@@ -835,7 +840,7 @@ impl AwsProvider {
         let Some(sg) = &self.settings.node_security_group_id else {
             return Ok(());
         };
-        let want: BTreeSet<String> = want.into_iter().filter(|c| !c.contains(':')).collect();
+        let want: BTreeSet<String> = want.into_iter().filter(|c| is_ipv4_range(c)).collect();
         let have = self.opened_sources(sg, protocol, node_port).await?;
         let missing: Vec<String> = want.difference(&have).cloned().collect();
         if !missing.is_empty() {
