@@ -2,7 +2,7 @@
 //! It is rebuilt — from every SharedLB status (a consistent LIST) and the provider's inventory — the first time
 //! the pool is used, under the same lock, so nothing is placed before the rebuild is complete.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex as SyncMutex};
 
 use kube::api::ListParams;
@@ -16,6 +16,7 @@ use tokio::sync::{Mutex, MutexGuard};
 use tracing::{info, warn};
 
 use crate::Error;
+use crate::model::ListenerId;
 
 /// Auto-assigned ports when the pool sets no `portRange`.
 pub const DEFAULT_PORT_RANGE: (u16, u16) = (10000, 19999);
@@ -107,6 +108,10 @@ pub struct PoolAllocator {
     state: Mutex<Option<PoolState>>,
     infos: SyncMutex<BTreeMap<u32, LoadBalancerInfo>>,
     strays: SyncMutex<Vec<StrayListener>>,
+    /// The listeners the cloud may hold, by owner uid: seeded from the inventory at rebuild, added to before each
+    /// ensure (a failed call may still have made it), taken from after each removal. A SharedLB's deploy removes
+    /// what is here and not wanted on every reconcile, so a removal that failed is tried until it holds.
+    ledger: SyncMutex<BTreeMap<String, BTreeSet<ListenerId>>>,
 }
 
 /// A listener the rebuild found in the cloud that no allocation accounts for and that could not be removed. Its
@@ -145,6 +150,7 @@ impl PoolAllocator {
             state: Mutex::new(None),
             infos: SyncMutex::new(BTreeMap::new()),
             strays: SyncMutex::new(Vec::new()),
+            ledger: SyncMutex::new(BTreeMap::new()),
         }
     }
 
@@ -181,6 +187,46 @@ impl PoolAllocator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&lb);
+    }
+
+    /// The listeners the cloud may hold for this owner.
+    pub fn listeners_of(&self, owner_uid: &str) -> BTreeSet<ListenerId> {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(owner_uid)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Records that the cloud may now hold this listener for the owner (called before the cloud call).
+    pub fn note_listener(&self, owner_uid: &str, id: ListenerId) {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(owner_uid.to_string())
+            .or_default()
+            .insert(id);
+    }
+
+    /// Records that the cloud no longer holds this listener for the owner (called after a removal held).
+    pub fn forget_listener(&self, owner_uid: &str, id: ListenerId) {
+        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = ledger.get_mut(owner_uid) {
+            held.remove(&id);
+            if held.is_empty() {
+                ledger.remove(owner_uid);
+            }
+        }
+    }
+
+    /// A deleted load balancer took its listeners with it.
+    fn forget_listeners_on(&self, lb: u32) {
+        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        for held in ledger.values_mut() {
+            held.retain(|id| id.lb != lb);
+        }
+        ledger.retain(|_, held| !held.is_empty());
     }
 
     /// The pool's state, locked; rebuilt first if this is the first use. The config follows the pool spec.
@@ -245,6 +291,7 @@ impl PoolAllocator {
         // The audit: a listener in the cloud that no allocation accounts for is removed (a crash between the
         // status write of a freed port and the cloud call leaves one).
         let mut strays = Vec::new();
+        let mut ledger: BTreeMap<String, BTreeSet<ListenerId>> = BTreeMap::new();
         for lb in &inventory.load_balancers {
             for l in &lb.listeners {
                 let accounted = st.allocation(&l.owner_uid).is_some_and(|a| {
@@ -253,7 +300,14 @@ impl PoolAllocator {
                             .iter()
                             .any(|p| p.port == l.port && p.protocol == l.protocol)
                 });
-                if !accounted {
+                if accounted {
+                    let id = ListenerId {
+                        lb: lb.index,
+                        port: l.port,
+                        protocol: l.protocol,
+                    };
+                    ledger.entry(l.owner_uid.clone()).or_default().insert(id);
+                } else {
                     info!(pool = %self.pool, lb = lb.index, port = l.port, owner = %l.owner_uid, "removing a stray listener");
                     let removed = self
                         .provider
@@ -274,6 +328,7 @@ impl PoolAllocator {
         }
         hold_stray_ports(&mut st, &strays);
         *self.strays.lock().unwrap_or_else(|e| e.into_inner()) = strays;
+        *self.ledger.lock().unwrap_or_else(|e| e.into_inner()) = ledger;
         info!(pool = %self.pool, restored, load_balancers = inventory.load_balancers.len(), "allocator rebuilt");
         Ok(st)
     }
@@ -340,6 +395,7 @@ impl PoolAllocator {
                 st.forget_load_balancer(lb);
             }
             self.forget_info(lb);
+            self.forget_listeners_on(lb);
             info!(pool = %self.pool, lb, "deleted an empty load balancer");
         }
         Ok(())

@@ -13,6 +13,11 @@ pub enum Error {
     Conflict,
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// The planner broke its own contract (a bug, reported rather than panicking).
+    #[error("placement: {0}")]
+    Planner(String),
+    #[error(transparent)]
+    NoNodePort(#[from] crate::model::NoNodePort),
     #[error("serialising: {0}")]
     Json(#[from] serde_json::Error),
     #[error("leader election: {0}")]

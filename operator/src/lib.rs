@@ -8,6 +8,9 @@ pub mod allocator;
 pub mod controller;
 pub mod endpoints;
 pub mod error;
+#[cfg(test)]
+mod fixtures;
+pub mod model;
 pub mod providers;
 pub mod telemetry;
 

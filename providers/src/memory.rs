@@ -58,6 +58,8 @@ struct Account {
     nodes: Vec<NodeTarget>,
     /// Owners whose listeners a test made unremovable.
     unremovable: BTreeSet<String>,
+    /// Mutating operations a test made fail, with how many more times.
+    failing: BTreeMap<&'static str, u32>,
 }
 
 /// A cloud account in memory.
@@ -101,6 +103,28 @@ impl MemoryCloud {
             };
             l.listeners.insert((port, protocol), planted);
         }
+    }
+
+    /// For tests: removes a listener from the load balancer with this cloud name, as someone with console access
+    /// would, behind the operator's back.
+    pub fn drop_listener(&self, lb: &str, port: u16, protocol: Protocol) {
+        if let Some(l) = self.lock().lbs.get_mut(lb) {
+            l.listeners.remove(&(port, protocol));
+        }
+    }
+
+    /// For tests: the load balancer with this cloud name now has another address, as a cloud's re-created or
+    /// re-addressed load balancer does.
+    pub fn set_address(&self, lb: &str, ip: Ipv4Addr) {
+        if let Some(l) = self.lock().lbs.get_mut(lb) {
+            l.ip = ip;
+        }
+    }
+
+    /// For tests: the next `times` calls of the mutating operation `op` (`delete_listener`, `put_listener`, ...)
+    /// fail with a server error, in whichever pool they come from.
+    pub fn fail_next(&self, op: &'static str, times: u32) {
+        self.lock().failing.insert(op, times);
     }
 
     /// For tests: the listeners of this owner cannot be removed (a cloud that keeps refusing) until allowed again.
@@ -170,6 +194,14 @@ impl MemoryProvider {
         } else {
             None
         };
+        let fail = fail.or_else(|| {
+            let mut acc = self.cloud.lock();
+            let left = acc.failing.get_mut(op).filter(|n| **n > 0)?;
+            *left -= 1;
+            Some(ProviderError::Other(format!(
+                "memory: {op} failed (made to fail by the test)"
+            )))
+        });
         if let Some(e) = fail {
             *self.cloud.lock().calls.entry(op).or_default() += 1;
             return Err(e);

@@ -844,3 +844,120 @@ async fn a_stray_listener_that_cannot_be_removed_blocks_its_port_not_the_pool() 
     delete_pool(&client, "strays").await;
     op.kill().await;
 }
+
+/// A port removed from a SharedLB is closed even when the first attempt to remove its listener fails: the
+/// removal used to be a plan action run once, so after a failure the next reconcile had nothing to do and the
+/// listener kept forwarding to a node port the apiserver could hand to anyone. Now every reconcile removes what
+/// the cloud holds for the owner and should not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_port_is_closed_even_when_its_first_removal_fails() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-rm", &[]).await;
+    create_pool(&client, "rm", json!({"provider": {"memory": {}}})).await;
+    let two = vec![tcp("a", Some(4101)), tcp("b", Some(4102))];
+    create_slb(&client, &ns, "x", spec("rm", two)).await;
+    ready(&client, &ns, "x", 30).await;
+
+    cloud.fail_next("delete_listener", 1);
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    api.patch(
+        "x",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"ports": [tcp("a", Some(4101))]}})),
+    )
+    .await
+    .expect("drop port b");
+    let ports = || {
+        cloud_pool(&cloud, "rm")
+            .values()
+            .flat_map(|(_, l)| l.iter().map(|x| x.0))
+            .collect::<Vec<u16>>()
+    };
+    eventually(30, "the listener of the removed port is gone", || async {
+        (ports() == vec![4101]).then_some(())
+    })
+    .await;
+    assert!(
+        cloud.mutating_calls().get("delete_listener") >= Some(&2),
+        "the removal failed once and was made again: {:?}",
+        cloud.mutating_calls()
+    );
+    let x = api.get("x").await.expect("x");
+    assert_eq!(endpoints(&x).len(), 1, "{:?}", x.status);
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "rm").await;
+    op.kill().await;
+}
+
+/// An update refused for room (a port added while the load balancer is full) keeps the old allocation — and it
+/// is still deployed: a listener deleted behind the operator's back comes back, and a load balancer that changed
+/// address is reported at its new address. Before, the refusal returned before programming anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_update_keeps_its_current_allocation_served() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-keep", &[]).await;
+    create_pool(
+        &client,
+        "keep",
+        json!({"provider": {"memory": {}},
+               "capacity": {"maxLoadBalancers": 1, "maxPortsPerLoadBalancer": 2}}),
+    )
+    .await;
+    create_slb(&client, &ns, "x", spec("keep", vec![tcp("a", Some(4201))])).await;
+    create_slb(&client, &ns, "y", spec("keep", vec![tcp("a", Some(4202))])).await;
+    let x = ready(&client, &ns, "x", 30).await;
+    ready(&client, &ns, "y", 30).await;
+    let uid = x.uid().expect("uid");
+
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    let grown = json!({"spec": {"ports": [tcp("a", Some(4201)), tcp("b", Some(4203))]}});
+    api.patch("x", &PatchParams::default(), &Patch::Merge(&grown))
+        .await
+        .expect("grow x");
+    refused(&client, &ns, "x", "NoRoomToGrow").await;
+
+    let (lb, _) = cloud_pool(&cloud, "keep")
+        .into_iter()
+        .next()
+        .expect("the pool's load balancer");
+    cloud.drop_listener(&lb, 4201, sharedlb_providers::Protocol::Tcp);
+    cloud.set_address(&lb, "198.51.100.200".parse().expect("ip"));
+    // any change makes a reconcile; the refusal's own retry would too, later
+    let poke = json!({"metadata": {"annotations": {"e2e/poke": "1"}}});
+    api.patch("x", &PatchParams::default(), &Patch::Merge(&poke))
+        .await
+        .expect("poke x");
+    eventually(45, "x's listener is back, owned by x", || async {
+        let listeners = cloud_pool(&cloud, "keep").remove(&lb)?.1;
+        listeners
+            .iter()
+            .any(|(port, _, owner)| *port == 4201 && *owner == uid)
+            .then_some(())
+    })
+    .await;
+    let x = eventually(30, "x reports the load balancer's new address", || async {
+        let x = api.get("x").await.ok()?;
+        let ip = x.status.as_ref()?.load_balancer.as_ref()?.ip.clone()?;
+        (ip == "198.51.100.200").then_some(x)
+    })
+    .await;
+    assert_eq!(endpoints(&x), vec![("198.51.100.200".to_string(), 4201)]);
+    let state = |t| condition(&x, t).map(|(status, reason, _)| (status, reason));
+    assert_eq!(
+        state("Ready"),
+        Some(("False".into(), "NoRoomToGrow".into()))
+    );
+    assert_eq!(
+        state("Programmed"),
+        Some(("True".into(), "Programmed".into()))
+    );
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "keep").await;
+    op.kill().await;
+}

@@ -32,7 +32,7 @@ use sharedlb_providers::NodeTarget;
 mod backoff;
 mod pool;
 mod shared_lb;
-mod status;
+pub(crate) mod status;
 
 /// How the operator runs.
 #[derive(Debug, Clone)]
@@ -267,6 +267,8 @@ fn error_policy<K: Resource>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Act
         Error::Provider(e) => (Duration::from_secs(5), e.retry_after()),
         Error::Kube(_)
         | Error::Finalizer(_)
+        | Error::Planner(_)
+        | Error::NoNodePort(_)
         | Error::Json(_)
         | Error::Lease(_)
         | Error::LostLeadership

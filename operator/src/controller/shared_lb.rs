@@ -1,12 +1,12 @@
 //! Reconciling one SharedLB: validate -> pool -> allocate (durably, before any cloud call) -> Service -> cloud ->
 //! Ready. Deletion: listeners removed (owner-checked) -> ports freed -> empty load balancers deleted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -15,20 +15,18 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use sharedlb_crds::{
-    FINALIZER, LoadBalancerPool, LoadBalancerRef, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_LABEL,
-    POOL_FINALIZER, PortStatus, SharedLB, SharedLBStatus, port_summary, service_name,
+    FINALIZER, LoadBalancerPool, POOL_FINALIZER, SharedLB, SharedLBStatus, service_name,
     validate_pool, validate_shared_lb,
 };
 use sharedlb_placement::{Action as PlanAction, Allocation, Change, PortMode, PortRequest};
-use sharedlb_providers::{ListenerSpec, Owner};
+use sharedlb_providers::ProviderError;
 use tracing::{info, instrument, warn};
 
 use super::Context;
 use super::status::{self, ALLOCATED, PROGRAMMED, READY};
 use crate::Error;
-use crate::allocator::{
-    PoolAllocator, allocation_from_status, protocol_from_placement, protocol_to_placement,
-};
+use crate::allocator::{PoolAllocator, allocation_from_status, protocol_to_placement};
+use crate::model::{self, ListenerId};
 use crate::telemetry::PoolLabels;
 
 const FIELD_MANAGER: &str = "sharedlb";
@@ -114,50 +112,38 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
         Err(e) => return Err(e),
     };
 
-    let Some((allocation, plan)) = allocate(&ctx, &slb, &alloc, &pool).await? else {
-        return Ok(Action::requeue(RETRY_REFUSED));
-    };
-    // Empty load balancers this plan marked for deletion go in the background.
-    let doomed: Vec<u32> = plan
-        .actions
-        .iter()
-        .filter_map(|a| match a {
-            PlanAction::DeleteLoadBalancer { lb } => Some(*lb),
-            _ => None,
-        })
-        .collect();
-    if !doomed.is_empty() {
-        let a = alloc.clone();
-        tokio::spawn(async move {
-            if let Err(e) = a.delete_marked(doomed).await {
-                warn!(error = %e, pool = %a.pool, "deleting an empty load balancer failed; the pool retries");
-            }
-        });
+    match allocate(&ctx, &slb, &alloc, &pool).await? {
+        Placement::Held {
+            allocation,
+            refused,
+        } => program(&ctx, &slb, &alloc, &pool, &allocation, refused).await,
+        Placement::Refused(r) => refuse(&ctx, &slb, r).await,
     }
-
-    program(
-        &ctx,
-        &slb,
-        &alloc,
-        &pool,
-        &allocation,
-        &plan.actions,
-        pool_mode(&alloc),
-    )
-    .await
 }
 
 fn pool_mode(alloc: &PoolAllocator) -> PortMode {
     alloc.provider.limits().port_mode
 }
 
-/// Places the SharedLB (or finds its place) and makes the allocation durable. `None`: refused (status written).
+/// Where allocation left a SharedLB.
+enum Placement {
+    /// It holds `allocation` (durably recorded in its status). `refused`: its update could not be made, so it
+    /// keeps — and is served on — the allocation it had.
+    Held {
+        allocation: Allocation,
+        refused: Option<Refusal>,
+    },
+    /// It holds nothing and cannot be placed.
+    Refused(Refusal),
+}
+
+/// Places the SharedLB (or finds its place) and makes the allocation durable before any cloud call.
 async fn allocate(
     ctx: &Context,
     slb: &SharedLB,
-    alloc: &PoolAllocator,
+    alloc: &Arc<PoolAllocator>,
     pool: &LoadBalancerPool,
-) -> Result<Option<(Allocation, sharedlb_placement::Plan)>, Error> {
+) -> Result<Placement, Error> {
     let uid = slb.uid().unwrap_or_default();
     let requests: Vec<PortRequest> = slb
         .spec
@@ -175,23 +161,24 @@ async fn allocate(
         ports: requests,
     }]);
     if let Some((_, r)) = plan.refused.first() {
-        drop(state);
-        let mut refusal = Refusal::new(r.reason(), r.to_string()).retry(RETRY_REFUSED);
-        // an update that cannot be made keeps the old, still working, allocation
-        refusal.allocated = false;
-        refuse(ctx, slb, refusal).await?;
-        return Ok(None);
+        let refusal = Refusal::new(r.reason(), r.to_string()).retry(RETRY_REFUSED);
+        return Ok(match state.allocation(&uid) {
+            Some(a) => Placement::Held {
+                allocation: a.clone(),
+                refused: Some(refusal),
+            },
+            None => Placement::Refused(refusal),
+        });
     }
-    let allocation = match plan.placed.first() {
-        Some((_, a)) => a.clone(),
-        None => match state.allocation(&uid) {
-            Some(a) => a.clone(),
-            None => {
-                return Err(Error::Finalizer(
-                    "planner returned neither placement nor refusal".into(),
-                ));
-            }
-        },
+    let Some(allocation) = plan
+        .placed
+        .first()
+        .map(|(_, a)| a.clone())
+        .or_else(|| state.allocation(&uid).cloned())
+    else {
+        return Err(Error::Planner(format!(
+            "an upsert of {uid} was neither placed nor refused"
+        )));
     };
     let recorded = slb
         .status
@@ -199,7 +186,12 @@ async fn allocate(
         .and_then(|s| allocation_from_status(s, &alloc.pool));
     if recorded.as_ref() == Some(&allocation) {
         state.apply(&plan);
-        return Ok(Some((allocation, plan)));
+        drop(state);
+        delete_in_background(alloc, &plan);
+        return Ok(Placement::Held {
+            allocation,
+            refused: None,
+        });
     }
     // A fresh placement is reserved in memory under the lock and written outside it: placement in a pool is
     // serialised, its status writes are not. The write still comes before any cloud call; if it fails, the
@@ -226,6 +218,41 @@ async fn allocate(
         state.apply(&plan);
         drop(state);
     }
+    delete_in_background(alloc, &plan);
+    allocated_event(ctx, slb, alloc, &allocation).await;
+    Ok(Placement::Held {
+        allocation,
+        refused: None,
+    })
+}
+
+/// Empty load balancers a plan marked for deletion go in the background (the pool retries what fails).
+fn delete_in_background(alloc: &Arc<PoolAllocator>, plan: &sharedlb_placement::Plan) {
+    let doomed: Vec<u32> = plan
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            PlanAction::DeleteLoadBalancer { lb } => Some(*lb),
+            _ => None,
+        })
+        .collect();
+    if doomed.is_empty() {
+        return;
+    }
+    let a = alloc.clone();
+    tokio::spawn(async move {
+        if let Err(e) = a.delete_marked(doomed).await {
+            warn!(error = %e, pool = %a.pool, "deleting an empty load balancer failed; the pool retries");
+        }
+    });
+}
+
+async fn allocated_event(
+    ctx: &Context,
+    slb: &SharedLB,
+    alloc: &PoolAllocator,
+    allocation: &Allocation,
+) {
     let labels = PoolLabels {
         pool: alloc.pool.clone(),
     };
@@ -243,7 +270,6 @@ async fn allocate(
         format!("placed on {lb} ports {}", ports.join(",")),
     )
     .await;
-    Ok(Some((allocation, plan)))
 }
 
 /// Writes the allocation to status with a resourceVersion precondition: a stale view of the object fails with
@@ -255,58 +281,15 @@ async fn write_allocation(
     allocation: &Allocation,
 ) -> Result<(), Error> {
     let old = slb.status.clone().unwrap_or_default();
-    let mut st = old.clone();
-    st.pool = Some(alloc.pool.clone());
-    let same_lb = old
-        .load_balancer
-        .as_ref()
-        .is_some_and(|l| l.name == alloc.lb_name(allocation.lb));
     let info = alloc.info(allocation.lb);
-    st.load_balancer = Some(LoadBalancerRef {
-        name: alloc.lb_name(allocation.lb),
-        ip: info.as_ref().and_then(|i| i.ip.clone()).or_else(|| {
-            if same_lb {
-                old.load_balancer.as_ref().and_then(|l| l.ip.clone())
-            } else {
-                None
-            }
-        }),
-        hostname: info.as_ref().and_then(|i| i.hostname.clone()),
-    });
-    st.ports = allocation
-        .ports
-        .iter()
-        .map(|p| PortStatus {
-            name: p.name.clone(),
-            port: i32::from(p.port),
-            node_port: old
-                .ports
-                .iter()
-                .find(|o| o.name == p.name && o.port == i32::from(p.port))
-                .and_then(|o| o.node_port),
-            protocol: protocol_from_placement(p.protocol),
-        })
-        .collect();
-    st.port_summary = Some(port_summary(&st.ports));
-    let lbn = alloc.lb_name(allocation.lb);
-    status::set(
-        &mut st.conditions,
-        ALLOCATED,
-        true,
-        "Allocated",
-        &format!("placed on {lbn}"),
+    let st = model::allocated_status(
+        &old,
+        &alloc.pool,
+        &alloc.lb_name(allocation.lb),
+        info.as_ref(),
+        allocation,
         slb.meta().generation,
     );
-    if status::get(&st.conditions, READY).is_none_or(|c| c.status != "True") {
-        status::set(
-            &mut st.conditions,
-            READY,
-            false,
-            "Programming",
-            "allocated; programming the load balancer",
-            slb.meta().generation,
-        );
-    }
     send_status(ctx, slb, &st, Precondition::ResourceVersion).await
 }
 
@@ -339,168 +322,127 @@ async fn send_status(
     Ok(())
 }
 
-/// The Service, the cloud, then Ready.
-#[allow(clippy::too_many_arguments)]
+/// Deploys the model of a placed SharedLB, comparing with what is there, on every reconcile: listeners the
+/// cloud holds for it and should not are removed, the Service is applied if it differs, the load balancer and
+/// every wanted listener are ensured, the status says where it is served. `refused`: an update that could not be
+/// made; the allocation it has is still deployed, and Ready says why the update was not.
 async fn program(
     ctx: &Context,
     slb: &SharedLB,
     alloc: &PoolAllocator,
     pool: &LoadBalancerPool,
     allocation: &Allocation,
-    actions: &[PlanAction],
-    mode: PortMode,
+    refused: Option<Refusal>,
 ) -> Result<Action, Error> {
     let uid = slb.uid().unwrap_or_default();
-    let key = alloc.key(allocation.lb);
-    // The Service first: the apiserver is the last judge of the input (a foreign Service of that name, a node
-    // port it refuses), and what it refuses must not have made anything in the cloud.
-    let node_ports = match ensure_service(ctx, slb, allocation, mode).await? {
-        Ok(p) => p,
-        Err((reason, msg)) => {
-            let taken = taken_node_ports(&msg);
+    // a freed port is closed first, whatever else fails after
+    if let Err(e) = withdraw_stale(alloc, &uid, &model::wanted_listeners(slb, allocation)).await {
+        return cloud_failed(ctx, slb, e).await;
+    }
+    // The Service before the cloud: the apiserver is the last judge of the input (a foreign Service of that
+    // name, a node port it refuses), and what it refuses must not have made anything in the cloud.
+    let node_ports = match deploy_service(ctx, slb, allocation, pool_mode(alloc)).await? {
+        ServiceOutcome::Applied(p) => p,
+        ServiceOutcome::Refused { reason, message } => {
+            let taken = taken_node_ports(&message);
             // a placement that never served traffic may still move: placed again, around the taken ports
             if reason == NODE_PORT_TAKEN && !taken.is_empty() && !is_ready(slb) {
-                return place_again_around(ctx, slb, alloc, pool, &taken, &msg).await;
+                return place_again_around(ctx, slb, alloc, pool, &taken, &message).await;
             }
-            return refuse(
-                ctx,
-                slb,
-                Refusal {
-                    allocated: true,
-                    ..Refusal::new(reason, msg).retry(RETRY_REFUSED)
-                },
-            )
-            .await;
+            let r = Refusal {
+                allocated: true,
+                ..Refusal::new(reason, message).retry(RETRY_REFUSED)
+            };
+            return refuse(ctx, slb, r).await;
         }
     };
+    let key = alloc.key(allocation.lb);
     let info = match alloc.provider.ensure_load_balancer(&key).await {
         Ok(i) => i,
         Err(e) => return cloud_failed(ctx, slb, e).await,
     };
     alloc.remember(allocation.lb, info.clone());
-    let owner = Owner {
-        uid: uid.clone(),
-        namespace: slb.namespace().unwrap_or_default(),
-        name: slb.name_any(),
-    };
-    let source_ranges: Vec<String> = slb
-        .spec
-        .source_ranges
-        .iter()
-        .flatten()
-        .map(|c| c.0.clone())
-        .collect();
-    for a in actions {
-        if let PlanAction::RemoveListener {
-            lb,
-            port,
-            protocol,
-            owner: o,
-        } = a
-            && *o == uid
-            && let Err(e) = alloc
-                .provider
-                .remove_listener(&alloc.key(*lb), *port, *protocol, o)
-                .await
-        {
-            return cloud_failed(ctx, slb, e).await;
-        }
-    }
     let endpoints = if alloc.provider.forwards_to_endpoints() {
         let ns = slb.namespace().unwrap_or_default();
         ctx.slices
             .ready_endpoints(&ctx.client, &ns, &service_name(&slb.name_any()))
             .await?
     } else {
-        BTreeMap::new()
+        model::Endpoints::new()
     };
-    let mut ports = Vec::with_capacity(allocation.ports.len());
-    for p in &allocation.ports {
-        let Some(node_port) = node_ports.get(&p.name).copied() else {
-            return Err(Error::Finalizer(format!(
-                "the Service has no node port for {:?} yet",
-                p.name
-            )));
+    let listeners = model::desired_listeners(slb, allocation, &node_ports, &endpoints)?;
+    for l in &listeners {
+        let id = ListenerId {
+            lb: allocation.lb,
+            port: l.port,
+            protocol: l.protocol,
         };
-        let l = ListenerSpec {
-            port: p.port,
-            protocol: p.protocol,
-            node_port,
-            owner: owner.clone(),
-            source_ranges: source_ranges.clone(),
-            backends: endpoints
-                .get(&(p.name.clone(), p.protocol.as_str().to_string()))
-                .cloned()
-                .unwrap_or_default(),
-        };
-        if let Err(e) = alloc.provider.ensure_listener(&key, &l).await {
+        alloc.note_listener(&uid, id);
+        if let Err(e) = alloc.provider.ensure_listener(&key, l).await {
             return cloud_failed(ctx, slb, e).await;
         }
-        ports.push(PortStatus {
-            name: p.name.clone(),
-            port: i32::from(p.port),
-            node_port: Some(i32::from(node_port)),
-            protocol: protocol_from_placement(p.protocol),
-        });
     }
-
+    let served = model::Served {
+        pool: &alloc.pool,
+        lb_name: alloc.lb_name(allocation.lb),
+        info: &info,
+        service_name: service_name(&slb.name_any()),
+    };
     let old = slb.status.clone().unwrap_or_default();
-    let mut st = old.clone();
-    let generation = slb.meta().generation;
-    st.observed_generation = generation;
-    st.pool = Some(alloc.pool.clone());
-    st.load_balancer = Some(LoadBalancerRef {
-        name: alloc.lb_name(allocation.lb),
-        ip: info.ip.clone(),
-        hostname: info.hostname.clone(),
-    });
-    st.port_summary = Some(port_summary(&ports));
-    st.ports = ports;
-    st.service_name = Some(service_name(&slb.name_any()));
-    let address = info
-        .ip
-        .clone()
-        .or(info.hostname.clone())
-        .unwrap_or_default();
-    let lbn = alloc.lb_name(allocation.lb);
-    status::set(
-        &mut st.conditions,
-        ALLOCATED,
-        true,
-        "Allocated",
-        &format!("placed on {lbn}"),
-        generation,
+    let refused_why = refused
+        .as_ref()
+        .map(|r| (r.reason.as_str(), r.message.as_str()));
+    let st = model::programmed_status(
+        &old,
+        &served,
+        &listeners,
+        allocation,
+        slb.meta().generation,
+        refused_why,
     );
-    status::set(
-        &mut st.conditions,
-        PROGRAMMED,
-        true,
-        "Programmed",
-        &format!("listeners and firewall programmed on {lbn}"),
-        generation,
-    );
-    let summary = st.port_summary.clone().unwrap_or_default();
-    status::set(
-        &mut st.conditions,
-        READY,
-        true,
-        "Ready",
-        &format!("reachable at {address} on {summary}"),
-        generation,
-    );
-    let was_ready = status::is_ready(slb);
     write_status_if_changed(ctx, slb, &old, &st).await?;
-    if !was_ready {
-        info!(address = %address, ports = %summary, "ready");
+    if let Some(r) = refused {
+        if ready_reason_changed(&old, &r) {
+            warn!(reason = %r.reason, message = %r.message, "update refused; the current allocation stays served");
+            ctx.event(slb, EventType::Warning, &r.reason, r.message.clone())
+                .await;
+        }
+        return Ok(Action::requeue(RETRY_REFUSED));
+    }
+    if !status::is_ready(slb) {
+        let ready = status::get(&st.conditions, READY).map(|c| c.message.clone());
+        info!(message = ready.as_deref().unwrap_or_default(), "ready");
         ctx.event(
             slb,
             EventType::Normal,
             "Programmed",
-            format!("reachable at {address} on {summary}"),
+            ready.unwrap_or_default(),
         )
         .await;
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Removes every listener the cloud may hold for `owner_uid` that is not in `wanted`. Each removal is checked
+/// against the owner the cloud records, so a port another SharedLB holds by now is left alone.
+async fn withdraw_stale(
+    alloc: &PoolAllocator,
+    owner_uid: &str,
+    wanted: &BTreeSet<ListenerId>,
+) -> Result<(), ProviderError> {
+    for id in model::stale_listeners(&alloc.listeners_of(owner_uid), wanted) {
+        alloc
+            .provider
+            .remove_listener(&alloc.key(id.lb), id.port, id.protocol, owner_uid)
+            .await?;
+        alloc.forget_listener(owner_uid, id);
+    }
+    Ok(())
+}
+
+fn ready_reason_changed(old: &SharedLBStatus, r: &Refusal) -> bool {
+    status::get(&old.conditions, READY)
+        .is_none_or(|c| c.status != "False" || c.reason != r.reason || c.message != r.message)
 }
 
 fn status_equal(a: &SharedLBStatus, b: &SharedLBStatus) -> bool {
@@ -695,142 +637,75 @@ pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) 
     labels_ok && exprs_ok
 }
 
-/// Makes the backing NodePort Service as the allocation says and returns its node ports by port name.
-/// `Ok(Err(message))`: a Service of that name exists that this SharedLB did not create; it is never taken over.
-async fn ensure_service(
+/// What became of the backing Service.
+enum ServiceOutcome {
+    /// The apiserver has it as the model says: its node ports by port name.
+    Applied(BTreeMap<String, u16>),
+    /// The apiserver, or a Service of that name that this SharedLB did not make, stands in the way: the user's
+    /// to fix, told by a condition and an Event.
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Makes the backing NodePort Service what the model says, writing only when it differs. A Service of that name
+/// that this SharedLB did not create is never taken over.
+async fn deploy_service(
     ctx: &Context,
     slb: &SharedLB,
     allocation: &Allocation,
     mode: PortMode,
-) -> Result<Result<BTreeMap<String, u16>, (&'static str, String)>, Error> {
+) -> Result<ServiceOutcome, Error> {
     let ns = slb.namespace().unwrap_or_default();
     let name = service_name(&slb.name_any());
-    let uid = slb.uid().unwrap_or_default();
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = api.get_opt(&name).await.map_err(Error::from_kube)?;
-    if let Some(s) = &existing {
-        let ours = s
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| o.uid == uid);
-        if !ours {
-            return Ok(Err((
-                "ServiceConflict",
-                format!(
-                    "Service {ns}/{name} already exists and was not created by this SharedLB; sharedlb does not take over Services it did not make"
-                ),
-            )));
-        }
-    }
-    let ports: Vec<ServicePort> = allocation
-        .ports
-        .iter()
-        .filter_map(|a| {
-            let spec = slb.spec.ports.iter().find(|p| p.name == a.name)?;
-            Some(ServicePort {
-                name: Some(a.name.clone()),
-                port: i32::from(a.port),
-                target_port: Some(spec.target_port.clone()),
-                protocol: Some(protocol_from_placement(a.protocol).as_str().to_string()),
-                node_port: match mode {
-                    // passthrough clouds: the external port is the node port
-                    PortMode::PoolWide => Some(i32::from(a.port)),
-                    // one port on both protocols shares one node port (AWS's TCP_UDP listener needs it; the
-                    // apiserver does it itself when it creates both at once, not when one is added later)
-                    PortMode::PerLoadBalancer => shared_node_port(existing.as_ref(), a.port),
-                },
-                ..ServicePort::default()
-            })
-        })
-        .collect();
-    let selector = slb.spec.selector.clone();
-    if let Some(s) = &existing {
-        let spec = s.spec.clone().unwrap_or_default();
-        let same_ports = spec.ports.as_ref().is_some_and(|have| {
-            have.len() == ports.len()
-                && ports.iter().all(|w| {
-                    have.iter().any(|h| {
-                        h.name == w.name
-                            && h.port == w.port
-                            && h.target_port == w.target_port
-                            && h.protocol == w.protocol
-                            && (w.node_port.is_none() || h.node_port == w.node_port)
-                            && h.node_port.is_some()
-                    })
-                })
+    if let Some(s) = &existing
+        && !model::made_by(s, &slb.uid().unwrap_or_default())
+    {
+        let message = format!(
+            "Service {ns}/{name} already exists and was not created by this SharedLB; sharedlb does not take over Services it did not make"
+        );
+        return Ok(ServiceOutcome::Refused {
+            reason: "ServiceConflict",
+            message,
         });
-        if same_ports
-            && spec.selector.as_ref() == Some(&selector)
-            && spec.type_.as_deref() == Some("NodePort")
-        {
-            return Ok(Ok(node_ports(s)));
-        }
     }
-    let owner = OwnerReference {
-        api_version: SharedLB::api_version(&()).to_string(),
-        kind: SharedLB::kind(&()).to_string(),
-        name: slb.name_any(),
-        uid: uid.clone(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    };
-    let svc = Service {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            namespace: Some(ns.clone()),
-            labels: Some(
-                [
-                    (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
-                    (OWNER_LABEL.to_string(), slb.name_any()),
-                ]
-                .into(),
-            ),
-            owner_references: Some(vec![owner]),
-            ..ObjectMeta::default()
-        },
-        spec: Some(ServiceSpec {
-            type_: Some("NodePort".into()),
-            selector: Some(selector),
-            ports: Some(ports),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
-    };
-    let applied = match api
+    let want = model::backing_service(slb, allocation, mode, existing.as_ref());
+    if let Some(s) = existing.filter(|s| model::service_is_current(s, &want)) {
+        return Ok(ServiceOutcome::Applied(model::node_ports(&s)));
+    }
+    let applied = api
         .patch(
             &name,
             &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&svc),
+            &Patch::Apply(&want),
         )
-        .await
-    {
-        Ok(a) => a,
+        .await;
+    match applied {
+        Ok(a) => Ok(ServiceOutcome::Applied(model::node_ports(&a))),
         // passthrough: the node port must be the external port, and another Service holds it
         Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("already allocated") => {
-            return Ok(Err((
-                NODE_PORT_TAKEN,
-                format!(
+            Ok(ServiceOutcome::Refused {
+                reason: NODE_PORT_TAKEN,
+                message: format!(
                     "the Service {ns}/{name} cannot have its node port equal to the external port: {}; on this cloud the external port is the node port, so another Service outside sharedlb holds it",
                     e.message
                 ),
-            )));
+            })
         }
         // anything else the apiserver finds wrong with it (a fixed port outside its node-port range on a
         // passthrough cloud, ...) is the user's to fix: a condition and an Event, not a silent retry loop
-        Err(kube::Error::Api(e)) if e.code == 422 => {
-            return Ok(Err((
-                "ServiceInvalid",
-                format!(
-                    "the apiserver refused the backing Service {ns}/{name}: {}",
-                    e.message
-                ),
-            )));
-        }
-        Err(e) => return Err(Error::from_kube(e)),
-    };
-    Ok(Ok(node_ports(&applied)))
+        Err(kube::Error::Api(e)) if e.code == 422 => Ok(ServiceOutcome::Refused {
+            reason: "ServiceInvalid",
+            message: format!(
+                "the apiserver refused the backing Service {ns}/{name}: {}",
+                e.message
+            ),
+        }),
+        Err(e) => Err(Error::from_kube(e)),
+    }
 }
 
 const NODE_PORT_TAKEN: &str = "NodePortTaken";
@@ -876,20 +751,8 @@ async fn place_again_around(
     }
     let doomed = state.deleting();
     drop(state);
-    for a in &plan.actions {
-        if let PlanAction::RemoveListener {
-            lb,
-            port,
-            protocol,
-            owner,
-        } = a
-            && let Err(e) = alloc
-                .provider
-                .remove_listener(&alloc.key(*lb), *port, *protocol, owner)
-                .await
-        {
-            warn!(error = %e, "removing a listener of a dropped placement failed; the audit retries");
-        }
+    if let Err(e) = withdraw_stale(alloc, &uid, &BTreeSet::new()).await {
+        warn!(error = %e, "removing a listener of a dropped placement failed; the next reconcile retries");
     }
     if let Err(e) = alloc.delete_marked(doomed).await {
         warn!(error = %e, "deleting an empty load balancer failed; the pool retries");
@@ -925,31 +788,6 @@ async fn place_again_around(
     Ok(Action::requeue(Duration::from_millis(200)))
 }
 
-/// The node port the Service already gives external `port` (its TCP entry's first), so that TCP and UDP on
-/// one port converge on one node port.
-fn shared_node_port(existing: Option<&Service>, port: u16) -> Option<i32> {
-    let have: Vec<&ServicePort> = existing?
-        .spec
-        .as_ref()?
-        .ports
-        .iter()
-        .flatten()
-        .filter(|h| h.port == i32::from(port) && h.node_port.is_some())
-        .collect();
-    have.iter()
-        .find(|h| h.protocol.as_deref().unwrap_or("TCP") == "TCP")
-        .or(have.first())
-        .and_then(|h| h.node_port)
-}
-
-fn node_ports(s: &Service) -> BTreeMap<String, u16> {
-    s.spec
-        .iter()
-        .flat_map(|sp| sp.ports.iter().flatten())
-        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.node_port?).ok()?)))
-        .collect()
-}
-
 /// Deletion: remove the listeners this SharedLB owns, free its ports, delete load balancers left empty.
 #[instrument(skip_all, fields(shared_lb = %format!("{}/{}", slb.namespace().unwrap_or_default(), slb.name_any())))]
 async fn cleanup(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -977,16 +815,19 @@ async fn cleanup(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error>
     let state = alloc.lock(&ctx.client, &pool.spec).await?;
     let held = state.allocation(&uid).cloned().or(recorded);
     drop(state);
+    // what the allocation holds and whatever else the cloud may hold for it (a removal that failed before)
     if let Some(a) = &held {
         for p in &a.ports {
-            if let Err(e) = alloc
-                .provider
-                .remove_listener(&alloc.key(a.lb), p.port, p.protocol, &uid)
-                .await
-            {
-                return cloud_failed(&ctx, &slb, e).await;
-            }
+            let id = ListenerId {
+                lb: a.lb,
+                port: p.port,
+                protocol: p.protocol,
+            };
+            alloc.note_listener(&uid, id);
         }
+    }
+    if let Err(e) = withdraw_stale(&alloc, &uid, &BTreeSet::new()).await {
+        return cloud_failed(&ctx, &slb, e).await;
     }
     let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
     let plan = state.plan(&[Change::Remove { key: uid }]);

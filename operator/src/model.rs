@@ -1,0 +1,399 @@
+//! What a placed SharedLB should be, as data: its backing Service, its listeners, and the status that says so.
+//!
+//! Pure: no API calls, no clock beyond condition times, no cloud. The controller builds from these and deploys by
+//! comparing with what is there (the Service the apiserver has, the listeners the pool's ledger says the cloud
+//! holds for the owner), on every reconcile — so what one reconcile failed to do, the next does.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::{Resource, ResourceExt};
+use sharedlb_crds::{
+    LoadBalancerRef, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_LABEL, PortStatus, SharedLB,
+    SharedLBStatus, port_summary, service_name,
+};
+use sharedlb_placement::{AllocatedPort, Allocation, PortMode, Protocol};
+use sharedlb_providers::{ListenerSpec, LoadBalancerInfo, Owner};
+
+use crate::allocator::protocol_from_placement;
+
+/// One listener's place in a pool: which load balancer, which external port and protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ListenerId {
+    pub lb: u32,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// Ready endpoints by (port name, protocol), for providers that forward to them directly.
+pub type Endpoints = BTreeMap<(String, String), Vec<SocketAddr>>;
+
+/// Who the cloud records as a listener's owner.
+pub fn owner(slb: &SharedLB) -> Owner {
+    Owner {
+        uid: slb.uid().unwrap_or_default(),
+        namespace: slb.namespace().unwrap_or_default(),
+        name: slb.name_any(),
+    }
+}
+
+/// The allocated ports the SharedLB still asks for. After a refused update the allocation may hold a port the
+/// spec no longer names: it stays allocated (the update is all or nothing) but is neither served nor open.
+pub fn served_ports<'a>(slb: &SharedLB, allocation: &'a Allocation) -> Vec<&'a AllocatedPort> {
+    allocation
+        .ports
+        .iter()
+        .filter(|a| slb.spec.ports.iter().any(|p| p.name == a.name))
+        .collect()
+}
+
+/// The listeners the cloud should hold for this SharedLB, by place.
+pub fn wanted_listeners(slb: &SharedLB, allocation: &Allocation) -> BTreeSet<ListenerId> {
+    served_ports(slb, allocation)
+        .into_iter()
+        .map(|p| ListenerId {
+            lb: allocation.lb,
+            port: p.port,
+            protocol: p.protocol,
+        })
+        .collect()
+}
+
+/// What the cloud holds for the owner and should not: removed first, so a freed port is closed before anything
+/// else is opened.
+pub fn stale_listeners(
+    held: &BTreeSet<ListenerId>,
+    wanted: &BTreeSet<ListenerId>,
+) -> Vec<ListenerId> {
+    held.difference(wanted).copied().collect()
+}
+
+/// The backing NodePort Service. `existing` is the one the apiserver has: on clouds where each load balancer
+/// has its own ports, its node ports are kept (TCP and UDP on one port share one node port).
+pub fn backing_service(
+    slb: &SharedLB,
+    allocation: &Allocation,
+    mode: PortMode,
+    existing: Option<&Service>,
+) -> Service {
+    let ports: Vec<ServicePort> = served_ports(slb, allocation)
+        .into_iter()
+        .filter_map(|a| {
+            let spec = slb.spec.ports.iter().find(|p| p.name == a.name)?;
+            Some(ServicePort {
+                name: Some(a.name.clone()),
+                port: i32::from(a.port),
+                target_port: Some(spec.target_port.clone()),
+                protocol: Some(protocol_from_placement(a.protocol).as_str().to_string()),
+                node_port: match mode {
+                    // passthrough clouds: the external port is the node port
+                    PortMode::PoolWide => Some(i32::from(a.port)),
+                    // one port on both protocols shares one node port (AWS's TCP_UDP listener needs it; the
+                    // apiserver does it itself when it creates both at once, not when one is added later)
+                    PortMode::PerLoadBalancer => shared_node_port(existing, a.port),
+                },
+                ..ServicePort::default()
+            })
+        })
+        .collect();
+    let owner = OwnerReference {
+        api_version: SharedLB::api_version(&()).to_string(),
+        kind: SharedLB::kind(&()).to_string(),
+        name: slb.name_any(),
+        uid: slb.uid().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    };
+    Service {
+        metadata: ObjectMeta {
+            name: Some(service_name(&slb.name_any())),
+            namespace: slb.namespace(),
+            labels: Some(
+                [
+                    (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+                    (OWNER_LABEL.to_string(), slb.name_any()),
+                ]
+                .into(),
+            ),
+            owner_references: Some(vec![owner]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("NodePort".into()),
+            selector: Some(slb.spec.selector.clone()),
+            ports: Some(ports),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// True when `owner_uid` made the Service (its controller reference): a Service of that name made by anyone
+/// else is never taken over.
+pub fn made_by(service: &Service, owner_uid: &str) -> bool {
+    service
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == owner_uid)
+}
+
+/// True when the Service the apiserver has already is what `want` asks for (node ports assigned where `want`
+/// leaves them to the apiserver): then it is not written.
+pub fn service_is_current(have: &Service, want: &Service) -> bool {
+    let (have, want) = (
+        have.spec.clone().unwrap_or_default(),
+        want.spec.clone().unwrap_or_default(),
+    );
+    let want_ports = want.ports.unwrap_or_default();
+    let same_ports = have.ports.as_ref().is_some_and(|have| {
+        have.len() == want_ports.len()
+            && want_ports.iter().all(|w| {
+                have.iter().any(|h| {
+                    h.name == w.name
+                        && h.port == w.port
+                        && h.target_port == w.target_port
+                        && h.protocol == w.protocol
+                        && (w.node_port.is_none() || h.node_port == w.node_port)
+                        && h.node_port.is_some()
+                })
+            })
+    });
+    same_ports && have.selector == want.selector && have.type_ == want.type_
+}
+
+/// The node port the Service already gives external `port` (its TCP entry's first), so that TCP and UDP on
+/// one port converge on one node port.
+fn shared_node_port(existing: Option<&Service>, port: u16) -> Option<i32> {
+    let have: Vec<&ServicePort> = existing?
+        .spec
+        .as_ref()?
+        .ports
+        .iter()
+        .flatten()
+        .filter(|h| h.port == i32::from(port) && h.node_port.is_some())
+        .collect();
+    have.iter()
+        .find(|h| h.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .or(have.first())
+        .and_then(|h| h.node_port)
+}
+
+/// The Service's node ports by port name.
+pub fn node_ports(s: &Service) -> BTreeMap<String, u16> {
+    s.spec
+        .iter()
+        .flat_map(|sp| sp.ports.iter().flatten())
+        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.node_port?).ok()?)))
+        .collect()
+}
+
+/// A served port the Service has no node port for: the apiserver assigns one to every NodePort port, so this
+/// means the Service read is not the one applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the backing Service has no node port for port {port_name:?}")]
+pub struct NoNodePort {
+    pub port_name: String,
+}
+
+/// The listeners to ensure: each served port, forwarding to its node port, open to the SharedLB's sources.
+pub fn desired_listeners(
+    slb: &SharedLB,
+    allocation: &Allocation,
+    node_ports: &BTreeMap<String, u16>,
+    endpoints: &Endpoints,
+) -> Result<Vec<ListenerSpec>, NoNodePort> {
+    let owner = owner(slb);
+    let source_ranges: Vec<String> = slb
+        .spec
+        .source_ranges
+        .iter()
+        .flatten()
+        .map(|c| c.0.clone())
+        .collect();
+    served_ports(slb, allocation)
+        .into_iter()
+        .map(|p| {
+            let node_port = *node_ports.get(&p.name).ok_or_else(|| NoNodePort {
+                port_name: p.name.clone(),
+            })?;
+            Ok(ListenerSpec {
+                port: p.port,
+                protocol: p.protocol,
+                node_port,
+                owner: owner.clone(),
+                source_ranges: source_ranges.clone(),
+                backends: endpoints
+                    .get(&(p.name.clone(), p.protocol.as_str().to_string()))
+                    .cloned()
+                    .unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// The status that records a new allocation, written (before any cloud call) as the durable claim on its ports.
+/// The address is the load balancer's if known; node ports are kept for ports that did not move.
+pub fn allocated_status(
+    old: &SharedLBStatus,
+    pool: &str,
+    lb_name: &str,
+    info: Option<&LoadBalancerInfo>,
+    allocation: &Allocation,
+    generation: Option<i64>,
+) -> SharedLBStatus {
+    use crate::controller::status::{self, READY};
+    let mut st = old.clone();
+    st.pool = Some(pool.to_string());
+    let old_ip = old
+        .load_balancer
+        .as_ref()
+        .filter(|l| l.name == lb_name)
+        .and_then(|l| l.ip.clone());
+    st.load_balancer = Some(LoadBalancerRef {
+        name: lb_name.to_string(),
+        ip: info.and_then(|i| i.ip.clone()).or(old_ip),
+        hostname: info.and_then(|i| i.hostname.clone()),
+    });
+    st.ports = allocation
+        .ports
+        .iter()
+        .map(|p| PortStatus {
+            name: p.name.clone(),
+            port: i32::from(p.port),
+            node_port: old
+                .ports
+                .iter()
+                .find(|o| o.name == p.name && o.port == i32::from(p.port))
+                .and_then(|o| o.node_port),
+            protocol: protocol_from_placement(p.protocol),
+        })
+        .collect();
+    st.port_summary = Some(port_summary(&st.ports));
+    set_allocated(&mut st, lb_name, generation);
+    if status::get(&st.conditions, READY).is_none_or(|c| c.status != "True") {
+        let message = "allocated; programming the load balancer";
+        status::set(
+            &mut st.conditions,
+            READY,
+            false,
+            "Programming",
+            message,
+            generation,
+        );
+    }
+    st
+}
+
+fn set_allocated(st: &mut SharedLBStatus, lb_name: &str, generation: Option<i64>) {
+    let message = format!("placed on {lb_name}");
+    let conds = &mut st.conditions;
+    crate::controller::status::set(
+        conds,
+        crate::controller::status::ALLOCATED,
+        true,
+        "Allocated",
+        &message,
+        generation,
+    );
+}
+
+/// Where the SharedLB is served, for its status: the load balancer's name and what the cloud last said of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served<'a> {
+    pub pool: &'a str,
+    pub lb_name: String,
+    pub info: &'a LoadBalancerInfo,
+    pub service_name: String,
+}
+
+/// The status of a SharedLB whose listeners are programmed: the address, the ports as served. `refused`: an
+/// update that could not be made (the reason and message go to Ready, which stays False while the old
+/// allocation keeps serving).
+pub fn programmed_status(
+    old: &SharedLBStatus,
+    served: &Served<'_>,
+    listeners: &[ListenerSpec],
+    allocation: &Allocation,
+    generation: Option<i64>,
+    refused: Option<(&str, &str)>,
+) -> SharedLBStatus {
+    use crate::controller::status::{self, PROGRAMMED, READY};
+    let mut st = old.clone();
+    st.observed_generation = generation;
+    st.pool = Some(served.pool.to_string());
+    st.load_balancer = Some(LoadBalancerRef {
+        name: served.lb_name.clone(),
+        ip: served.info.ip.clone(),
+        hostname: served.info.hostname.clone(),
+    });
+    st.ports = listeners
+        .iter()
+        .filter_map(|l| {
+            let name = allocation
+                .ports
+                .iter()
+                .find(|p| p.port == l.port && p.protocol == l.protocol)?
+                .name
+                .clone();
+            Some(PortStatus {
+                name,
+                port: i32::from(l.port),
+                node_port: Some(i32::from(l.node_port)),
+                protocol: protocol_from_placement(l.protocol),
+            })
+        })
+        .collect();
+    st.port_summary = Some(port_summary(&st.ports));
+    st.service_name = Some(served.service_name.clone());
+    let lbn = &served.lb_name;
+    set_allocated(&mut st, lbn, generation);
+    status::set(
+        &mut st.conditions,
+        PROGRAMMED,
+        true,
+        "Programmed",
+        &format!("listeners and firewall programmed on {lbn}"),
+        generation,
+    );
+    match refused {
+        Some((reason, message)) => status::set(
+            &mut st.conditions,
+            READY,
+            false,
+            reason,
+            message,
+            generation,
+        ),
+        None => {
+            let message = format!("reachable at {} on {}", address(served.info), summary(&st));
+            status::set(
+                &mut st.conditions,
+                READY,
+                true,
+                "Ready",
+                &message,
+                generation,
+            );
+        }
+    }
+    st
+}
+
+/// The address clients connect to: the IP, or the hostname where the cloud gives one.
+pub fn address(info: &LoadBalancerInfo) -> String {
+    info.ip
+        .clone()
+        .or(info.hostname.clone())
+        .unwrap_or_default()
+}
+
+fn summary(st: &SharedLBStatus) -> String {
+    st.port_summary.clone().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;
