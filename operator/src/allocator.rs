@@ -5,18 +5,22 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex as SyncMutex};
 
+use k8s_openapi::api::core::v1::Namespace;
 use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use sharedlb_crds::{LoadBalancerPoolSpec, ProviderSpec, SharedLB, SharedLBStatus};
 use sharedlb_placement::{
     AllocatedPort, Allocation, Change, PoolConfig, PoolState, PortMode, Strategy,
 };
-use sharedlb_providers::{LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, ProviderError};
+use sharedlb_providers::{
+    Inventory, LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, ProviderError,
+};
 use tokio::sync::{Mutex, MutexGuard};
 use tracing::{info, warn};
 
 use crate::Error;
-use crate::model::ListenerId;
+use crate::claims::{self, Claim, CloudOwners, Rejected};
+use crate::model::{ListenerId, selector_matches};
 
 /// Auto-assigned ports when the pool sets no `portRange`.
 pub const DEFAULT_PORT_RANGE: (u16, u16) = (10000, 19999);
@@ -112,6 +116,8 @@ pub struct PoolAllocator {
     /// ensure (a failed call may still have made it), taken from after each removal. A SharedLB's deploy removes
     /// what is here and not wanted on every reconcile, so a removal that failed is tried until it holds.
     ledger: SyncMutex<BTreeMap<String, BTreeSet<ListenerId>>>,
+    /// Status claims the last rebuild did not honour, by uid, with why.
+    rejected: SyncMutex<BTreeMap<String, String>>,
 }
 
 /// A listener the rebuild found in the cloud that no allocation accounts for and that could not be removed. Its
@@ -151,6 +157,7 @@ impl PoolAllocator {
             infos: SyncMutex::new(BTreeMap::new()),
             strays: SyncMutex::new(Vec::new()),
             ledger: SyncMutex::new(BTreeMap::new()),
+            rejected: SyncMutex::new(BTreeMap::new()),
         }
     }
 
@@ -238,7 +245,7 @@ impl PoolAllocator {
         let config = pool_config(spec, self.provider.as_ref());
         let mut guard = self.state.lock().await;
         match guard.as_mut() {
-            None => *guard = Some(self.rebuild(client, config).await?),
+            None => *guard = Some(self.rebuild(client, spec, config).await?),
             Some(st) if st.config() != &config => st.set_config(config),
             Some(_) => {}
         }
@@ -250,44 +257,36 @@ impl PoolAllocator {
         self.state.lock().await.as_ref().map(f)
     }
 
-    async fn rebuild(&self, client: &Client, config: PoolConfig) -> Result<PoolState, Error> {
+    async fn rebuild(
+        &self,
+        client: &Client,
+        spec: &LoadBalancerPoolSpec,
+        config: PoolConfig,
+    ) -> Result<PoolState, Error> {
         let mut st = PoolState::new(config);
         let inventory = self.provider.inventory().await?;
         for lb in &inventory.load_balancers {
             st.restore_load_balancer(lb.index);
             self.remember(lb.index, lb.info.clone());
         }
-        // A consistent LIST (no resourceVersion): every allocation a previous leader wrote is in it.
-        let api: Api<SharedLB> = Api::all(client.clone());
-        let mut params = ListParams::default().limit(500);
-        let mut restored = 0usize;
-        loop {
-            let page = api.list(&params).await?;
-            for slb in &page.items {
-                if slb.metadata.deletion_timestamp.is_some() {
-                    continue; // being deleted: its ports are on their way out
-                }
-                let Some(alloc) = slb
-                    .status
-                    .as_ref()
-                    .and_then(|s| allocation_from_status(s, &self.pool))
-                else {
-                    continue;
-                };
-                match st.restore(slb.uid().unwrap_or_default(), alloc) {
-                    Ok(()) => restored += 1,
-                    Err(c) => warn!(
-                        pool = %self.pool, shared_lb = %format!("{}/{}", slb.namespace().unwrap_or_default(), slb.name_any()),
-                        lb = c.lb, port = c.port, held_by = %c.held_by,
-                        "status claims a port another SharedLB holds; it will be placed again"
-                    ),
-                }
-            }
-            match page.metadata.continue_.filter(|c| !c.is_empty()) {
-                Some(token) => params = params.continue_token(&token),
-                None => break,
-            }
+        let (admitted, not_admitted) = self.read_claims(client, spec).await?;
+        let mut rejected: Vec<Rejected> = not_admitted
+            .into_iter()
+            .map(|c| Rejected {
+                uid: c.uid,
+                shared_lb: c.shared_lb,
+                reason: "its namespace is not admitted by the pool".into(),
+            })
+            .collect();
+        let offered = admitted.len();
+        let settled = claims::settle(&mut st, admitted, &cloud_owners(&inventory));
+        let restored = offered - settled.len();
+        rejected.extend(settled);
+        for r in &rejected {
+            warn!(pool = %self.pool, shared_lb = %r.shared_lb, reason = %r.reason, "a status claim was not honoured; it will be placed again");
         }
+        *self.rejected.lock().unwrap_or_else(|e| e.into_inner()) =
+            rejected.into_iter().map(|r| (r.uid, r.reason)).collect();
         // The audit: a listener in the cloud that no allocation accounts for is removed (a crash between the
         // status write of a freed port and the cloud call leaves one).
         let mut strays = Vec::new();
@@ -331,6 +330,91 @@ impl PoolAllocator {
         *self.ledger.lock().unwrap_or_else(|e| e.into_inner()) = ledger;
         info!(pool = %self.pool, restored, load_balancers = inventory.load_balancers.len(), "allocator rebuilt");
         Ok(st)
+    }
+
+    /// Every SharedLB status that names this pool, as claims: (from admitted namespaces, from others). A
+    /// consistent LIST (no resourceVersion), so every allocation a previous leader wrote is in it.
+    async fn read_claims(
+        &self,
+        client: &Client,
+        spec: &LoadBalancerPoolSpec,
+    ) -> Result<(Vec<Claim>, Vec<Claim>), Error> {
+        let admits = self.namespace_admission(client, spec).await?;
+        let api: Api<SharedLB> = Api::all(client.clone());
+        let mut params = ListParams::default().limit(500);
+        let (mut admitted, mut not_admitted) = (Vec::new(), Vec::new());
+        loop {
+            let page = api.list(&params).await?;
+            for slb in &page.items {
+                if slb.metadata.deletion_timestamp.is_some() {
+                    continue; // being deleted: its ports are on their way out
+                }
+                let Some(claim) = self.claim_of(slb) else {
+                    continue;
+                };
+                let ns = slb.namespace().unwrap_or_default();
+                match admits.as_ref().is_none_or(|a| a.contains(&ns)) {
+                    true => admitted.push(claim),
+                    false => not_admitted.push(claim),
+                }
+            }
+            match page.metadata.continue_.filter(|c| !c.is_empty()) {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+        Ok((admitted, not_admitted))
+    }
+
+    fn claim_of(&self, slb: &SharedLB) -> Option<Claim> {
+        let allocation = allocation_from_status(slb.status.as_ref()?, &self.pool)?;
+        Some(Claim {
+            uid: slb.uid()?,
+            shared_lb: format!("{}/{}", slb.namespace().unwrap_or_default(), slb.name_any()),
+            created: slb
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
+            allocation,
+            spec_ports: slb
+                .spec
+                .ports
+                .iter()
+                .map(|p| (p.name.clone(), protocol_to_placement(p.protocol)))
+                .collect(),
+        })
+    }
+
+    /// Which namespaces the pool admits (None: all), read once per rebuild (one LIST, only when the pool has a
+    /// selector).
+    async fn namespace_admission(
+        &self,
+        client: &Client,
+        spec: &LoadBalancerPoolSpec,
+    ) -> Result<Option<BTreeSet<String>>, Error> {
+        let Some(selector) = spec.namespace_selector.as_ref() else {
+            return Ok(None);
+        };
+        let namespaces = Api::<Namespace>::all(client.clone())
+            .list(&ListParams::default())
+            .await?;
+        let admitted: BTreeSet<String> = namespaces
+            .items
+            .into_iter()
+            .filter(|n| selector_matches(selector, &n.metadata.labels.clone().unwrap_or_default()))
+            .filter_map(|n| n.metadata.name)
+            .collect();
+        Ok(Some(admitted))
+    }
+
+    /// Why this SharedLB's status claim was not honoured at the last rebuild, once: its reconcile tells it.
+    pub fn take_rejected(&self, uid: &str) -> Option<String> {
+        self.rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid)
     }
 
     /// The stray listeners that could not be removed yet.
@@ -400,6 +484,24 @@ impl PoolAllocator {
         }
         Ok(())
     }
+}
+
+/// The owner the cloud records for each listener of the pool.
+fn cloud_owners(inventory: &Inventory) -> CloudOwners {
+    inventory
+        .load_balancers
+        .iter()
+        .flat_map(|lb| {
+            lb.listeners.iter().map(|l| {
+                let id = ListenerId {
+                    lb: lb.index,
+                    port: l.port,
+                    protocol: l.protocol,
+                };
+                (id, l.owner_uid.clone())
+            })
+        })
+        .collect()
 }
 
 /// Keeps the ports of listeners that could not be removed taken, one item per owner and load balancer.

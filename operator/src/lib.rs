@@ -5,6 +5,7 @@
 //! precondition -> commit the plan -> cloud calls and the backing Service -> `Ready` status.
 
 pub mod allocator;
+pub mod claims;
 pub mod controller;
 pub mod endpoints;
 pub mod error;

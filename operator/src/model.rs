@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use sharedlb_crds::{
     LoadBalancerRef, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_LABEL, PortStatus, SharedLB,
@@ -59,6 +59,26 @@ pub fn wanted_listeners(slb: &SharedLB, allocation: &Allocation) -> BTreeSet<Lis
             protocol: p.protocol,
         })
         .collect()
+}
+
+/// A label selector, as the apiserver evaluates it.
+pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let labels_ok = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_ok = sel.match_expressions.iter().flatten().all(|e| {
+        let vals = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            _ => false,
+        }
+    });
+    labels_ok && exprs_ok
 }
 
 /// What the cloud holds for the owner and should not: removed first, so a freed port is closed before anything

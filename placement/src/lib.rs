@@ -360,6 +360,26 @@ impl PoolState {
         Ok(())
     }
 
+    /// Whether an allocation read from a status fits the pool's capacity beside what is restored so far: its load
+    /// balancer stays within `max_ports_per_lb`, a load balancer not known yet stays within `max_lbs`, and the
+    /// pool-wide budget holds. A status is a claim anyone with status access can write; this is how the shell
+    /// refuses one that asks for more than the pool would ever have given.
+    pub fn fits(&self, alloc: &Allocation) -> bool {
+        let n = alloc.ports.len() as u32;
+        let used = self.lbs.get(&alloc.lb).map_or(0, |l| l.used);
+        let lb_room = used + n <= self.config.max_ports_per_lb;
+        let lb_count = self.lbs.contains_key(&alloc.lb)
+            || self
+                .config
+                .max_lbs
+                .is_none_or(|m| (self.lbs.len() as u32) < m);
+        let budget = self
+            .config
+            .max_ports_total
+            .is_none_or(|m| self.total_used + n <= m);
+        lb_room && lb_count && budget
+    }
+
     /// `PortMode::PoolWide`: a port something outside the pool holds (on GCP, another Service's node port), so
     /// it is never handed out. Ports already held by an item are left to it. Forgotten at rebuild: if the port is
     /// still taken the shell finds out again.

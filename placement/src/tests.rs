@@ -215,6 +215,29 @@ fn removing_the_last_item_deletes_the_lb_and_forget_drops_it() {
 }
 
 #[test]
+fn a_restored_claim_must_fit_the_pools_capacity() {
+    let mut s = PoolState::new(cfg(2, Some(1)));
+    let two = Allocation {
+        lb: 0,
+        ports: vec![ap("a", 4000, Protocol::Tcp), ap("b", 4001, Protocol::Tcp)],
+    };
+    assert!(s.fits(&two));
+    assert_eq!(s.restore("x".into(), two), Ok(()));
+    let one_more = Allocation {
+        lb: 0,
+        ports: vec![ap("c", 4002, Protocol::Tcp)],
+    };
+    assert!(!s.fits(&one_more), "load balancer 0 is full");
+    let elsewhere = Allocation {
+        lb: 7,
+        ports: vec![ap("c", 4002, Protocol::Tcp)],
+    };
+    assert!(!s.fits(&elsewhere), "the pool allows one load balancer");
+    s.restore_load_balancer(7); // one the cloud has: known, so no new one is asked for
+    assert!(s.fits(&elsewhere));
+}
+
+#[test]
 fn restore_finds_conflicts_and_empty_inventory_lbs_are_collected() {
     let mut s = PoolState::new(cfg(5, None));
     let a = Allocation {

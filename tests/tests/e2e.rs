@@ -961,3 +961,79 @@ async fn a_refused_update_keeps_its_current_allocation_served() {
     delete_pool(&client, "keep").await;
     op.kill().await;
 }
+
+/// A status is a claim, not the truth. Anyone who may patch `sharedlbs/status` in their namespace used to be
+/// able to take another namespace's port: forge a status naming it, wait for a restart, and the rebuild (first in
+/// LIST order wins) moved the victim and removed its listener as stray. Now the owner the cloud records wins: the
+/// forged claim is rejected with an Event, nothing moves, no listener is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_status_takes_no_port_from_another_namespace() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let one_lb = json!({"provider": {"memory": {}}, "capacity": {"maxLoadBalancers": 1}});
+    create_pool(&client, "claims", one_lb).await;
+    let victim_ns = namespace(&client, "e2e-team-b", &[]).await;
+    // sorts before the victim's namespace in a LIST, as the attacker in the finding chose
+    let attacker_ns = namespace(&client, "aaa-e2e", &[]).await;
+    let udp = json!({"name": "dns", "port": 8053, "targetPort": 53, "protocol": "UDP"});
+    create_slb(
+        &client,
+        &victim_ns,
+        "dns",
+        spec("claims", vec![udp.clone()]),
+    )
+    .await;
+    let dns = ready(&client, &victim_ns, "dns", 30).await;
+    let dns_uid = dns.uid().expect("uid");
+    let before = endpoints(&dns);
+    create_slb(&client, &attacker_ns, "x", spec("claims", vec![udp])).await;
+    refused(&client, &attacker_ns, "x", "PortInUse").await;
+
+    let lb_name = dns
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.clone())
+        .expect("lb")
+        .name;
+    let forged = json!({"status": {
+        "pool": "claims",
+        "loadBalancer": {"name": lb_name, "ip": before[0].0},
+        "ports": [{"name": "dns", "port": 8053, "protocol": "UDP"}],
+    }});
+    let attacker: Api<SharedLB> = Api::namespaced(client.clone(), &attacker_ns);
+    attacker
+        .patch_status("x", &PatchParams::default(), &Patch::Merge(&forged))
+        .await
+        .expect("forge x's status");
+    op.kill().await;
+    let removals = |c: &MemoryCloud| c.mutating_calls().get("delete_listener").copied();
+    let removed_before = removals(&cloud);
+
+    let op = Operator::start(&client, &cloud);
+    let victim: Api<SharedLB> = Api::namespaced(client.clone(), &victim_ns);
+    let poke = json!({"metadata": {"annotations": {"e2e/poke": "1"}}});
+    victim
+        .patch("dns", &PatchParams::default(), &Patch::Merge(&poke))
+        .await
+        .expect("poke dns");
+    for _ in 0..10 {
+        let dns = victim.get("dns").await.expect("dns");
+        assert_eq!(endpoints(&dns), before, "the victim moved");
+        assert_eq!(condition(&dns, "Ready").map(|c| c.0), Some("True".into()));
+        let owners: Vec<(u16, String, String)> = cloud_pool(&cloud, "claims")
+            .into_values()
+            .flat_map(|(_, l)| l)
+            .collect();
+        assert_eq!(owners, vec![(8053, "Udp".into(), dns_uid.clone())]);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    assert_eq!(removals(&cloud), removed_before, "a listener was removed");
+    event_recorded(&client, &attacker_ns, "x", "ClaimRejected", 30).await;
+    refused(&client, &attacker_ns, "x", "PortInUse").await;
+    delete_namespace(&client, &attacker_ns).await;
+    delete_namespace(&client, &victim_ns).await;
+    delete_pool(&client, "claims").await;
+    op.kill().await;
+}

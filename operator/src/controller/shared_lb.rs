@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -112,7 +111,13 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
         Err(e) => return Err(e),
     };
 
-    match allocate(&ctx, &slb, &alloc, &pool).await? {
+    let placement = allocate(&ctx, &slb, &alloc, &pool).await?;
+    if let Some(why) = alloc.take_rejected(&slb.uid().unwrap_or_default()) {
+        let message = format!("{why}; it is placed as if new");
+        ctx.event(&*slb, EventType::Warning, "ClaimRejected", message)
+            .await;
+    }
+    match placement {
         Placement::Held {
             allocation,
             refused,
@@ -604,7 +609,7 @@ async fn resolve_pool(
             .map_err(Error::from_kube)?
             .and_then(|n| n.metadata.labels)
             .unwrap_or_default();
-        if !selector_matches(sel, &labels) {
+        if !model::selector_matches(sel, &labels) {
             return Ok(Err(Refusal::new(
                 "NamespaceNotAllowed",
                 format!(
@@ -615,26 +620,6 @@ async fn resolve_pool(
         }
     }
     Ok(Ok(pool))
-}
-
-/// A label selector, as the apiserver evaluates it.
-pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let labels_ok = sel
-        .match_labels
-        .iter()
-        .flatten()
-        .all(|(k, v)| labels.get(k) == Some(v));
-    let exprs_ok = sel.match_expressions.iter().flatten().all(|e| {
-        let vals = e.values.clone().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            _ => false,
-        }
-    });
-    labels_ok && exprs_ok
 }
 
 /// What became of the backing Service.
