@@ -28,6 +28,10 @@ pub enum Error {
     LostLeadership,
     #[error("{0}")]
     PoolInUse(String),
+    #[error(
+        "this replica cannot prove it still holds the leader lease; it makes no change until it can"
+    )]
+    Fenced,
     #[error("serving metrics: {0}")]
     Io(#[from] std::io::Error),
 }

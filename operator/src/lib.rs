@@ -9,6 +9,7 @@ pub mod claims;
 pub mod controller;
 pub mod endpoints;
 pub mod error;
+pub mod fence;
 #[cfg(test)]
 mod fixtures;
 pub mod model;

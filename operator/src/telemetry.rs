@@ -25,6 +25,8 @@ use sharedlb_providers::{
 };
 use tracing::{info, warn};
 
+use crate::fence::Fence;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
     pub controller: &'static str,
@@ -296,19 +298,33 @@ async fn ready_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     }
 }
 
-/// Counts every call of the provider it wraps.
+/// The provider as the operator calls it: a change is made only while the fence proves this replica leads
+/// (refused before the cloud otherwise, and not counted as a cloud call), and every call is counted.
 #[derive(Debug)]
-pub struct MeteredProvider {
+pub struct GuardedProvider {
     inner: Arc<dyn LoadBalancerProvider>,
     metrics: Arc<Metrics>,
+    fence: Fence,
 }
 
-impl MeteredProvider {
+impl GuardedProvider {
     pub fn wrap(
         inner: Arc<dyn LoadBalancerProvider>,
         metrics: Arc<Metrics>,
+        fence: Fence,
     ) -> Arc<dyn LoadBalancerProvider> {
-        Arc::new(MeteredProvider { inner, metrics })
+        Arc::new(GuardedProvider {
+            inner,
+            metrics,
+            fence,
+        })
+    }
+
+    fn may_change(&self) -> Result<(), ProviderError> {
+        match self.fence.is_current() {
+            true => Ok(()),
+            false => Err(Fence::refusal()),
+        }
     }
 
     fn count<T>(&self, operation: &'static str, r: &Result<T, ProviderError>) {
@@ -331,7 +347,7 @@ impl MeteredProvider {
 }
 
 #[async_trait::async_trait]
-impl LoadBalancerProvider for MeteredProvider {
+impl LoadBalancerProvider for GuardedProvider {
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }
@@ -345,6 +361,7 @@ impl LoadBalancerProvider for MeteredProvider {
         &self,
         lb: &LoadBalancerKey,
     ) -> Result<LoadBalancerInfo, ProviderError> {
+        self.may_change()?;
         let r = self.inner.ensure_load_balancer(lb).await;
         self.count("ensure_load_balancer", &r);
         r
@@ -354,6 +371,7 @@ impl LoadBalancerProvider for MeteredProvider {
         lb: &LoadBalancerKey,
         l: &ListenerSpec,
     ) -> Result<(), ProviderError> {
+        self.may_change()?;
         let r = self.inner.ensure_listener(lb, l).await;
         self.count("ensure_listener", &r);
         r
@@ -365,6 +383,7 @@ impl LoadBalancerProvider for MeteredProvider {
         protocol: Protocol,
         owner_uid: &str,
     ) -> Result<(), ProviderError> {
+        self.may_change()?;
         let r = self
             .inner
             .remove_listener(lb, port, protocol, owner_uid)
@@ -373,6 +392,7 @@ impl LoadBalancerProvider for MeteredProvider {
         r
     }
     async fn delete_load_balancer(&self, lb: &LoadBalancerKey) -> Result<(), ProviderError> {
+        self.may_change()?;
         let r = self.inner.delete_load_balancer(lb).await;
         self.count("delete_load_balancer", &r);
         r
@@ -389,6 +409,7 @@ impl LoadBalancerProvider for MeteredProvider {
         self.inner.api_calls()
     }
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
+        self.may_change()?;
         let r = self.inner.update_nodes(nodes).await;
         self.count("update_nodes", &r);
         r

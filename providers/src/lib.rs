@@ -62,6 +62,9 @@ pub enum ProviderError {
     },
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// The caller may not make changes now (the operator's leader fence is closed); nothing reached the cloud.
+    #[error("fenced: {0}")]
+    Fenced(String),
     #[error("{0}")]
     Other(String),
 }
@@ -81,6 +84,7 @@ impl ProviderError {
             ProviderError::QuotaExceeded(_) => "CloudQuotaExceeded",
             ProviderError::Throttled { .. } => "CloudThrottled",
             ProviderError::InvalidConfig(_) => "CloudInvalidConfig",
+            ProviderError::Fenced(_) => "Fenced",
             ProviderError::Other(_) => "CloudError",
         }
     }
@@ -93,6 +97,7 @@ impl ProviderError {
             | ProviderError::NotFound(_)
             | ProviderError::AlreadyExists(_) => Some(Duration::from_secs(2)),
             ProviderError::QuotaExceeded(_) => Some(Duration::from_secs(60)),
+            ProviderError::Fenced(_) => Some(Duration::from_secs(1)),
             ProviderError::InvalidConfig(_) => None,
         }
     }

@@ -20,7 +20,10 @@ use sharedlb_crds::{LoadBalancerPool, SharedLB};
 use sharedlb_providers::memory::MemoryCloud;
 use tokio::task::JoinHandle;
 
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod echo;
+pub mod replica;
 
 /// The tests share one apiserver and each runs its own operator: they take turns.
 pub static SERIAL: LazyLock<tokio::sync::Mutex<()>> = LazyLock::new(|| tokio::sync::Mutex::new(()));

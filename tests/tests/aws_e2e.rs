@@ -8,50 +8,9 @@ use aws_sdk_elasticloadbalancingv2 as elb;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
+use sharedlb_e2e::aws::{conf, network};
 use sharedlb_e2e::*;
 use sharedlb_providers::memory::MemoryCloud;
-
-async fn conf() -> aws_config::SdkConfig {
-    assert!(
-        std::env::var_os("AWS_ENDPOINT_URL").is_some(),
-        "needs moto: run through scripts/test"
-    );
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .load()
-        .await
-}
-
-/// A VPC and two subnets in moto: (vpc id, subnet ids).
-async fn network() -> (String, Vec<String>) {
-    let ec2 = aws_sdk_ec2::Client::new(&conf().await);
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block("10.77.0.0/16")
-        .send()
-        .await
-        .expect("vpc")
-        .vpc
-        .and_then(|v| v.vpc_id)
-        .expect("vpc id");
-    let mut subnets = Vec::new();
-    for (i, az) in ["us-east-1a", "us-east-1b"].iter().enumerate() {
-        let s = ec2
-            .create_subnet()
-            .vpc_id(&vpc)
-            .cidr_block(format!("10.77.{i}.0/24"))
-            .availability_zone(*az)
-            .send()
-            .await;
-        subnets.push(
-            s.expect("subnet")
-                .subnet
-                .and_then(|s| s.subnet_id)
-                .expect("subnet id"),
-        );
-    }
-    (vpc, subnets)
-}
 
 async fn add_node(client: &Client, name: &str, zone: &str, instance: &str) {
     add_ready_node(client, name, &format!("aws:///{zone}/{instance}")).await;

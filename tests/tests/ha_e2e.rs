@@ -2,74 +2,13 @@
 //! nothing; kill -9 the leader mid-burst and the other takes over within the lease, rebuilds, and finishes with
 //! no duplicate load balancer or port. Metrics are scraped from /metrics as a user's Prometheus would.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::process::Stdio;
+use std::collections::BTreeSet;
 
 use kube::Api;
 use serde_json::json;
 use sharedlb_crds::SharedLB;
+use sharedlb_e2e::replica::{leads, scrape, start_replica, sum, which_leads};
 use sharedlb_e2e::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
-
-fn start(identity: &str, lease: &str, metrics: u16, log: &std::path::Path) -> Child {
-    Command::new(sharedlb_bin())
-        .args([
-            "run",
-            "--cluster-id",
-            "ha",
-            "--leader-elect",
-            "--lease-name",
-            lease,
-            "--identity",
-            identity,
-        ])
-        .args([
-            "--lease-duration",
-            "6",
-            "--lease-grace",
-            "2",
-            "--lease-namespace",
-            "default",
-        ])
-        .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
-        .env("RUST_LOG", "info,kube=warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start sharedlb")
-}
-
-/// GET /metrics, parsed into `name{labels}` -> value.
-async fn scrape(port: u16) -> Option<BTreeMap<String, f64>> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .await
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.ok()?;
-    let (head, text) = body.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200").then_some(())?;
-    Some(
-        text.lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .filter_map(|l| {
-                let (k, v) = l.rsplit_once(' ')?;
-                Some((k.to_string(), v.parse().ok()?))
-            })
-            .collect(),
-    )
-}
-
-fn sum(m: &BTreeMap<String, f64>, prefix: &str, must_contain: &[&str]) -> f64 {
-    m.iter()
-        .filter(|(k, _)| k.starts_with(prefix) && must_contain.iter().all(|c| k.contains(c)))
-        .map(|(_, v)| v)
-        .sum()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_mid_burst_the_follower_finishes_without_duplicates() {
@@ -79,22 +18,11 @@ async fn leader_killed_mid_burst_the_follower_finishes_without_duplicates() {
     std::fs::create_dir_all(&dir).expect("log dir");
     let lease = format!("ha-{:06x}", fastrand::u32(..0xff_ffff));
     let (ma, mb) = (free_port(), free_port());
-    let mut a = start("replica-a", &lease, ma, &dir.join("a.log"));
-    let mut b = start("replica-b", &lease, mb, &dir.join("b.log"));
+    let mut a = start_replica("replica-a", &lease, "ha", ma, &dir.join("a.log"));
+    let mut b = start_replica("replica-b", &lease, "ha", mb, &dir.join("b.log"));
 
     // exactly one leads
-    let (leader_port, follower_port) = eventually(30, "one replica holds the lease", || async {
-        let (x, y) = (scrape(ma).await?, scrape(mb).await?);
-        match (
-            x.get("sharedlb_leader").copied()?,
-            y.get("sharedlb_leader").copied()?,
-        ) {
-            (l, f) if l == 1.0 && f == 0.0 => Some((ma, mb)),
-            (f, l) if l == 1.0 && f == 0.0 => Some((mb, ma)),
-            _ => None,
-        }
-    })
-    .await;
+    let (leader_port, follower_port) = which_leads(ma, mb).await;
 
     let ns = namespace(&client, "ha", &[]).await;
     create_pool(
@@ -174,15 +102,7 @@ async fn leader_killed_mid_burst_the_follower_finishes_without_duplicates() {
     leader.wait().await.expect("reaped");
     eprintln!("ha: {at_kill} of 20 were Ready when the leader was killed");
 
-    eventually(60, "the follower takes the lease", || async {
-        (scrape(follower_port)
-            .await?
-            .get("sharedlb_leader")
-            .copied()?
-            == 1.0)
-            .then_some(())
-    })
-    .await;
+    leads(follower_port, 60).await;
     let mut seen = BTreeSet::new();
     let mut ips = BTreeSet::new();
     let mut lbs = BTreeSet::new();

@@ -25,7 +25,8 @@ use tracing::{info, warn};
 
 use crate::allocator::PoolAllocator;
 use crate::endpoints::{EndpointSlices, SERVICE_NAME_LABEL};
-use crate::telemetry::{self, MeteredProvider, Metrics};
+use crate::fence::Fence;
+use crate::telemetry::{self, GuardedProvider, Metrics};
 use crate::{Error, ProviderFactory};
 use sharedlb_providers::NodeTarget;
 
@@ -89,6 +90,8 @@ pub struct Context {
     allocators: Mutex<HashMap<String, Arc<AllocatorSlot>>>,
     /// Consecutive failures per object, for retries that back off.
     backoff: backoff::Backoff,
+    /// Whether this replica may act: checked before each reconcile, status write, Service write and cloud change.
+    fence: Fence,
 }
 
 /// A pool object's allocator, made once by the first reconcile that needs it (the others of that pool wait for
@@ -138,11 +141,12 @@ impl Context {
 
     async fn make_allocator(&self, pool: &LoadBalancerPool) -> Result<Arc<PoolAllocator>, Error> {
         let name = pool.name_any();
-        let provider = MeteredProvider::wrap(
+        let provider = GuardedProvider::wrap(
             self.factory
                 .make(&self.settings.cluster_id, &name, &pool.spec)
                 .await?,
             self.metrics.clone(),
+            self.fence.clone(),
         );
         if let Err(e) = provider.update_nodes(&node_targets(&self.nodes)).await {
             warn!(pool = %name, error = %e, "could not give the provider the cluster's nodes; retrying soon");
@@ -253,6 +257,7 @@ fn result_label(e: &Error) -> String {
     match e {
         Error::Provider(p) => p.reason().to_string(),
         Error::Conflict => "Conflict".into(),
+        Error::Fenced => "Fenced".into(),
         Error::Kube(_) => "KubeError".into(),
         _ => "Error".into(),
     }
@@ -263,6 +268,7 @@ fn result_label(e: &Error) -> String {
 fn error_policy<K: Resource>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
     let (base, at_least) = match err {
         Error::Conflict => (Duration::from_millis(200), None),
+        Error::Fenced => (Duration::from_secs(1), None),
         Error::PoolInUse(_) => (Duration::from_secs(10), None),
         Error::Provider(e) => (Duration::from_secs(5), e.retry_after()),
         Error::Kube(_)
@@ -284,6 +290,8 @@ async fn measured(
     ctx: Arc<Context>,
     reconcile: impl Future<Output = Result<Action, Error>>,
 ) -> Result<Action, Error> {
+    // a replica that cannot prove it leads does nothing, not even look (a rebuild would act on what it sees)
+    ctx.fence.check()?;
     let r = ctx
         .metrics
         .reconcile(controller, reconcile, result_label)
@@ -319,8 +327,11 @@ pub async fn run(
     }
     let Some(le) = settings.leader_election.clone() else {
         metrics.leader.set(1);
-        return run_controllers(client, settings, factory, metrics, shutdown).await;
+        let fence = Fence::open();
+        return run_controllers(client, settings, factory, metrics, fence, shutdown).await;
     };
+    let fence = Fence::closed();
+    let fence_task = tokio::spawn(fence.clone().follow(client.clone(), le.clone()));
     let manager = LeaseManagerBuilder::new(client.clone(), &le.lease_name)
         .with_namespace(&le.namespace)
         .with_identity(&le.identity)
@@ -363,7 +374,8 @@ pub async fn run(
         })
     };
     let stop = stop_rx.map(|_| ());
-    let result = run_controllers(client, settings, factory, metrics.clone(), stop).await;
+    let result = run_controllers(client, settings, factory, metrics.clone(), fence, stop).await;
+    fence_task.abort();
     metrics.leader.set(0);
     // dropping the last receiver ends the lease task, which hands back the manager to release the lease
     drop(monitor.await);
@@ -384,6 +396,7 @@ async fn run_controllers(
     settings: Settings,
     factory: Arc<dyn ProviderFactory>,
     metrics: Arc<Metrics>,
+    fence: Fence,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), Error> {
     let pools_api: Api<LoadBalancerPool> = Api::all(client.clone());
@@ -433,6 +446,7 @@ async fn run_controllers(
         allocators: Mutex::new(HashMap::new()),
         backoff: backoff::Backoff::default(),
         settings: settings.clone(),
+        fence,
     });
     let shutdown = shutdown.shared();
     let config = ControllerConfig::default().concurrency(settings.concurrency);

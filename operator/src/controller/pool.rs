@@ -293,6 +293,7 @@ async fn finish(
     }
     let was = status::get(&old.conditions, READY).map(|c| (c.status.clone(), c.reason.clone()));
     let now = status::get(&new.conditions, READY).map(|c| (c.status.clone(), c.reason.clone()));
+    ctx.fence.check()?;
     let patch = status::whole_status_patch(&new, status::POOL_STATUS_KEYS)?;
     Api::<LoadBalancerPool>::all(ctx.client.clone())
         .patch_status(

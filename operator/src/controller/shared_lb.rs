@@ -311,6 +311,7 @@ async fn send_status(
     st: &SharedLBStatus,
     pre: Precondition,
 ) -> Result<(), Error> {
+    ctx.fence.check()?;
     let mut patch = status::whole_status_patch(st, status::SHARED_LB_STATUS_KEYS)?;
     if let Precondition::ResourceVersion = pre {
         patch["metadata"] = json!({ "resourceVersion": slb.resource_version() });
@@ -515,6 +516,9 @@ async fn cloud_failed(
     slb: &SharedLB,
     e: sharedlb_providers::ProviderError,
 ) -> Result<Action, Error> {
+    if let ProviderError::Fenced(_) = e {
+        return Err(Error::Fenced); // not this replica's to report
+    }
     let old = slb.status.clone().unwrap_or_default();
     let mut st = old.clone();
     let generation = slb.meta().generation;
@@ -661,6 +665,7 @@ async fn deploy_service(
     if let Some(s) = existing.filter(|s| model::service_is_current(s, &want)) {
         return Ok(ServiceOutcome::Applied(model::node_ports(&s)));
     }
+    ctx.fence.check()?;
     let applied = api
         .patch(
             &name,
