@@ -3,6 +3,7 @@
 //! the pool is used, under the same lock, so nothing is placed before the rebuild is complete.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -118,6 +119,8 @@ pub struct PoolAllocator {
     ledger: SyncMutex<BTreeMap<String, BTreeSet<ListenerId>>>,
     /// Status claims the last rebuild did not honour, by uid, with why.
     rejected: SyncMutex<BTreeMap<String, String>>,
+    /// Set, under the state's lock, once the pool is being deleted and holds nothing: nothing more is placed.
+    closed: AtomicBool,
 }
 
 /// A listener the rebuild found in the cloud that no allocation accounts for and that could not be removed. Its
@@ -132,10 +135,13 @@ pub struct StrayListener {
     pub error: String,
 }
 
+/// The start of the keys that hold stray listeners' ports in a pool's state.
+pub const STRAY_KEY_PREFIX: &str = "stray:";
+
 impl StrayListener {
     /// The key that holds its port in the pool's state: never a SharedLB's uid.
     fn key(&self) -> String {
-        format!("stray:{}:{}", self.owner_uid, self.lb)
+        format!("{STRAY_KEY_PREFIX}{}:{}", self.owner_uid, self.lb)
     }
 }
 
@@ -158,6 +164,7 @@ impl PoolAllocator {
             strays: SyncMutex::new(Vec::new()),
             ledger: SyncMutex::new(BTreeMap::new()),
             rejected: SyncMutex::new(BTreeMap::new()),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -194,6 +201,16 @@ impl PoolAllocator {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&lb);
+    }
+
+    /// Closes the pool to placement (its deletion has begun); call with the state locked.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// True once the pool's deletion closed it; read with the state locked.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// The listeners the cloud may hold for this owner.

@@ -1037,3 +1037,121 @@ async fn a_forged_status_takes_no_port_from_another_namespace() {
     delete_pool(&client, "claims").await;
     op.kill().await;
 }
+
+fn served_ports(cloud: &MemoryCloud, pool: &str, owner: &str) -> Vec<u16> {
+    cloud_pool(cloud, pool)
+        .into_values()
+        .flat_map(|(_, l)| l)
+        .filter(|(_, _, o)| o == owner)
+        .map(|(p, _, _)| p)
+        .collect()
+}
+
+/// A namespace whose labels no longer match the pool's namespaceSelector used to keep being served (the refusal
+/// touched nothing). Now its SharedLB's listeners are withdrawn and its ports released at once (the operator
+/// watches Namespaces), and it is served again when the namespace is admitted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_that_loses_admission_is_withdrawn_and_served_again_once_admitted() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-admit", &[("team", "in")]).await;
+    let selector = json!({"matchLabels": {"team": "in"}});
+    create_pool(
+        &client,
+        "admit",
+        json!({"provider": {"memory": {}}, "namespaceSelector": selector}),
+    )
+    .await;
+    create_slb(&client, &ns, "s", spec("admit", vec![tcp("a", Some(4301))])).await;
+    let s = ready(&client, &ns, "s", 30).await;
+    let uid = s.uid().expect("uid");
+    assert_eq!(served_ports(&cloud, "admit", &uid), vec![4301]);
+
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let label = |v: &str| json!({"metadata": {"labels": {"team": v}}});
+    namespaces
+        .patch(&ns, &PatchParams::default(), &Patch::Merge(label("out")))
+        .await
+        .expect("relabel");
+    let msg = refused(&client, &ns, "s", "NamespaceNotAllowed").await;
+    assert!(msg.contains("withdrawn"), "{msg}");
+    eventually(10, "s's listener is withdrawn", || async {
+        served_ports(&cloud, "admit", &uid).is_empty().then_some(())
+    })
+    .await;
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    let st = api.get("s").await.expect("s").status.expect("status");
+    assert!(st.pool.is_none() && st.ports.is_empty(), "released: {st:?}");
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    eventually(10, "its Service is gone", || async {
+        services
+            .get_opt("s-sharedlb")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+
+    namespaces
+        .patch(&ns, &PatchParams::default(), &Patch::Merge(label("in")))
+        .await
+        .expect("relabel back");
+    ready(&client, &ns, "s", 30).await;
+    assert_eq!(served_ports(&cloud, "admit", &uid), vec![4301]);
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "admit").await;
+    op.kill().await;
+}
+
+/// A tenant whose SharedLB names a pool it holds nothing in (here: a pool that does not admit its namespace)
+/// used to hold the pool's deletion up forever. Deletion now waits only for SharedLBs holding ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn naming_a_pool_does_not_hold_up_its_deletion() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let admitted = namespace(&client, "e2e-gone-in", &[("team", "in")]).await;
+    let outsider = namespace(&client, "e2e-gone-out", &[]).await;
+    let selector = json!({"matchLabels": {"team": "in"}});
+    create_pool(
+        &client,
+        "gone",
+        json!({"provider": {"memory": {}}, "namespaceSelector": selector}),
+    )
+    .await;
+    create_slb(&client, &admitted, "a", spec("gone", vec![tcp("a", None)])).await;
+    ready(&client, &admitted, "a", 30).await;
+    create_slb(&client, &outsider, "b", spec("gone", vec![tcp("a", None)])).await;
+    refused(&client, &outsider, "b", "NamespaceNotAllowed").await;
+
+    let pools = Api::<LoadBalancerPool>::all(client.clone());
+    pools
+        .delete("gone", &DeleteParams::default())
+        .await
+        .expect("delete the pool");
+    let (reason, msg) = pool_not_ready(&client, "gone").await;
+    assert_eq!(reason, "InUse", "{msg}");
+    assert!(
+        msg.contains("1 SharedLB(s)") && msg.contains("/a"),
+        "waits for the holder only: {msg}"
+    );
+    Api::<SharedLB>::namespaced(client.clone(), &admitted)
+        .delete("a", &DeleteParams::default())
+        .await
+        .expect("delete a");
+    eventually(30, "the pool is gone while b still names it", || async {
+        pools.get_opt("gone").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        cloud_pool(&cloud, "gone").is_empty(),
+        "the pool's load balancers are deleted"
+    );
+    delete_namespace(&client, &admitted).await;
+    delete_namespace(&client, &outsider).await;
+    op.kill().await;
+}

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use kube::api::DynamicObject;
 use kube::runtime::controller::{Action, Config as ControllerConfig};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -454,6 +454,7 @@ async fn run_controllers(
     let slb_controller =
         Controller::new(slb_api.clone(), watcher::Config::default()).with_config(config.clone());
     let slb_store = slb_controller.store();
+    let slbs_by_namespace = slb_controller.store();
     let managed =
         watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
     let slbs = slb_controller
@@ -470,6 +471,20 @@ async fn run_controllers(
                     .filter(|s| {
                         !status::is_ready(s) && s.spec.pool.as_ref().is_none_or(|p| *p == name)
                     })
+                    .map(|s| ObjectRef::from_obj(&*s))
+                    .collect::<Vec<_>>()
+            },
+        )
+        // a namespace's labels decide which pools admit it: its SharedLBs are looked at again when they change
+        .watches(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+            move |ns: Namespace| {
+                let name = ns.name_any();
+                slbs_by_namespace
+                    .state()
+                    .into_iter()
+                    .filter(|s| s.namespace().as_deref() == Some(name.as_str()))
                     .map(|s| ObjectRef::from_obj(&*s))
                     .collect::<Vec<_>>()
             },

@@ -1,6 +1,7 @@
 //! Reconciling a LoadBalancerPool: validate it, build its allocator (the rebuild), retry deletions of empty
 //! load balancers, and show one row per load balancer in its status.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,10 +34,67 @@ pub async fn reconcile(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result
     .map_err(super::finalizer_error)
 }
 
-/// Deletion: wait while any SharedLB uses the pool (they need it to release their ports), then delete every
-/// load balancer the provider's inventory lists for it, so nothing is left behind in the cloud.
+/// Deletion: wait while any SharedLB holds ports in the pool (it needs the pool to release them), then close the
+/// pool to placement and delete every load balancer the provider's inventory lists for it, so nothing is left
+/// behind in the cloud. Holding is what the pool's state says under its lock, the same lock placement takes: a
+/// SharedLB is either placed before the pool closes (and deletion waits for it) or refused after. A SharedLB that
+/// only names the pool holds nothing and does not hold deletion up.
 async fn cleanup(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = pool.name_any();
+    let alloc = match ctx.allocator(&pool).await {
+        Ok(a) => a,
+        Err(Error::Provider(e)) if never_made_anything(&pool) => {
+            warn!(pool = %name, error = %e, "no provider for a deleted pool that never held a load balancer; nothing to clean");
+            ctx.drop_allocator(&name).await;
+            return Ok(Action::await_change());
+        }
+        // the provider cannot be made now, but load balancers it made before may exist: retried, never skipped
+        Err(e) => return Err(e),
+    };
+    let state = alloc.lock(&ctx.client, &pool.spec).await?;
+    let holders: BTreeSet<String> = state
+        .allocations()
+        .map(|(key, _)| key.clone())
+        .filter(|key| !key.starts_with(crate::allocator::STRAY_KEY_PREFIX))
+        .collect();
+    if holders.is_empty() {
+        alloc.close();
+    }
+    drop(state);
+    if !holders.is_empty() {
+        return wait_for_holders(&ctx, &pool, &holders).await;
+    }
+    let inventory = alloc.provider.inventory().await?;
+    for lb in &inventory.load_balancers {
+        alloc
+            .provider
+            .delete_load_balancer(&alloc.key(lb.index))
+            .await?;
+    }
+    if !inventory.load_balancers.is_empty() {
+        let note = format!(
+            "deleted {} load balancer(s) of the pool",
+            inventory.load_balancers.len()
+        );
+        ctx.event(&*pool, EventType::Normal, "Deleted", note).await;
+    }
+    ctx.drop_allocator(&name).await;
+    Ok(Action::await_change())
+}
+
+/// The pool's own status (which only the operator writes) never listed a load balancer.
+fn never_made_anything(pool: &LoadBalancerPool) -> bool {
+    pool.status
+        .as_ref()
+        .is_none_or(|s| s.load_balancers.is_empty() && s.totals.load_balancers == 0)
+}
+
+/// The pool says which SharedLBs its deletion waits for.
+async fn wait_for_holders(
+    ctx: &Context,
+    pool: &LoadBalancerPool,
+    holders: &BTreeSet<String>,
+) -> Result<Action, Error> {
     let all = Api::<SharedLB>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await
@@ -44,63 +102,28 @@ async fn cleanup(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Actio
     let users: Vec<String> = all
         .items
         .iter()
-        .filter(|s| {
-            s.status.as_ref().and_then(|st| st.pool.as_deref()) == Some(name.as_str())
-                || s.spec.pool.as_deref() == Some(name.as_str())
-        })
+        .filter(|s| s.uid().is_some_and(|u| holders.contains(&u)))
         .map(|s| format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()))
         .collect();
-    if !users.is_empty() {
-        let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();
-        let msg = format!(
-            "deletion waits: {} SharedLB(s) still use this pool ({}{}); delete them first",
-            users.len(),
-            shown.join(", "),
-            if users.len() > 5 { ", ..." } else { "" }
-        );
-        let old = pool.status.clone().unwrap_or_default();
-        let mut st = old.clone();
-        status::set(
-            &mut st.conditions,
-            READY,
-            false,
-            "InUse",
-            &msg,
-            pool.meta().generation,
-        );
-        finish(&ctx, &pool, &old, st, Action::await_change()).await?;
-        return Err(Error::PoolInUse(msg));
-    }
-    match ctx.allocator(&pool).await {
-        Ok(alloc) => {
-            let inventory = alloc.provider.inventory().await?;
-            for lb in &inventory.load_balancers {
-                alloc
-                    .provider
-                    .delete_load_balancer(&alloc.key(lb.index))
-                    .await?;
-            }
-            if !inventory.load_balancers.is_empty() {
-                ctx.event(
-                    &*pool,
-                    EventType::Normal,
-                    "Deleted",
-                    format!(
-                        "deleted {} load balancer(s) of the pool",
-                        inventory.load_balancers.len()
-                    ),
-                )
-                .await;
-            }
-        }
-        // a provider that cannot even be made never made anything
-        Err(Error::Provider(e)) => {
-            warn!(pool = %name, error = %e, "no provider for a deleted pool; nothing to clean")
-        }
-        Err(e) => return Err(e),
-    }
-    ctx.drop_allocator(&name).await;
-    Ok(Action::await_change())
+    let shown: Vec<&str> = users.iter().take(5).map(String::as_str).collect();
+    let msg = format!(
+        "deletion waits: {} SharedLB(s) still hold ports in this pool ({}{}); delete them first",
+        holders.len(),
+        shown.join(", "),
+        if holders.len() > 5 { ", ..." } else { "" }
+    );
+    let old = pool.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    status::set(
+        &mut st.conditions,
+        READY,
+        false,
+        "InUse",
+        &msg,
+        pool.meta().generation,
+    );
+    finish(ctx, pool, &old, st, Action::await_change()).await?;
+    Err(Error::PoolInUse(msg))
 }
 
 async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -50,6 +50,8 @@ pub async fn reconcile(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, 
 /// A refusal: bad input, a missing or closed pool, no room. Conditions, one Event when it first happens, no cloud call.
 struct Refusal {
     allocated: bool,
+    /// The SharedLB was taken out of its pool: its status no longer names a place.
+    released: bool,
     reason: String,
     message: String,
     requeue: Option<Duration>,
@@ -59,6 +61,7 @@ impl Refusal {
     fn new(reason: &str, message: impl Into<String>) -> Self {
         Refusal {
             allocated: false,
+            released: false,
             reason: reason.into(),
             message: message.into(),
             requeue: None,
@@ -96,6 +99,9 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
             "this SharedLB is placed in pool {old:?}; placements never move, so changing the pool to {pool_name:?} is refused: delete and re-create it to move"
         );
         return refuse(&ctx, &slb, Refusal::new("PoolChangeRefused", msg)).await;
+    }
+    if !namespace_admitted(&ctx, &pool, &slb).await? {
+        return not_admitted(&ctx, &slb, &pool).await;
     }
     let alloc = match ctx.allocator(&pool).await {
         Ok(a) => a,
@@ -161,6 +167,10 @@ async fn allocate(
         })
         .collect();
     let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
+    if alloc.is_closed() {
+        let msg = format!("LoadBalancerPool {:?} is being deleted", pool.name_any());
+        return Ok(Placement::Refused(Refusal::new("PoolDeleting", msg)));
+    }
     let plan = state.plan(&[Change::Upsert {
         key: uid.clone(),
         ports: requests,
@@ -482,6 +492,13 @@ async fn refuse(ctx: &Context, slb: &SharedLB, r: Refusal) -> Result<Action, Err
     st.observed_generation = generation;
     let changed = status::get(&old.conditions, READY)
         .is_none_or(|c| c.reason != r.reason || c.message != r.message);
+    if r.released {
+        st.pool = None;
+        st.load_balancer = None;
+        st.ports = Vec::new();
+        st.port_summary = None;
+        st.service_name = None;
+    }
     if !r.allocated {
         status::set(
             &mut st.conditions,
@@ -605,25 +622,67 @@ async fn resolve_pool(
             format!("LoadBalancerPool {:?}: {e}", pool.name_any()),
         )));
     }
-    if let Some(sel) = &pool.spec.namespace_selector {
-        let ns = slb.namespace().unwrap_or_default();
-        let labels = Api::<Namespace>::all(ctx.client.clone())
-            .get_opt(&ns)
-            .await
-            .map_err(Error::from_kube)?
-            .and_then(|n| n.metadata.labels)
-            .unwrap_or_default();
-        if !model::selector_matches(sel, &labels) {
-            return Ok(Err(Refusal::new(
-                "NamespaceNotAllowed",
-                format!(
-                    "LoadBalancerPool {:?} does not admit namespace {ns:?}",
-                    pool.name_any()
-                ),
-            )));
-        }
-    }
     Ok(Ok(pool))
+}
+
+/// Whether the pool admits the SharedLB's namespace (its `namespaceSelector` on the Namespace's labels).
+async fn namespace_admitted(
+    ctx: &Context,
+    pool: &LoadBalancerPool,
+    slb: &SharedLB,
+) -> Result<bool, Error> {
+    let Some(sel) = &pool.spec.namespace_selector else {
+        return Ok(true);
+    };
+    let ns = slb.namespace().unwrap_or_default();
+    let labels = Api::<Namespace>::all(ctx.client.clone())
+        .get_opt(&ns)
+        .await
+        .map_err(Error::from_kube)?
+        .and_then(|n| n.metadata.labels)
+        .unwrap_or_default();
+    Ok(model::selector_matches(sel, &labels))
+}
+
+/// A SharedLB whose namespace the pool does not admit is not served: if it holds a place there (its namespace
+/// lost admission), the place is released — listeners withdrawn, ports freed — and it is placed again, as new,
+/// once the namespace is admitted again. Holding nothing, it blocks nothing (the pool's deletion included).
+async fn not_admitted(
+    ctx: &Context,
+    slb: &SharedLB,
+    pool: &LoadBalancerPool,
+) -> Result<Action, Error> {
+    let ns = slb.namespace().unwrap_or_default();
+    let msg = format!(
+        "LoadBalancerPool {:?} does not admit namespace {ns:?}",
+        pool.name_any()
+    );
+    let placed_here = slb
+        .status
+        .as_ref()
+        .is_some_and(|s| s.pool.as_deref() == Some(pool.name_any().as_str()));
+    if !placed_here {
+        let said = slb
+            .status
+            .as_ref()
+            .and_then(|s| status::get(&s.conditions, READY))
+            .is_some_and(|c| c.reason == "NamespaceNotAllowed");
+        if said {
+            // already told (maybe with what was withdrawn): a second, shorter message would only churn
+            return Ok(Action::requeue(RETRY_REFUSED));
+        }
+        return refuse(ctx, slb, Refusal::new("NamespaceNotAllowed", msg)).await;
+    }
+    let alloc = ctx.allocator(pool).await?;
+    release(ctx, slb, &alloc, pool, &[]).await?;
+    let message = format!(
+        "{msg}: its listeners are withdrawn and its ports released; it is placed again once the namespace is admitted"
+    );
+    let r = Refusal {
+        released: true,
+        ..Refusal::new("NamespaceNotAllowed", message).retry(RETRY_REFUSED)
+    };
+    refuse(ctx, slb, r).await
 }
 
 /// What became of the backing Service.
@@ -722,8 +781,7 @@ fn taken_node_ports(msg: &str) -> Vec<u16> {
 }
 
 /// On a passthrough cloud another Service holds a node port this SharedLB was given, before it ever served:
-/// the ports are blocked in the pool, the placement is dropped (and what it made in the cloud removed), the
-/// status says why, and the next reconcile places it again around them.
+/// the ports are blocked in the pool, the placement released, and the next reconcile places it again around them.
 async fn place_again_around(
     ctx: &Context,
     slb: &SharedLB,
@@ -732,50 +790,79 @@ async fn place_again_around(
     taken: &[u16],
     msg: &str,
 ) -> Result<Action, Error> {
+    release(ctx, slb, alloc, pool, taken).await?;
+    let message = format!("{msg}; placing it again on another port");
+    let r = Refusal {
+        released: true,
+        ..Refusal::new(NODE_PORT_TAKEN, message).retry(Duration::from_millis(200))
+    };
+    refuse(ctx, slb, r).await
+}
+
+/// Takes the SharedLB out of its pool: its ports freed (`block`: ports kept from anyone after it, on passthrough
+/// clouds), every listener the cloud may hold for it removed, load balancers left empty deleted, its Service
+/// deleted (on passthrough clouds its node ports are external ports of the pool). The caller says why in the
+/// status. A removal that fails is tried again by the next reconcile (the ledger keeps it).
+async fn release(
+    ctx: &Context,
+    slb: &SharedLB,
+    alloc: &PoolAllocator,
+    pool: &LoadBalancerPool,
+    block: &[u16],
+) -> Result<(), Error> {
     let uid = slb.uid().unwrap_or_default();
     let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
     let plan = state.plan(&[Change::Remove { key: uid.clone() }]);
     state.apply(&plan);
-    for p in taken {
+    for p in block {
         state.block_port(*p);
     }
     let doomed = state.deleting();
     drop(state);
+    note_recorded_listeners(alloc, slb);
     if let Err(e) = withdraw_stale(alloc, &uid, &BTreeSet::new()).await {
-        warn!(error = %e, "removing a listener of a dropped placement failed; the next reconcile retries");
+        warn!(error = %e, "removing a listener of a released placement failed; the next reconcile retries");
     }
     if let Err(e) = alloc.delete_marked(doomed).await {
         warn!(error = %e, "deleting an empty load balancer failed; the pool retries");
     }
-    let message = format!("{msg}; placing it again on another port");
-    let mut st = slb.status.clone().unwrap_or_default();
-    st.pool = None;
-    st.load_balancer = None;
-    st.ports = Vec::new();
-    st.port_summary = None;
-    let generation = slb.meta().generation;
-    status::set(
-        &mut st.conditions,
-        ALLOCATED,
-        false,
-        NODE_PORT_TAKEN,
-        &message,
-        generation,
-    );
-    status::set(
-        &mut st.conditions,
-        READY,
-        false,
-        NODE_PORT_TAKEN,
-        &message,
-        generation,
-    );
-    ctx.event(slb, EventType::Warning, NODE_PORT_TAKEN, message.clone())
-        .await;
-    // no resourceVersion precondition: the object in hand predates this reconcile's own allocation write, and
-    // reconciles of one object never overlap
-    send_status(ctx, slb, &st, Precondition::None).await?;
-    Ok(Action::requeue(Duration::from_millis(200)))
+    let ns = slb.namespace().unwrap_or_default();
+    let name = service_name(&slb.name_any());
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(svc) = services.get_opt(&name).await.map_err(Error::from_kube)?
+        && model::made_by(&svc, &uid)
+    {
+        ctx.fence.check()?;
+        services
+            .delete(&name, &Default::default())
+            .await
+            .map_err(Error::from_kube)?;
+    }
+    Ok(())
+}
+
+/// The listeners the SharedLB's status records go into the ledger: the cloud may hold them (written before a
+/// restart) even where this process never made them.
+fn note_recorded_listeners(alloc: &PoolAllocator, slb: &SharedLB) {
+    let uid = slb.uid().unwrap_or_default();
+    let recorded = slb
+        .status
+        .as_ref()
+        .and_then(|s| allocation_from_status(s, &alloc.pool));
+    if let Some(a) = &recorded {
+        note_listeners(alloc, &uid, a);
+    }
+}
+
+fn note_listeners(alloc: &PoolAllocator, uid: &str, a: &Allocation) {
+    for p in &a.ports {
+        let id = ListenerId {
+            lb: a.lb,
+            port: p.port,
+            protocol: p.protocol,
+        };
+        alloc.note_listener(uid, id);
+    }
 }
 
 /// Deletion: remove the listeners this SharedLB owns, free its ports, delete load balancers left empty.
@@ -799,23 +886,16 @@ async fn cleanup(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error>
         warn!(pool = %pool_name, "the SharedLB's pool no longer exists; releasing without cloud calls");
         return Ok(Action::await_change());
     };
-    let recorded = allocation_from_status(&status, &pool_name);
     // The listeners first, each only if this SharedLB owns it; then the ports; a crash in between converges:
-    // removal is idempotent and the rebuild skips objects being deleted.
+    // removal is idempotent and the rebuild skips objects being deleted. Removed: what the allocation holds,
+    // what the status records, and whatever else the cloud may hold for it (a removal that failed before).
     let state = alloc.lock(&ctx.client, &pool.spec).await?;
-    let held = state.allocation(&uid).cloned().or(recorded);
+    let held = state.allocation(&uid).cloned();
     drop(state);
-    // what the allocation holds and whatever else the cloud may hold for it (a removal that failed before)
     if let Some(a) = &held {
-        for p in &a.ports {
-            let id = ListenerId {
-                lb: a.lb,
-                port: p.port,
-                protocol: p.protocol,
-            };
-            alloc.note_listener(&uid, id);
-        }
+        note_listeners(&alloc, &uid, a);
     }
+    note_recorded_listeners(&alloc, &slb);
     if let Err(e) = withdraw_stale(&alloc, &uid, &BTreeSet::new()).await {
         return cloud_failed(&ctx, &slb, e).await;
     }
@@ -824,7 +904,7 @@ async fn cleanup(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error>
     state.apply(&plan);
     let doomed: Vec<u32> = state.deleting();
     drop(state);
-    if held.is_some() {
+    if held.is_some() || !status.ports.is_empty() {
         ctx.event(
             &*slb,
             EventType::Normal,
