@@ -509,6 +509,163 @@ async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() 
     foreign_rules_intact(&fake);
 }
 
+/// The NSG opens a listener's node port to exactly its `sourceRanges` (the `Internet` tag when there are none)
+/// and `AzureLoadBalancer` (the health probes' source, on every sharedlb rule), and follows them as they widen,
+/// narrow and go: after every change the sources that may reach the node port are exactly those plus an NSG rule
+/// of someone else's for the same port, which is never touched. Ensuring an unchanged listener writes nothing;
+/// removing the listener leaves only the other rule.
+#[tokio::test]
+async fn a_changed_source_range_leaves_exactly_the_new_rules() {
+    let fake = fake().await;
+    let theirs = json!({"protocol": "Tcp", "sourcePortRange": "*", "destinationPortRange": "31100",
+        "sourceAddressPrefix": "192.0.2.0/24", "destinationAddressPrefix": "*", "access": "Allow",
+        "priority": 200, "direction": "Inbound"});
+    let mut nsg = fake.get(&nsg_id()).expect("nsg");
+    nsg["properties"]["securityRules"]
+        .as_array_mut()
+        .expect("rules")
+        .push(json!({"name": "their-31100", "properties": theirs}));
+    fake.plant(&nsg_id(), nsg);
+    let p = provider(&fake, "ranges").await;
+    p.ensure_load_balancer(&key("ranges", 0)).await.expect("lb");
+    let strings = |v: &Value| -> Vec<String> {
+        match v {
+            Value::String(s) => vec![s.clone()],
+            v => v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect(),
+        }
+    };
+    // a rule lets TCP reach node port 31100: inbound, allowed, Tcp (or any), on that port (or a range holding it)
+    let opens_31100 = |r: &Value| {
+        let p = &r["properties"];
+        let port_in = |x: &str| {
+            let (a, b) = x.split_once('-').unwrap_or((x, x));
+            let (a, b) = (a.parse::<u16>(), b.parse::<u16>());
+            x == "*" || (a.is_ok_and(|a| a <= 31100) && b.is_ok_and(|b| b >= 31100))
+        };
+        p["direction"] == "Inbound"
+            && p["access"] == "Allow"
+            && matches!(p["protocol"].as_str(), Some("Tcp" | "*"))
+            && strings(&p["destinationPortRange"])
+                .into_iter()
+                .chain(strings(&p["destinationPortRanges"]))
+                .any(|x| port_in(&x))
+    };
+    let rules_of = || -> Vec<Value> {
+        fake.get(&nsg_id()).expect("nsg")["properties"]["securityRules"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    // every source any NSG rule lets reach TCP 31100, sorted, duplicates kept
+    let sources = || {
+        let mut s: Vec<String> = rules_of()
+            .iter()
+            .filter(|r| opens_31100(r))
+            .flat_map(|r| {
+                let p = &r["properties"];
+                strings(&p["sourceAddressPrefix"])
+                    .into_iter()
+                    .chain(strings(&p["sourceAddressPrefixes"]))
+            })
+            .collect();
+        s.sort();
+        s
+    };
+    let their_rule = || {
+        rules_of()
+            .into_iter()
+            .find(|r| r["name"] == "their-31100")
+            .map(|r| r["properties"].clone())
+    };
+    let others = || -> BTreeSet<String> {
+        rules_of()
+            .iter()
+            .filter_map(|r| r["name"].as_str())
+            .filter(|n| !n.starts_with("slb-"))
+            .map(str::to_string)
+            .collect()
+    };
+    let writes = || -> Vec<(String, u64)> {
+        p.api_calls()
+            .into_iter()
+            .filter(|c| c.mutating)
+            .map(|c| (c.operation, c.calls))
+            .collect()
+    };
+    let listener = |ranges: &[&str]| spec(4100, Protocol::Tcp, 31100, "o1", ranges);
+    let steps: [(&[&str], &[&str]); 5] = [
+        (&[], &["192.0.2.0/24", "AzureLoadBalancer", "Internet"]),
+        (
+            &["198.51.100.0/24"],
+            &["192.0.2.0/24", "198.51.100.0/24", "AzureLoadBalancer"],
+        ),
+        (
+            &["198.51.100.0/24", "203.0.113.0/24"],
+            &[
+                "192.0.2.0/24",
+                "198.51.100.0/24",
+                "203.0.113.0/24",
+                "AzureLoadBalancer",
+            ],
+        ),
+        (
+            &["203.0.113.0/24"],
+            &["192.0.2.0/24", "203.0.113.0/24", "AzureLoadBalancer"],
+        ),
+        (&[], &["192.0.2.0/24", "AzureLoadBalancer", "Internet"]),
+    ];
+    for (ranges, expected) in steps {
+        p.ensure_listener(&key("ranges", 0), &listener(ranges))
+            .await
+            .expect("listener");
+        assert_eq!(sources(), expected, "sourceRanges {ranges:?}");
+        assert_eq!(
+            nsg_rules(&fake).len(),
+            1,
+            "one sharedlb rule: {:?}",
+            nsg_rules(&fake)
+        );
+        assert_eq!(
+            their_rule(),
+            Some(theirs.clone()),
+            "their rule is untouched"
+        );
+        // and again, unchanged: nothing is written
+        let (before, docs) = (writes(), p.document_writes());
+        p.ensure_listener(&key("ranges", 0), &listener(ranges))
+            .await
+            .expect("listener again");
+        assert_eq!(writes(), before, "nothing to write for {ranges:?}");
+        assert_eq!(p.document_writes(), docs, "no document PUT for {ranges:?}");
+        assert_eq!(sources(), expected, "still, for {ranges:?}");
+    }
+    p.remove_listener(&key("ranges", 0), 4100, Protocol::Tcp, "o1")
+        .await
+        .expect("remove");
+    assert_eq!(sources(), ["192.0.2.0/24"], "only their rule stays");
+    assert!(nsg_rules(&fake).is_empty(), "{:?}", nsg_rules(&fake));
+    assert_eq!(
+        their_rule(),
+        Some(theirs.clone()),
+        "their rule is untouched"
+    );
+    assert_eq!(
+        others(),
+        BTreeSet::from(["aks-svc".into(), "ssh".into(), "their-31100".into()]),
+        "others' NSG rules are kept"
+    );
+    p.delete_load_balancer(&key("ranges", 0))
+        .await
+        .expect("delete");
+    assert_eq!(their_rule(), Some(theirs), "their rule is still untouched");
+    assert_eq!(others().len(), 3, "{:?}", others());
+}
+
 /// A burst of changes is carried by a few PUTs of the load balancer and of the NSG, not one each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_100_ports_lands_in_a_few_puts() {

@@ -304,6 +304,149 @@ async fn ips_rules_target_pools_and_firewalls_are_exactly_what_the_ports_need() 
     }
 }
 
+/// The firewall opens a listener's port to exactly its `sourceRanges` (all of IPv4 when there are none), and
+/// follows them as they widen, narrow and go: after every change the sources that may reach the node port are
+/// exactly the desired ones plus a firewall rule of someone else's for the same port, which is never touched.
+/// No health-check source is added to the port: target pools are health-checked on kube-proxy's 10256, which
+/// the pool's own `-hc` rule opens to Google's checkers alone. Ensuring an unchanged listener writes nothing;
+/// removing the listener leaves only the other rule.
+#[tokio::test]
+async fn a_changed_source_range_leaves_exactly_the_new_rules() {
+    let fake = GcpFake::start().await;
+    let p = GcpProvider::new("c1", "ranges", pool(&fake))
+        .await
+        .expect("provider");
+    p.ensure_load_balancer(&key("ranges", 0)).await.expect("lb");
+    let theirs = serde_json::json!({
+        "name": "their-31100",
+        "network": "global/networks/default",
+        "direction": "INGRESS",
+        "allowed": [{"IPProtocol": "tcp", "ports": ["31100"]}],
+        "sourceRanges": ["192.0.2.0/24"],
+        "targetTags": ["gke-nodes"],
+    });
+    fake.plant("projects/proj/global/firewalls", theirs.clone());
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect()
+    };
+    // a rule opens tcp:31100 on the nodes: ingress, to their tag (or all instances), tcp (or all) on that port
+    // (or all ports)
+    let opens_31100 = |f: &Value| {
+        let port_in = |x: &str| {
+            let (a, b) = x.split_once('-').unwrap_or((x, x));
+            let (a, b) = (a.parse::<u16>(), b.parse::<u16>());
+            a.is_ok_and(|a| a <= 31100) && b.is_ok_and(|b| b >= 31100)
+        };
+        f["direction"].as_str().unwrap_or("INGRESS") == "INGRESS"
+            && f["disabled"].as_bool() != Some(true)
+            && {
+                let tags = strings(&f["targetTags"]);
+                tags.is_empty() || tags.iter().any(|t| t == "gke-nodes")
+            }
+            && f["allowed"].as_array().into_iter().flatten().any(|a| {
+                matches!(a["IPProtocol"].as_str(), Some("tcp" | "all")) && {
+                    let ports = strings(&a["ports"]);
+                    ports.is_empty() || ports.iter().any(|p| port_in(p))
+                }
+            })
+    };
+    // every source any firewall rule lets reach tcp:31100, sorted, duplicates kept
+    let sources = || {
+        let mut s: Vec<String> = fake
+            .resources("firewalls")
+            .iter()
+            .filter(|f| opens_31100(f))
+            .flat_map(|f| strings(&f["sourceRanges"]))
+            .collect();
+        s.sort();
+        s
+    };
+    let their_rule = || {
+        fake.resources("firewalls")
+            .into_iter()
+            .find(|f| f["name"] == "their-31100")
+    };
+    let health_rule = || {
+        fake.resources("firewalls")
+            .into_iter()
+            .find(|f| f["name"].as_str() == Some(&format!("{}hc", p.name_prefix())))
+    };
+    let health = health_rule().expect("the pool's health-check rule");
+    assert_eq!(
+        strings(&health["sourceRanges"]),
+        sharedlb_providers::gcp::HEALTH_CHECK_RANGES,
+        "Google's checkers reach kube-proxy"
+    );
+    assert!(!opens_31100(&health), "and nothing else: {health}");
+    let writes = || -> Vec<(String, u64)> {
+        p.api_calls()
+            .into_iter()
+            .filter(|c| c.mutating)
+            .map(|c| (c.operation, c.calls))
+            .collect()
+    };
+    let listener = |ranges: &[&str]| spec(31100, Protocol::Tcp, "o1", ranges);
+    let steps: [(&[&str], &[&str]); 5] = [
+        (&[], &["0.0.0.0/0", "192.0.2.0/24"]),
+        (&["198.51.100.0/24"], &["192.0.2.0/24", "198.51.100.0/24"]),
+        (
+            &["198.51.100.0/24", "203.0.113.0/24"],
+            &["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"],
+        ),
+        (&["203.0.113.0/24"], &["192.0.2.0/24", "203.0.113.0/24"]),
+        (&[], &["0.0.0.0/0", "192.0.2.0/24"]),
+    ];
+    for (ranges, expected) in steps {
+        p.ensure_listener(&key("ranges", 0), &listener(ranges))
+            .await
+            .expect("listener");
+        assert_eq!(sources(), expected, "sourceRanges {ranges:?}");
+        assert_eq!(
+            their_rule(),
+            Some(theirs.clone()),
+            "their rule is untouched"
+        );
+        // and again, unchanged: nothing is written, by the provider's count or by the fake's
+        let (before, seen) = (writes(), fake.requests().len());
+        p.ensure_listener(&key("ranges", 0), &listener(ranges))
+            .await
+            .expect("listener again");
+        assert_eq!(writes(), before, "nothing to write for {ranges:?}");
+        let again = &fake.requests()[seen..];
+        assert!(
+            again.iter().all(|(m, _)| m == "GET"),
+            "only reads for {ranges:?}: {again:?}"
+        );
+        assert_eq!(sources(), expected, "still, for {ranges:?}");
+    }
+    p.remove_listener(&key("ranges", 0), 31100, Protocol::Tcp, "o1")
+        .await
+        .expect("remove");
+    assert_eq!(sources(), ["192.0.2.0/24"], "only their rule stays");
+    assert_eq!(
+        their_rule(),
+        Some(theirs.clone()),
+        "their rule is untouched"
+    );
+    assert_eq!(
+        health_rule(),
+        Some(health),
+        "the health-check rule is the pool's, untouched"
+    );
+    p.delete_load_balancer(&key("ranges", 0))
+        .await
+        .expect("delete");
+    assert_eq!(
+        names(&fake.resources("firewalls")),
+        ["their-31100"],
+        "only their rule is left"
+    );
+}
+
 /// Google's errors by meaning: a quota is a quota with Google's words; a name taken by someone else is not
 /// adopted; the passthrough rule (one forwarding rule per IP + port + protocol) is enforced by the fake.
 #[tokio::test]
