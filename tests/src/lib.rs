@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod echo;
+pub mod invariants;
 pub mod replica;
 
 /// The tests share one apiserver and each runs its own operator: they take turns.

@@ -16,26 +16,37 @@ pub fn start_replica(
     metrics: u16,
     log: &std::path::Path,
 ) -> Child {
-    let log_file = std::fs::File::create(log).expect("log file");
+    let election = [
+        "--leader-elect",
+        "--lease-name",
+        lease,
+        "--identity",
+        identity,
+        "--lease-duration",
+        "6",
+        "--lease-grace",
+        "2",
+        "--lease-namespace",
+        "default",
+    ];
+    spawn(cluster_id, metrics, log, &election)
+}
+
+/// A real `sharedlb run` process, the only one (no leader election), logging to `log` (appended, so that a
+/// process started again after a kill adds to the same file); killed when dropped.
+pub fn start_single(cluster_id: &str, metrics: u16, log: &std::path::Path) -> Child {
+    spawn(cluster_id, metrics, log, &[])
+}
+
+fn spawn(cluster_id: &str, metrics: u16, log: &std::path::Path, extra: &[&str]) -> Child {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
     Command::new(sharedlb_bin())
-        .args([
-            "run",
-            "--cluster-id",
-            cluster_id,
-            "--leader-elect",
-            "--lease-name",
-            lease,
-            "--identity",
-            identity,
-        ])
-        .args([
-            "--lease-duration",
-            "6",
-            "--lease-grace",
-            "2",
-            "--lease-namespace",
-            "default",
-        ])
+        .args(["run", "--cluster-id", cluster_id])
+        .args(extra)
         .args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
         .env("RUST_LOG", "info,kube=warn")
         // the log lines (stdout) and the exit error (stderr), both in `log`

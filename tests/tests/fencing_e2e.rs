@@ -5,84 +5,23 @@
 //! twice and the cloud's listeners are exactly the ones the SharedLBs hold, each with the owner that holds it.
 #![cfg(feature = "aws")]
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
+use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::{Api, ResourceExt};
 use serde_json::json;
 use sharedlb::{BuiltinProviders, ProviderFactory};
 use sharedlb_crds::{LoadBalancerPool, SharedLB};
 use sharedlb_e2e::aws::network;
+use sharedlb_e2e::invariants::{all_ready, held_by_statuses, held_in};
 use sharedlb_e2e::replica::{leads, start_replica, which_leads};
 use sharedlb_e2e::*;
-use sharedlb_providers::LoadBalancerProvider;
 use sharedlb_providers::memory::MemoryCloud;
 
 const CLUSTER: &str = "fence";
 
-/// (load balancer name, port, protocol, owner uid)
-type Held = BTreeSet<(String, i32, String, String)>;
-
 fn port(name: &str) -> serde_json::Value {
     json!({"name": name, "targetPort": 8080})
-}
-
-/// What the SharedLBs' statuses hold, asserting every one is Ready and nothing is held twice.
-async fn held_by_statuses(api: &Api<SharedLB>) -> Held {
-    let mut held = Held::new();
-    let mut places = BTreeSet::new();
-    for s in api.list(&Default::default()).await.expect("list").items {
-        assert_eq!(
-            condition(&s, "Ready").map(|c| c.0),
-            Some("True".into()),
-            "{} is not Ready: {:?}",
-            s.name_any(),
-            s.status
-        );
-        let st = s.status.as_ref().expect("status");
-        let lb = st.load_balancer.as_ref().expect("lb").name.clone();
-        for p in &st.ports {
-            let place = (lb.clone(), p.port, p.protocol.as_str().to_string());
-            assert!(places.insert(place.clone()), "{place:?} is held twice");
-            held.insert((place.0, place.1, place.2, s.uid().expect("uid")));
-        }
-    }
-    held
-}
-
-/// What the cloud holds for the pool, as the operator's own aws provider reads it from moto.
-async fn held_in_cloud(provider: &dyn LoadBalancerProvider, pool: &str) -> Held {
-    let inventory = provider.inventory().await.expect("inventory");
-    inventory
-        .load_balancers
-        .iter()
-        .flat_map(|lb| {
-            lb.listeners.iter().map(move |l| {
-                let name = format!("{pool}-{}", lb.index);
-                let protocol = l.protocol.as_str().to_string();
-                (name, i32::from(l.port), protocol, l.owner_uid.clone())
-            })
-        })
-        .collect()
-}
-
-async fn all_ready(api: &Api<SharedLB>, names: &[String], secs: u64) {
-    eventually(secs, "every SharedLB Ready", || async {
-        let list = api.list(&Default::default()).await.ok()?;
-        let ready: BTreeSet<String> = list
-            .items
-            .iter()
-            .filter(|s| {
-                condition(s, "Ready").is_some_and(|c| c.0 == "True")
-                    && s.status.as_ref().map(|st| st.observed_generation)
-                        == Some(s.metadata.generation)
-            })
-            .map(|s| s.name_any())
-            .collect();
-        names.iter().all(|n| ready.contains(n)).then_some(())
-    })
-    .await;
 }
 
 fn signal(child: &tokio::process::Child, sig: &str) {
@@ -183,14 +122,14 @@ async fn a_leader_paused_past_its_lease_changes_nothing_when_it_wakes() {
         .await
         .expect("the aws provider");
     assert_eq!(
-        held_in_cloud(provider.as_ref(), &pool).await,
+        held_in(&provider.inventory().await.expect("inventory"), &pool),
         after,
         "the cloud's listeners are exactly what the SharedLBs hold"
     );
 
     delete_namespace(&client, &ns).await;
     delete_pool(&client, &pool).await;
-    let left = held_in_cloud(provider.as_ref(), &pool).await;
+    let left = held_in(&provider.inventory().await.expect("inventory"), &pool);
     assert!(left.is_empty(), "moto still holds {left:?}");
     let lbs = provider
         .inventory()
