@@ -106,10 +106,10 @@ pub struct PoolAllocator {
     /// The pool object's UID: a pool deleted and made again gets a new allocator.
     pub pool_uid: String,
     pub cluster_id: String,
-    pub provider: Arc<dyn LoadBalancerProvider>,
-    /// The settings the provider was made with: a pool edited to another cloud or region keeps these (and says
-    /// so) rather than leaving every load balancer made with them behind.
-    pub provider_spec: ProviderSpec,
+    /// The provider and the settings it was made with. A pool edited to another cloud or region keeps these (and
+    /// says so) rather than leaving every load balancer made with them behind; other edits of the settings give
+    /// it a provider made anew (`replace_provider`), with the pool's state kept as it is.
+    provider: SyncMutex<(Arc<dyn LoadBalancerProvider>, ProviderSpec)>,
     state: Mutex<Option<PoolState>>,
     infos: SyncMutex<BTreeMap<u32, LoadBalancerInfo>>,
     strays: SyncMutex<Vec<StrayListener>>,
@@ -157,8 +157,7 @@ impl PoolAllocator {
             pool: pool.to_string(),
             pool_uid: pool_uid.to_string(),
             cluster_id: cluster_id.to_string(),
-            provider,
-            provider_spec,
+            provider: SyncMutex::new((provider, provider_spec)),
             state: Mutex::new(None),
             infos: SyncMutex::new(BTreeMap::new()),
             strays: SyncMutex::new(Vec::new()),
@@ -166,6 +165,31 @@ impl PoolAllocator {
             rejected: SyncMutex::new(BTreeMap::new()),
             closed: AtomicBool::new(false),
         }
+    }
+
+    /// The provider to call now.
+    pub fn provider(&self) -> Arc<dyn LoadBalancerProvider> {
+        self.provider
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// The settings the provider was made with.
+    pub fn provider_spec(&self) -> ProviderSpec {
+        self.provider
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// Calls from now on go to `provider`, made from `spec` (same cloud and location, other settings). Nothing
+    /// the pool holds moves: the state, the ledger and the load balancers stay; calls under way finish on the
+    /// provider they started with.
+    pub fn replace_provider(&self, provider: Arc<dyn LoadBalancerProvider>, spec: ProviderSpec) {
+        *self.provider.lock().unwrap_or_else(|e| e.into_inner()) = (provider, spec);
     }
 
     pub fn key(&self, lb: u32) -> LoadBalancerKey {
@@ -259,7 +283,7 @@ impl PoolAllocator {
         client: &Client,
         spec: &LoadBalancerPoolSpec,
     ) -> Result<LockedPool<'_>, Error> {
-        let config = pool_config(spec, self.provider.as_ref());
+        let config = pool_config(spec, self.provider().as_ref());
         let mut guard = self.state.lock().await;
         match guard.as_mut() {
             None => *guard = Some(self.rebuild(client, spec, config).await?),
@@ -281,7 +305,7 @@ impl PoolAllocator {
         config: PoolConfig,
     ) -> Result<PoolState, Error> {
         let mut st = PoolState::new(config);
-        let inventory = self.provider.inventory().await?;
+        let inventory = self.provider().inventory().await?;
         for lb in &inventory.load_balancers {
             st.restore_load_balancer(lb.index);
             self.remember(lb.index, lb.info.clone());
@@ -326,7 +350,7 @@ impl PoolAllocator {
                 } else {
                     info!(pool = %self.pool, lb = lb.index, port = l.port, owner = %l.owner_uid, "removing a stray listener");
                     let removed = self
-                        .provider
+                        .provider()
                         .remove_listener(&self.key(lb.index), l.port, l.protocol, &l.owner_uid)
                         .await;
                     if let Err(e) = removed {
@@ -446,7 +470,7 @@ impl PoolAllocator {
     pub async fn retry_strays(&self) {
         for stray in self.strays() {
             let removed = self
-                .provider
+                .provider()
                 .remove_listener(
                     &self.key(stray.lb),
                     stray.port,
@@ -491,7 +515,7 @@ impl PoolAllocator {
     /// again by the pool's next reconcile.
     pub async fn delete_marked(&self, lbs: Vec<u32>) -> Result<(), ProviderError> {
         for lb in lbs {
-            self.provider.delete_load_balancer(&self.key(lb)).await?;
+            self.provider().delete_load_balancer(&self.key(lb)).await?;
             if let Some(st) = self.state.lock().await.as_mut() {
                 st.forget_load_balancer(lb);
             }

@@ -1155,3 +1155,45 @@ async fn naming_a_pool_does_not_hold_up_its_deletion() {
     delete_namespace(&client, &outsider).await;
     op.kill().await;
 }
+
+/// A pool's provider settings edited in place (not the cloud or its location) used to be ignored until the
+/// operator restarted. Now the provider is made anew from them at once and nothing the pool holds moves: a
+/// pool whose memory cloud failed every call serves its SharedLB as soon as the failures are switched off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settings_edit_takes_effect_without_a_restart() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-edit", &[]).await;
+    create_pool(
+        &client,
+        "edit",
+        json!({"provider": {"memory": {"errorPerMille": 1000}}}),
+    )
+    .await;
+    create_slb(&client, &ns, "s", spec("edit", vec![tcp("a", Some(4401))])).await;
+    not_programmed(&client, &ns, "s").await;
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    let placed = api.get("s").await.expect("s").status.expect("status");
+
+    let healthy = json!({"spec": {"provider": {"memory": {"errorPerMille": null}}}});
+    Api::<LoadBalancerPool>::all(client.clone())
+        .patch("edit", &PatchParams::default(), &Patch::Merge(&healthy))
+        .await
+        .expect("switch the failures off");
+    let s = ready(&client, &ns, "s", 20).await;
+    let st = s.status.expect("status");
+    assert_eq!(
+        (st.pool, st.load_balancer.map(|l| l.name), st.ports[0].port),
+        (
+            placed.pool,
+            placed.load_balancer.map(|l| l.name),
+            placed.ports[0].port
+        ),
+        "nothing moved"
+    );
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "edit").await;
+    op.kill().await;
+}

@@ -19,6 +19,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use sharedlb_crds::{
     LoadBalancerPool, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_SUFFIX, SharedLB,
+    validate_provider_change,
 };
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -28,7 +29,7 @@ use crate::endpoints::{EndpointSlices, SERVICE_NAME_LABEL};
 use crate::fence::Fence;
 use crate::telemetry::{self, GuardedProvider, Metrics};
 use crate::{Error, ProviderFactory};
-use sharedlb_providers::NodeTarget;
+use sharedlb_providers::{LoadBalancerProvider, NodeTarget};
 
 mod backoff;
 mod pool;
@@ -133,13 +134,40 @@ impl Context {
             }
             slot.clone()
         };
-        slot.allocator
+        let alloc = slot
+            .allocator
             .get_or_try_init(|| self.make_allocator(pool))
             .await
-            .cloned()
+            .cloned()?;
+        self.follow_settings(&alloc, pool).await?;
+        Ok(alloc)
     }
 
-    async fn make_allocator(&self, pool: &LoadBalancerPool) -> Result<Arc<PoolAllocator>, Error> {
+    /// Settings edited in place take effect at once: the provider is made anew from them, and nothing the pool
+    /// holds moves. The cloud and its location cannot change this way (the pool is refused; see
+    /// `validate_provider_change`). The local provider carries the traffic on sockets it holds, so its edits wait
+    /// for a restart.
+    async fn follow_settings(
+        &self,
+        alloc: &PoolAllocator,
+        pool: &LoadBalancerPool,
+    ) -> Result<(), Error> {
+        let have = alloc.provider_spec();
+        let want = &pool.spec.provider;
+        if have == *want || have.local.is_some() || validate_provider_change(&have, want).is_err() {
+            return Ok(());
+        }
+        let provider = self.make_provider(pool).await?;
+        alloc.replace_provider(provider, want.clone());
+        info!(pool = %pool.name_any(), "the pool's provider settings changed; its provider is made anew from them");
+        Ok(())
+    }
+
+    /// The pool's provider as the operator calls it (fenced, metered), given the cluster's nodes.
+    async fn make_provider(
+        &self,
+        pool: &LoadBalancerPool,
+    ) -> Result<Arc<dyn LoadBalancerProvider>, Error> {
         let name = pool.name_any();
         let provider = GuardedProvider::wrap(
             self.factory
@@ -151,6 +179,12 @@ impl Context {
         if let Err(e) = provider.update_nodes(&node_targets(&self.nodes)).await {
             warn!(pool = %name, error = %e, "could not give the provider the cluster's nodes; retrying soon");
         }
+        Ok(provider)
+    }
+
+    async fn make_allocator(&self, pool: &LoadBalancerPool) -> Result<Arc<PoolAllocator>, Error> {
+        let name = pool.name_any();
+        let provider = self.make_provider(pool).await?;
         Ok(Arc::new(PoolAllocator::new(
             &name,
             &pool.uid().unwrap_or_default(),
@@ -568,7 +602,7 @@ async fn run_controllers(
                     if sent.get(&a.pool) == Some(&now) {
                         continue;
                     }
-                    match a.provider.update_nodes(&now).await {
+                    match a.provider().update_nodes(&now).await {
                         Ok(()) => {
                             sent.insert(a.pool.clone(), now.clone());
                         }
@@ -590,10 +624,13 @@ async fn run_controllers(
                 let allocators = ctx.all_allocators().await;
                 let mut rows = Vec::new();
                 for a in allocators {
-                    ctx.metrics
-                        .set_api_calls(&a.pool, a.provider.kind(), &a.provider.api_calls());
+                    ctx.metrics.set_api_calls(
+                        &a.pool,
+                        a.provider().kind(),
+                        &a.provider().api_calls(),
+                    );
                     rows.extend(
-                        a.provider
+                        a.provider()
                             .listener_stats()
                             .await
                             .into_iter()

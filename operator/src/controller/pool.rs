@@ -64,10 +64,10 @@ async fn cleanup(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Actio
     if !holders.is_empty() {
         return wait_for_holders(&ctx, &pool, &holders).await;
     }
-    let inventory = alloc.provider.inventory().await?;
+    let inventory = alloc.provider().inventory().await?;
     for lb in &inventory.load_balancers {
         alloc
-            .provider
+            .provider()
             .delete_load_balancer(&alloc.key(lb.index))
             .await?;
     }
@@ -294,7 +294,7 @@ async fn provider_unchanged(
         return Err(SpecError::ProviderChanged("the provider"));
     }
     match ctx.existing_allocator(pool).await {
-        Some(a) => validate_provider_change(&a.provider_spec, &pool.spec.provider),
+        Some(a) => validate_provider_change(&a.provider_spec(), &pool.spec.provider),
         None => Ok(()),
     }
 }

@@ -133,7 +133,7 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
 }
 
 fn pool_mode(alloc: &PoolAllocator) -> PortMode {
-    alloc.provider.limits().port_mode
+    alloc.provider().limits().port_mode
 }
 
 /// Where allocation left a SharedLB.
@@ -373,12 +373,12 @@ async fn program(
         }
     };
     let key = alloc.key(allocation.lb);
-    let info = match alloc.provider.ensure_load_balancer(&key).await {
+    let info = match alloc.provider().ensure_load_balancer(&key).await {
         Ok(i) => i,
         Err(e) => return cloud_failed(ctx, slb, e).await,
     };
     alloc.remember(allocation.lb, info.clone());
-    let endpoints = if alloc.provider.forwards_to_endpoints() {
+    let endpoints = if alloc.provider().forwards_to_endpoints() {
         let ns = slb.namespace().unwrap_or_default();
         ctx.slices
             .ready_endpoints(&ctx.client, &ns, &service_name(&slb.name_any()))
@@ -394,7 +394,7 @@ async fn program(
             protocol: l.protocol,
         };
         alloc.note_listener(&uid, id);
-        if let Err(e) = alloc.provider.ensure_listener(&key, l).await {
+        if let Err(e) = alloc.provider().ensure_listener(&key, l).await {
             return cloud_failed(ctx, slb, e).await;
         }
     }
@@ -448,7 +448,7 @@ async fn withdraw_stale(
 ) -> Result<(), ProviderError> {
     for id in model::stale_listeners(&alloc.listeners_of(owner_uid), wanted) {
         alloc
-            .provider
+            .provider()
             .remove_listener(&alloc.key(id.lb), id.port, id.protocol, owner_uid)
             .await?;
         alloc.forget_listener(owner_uid, id);
