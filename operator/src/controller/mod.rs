@@ -236,6 +236,41 @@ impl Context {
     }
 }
 
+/// Gives every pool's provider the cluster's nodes when they change. Each pool's update runs on its own, so a
+/// slow or unreachable cloud delays no other pool's; a pool whose update is still under way is not asked again
+/// until it finishes. The updates end with this task (they are in its JoinSet).
+async fn sync_nodes(ctx: Arc<Context>) {
+    let sent: Arc<std::sync::Mutex<BTreeMap<String, Vec<NodeTarget>>>> = Arc::default();
+    let mut updates = tokio::task::JoinSet::new();
+    let mut busy: BTreeMap<String, tokio::task::AbortHandle> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        while updates.try_join_next().is_some() {}
+        busy.retain(|_, h| !h.is_finished());
+        let now = node_targets(&ctx.nodes);
+        for a in ctx.all_allocators().await {
+            let done = sent.lock().unwrap_or_else(|e| e.into_inner()).get(&a.pool) == Some(&now);
+            if done || busy.contains_key(&a.pool) {
+                continue;
+            }
+            let (sent, now) = (sent.clone(), now.clone());
+            let pool = a.pool.clone();
+            let handle = updates.spawn(async move {
+                match a.provider().update_nodes(&now).await {
+                    Ok(()) => {
+                        sent.lock().unwrap_or_else(|e| e.into_inner()).insert(a.pool.clone(), now);
+                    }
+                    Err(e) => {
+                        warn!(pool = %a.pool, error = %e, "updating the provider's nodes failed; retrying")
+                    }
+                }
+            });
+            busy.insert(pool, handle);
+        }
+    }
+}
+
 /// The nodes that receive load-balancer traffic: Ready, and not excluded by the well-known label.
 fn node_targets(nodes: &Store<Node>) -> Vec<NodeTarget> {
     let mut out: Vec<NodeTarget> = nodes
@@ -589,31 +624,7 @@ async fn run_controllers(
         });
 
     // node changes reach every provider (target registration), checked every few seconds
-    let node_sync = {
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let mut sent: BTreeMap<String, Vec<NodeTarget>> = BTreeMap::new();
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tick.tick().await;
-                let now = node_targets(&ctx.nodes);
-                let allocators = ctx.all_allocators().await;
-                for a in allocators {
-                    if sent.get(&a.pool) == Some(&now) {
-                        continue;
-                    }
-                    match a.provider().update_nodes(&now).await {
-                        Ok(()) => {
-                            sent.insert(a.pool.clone(), now.clone());
-                        }
-                        Err(e) => {
-                            warn!(pool = %a.pool, error = %e, "updating the provider's nodes failed; retrying")
-                        }
-                    }
-                }
-            }
-        })
-    };
+    let node_sync = tokio::spawn(sync_nodes(ctx.clone()));
     // listener traffic counters, for providers that carry traffic themselves
     let sampler = {
         let ctx = ctx.clone();
