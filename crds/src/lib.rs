@@ -22,7 +22,10 @@ use schemars::transform::{RecursiveTransform, Transform};
 use serde::{Deserialize, Serialize};
 
 mod validate;
-pub use validate::{SpecError, validate_pool, validate_provider_change, validate_shared_lb};
+pub use validate::{
+    SpecError, local_addresses_in_effect, validate_local_addresses, validate_pool,
+    validate_provider_change, validate_shared_lb,
+};
 
 pub const GROUP: &str = "sharedlb.dev";
 pub const VERSION: &str = "v1alpha1";

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::{LoadBalancerPoolSpec, ProviderSpec, SERVICE_SUFFIX, SharedLBSpec};
+use crate::{LoadBalancerPoolSpec, PoolLoadBalancer, ProviderSpec, SERVICE_SUFFIX, SharedLBSpec};
 
 const _: () = assert!(63 - SERVICE_SUFFIX.len() == 54);
 
@@ -58,6 +58,15 @@ pub enum SpecError {
         "spec.provider: {0} cannot change, since the pool's load balancers live there; make a new pool instead"
     )]
     ProviderChanged(&'static str),
+    #[error(
+        "spec.provider.local.addresses: {address} carries load balancer {lb} ({ports} port(s) in use), so it must stay in the list at position {index}; delete that load balancer's SharedLBs first"
+    )]
+    AddressInUse {
+        address: String,
+        lb: String,
+        index: usize,
+        ports: u32,
+    },
 }
 
 impl SpecError {
@@ -76,6 +85,7 @@ impl SpecError {
             SpecError::BadPortRange { .. } => "InvalidPortRange",
             SpecError::BadAddress(_) => "InvalidAddress",
             SpecError::ProviderChanged(_) => "ProviderChanged",
+            SpecError::AddressInUse { .. } => "AddressInUse",
         }
     }
 }
@@ -265,9 +275,143 @@ pub fn validate_provider_change(old: &ProviderSpec, new: &ProviderSpec) -> Resul
     }
 }
 
+/// A local pool's load balancer `<pool>-<i>` is served on its i-th address: an edit of the address list may add
+/// addresses and drop unused ones, but an address that carries ports (the pool's status rows, which only the
+/// operator writes) must stay where it is, or its SharedLBs would move to another address.
+pub fn validate_local_addresses(
+    pool: &str,
+    rows: &[PoolLoadBalancer],
+    new: &ProviderSpec,
+) -> Result<(), SpecError> {
+    let Some(local) = &new.local else {
+        return Ok(());
+    };
+    for row in rows.iter().filter(|r| r.ports_used > 0) {
+        let index = row
+            .name
+            .strip_prefix(pool)
+            .and_then(|i| i.strip_prefix('-'))
+            .and_then(|i| i.parse::<usize>().ok());
+        let (Some(index), Some(address)) = (index, row.ip.as_ref()) else {
+            continue;
+        };
+        if local.addresses.get(index) != Some(address) {
+            return Err(SpecError::AddressInUse {
+                address: address.clone(),
+                lb: row.name.clone(),
+                index,
+                ports: row.ports_used,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The local addresses to serve with: the pool's list, except that an address carrying ports keeps its position
+/// (an edit that would move it is refused by `validate_local_addresses`), so an operator started with a refused
+/// edit in place moves nothing either. `None` when the two cannot be put together (a position with neither).
+pub fn local_addresses_in_effect(
+    pool: &str,
+    rows: &[PoolLoadBalancer],
+    wanted: &[String],
+) -> Option<Vec<String>> {
+    let pinned: std::collections::BTreeMap<usize, &String> = rows
+        .iter()
+        .filter(|r| r.ports_used > 0)
+        .filter_map(|r| {
+            let index = r.name.strip_prefix(pool)?.strip_prefix('-')?.parse().ok()?;
+            Some((index, r.ip.as_ref()?))
+        })
+        .collect();
+    let len = pinned
+        .keys()
+        .next_back()
+        .map_or(0, |i| i + 1)
+        .max(wanted.len());
+    // the other positions take the wanted addresses no position keeps, each once (two load balancers on one
+    // address would put two SharedLBs on one port)
+    let mut free = wanted
+        .iter()
+        .filter(|a| !pinned.values().any(|p| p == a))
+        .collect::<BTreeSet<_>>();
+    (0..len)
+        .map(|i| match pinned.get(&i) {
+            Some(a) => Some((*a).clone()),
+            None => {
+                let pick = wanted
+                    .get(i)
+                    .filter(|a| free.contains(a))
+                    .or_else(|| free.first().copied())?;
+                free.remove(pick);
+                Some(pick.clone())
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_local_address_that_carries_ports_stays_where_it_is() {
+        let row = |i: u32, ip: &str, used: u32| PoolLoadBalancer {
+            name: format!("web-{i}"),
+            id: None,
+            ip: Some(ip.into()),
+            hostname: None,
+            ports_used: used,
+            capacity: 10,
+        };
+        let rows = [
+            row(0, "10.0.0.1", 3),
+            row(1, "10.0.0.2", 0),
+            row(2, "10.0.0.3", 1),
+        ];
+        let local = |a: &[&str]| ProviderSpec {
+            local: Some(crate::LocalSettings {
+                addresses: a.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // adding, and dropping an unused address at the end, are fine
+        let grown = local(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]);
+        assert_eq!(validate_local_addresses("web", &rows, &grown), Ok(()));
+        // dropping the unused middle one moves 10.0.0.3 (in use) from position 2 to 1
+        let shifted = local(&["10.0.0.1", "10.0.0.3"]);
+        assert_eq!(
+            validate_local_addresses("web", &rows, &shifted),
+            Err(SpecError::AddressInUse {
+                address: "10.0.0.3".into(),
+                lb: "web-2".into(),
+                index: 2,
+                ports: 1
+            })
+        );
+        let replaced = local(&["10.0.0.9", "10.0.0.2", "10.0.0.3"]);
+        let e = validate_local_addresses("web", &rows, &replaced).expect_err("in use");
+        assert_eq!(e.reason(), "AddressInUse");
+        assert!(e.to_string().contains("10.0.0.1") && e.to_string().contains("web-0"));
+
+        // what is served meanwhile: the addresses in use where they were, the rest as asked
+        let owned = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let in_effect = |a: &[&str]| local_addresses_in_effect("web", &rows, &owned(a));
+        assert_eq!(
+            in_effect(&["10.0.0.1", "10.0.0.3", "10.0.0.4"]),
+            Some(owned(&["10.0.0.1", "10.0.0.4", "10.0.0.3"]))
+        );
+        assert_eq!(
+            in_effect(&["10.0.0.1", "10.0.0.3"]),
+            None,
+            "no address left for position 1"
+        );
+        assert_eq!(
+            in_effect(&["10.0.0.9", "10.0.0.8", "10.0.0.7", "10.0.0.6"]),
+            Some(owned(&["10.0.0.1", "10.0.0.8", "10.0.0.3", "10.0.0.6"]))
+        );
+        assert_eq!(in_effect(&["10.0.0.1"]), None, "position 1 has neither");
+    }
     use crate::{Cidr, Protocol, SharedLBPort};
 
     fn spec() -> SharedLBSpec {

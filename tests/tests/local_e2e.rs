@@ -394,3 +394,74 @@ async fn the_examples_work_as_the_demo_uses_them() {
     }
     op.kill().await;
 }
+
+/// A local pool's address that carries SharedLBs cannot be taken out of the list (its load balancer would move
+/// to another address): the edit is refused with a pool condition, the SharedLB keeps answering where it was,
+/// and an operator started with the refused edit in place still serves it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_an_address_in_use_is_refused_and_moves_nothing() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let op = Operator::start(&client, &MemoryCloud::new());
+    let ns = namespace(&client, "local-addr", &[]).await;
+    create_pool(&client, "local-addr", local_pool(9, 2, 1)).await;
+    let backend = echo::tcp("kept", 0).await.expect("backend");
+    for name in ["first", "second"] {
+        create_slb(
+            &client,
+            &ns,
+            name,
+            one_port("local-addr", "tcp", "TCP", None),
+        )
+        .await;
+        put_endpoints(&client, &ns, name, "tcp", "TCP", &[backend]).await;
+    }
+    let first = external(&ready(&client, &ns, "first", 30).await);
+    let second = external(&ready(&client, &ns, "second", 30).await);
+    assert_ne!(
+        first.ip(),
+        second.ip(),
+        "one port per address: two addresses in use"
+    );
+    let pools = Api::<sharedlb_crds::LoadBalancerPool>::all(client.clone());
+    eventually(15, "the pool's rows show both in use", || async {
+        let st = pools.get("local-addr").await.ok()?.status?;
+        (st.totals.ports_used == 2).then_some(())
+    })
+    .await;
+
+    let dropped = first.ip().to_string();
+    let keep: Vec<String> = addresses(9, 2)
+        .into_iter()
+        .filter(|a| *a != dropped)
+        .collect();
+    let edit = json!({"spec": {"provider": {"local": {"addresses": keep}}}});
+    pools
+        .patch("local-addr", &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .expect("drop an address in use");
+    let (reason, msg) = pool_not_ready(&client, "local-addr").await;
+    assert_eq!(reason, "AddressInUse", "{msg}");
+    assert!(msg.contains(&dropped), "{msg}");
+    for addr in [first, second] {
+        let reply = eventually(10, &format!("{addr} still answers"), || async {
+            echo::tcp_ask(addr, "k").await.ok()
+        })
+        .await;
+        assert_eq!(reply, "kept:k");
+    }
+
+    // a restart with the refused edit in place serves both where they were
+    op.kill().await;
+    let op = Operator::start(&client, &MemoryCloud::new());
+    for addr in [first, second] {
+        let reply = eventually(30, &format!("{addr} answers after a restart"), || async {
+            echo::tcp_ask(addr, "r").await.ok()
+        })
+        .await;
+        assert_eq!(reply, "kept:r");
+    }
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "local-addr").await;
+    op.kill().await;
+}

@@ -18,8 +18,8 @@ use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use sharedlb_crds::{
-    LoadBalancerPool, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_SUFFIX, SharedLB,
-    validate_provider_change,
+    LoadBalancerPool, LoadBalancerPoolSpec, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_SUFFIX,
+    SharedLB, local_addresses_in_effect, validate_local_addresses, validate_provider_change,
 };
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -29,7 +29,7 @@ use crate::endpoints::{EndpointSlices, SERVICE_NAME_LABEL};
 use crate::fence::Fence;
 use crate::telemetry::{self, GuardedProvider, Metrics};
 use crate::{Error, ProviderFactory};
-use sharedlb_providers::{LoadBalancerProvider, NodeTarget};
+use sharedlb_providers::{LoadBalancerProvider, NodeTarget, ProviderError};
 
 mod backoff;
 mod pool;
@@ -169,9 +169,10 @@ impl Context {
         pool: &LoadBalancerPool,
     ) -> Result<Arc<dyn LoadBalancerProvider>, Error> {
         let name = pool.name_any();
+        let spec = local_in_effect(pool)?;
         let provider = GuardedProvider::wrap(
             self.factory
-                .make(&self.settings.cluster_id, &name, &pool.spec)
+                .make(&self.settings.cluster_id, &name, &spec)
                 .await?,
             self.metrics.clone(),
             self.fence.clone(),
@@ -232,6 +233,32 @@ impl Context {
         };
         if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
             warn!(error = %e, reason, "could not publish an Event");
+        }
+    }
+}
+
+/// The pool's settings to make its provider with. For a local pool, the addresses that carry ports keep their
+/// positions even when an edit (refused, see the pool's AddressInUse) asks otherwise, so that starting with
+/// such an edit in place moves nothing; when no address list can honour both, the provider is not made.
+fn local_in_effect(pool: &LoadBalancerPool) -> Result<LoadBalancerPoolSpec, Error> {
+    let mut spec = pool.spec.clone();
+    let Some(local) = spec.provider.local.as_mut() else {
+        return Ok(spec);
+    };
+    let name = pool.name_any();
+    let rows = pool.status.as_ref().map(|s| s.load_balancers.as_slice());
+    let rows = rows.unwrap_or_default();
+    match local_addresses_in_effect(&name, rows, &local.addresses) {
+        Some(addresses) => {
+            local.addresses = addresses;
+            Ok(spec)
+        }
+        None => {
+            let why = validate_local_addresses(&name, rows, &pool.spec.provider)
+                .err()
+                .map_or_else(|| "the address list".to_string(), |e| e.to_string());
+            let msg = format!("{why}; no address list keeps every address in use where it is");
+            Err(Error::Provider(ProviderError::InvalidConfig(msg)))
         }
     }
 }

@@ -12,7 +12,7 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use sharedlb_crds::{
     LoadBalancerPool, LoadBalancerPoolStatus, POOL_FINALIZER, PoolLoadBalancer, PoolTotals,
-    SharedLB, SpecError, validate_pool, validate_provider_change,
+    SharedLB, SpecError, validate_local_addresses, validate_pool, validate_provider_change,
 };
 use tracing::warn;
 
@@ -293,6 +293,7 @@ async fn provider_unchanged(
     if recorded.is_some_and(|k| Some(k) != pool.spec.provider.kind()) {
         return Err(SpecError::ProviderChanged("the provider"));
     }
+    validate_local_addresses(&pool.name_any(), &old.load_balancers, &pool.spec.provider)?;
     match ctx.existing_allocator(pool).await {
         Some(a) => validate_provider_change(&a.provider_spec(), &pool.spec.provider),
         None => Ok(()),
