@@ -121,6 +121,8 @@ pub struct PoolAllocator {
     rejected: SyncMutex<BTreeMap<String, String>>,
     /// Set, under the state's lock, once the pool is being deleted and holds nothing: nothing more is placed.
     closed: AtomicBool,
+    /// Held while empty load balancers are deleted (see `delete_marked`).
+    deletions: Mutex<()>,
 }
 
 /// A listener the rebuild found in the cloud that no allocation accounts for and that could not be removed. Its
@@ -164,6 +166,7 @@ impl PoolAllocator {
             ledger: SyncMutex::new(BTreeMap::new()),
             rejected: SyncMutex::new(BTreeMap::new()),
             closed: AtomicBool::new(false),
+            deletions: Mutex::new(()),
         }
     }
 
@@ -514,7 +517,19 @@ impl PoolAllocator {
     /// Deletes empty load balancers marked for deletion, then forgets them. Failures stay marked and are tried
     /// again by the pool's next reconcile.
     pub async fn delete_marked(&self, lbs: Vec<u32>) -> Result<(), ProviderError> {
+        // One deletion at a time, each checked against the state as it is now: a list read earlier may name a
+        // load balancer another deletion already forgot, whose index a new one has taken since.
+        let _one_at_a_time = self.deletions.lock().await;
         for lb in lbs {
+            let still_marked = self
+                .state
+                .lock()
+                .await
+                .as_ref()
+                .is_some_and(|st| st.deleting().contains(&lb));
+            if !still_marked {
+                continue;
+            }
             self.provider().delete_load_balancer(&self.key(lb)).await?;
             if let Some(st) = self.state.lock().await.as_mut() {
                 st.forget_load_balancer(lb);

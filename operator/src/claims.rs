@@ -69,7 +69,10 @@ pub fn settle(st: &mut PoolState, claims: Vec<Claim>, cloud: &CloudOwners) -> Ve
 enum Standing {
     /// Every port has a listener the cloud records as this owner's.
     Confirmed,
-    /// Some port has no listener yet (written, not programmed) and none is another owner's.
+    /// Some ports have this owner's listeners, the others none yet (a port being added), none another owner's:
+    /// it is served, so it goes before claims the cloud knows nothing of.
+    Partial,
+    /// No port has a listener yet (written, not programmed) and none is another owner's.
     Unbacked,
     /// Some port has a listener the cloud records as another owner's.
     Contested,
@@ -92,6 +95,8 @@ fn standing(claim: &Claim, cloud: &CloudOwners) -> Standing {
         Standing::Contested
     } else if owners.iter().all(Option::is_some) {
         Standing::Confirmed
+    } else if owners.iter().any(Option::is_some) {
+        Standing::Partial
     } else {
         Standing::Unbacked
     }
@@ -205,6 +210,21 @@ mod tests {
         assert_eq!(rejected.len(), 1);
         assert_eq!(rejected[0].uid, "aaa");
         assert!(rejected[0].reason.contains("8053/UDP"), "{rejected:?}");
+    }
+
+    /// A SharedLB serving one port and adding another is not beaten to the new port by an older forged claim.
+    #[test]
+    fn a_claim_the_cloud_partly_backs_goes_before_one_it_does_not() {
+        let growing = claim("x", "2026-01-01T00:00:00Z", 0, &[("a", 4000), ("b", 4001)]);
+        let forged = claim("old", "2020-01-01T00:00:00Z", 0, &[("z", 4001)]);
+        let cloud = cloud(&[(0, 4000, "x")]);
+        let mut st = pool(10);
+        let rejected = settle(&mut st, vec![forged, growing], &cloud);
+        assert_eq!(st.allocation("x").map(|a| a.ports.len()), Some(2));
+        assert_eq!(
+            rejected.iter().map(|r| r.uid.as_str()).collect::<Vec<_>>(),
+            ["old"]
+        );
     }
 
     #[test]

@@ -605,6 +605,36 @@ async fn every_invalid_input_gets_its_condition_and_event_and_no_cloud_call() {
         Some("ClusterIP"),
         "the foreign Service is untouched"
     );
+    // the allocation written before the refusal stays recorded (the refusal used to write the status it had read
+    // before the allocation, erasing it; every retry wrote it again and erased it again)
+    let slbs: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    let poke = |n: &'static str| json!({"metadata": {"annotations": {"e2e/poke": n}}});
+    for n in ["1", "2"] {
+        slbs.patch("taken", &PatchParams::default(), &Patch::Merge(poke(n)))
+            .await
+            .expect("poke");
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    }
+    let st = slbs
+        .get("taken")
+        .await
+        .expect("taken")
+        .status
+        .expect("status");
+    assert_eq!(st.pool.as_deref(), Some("small"), "{st:?}");
+    assert_eq!(st.ports.len(), 1, "{st:?}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let allocated: i32 = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("Allocated"))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("taken"))
+        .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+        .sum();
+    assert_eq!(allocated, 1, "allocated once, not again on every retry");
 
     delete_namespace(&client, &ns).await;
     let unbuilt = Api::<LoadBalancerPool>::all(client.clone());

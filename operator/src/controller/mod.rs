@@ -208,6 +208,7 @@ impl Context {
         let all = self.allocators.lock().await;
         all.values()
             .filter_map(|s| s.allocator.get().cloned())
+            .filter(|a| !a.is_closed())
             .collect()
     }
 
@@ -263,11 +264,15 @@ fn local_in_effect(pool: &LoadBalancerPool) -> Result<LoadBalancerPoolSpec, Erro
     }
 }
 
+/// The nodes each provider was last given, by (pool, provider instance).
+type SentNodes = BTreeMap<(String, usize), Vec<NodeTarget>>;
+
 /// Gives every pool's provider the cluster's nodes when they change. Each pool's update runs on its own, so a
 /// slow or unreachable cloud delays no other pool's; a pool whose update is still under way is not asked again
 /// until it finishes. The updates end with this task (they are in its JoinSet).
 async fn sync_nodes(ctx: Arc<Context>) {
-    let sent: Arc<std::sync::Mutex<BTreeMap<String, Vec<NodeTarget>>>> = Arc::default();
+    // by pool and provider instance: a provider made anew (settings edited, pool made again) is sent the nodes
+    let sent: Arc<std::sync::Mutex<SentNodes>> = Arc::default();
     let mut updates = tokio::task::JoinSet::new();
     let mut busy: BTreeMap<String, tokio::task::AbortHandle> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -277,16 +282,18 @@ async fn sync_nodes(ctx: Arc<Context>) {
         busy.retain(|_, h| !h.is_finished());
         let now = node_targets(&ctx.nodes);
         for a in ctx.all_allocators().await {
-            let done = sent.lock().unwrap_or_else(|e| e.into_inner()).get(&a.pool) == Some(&now);
+            let provider = a.provider();
+            let key = (a.pool.clone(), Arc::as_ptr(&provider) as *const () as usize);
+            let done = sent.lock().unwrap_or_else(|e| e.into_inner()).get(&key) == Some(&now);
             if done || busy.contains_key(&a.pool) {
                 continue;
             }
             let (sent, now) = (sent.clone(), now.clone());
             let pool = a.pool.clone();
             let handle = updates.spawn(async move {
-                match a.provider().update_nodes(&now).await {
+                match provider.update_nodes(&now).await {
                     Ok(()) => {
-                        sent.lock().unwrap_or_else(|e| e.into_inner()).insert(a.pool.clone(), now);
+                        sent.lock().unwrap_or_else(|e| e.into_inner()).insert(key, now);
                     }
                     Err(e) => {
                         warn!(pool = %a.pool, error = %e, "updating the provider's nodes failed; retrying")

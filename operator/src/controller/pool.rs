@@ -78,7 +78,8 @@ async fn cleanup(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Actio
         );
         ctx.event(&*pool, EventType::Normal, "Deleted", note).await;
     }
-    ctx.drop_allocator(&name).await;
+    // the closed allocator stays in its slot: a SharedLB reconciled from a view of the pool that predates its
+    // deletion finds it closed, instead of making a new one that would place (and leave a load balancer behind)
     Ok(Action::await_change())
 }
 

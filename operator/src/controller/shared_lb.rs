@@ -127,7 +127,17 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
         Placement::Held {
             allocation,
             refused,
-        } => program(&ctx, &slb, &alloc, &pool, &allocation, refused).await,
+            written,
+        } => {
+            let slb = match written {
+                Some(st) => Arc::new(SharedLB {
+                    status: Some(*st),
+                    ..(*slb).clone()
+                }),
+                None => slb,
+            };
+            program(&ctx, &slb, &alloc, &pool, &allocation, refused).await
+        }
         Placement::Refused(r) => refuse(&ctx, &slb, r).await,
     }
 }
@@ -143,6 +153,9 @@ enum Placement {
     Held {
         allocation: Allocation,
         refused: Option<Refusal>,
+        /// The status this reconcile wrote, when it wrote one: what follows starts from it, not from the object
+        /// as it was read (whose status predates the allocation, and would write it away).
+        written: Option<Box<SharedLBStatus>>,
     },
     /// It holds nothing and cannot be placed.
     Refused(Refusal),
@@ -181,6 +194,7 @@ async fn allocate(
             Some(a) => Placement::Held {
                 allocation: a.clone(),
                 refused: Some(refusal),
+                written: None,
             },
             None => Placement::Refused(refusal),
         });
@@ -206,38 +220,44 @@ async fn allocate(
         return Ok(Placement::Held {
             allocation,
             refused: None,
+            written: None,
         });
     }
     // A fresh placement is reserved in memory under the lock and written outside it: placement in a pool is
     // serialised, its status writes are not. The write still comes before any cloud call; if it fails, the
     // reservation is rolled back (nothing durable, nothing in the cloud). An update of a placed SharedLB is
     // written under the lock, as its rollback would have to restore the old ports.
-    if state.allocation(&uid).is_none() {
+    let written = if state.allocation(&uid).is_none() {
         state.apply(&plan);
         drop(state);
-        if let Err(e) = write_allocation(ctx, slb, alloc, &allocation).await {
-            let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
-            if state.allocation(&uid) == Some(&allocation) {
-                let undo = state.plan(&[Change::Remove { key: uid.clone() }]);
-                state.apply(&undo);
+        match write_allocation(ctx, slb, alloc, &allocation).await {
+            Ok(st) => st,
+            Err(e) => {
+                let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
+                if state.allocation(&uid) == Some(&allocation) {
+                    let undo = state.plan(&[Change::Remove { key: uid.clone() }]);
+                    state.apply(&undo);
+                }
+                let doomed = state.deleting();
+                drop(state);
+                if let Err(d) = alloc.delete_marked(doomed).await {
+                    warn!(error = %d, "deleting an empty load balancer failed; the pool retries");
+                }
+                return Err(e);
             }
-            let doomed = state.deleting();
-            drop(state);
-            if let Err(d) = alloc.delete_marked(doomed).await {
-                warn!(error = %d, "deleting an empty load balancer failed; the pool retries");
-            }
-            return Err(e);
         }
     } else {
-        write_allocation(ctx, slb, alloc, &allocation).await?;
+        let st = write_allocation(ctx, slb, alloc, &allocation).await?;
         state.apply(&plan);
         drop(state);
-    }
+        st
+    };
     delete_in_background(alloc, &plan);
     allocated_event(ctx, slb, alloc, &allocation).await;
     Ok(Placement::Held {
         allocation,
         refused: None,
+        written: Some(Box::new(written)),
     })
 }
 
@@ -294,7 +314,7 @@ async fn write_allocation(
     slb: &SharedLB,
     alloc: &PoolAllocator,
     allocation: &Allocation,
-) -> Result<(), Error> {
+) -> Result<SharedLBStatus, Error> {
     let old = slb.status.clone().unwrap_or_default();
     let info = alloc.info(allocation.lb);
     let st = model::allocated_status(
@@ -305,7 +325,8 @@ async fn write_allocation(
         allocation,
         slb.meta().generation,
     );
-    send_status(ctx, slb, &st, Precondition::ResourceVersion).await
+    send_status(ctx, slb, &st, Precondition::ResourceVersion).await?;
+    Ok(st)
 }
 
 enum Precondition {
@@ -362,7 +383,8 @@ async fn program(
         ServiceOutcome::Refused { reason, message } => {
             let taken = taken_node_ports(&message);
             // a placement that never served traffic may still move: placed again, around the taken ports
-            if reason == NODE_PORT_TAKEN && !taken.is_empty() && !is_ready(slb) {
+            let never_served = !is_ready(slb) && alloc.listeners_of(&uid).is_empty();
+            if reason == NODE_PORT_TAKEN && !taken.is_empty() && never_served {
                 return place_again_around(ctx, slb, alloc, pool, &taken, &message).await;
             }
             let r = Refusal {
@@ -811,21 +833,18 @@ async fn release(
     block: &[u16],
 ) -> Result<(), Error> {
     let uid = slb.uid().unwrap_or_default();
-    let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
-    let plan = state.plan(&[Change::Remove { key: uid.clone() }]);
-    state.apply(&plan);
-    for p in block {
-        state.block_port(*p);
+    // what it holds goes first, the ports last: a port is never free while something of this SharedLB still
+    // answers on it; a failure stops here (the status still names the place) and the next reconcile goes on
+    let held = alloc
+        .lock(&ctx.client, &pool.spec)
+        .await?
+        .allocation(&uid)
+        .cloned();
+    if let Some(a) = &held {
+        note_listeners(alloc, &uid, a);
     }
-    let doomed = state.deleting();
-    drop(state);
     note_recorded_listeners(alloc, slb);
-    if let Err(e) = withdraw_stale(alloc, &uid, &BTreeSet::new()).await {
-        warn!(error = %e, "removing a listener of a released placement failed; the next reconcile retries");
-    }
-    if let Err(e) = alloc.delete_marked(doomed).await {
-        warn!(error = %e, "deleting an empty load balancer failed; the pool retries");
-    }
+    withdraw_stale(alloc, &uid, &BTreeSet::new()).await?;
     let ns = slb.namespace().unwrap_or_default();
     let name = service_name(&slb.name_any());
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
@@ -837,6 +856,17 @@ async fn release(
             .delete(&name, &Default::default())
             .await
             .map_err(Error::from_kube)?;
+    }
+    let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
+    let plan = state.plan(&[Change::Remove { key: uid.clone() }]);
+    state.apply(&plan);
+    for p in block {
+        state.block_port(*p);
+    }
+    let doomed = state.deleting();
+    drop(state);
+    if let Err(e) = alloc.delete_marked(doomed).await {
+        warn!(error = %e, "deleting an empty load balancer failed; the pool retries");
     }
     Ok(())
 }
