@@ -11,8 +11,12 @@ pub enum Error {
         "the object changed while its allocation was being written; retrying with the new version"
     )]
     Conflict,
+    /// kube-runtime's finalizer helper failed in a way that is not one of ours (it reports only as text).
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// A watch-backed store could not be filled at start.
+    #[error("filling the {what} store: {message}")]
+    Store { what: &'static str, message: String },
     /// The planner broke its own contract (a bug, reported rather than panicking).
     #[error("placement: {0}")]
     Planner(String),

@@ -376,6 +376,7 @@ fn error_policy<K: Resource>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Act
         Error::Provider(e) => (Duration::from_secs(5), e.retry_after()),
         Error::Kube(_)
         | Error::Finalizer(_)
+        | Error::Store { .. }
         | Error::Planner(_)
         | Error::NoNodePort(_)
         | Error::Json(_)
@@ -513,10 +514,10 @@ async fn run_controllers(
     .touched_objects()
     .for_each(|_| futures::future::ready(()));
     let pool_reflector = tokio::spawn(pool_reflector);
-    pools
-        .wait_until_ready()
-        .await
-        .map_err(|e| Error::Finalizer(format!("pool store: {e}")))?;
+    pools.wait_until_ready().await.map_err(|e| Error::Store {
+        what: "LoadBalancerPool",
+        message: e.to_string(),
+    })?;
 
     let slices = EndpointSlices::discover(&client).await?;
     // nodes, for providers whose targets are the cluster's nodes; synced before anything runs, so a missing
@@ -530,10 +531,10 @@ async fn run_controllers(
     .touched_objects()
     .for_each(|_| futures::future::ready(()));
     let node_reflector = tokio::spawn(node_reflector);
-    nodes
-        .wait_until_ready()
-        .await
-        .map_err(|e| Error::Finalizer(format!("node store: {e}")))?;
+    nodes.wait_until_ready().await.map_err(|e| Error::Store {
+        what: "Node",
+        message: e.to_string(),
+    })?;
     let reporter = Reporter {
         controller: settings.controller_name.clone(),
         instance: None,

@@ -1,0 +1,122 @@
+//! Which pool a SharedLB uses, whether that pool admits its namespace, and what happens when it stops admitting it.
+
+use super::*;
+
+/// The pool this SharedLB uses, or why it cannot use one (read from the pool store: no API call).
+pub(super) fn resolve_pool(
+    ctx: &Context,
+    slb: &SharedLB,
+) -> Result<Arc<LoadBalancerPool>, Refusal> {
+    let pool = match &slb.spec.pool {
+        Some(n) => match ctx.pools.get(&ObjectRef::new(n)) {
+            Some(p) => p,
+            None => {
+                return Err(Refusal::new(
+                    "PoolNotFound",
+                    format!("LoadBalancerPool {n:?} does not exist"),
+                ));
+            }
+        },
+        None => {
+            let mut defaults: Vec<_> = ctx
+                .pools
+                .state()
+                .into_iter()
+                .filter(|p| p.spec.default)
+                .collect();
+            defaults.sort_by_key(|p| p.name_any());
+            match defaults.len() {
+                0 => {
+                    return Err(Refusal::new(
+                        "NoDefaultPool",
+                        "spec.pool is empty and no LoadBalancerPool is marked default",
+                    ));
+                }
+                1 => defaults.remove(0),
+                _ => {
+                    let names: Vec<String> = defaults.iter().map(|p| p.name_any()).collect();
+                    return Err(Refusal::new(
+                        "AmbiguousDefaultPool",
+                        format!(
+                            "spec.pool is empty and several pools are marked default: {}",
+                            names.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    if pool.metadata.deletion_timestamp.is_some() {
+        return Err(Refusal::new(
+            "PoolDeleting",
+            format!("LoadBalancerPool {:?} is being deleted", pool.name_any()),
+        ));
+    }
+    if let Err(e) = validate_pool(&pool.spec) {
+        return Err(Refusal::new(
+            "PoolInvalid",
+            format!("LoadBalancerPool {:?}: {e}", pool.name_any()),
+        ));
+    }
+    Ok(pool)
+}
+
+/// Whether the pool admits the SharedLB's namespace (its `namespaceSelector` on the Namespace's labels).
+pub(super) async fn namespace_admitted(
+    ctx: &Context,
+    pool: &LoadBalancerPool,
+    slb: &SharedLB,
+) -> Result<bool, Error> {
+    let Some(sel) = &pool.spec.namespace_selector else {
+        return Ok(true);
+    };
+    let ns = slb.namespace().unwrap_or_default();
+    let labels = Api::<Namespace>::all(ctx.client.clone())
+        .get_opt(&ns)
+        .await
+        .map_err(Error::from_kube)?
+        .and_then(|n| n.metadata.labels)
+        .unwrap_or_default();
+    Ok(model::selector_matches(sel, &labels))
+}
+
+/// A SharedLB whose namespace the pool does not admit is not served: if it holds a place there (its namespace
+/// lost admission), the place is released — listeners withdrawn, ports freed — and it is placed again, as new,
+/// once the namespace is admitted again. Holding nothing, it blocks nothing (the pool's deletion included).
+pub(super) async fn not_admitted(
+    ctx: &Context,
+    slb: &SharedLB,
+    pool: &LoadBalancerPool,
+) -> Result<Action, Error> {
+    let ns = slb.namespace().unwrap_or_default();
+    let msg = format!(
+        "LoadBalancerPool {:?} does not admit namespace {ns:?}",
+        pool.name_any()
+    );
+    let placed_here = slb
+        .status
+        .as_ref()
+        .is_some_and(|s| s.pool.as_deref() == Some(pool.name_any().as_str()));
+    if !placed_here {
+        let said = slb
+            .status
+            .as_ref()
+            .and_then(|s| status::get(&s.conditions, READY))
+            .is_some_and(|c| c.reason == "NamespaceNotAllowed");
+        if said {
+            // already told (maybe with what was withdrawn): a second, shorter message would only churn
+            return Ok(Action::requeue(RETRY_REFUSED));
+        }
+        return refuse(ctx, slb, Refusal::new("NamespaceNotAllowed", msg)).await;
+    }
+    let alloc = ctx.allocator(pool).await?;
+    release(ctx, slb, &alloc, pool, &[]).await?;
+    let message = format!(
+        "{msg}: its listeners are withdrawn and its ports released; it is placed again once the namespace is admitted"
+    );
+    let r = Refusal {
+        released: true,
+        ..Refusal::new("NamespaceNotAllowed", message).retry(RETRY_REFUSED)
+    };
+    refuse(ctx, slb, r).await
+}

@@ -1,0 +1,177 @@
+//! What a SharedLB is told: refusals and cloud failures as conditions and Events, and status writes (the whole
+//! status, only when it changed).
+
+use super::*;
+
+/// A refusal: bad input, a missing or closed pool, no room. Conditions, one Event when it first happens, no cloud call.
+pub(super) struct Refusal {
+    pub(super) allocated: bool,
+    /// The SharedLB was taken out of its pool: its status no longer names a place.
+    pub(super) released: bool,
+    pub(super) reason: String,
+    pub(super) message: String,
+    pub(super) requeue: Option<Duration>,
+}
+
+impl Refusal {
+    pub(super) fn new(reason: &str, message: impl Into<String>) -> Self {
+        Refusal {
+            allocated: false,
+            released: false,
+            reason: reason.into(),
+            message: message.into(),
+            requeue: None,
+        }
+    }
+    pub(super) fn retry(mut self, after: Duration) -> Self {
+        self.requeue = Some(after);
+        self
+    }
+}
+
+pub(super) enum Precondition {
+    /// The patch fails with 409 (`Error::Conflict`) unless the object is still at the version reconciled.
+    ResourceVersion,
+    None,
+}
+
+/// Replaces the whole status by a merge patch (cleared fields as explicit nulls).
+pub(super) async fn send_status(
+    ctx: &Context,
+    slb: &SharedLB,
+    st: &SharedLBStatus,
+    pre: Precondition,
+) -> Result<(), Error> {
+    ctx.fence.check()?;
+    let mut patch = status::whole_status_patch(st, status::SHARED_LB_STATUS_KEYS)?;
+    if let Precondition::ResourceVersion = pre {
+        patch["metadata"] = json!({ "resourceVersion": slb.resource_version() });
+    }
+    let api: Api<SharedLB> =
+        Api::namespaced(ctx.client.clone(), &slb.namespace().unwrap_or_default());
+    api.patch_status(
+        &slb.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(Error::from_kube)?;
+    Ok(())
+}
+
+pub(super) fn ready_reason_changed(old: &SharedLBStatus, r: &Refusal) -> bool {
+    status::get(&old.conditions, READY)
+        .is_none_or(|c| c.status != "False" || c.reason != r.reason || c.message != r.message)
+}
+
+pub(super) fn status_equal(a: &SharedLBStatus, b: &SharedLBStatus) -> bool {
+    a.observed_generation == b.observed_generation
+        && a.pool == b.pool
+        && a.load_balancer == b.load_balancer
+        && a.ports == b.ports
+        && a.service_name == b.service_name
+        && a.port_summary == b.port_summary
+        && status::same_conditions(&a.conditions, &b.conditions)
+}
+
+pub(super) async fn write_status_if_changed(
+    ctx: &Context,
+    slb: &SharedLB,
+    old: &SharedLBStatus,
+    new: &SharedLBStatus,
+) -> Result<(), Error> {
+    if status_equal(old, new) {
+        return Ok(());
+    }
+    send_status(ctx, slb, new, Precondition::None).await
+}
+
+/// Ready=False with a reason, an Event when the reason or message is new, and no cloud call. The allocation
+/// fields stay as they are: a refused update keeps the old, working placement.
+pub(super) async fn refuse(ctx: &Context, slb: &SharedLB, r: Refusal) -> Result<Action, Error> {
+    let old = slb.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    let generation = slb.meta().generation;
+    st.observed_generation = generation;
+    let changed = status::get(&old.conditions, READY)
+        .is_none_or(|c| c.reason != r.reason || c.message != r.message);
+    if r.released {
+        st.pool = None;
+        st.load_balancer = None;
+        st.ports = Vec::new();
+        st.port_summary = None;
+        st.service_name = None;
+    }
+    if !r.allocated {
+        status::set(
+            &mut st.conditions,
+            ALLOCATED,
+            false,
+            &r.reason,
+            &r.message,
+            generation,
+        );
+    }
+    status::set(
+        &mut st.conditions,
+        READY,
+        false,
+        &r.reason,
+        &r.message,
+        generation,
+    );
+    write_status_if_changed(ctx, slb, &old, &st).await?;
+    if changed {
+        warn!(reason = %r.reason, message = %r.message, "refused");
+        ctx.event(slb, EventType::Warning, &r.reason, r.message.clone())
+            .await;
+    }
+    Ok(r.requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// A cloud call failed: Programmed=False with the cloud's message (without the account's ids: the namespace
+/// reads it), an Event, and the error, whole, for the log and the retry policy.
+pub(super) async fn cloud_failed(
+    ctx: &Context,
+    slb: &SharedLB,
+    e: sharedlb_providers::ProviderError,
+) -> Result<Action, Error> {
+    if let ProviderError::Fenced(_) = e {
+        return Err(Error::Fenced); // not this replica's to report
+    }
+    let old = slb.status.clone().unwrap_or_default();
+    let mut st = old.clone();
+    let generation = slb.meta().generation;
+    let message = e.tenant_message();
+    let changed = status::get(&old.conditions, PROGRAMMED)
+        .is_none_or(|c| c.reason != e.reason() || c.message != message);
+    status::set(
+        &mut st.conditions,
+        PROGRAMMED,
+        false,
+        e.reason(),
+        &message,
+        generation,
+    );
+    status::set(
+        &mut st.conditions,
+        READY,
+        false,
+        e.reason(),
+        &message,
+        generation,
+    );
+    write_status_if_changed(ctx, slb, &old, &st).await?;
+    if changed {
+        ctx.event(slb, EventType::Warning, e.reason(), message)
+            .await;
+    }
+    Err(Error::Provider(e))
+}
+
+pub(super) fn is_ready(slb: &SharedLB) -> bool {
+    slb.status
+        .as_ref()
+        .and_then(|s| status::get(&s.conditions, READY))
+        .is_some_and(|c| c.status == "True")
+}
