@@ -648,6 +648,12 @@ fn check_load_balancer(st: &State, id: &str, doc: &Value) -> Result<(), (String,
     Ok(())
 }
 
+/// An IP address or a CIDR (what an NSG rule's address lists accept).
+fn is_address_or_cidr(a: &str) -> bool {
+    let (ip, len) = a.split_once('/').unwrap_or((a, ""));
+    ip.parse::<std::net::IpAddr>().is_ok() && (len.is_empty() || len.parse::<u8>().is_ok())
+}
+
 fn check_nsg(doc: &Value) -> Result<(), (String, String)> {
     let rules = doc["properties"]["securityRules"]
         .as_array()
@@ -670,6 +676,32 @@ fn check_nsg(doc: &Value) -> Result<(), (String, String)> {
             return Err((
                 "SecurityRuleInvalidPriority".into(),
                 format!("rule {}: priority {priority} is not in 100-4096", r["name"]),
+            ));
+        }
+        // as Azure: the list form takes addresses and CIDRs only (a service tag such as Internet or
+        // AzureLoadBalancer, or '*', goes alone in sourceAddressPrefix), and a rule uses one form or the other
+        let list: Vec<&str> = p["sourceAddressPrefixes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if let Some(tag) = list.iter().find(|a| !is_address_or_cidr(a)) {
+            return Err((
+                "SecurityRuleParameterContainsUnsupportedValue".into(),
+                format!(
+                    "Security rule parameter SourceAddressPrefixes for rule {} cannot specify existing VIRTUALNETWORK, INTERNET, AZURELOADBALANCER, '*' or system tags. Unsupported value used: {tag}.",
+                    r["name"]
+                ),
+            ));
+        }
+        if !list.is_empty() && p["sourceAddressPrefix"].as_str().is_some() {
+            return Err((
+                "SecurityRuleConflictingParameters".into(),
+                format!(
+                    "rule {}: sourceAddressPrefix and sourceAddressPrefixes cannot both be given",
+                    r["name"]
+                ),
             ));
         }
         let dir = p["direction"].as_str().unwrap_or_default().to_lowercase();

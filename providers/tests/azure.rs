@@ -134,6 +134,20 @@ fn rules(lb: &Value) -> BTreeSet<(String, u64, String, u64, String)> {
 }
 
 /// (protocol, ports, sources, priority) of every sharedlb rule of the NSG.
+/// A rule's sources, whichever of the two fields holds them (a tag goes alone in the single one).
+fn sources(rule_properties: &Value) -> Vec<String> {
+    let single = rule_properties["sourceAddressPrefix"].as_str();
+    let list = rule_properties["sourceAddressPrefixes"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    single
+        .into_iter()
+        .chain(list.filter_map(Value::as_str))
+        .map(str::to_string)
+        .collect()
+}
+
 fn nsg_rules(fake: &AzureFake) -> BTreeSet<(String, Vec<String>, Vec<String>, u64)> {
     let nsg = fake.get(&nsg_id()).expect("nsg");
     let strings = |v: &Value| -> Vec<String> {
@@ -153,7 +167,7 @@ fn nsg_rules(fake: &AzureFake) -> BTreeSet<(String, Vec<String>, Vec<String>, u6
             (
                 p["protocol"].as_str().unwrap_or_default().to_string(),
                 strings(&p["destinationPortRanges"]),
-                strings(&p["sourceAddressPrefixes"]),
+                sources(p),
                 p["priority"].as_u64().unwrap_or_default(),
             )
         })
@@ -308,7 +322,7 @@ async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() 
     );
     assert_eq!(doc["tags"]["sharedlb.dev/pool"], "web");
 
-    let open = vec!["Internet".to_string(), "AzureLoadBalancer".to_string()];
+    let open = vec!["Internet".to_string()];
     let nsg = nsg_rules(&fake);
     let priorities: BTreeSet<u64> = nsg.iter().map(|r| r.3).collect();
     assert_eq!(priorities.len(), 3, "priorities never collide: {nsg:?}");
@@ -325,7 +339,7 @@ async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() 
             (
                 "Tcp".into(),
                 vec!["30080".into()],
-                vec!["198.51.100.0/24".into(), "AzureLoadBalancer".into()]
+                vec!["198.51.100.0/24".into()]
             ),
         ])
     );
@@ -478,7 +492,7 @@ async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() 
         .as_array_mut()
         .expect("rules")
         .push(json!({"name": format!("{prefix}gone-uid-tcp"), "properties": {"protocol": "Tcp",
-            "sourcePortRange": "*", "destinationPortRanges": ["31999"], "sourceAddressPrefixes": ["Internet"],
+            "sourcePortRange": "*", "destinationPortRanges": ["31999"], "sourceAddressPrefix": "Internet",
             "destinationAddressPrefix": "*", "access": "Allow", "priority": 4000, "direction": "Inbound"}}));
     fake.plant(&nsg_id(), nsg);
     p.delete_load_balancer(&key("web", 0))
@@ -509,8 +523,9 @@ async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() 
     foreign_rules_intact(&fake);
 }
 
-/// The NSG opens a listener's node port to exactly its `sourceRanges` (the `Internet` tag when there are none)
-/// and `AzureLoadBalancer` (the health probes' source, on every sharedlb rule), and follows them as they widen,
+/// The NSG opens a listener's node port to exactly its `sourceRanges` (the `Internet` tag, alone in the single
+/// field as Azure requires, when there are none; the probes' `AzureLoadBalancer` is the NSG's default rule's), and
+/// follows them as they widen,
 /// narrow and go: after every change the sources that may reach the node port are exactly those plus an NSG rule
 /// of someone else's for the same port, which is never touched. Ensuring an unchanged listener writes nothing;
 /// removing the listener leaves only the other rule.
@@ -599,25 +614,14 @@ async fn a_changed_source_range_leaves_exactly_the_new_rules() {
     };
     let listener = |ranges: &[&str]| spec(4100, Protocol::Tcp, 31100, "o1", ranges);
     let steps: [(&[&str], &[&str]); 5] = [
-        (&[], &["192.0.2.0/24", "AzureLoadBalancer", "Internet"]),
-        (
-            &["198.51.100.0/24"],
-            &["192.0.2.0/24", "198.51.100.0/24", "AzureLoadBalancer"],
-        ),
+        (&[], &["192.0.2.0/24", "Internet"]),
+        (&["198.51.100.0/24"], &["192.0.2.0/24", "198.51.100.0/24"]),
         (
             &["198.51.100.0/24", "203.0.113.0/24"],
-            &[
-                "192.0.2.0/24",
-                "198.51.100.0/24",
-                "203.0.113.0/24",
-                "AzureLoadBalancer",
-            ],
+            &["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"],
         ),
-        (
-            &["203.0.113.0/24"],
-            &["192.0.2.0/24", "203.0.113.0/24", "AzureLoadBalancer"],
-        ),
-        (&[], &["192.0.2.0/24", "AzureLoadBalancer", "Internet"]),
+        (&["203.0.113.0/24"], &["192.0.2.0/24", "203.0.113.0/24"]),
+        (&[], &["192.0.2.0/24", "Internet"]),
     ];
     for (ranges, expected) in steps {
         p.ensure_listener(&key("ranges", 0), &listener(ranges))

@@ -6,7 +6,8 @@
 //! a load-balancing rule `r-<index>-<port>-<t|u>-<owner uid>` from that frontend to the backend pool `nodes` on
 //! the Service's node port, with a TCP probe on the node port (UDP rules use kube-proxy's `/healthz` on 10256:
 //! nothing answers TCP on a UDP node port). The node security group gets one rule per SharedLB and protocol
-//! allowing exactly its node ports from its `sourceRanges` (`Internet` when open) and `AzureLoadBalancer`.
+//! allowing exactly its node ports from its `sourceRanges` (the `Internet` tag when open; the health probes'
+//! `AzureLoadBalancer` is admitted by every NSG's default rule).
 //!
 //! Azure writes a load balancer or an NSG as one document. Rule changes are therefore queued per document and
 //! written together: whoever gets the document's turn waits a short window, reads it, applies every queued edit,
@@ -789,8 +790,9 @@ impl AzureProvider {
                     continue;
                 };
                 let existing = at.map(|i| rules[i].properties.clone());
-                let mut prefixes = match &sources {
+                let cidrs: Vec<String> = match &sources {
                     Some(s) => s.clone(),
+                    // earlier versions put the tags in the list too; only addresses are the user's
                     None => existing
                         .as_ref()
                         .map(|e| {
@@ -802,10 +804,12 @@ impl AzureProvider {
                         })
                         .unwrap_or_default(),
                 };
-                if prefixes.is_empty() {
-                    prefixes.push("Internet".into());
-                }
-                prefixes.push("AzureLoadBalancer".into());
+                // Azure takes a service tag only alone, in the single field; the health probes come from
+                // AzureLoadBalancer, which every NSG's default rule 65001 admits
+                let (prefix, prefixes) = match cidrs.is_empty() {
+                    true => (Some("Internet".to_string()), Vec::new()),
+                    false => (None, cidrs),
+                };
                 let priority =
                     match &existing {
                         Some(e) => e.priority,
@@ -829,7 +833,7 @@ impl AzureProvider {
                     source_port_range: Some("*".into()),
                     destination_port_range: None,
                     destination_port_ranges: wanted.iter().map(u16::to_string).collect(),
-                    source_address_prefix: None,
+                    source_address_prefix: prefix,
                     source_address_prefixes: prefixes,
                     destination_address_prefix: Some("*".into()),
                     access: "Allow".into(),
