@@ -61,6 +61,12 @@ pub struct AwsPool {
     pub security_group_rule_limit: Option<u32>,
 }
 
+/// A firewall opening as last synced: the client ranges and when.
+type Opened = (Vec<String>, std::time::Instant);
+
+/// How long a firewall opening read or made is trusted before the security group is read again.
+pub const FIREWALL_RECHECK: std::time::Duration = std::time::Duration::from_secs(600);
+
 #[derive(Debug)]
 pub struct AwsProvider {
     elb: elb::Client,
@@ -75,8 +81,11 @@ pub struct AwsProvider {
     /// name only while the settings match).
     creating: tokio::sync::Mutex<()>,
     vpc_cidr: tokio::sync::OnceCell<Option<String>>,
-    /// Firewall openings this process made or found, so a steady-state reconcile makes no EC2 call.
-    opened: Mutex<BTreeSet<(Protocol, u16, Vec<String>)>>,
+    /// Firewall openings this process made or found, and when it last read them, so a steady-state reconcile
+    /// makes no EC2 call; older than `firewall_recheck`, the group is read again (a rule deleted behind the
+    /// operator's back comes back within that).
+    opened: Mutex<BTreeMap<(Protocol, u16), Opened>>,
+    firewall_recheck: std::time::Duration,
     /// Whether kube-proxy's health port is open to the VPC (for UDP target groups' health checks).
     health_rule: tokio::sync::Mutex<bool>,
     /// Rules in the node security group that are not this pool's (other pools, the cluster's own).
@@ -325,6 +334,12 @@ fn rule_count(p: &ec2::types::IpPermission, only_described: Option<&str>) -> u32
 }
 
 impl AwsProvider {
+    /// Reads the security group again when an opening is older than this (default `FIREWALL_RECHECK`).
+    pub fn recheck_firewall_after(mut self, after: std::time::Duration) -> Self {
+        self.firewall_recheck = after;
+        self
+    }
+
     /// Credentials and endpoint from the environment (IRSA, instance profile, or `AWS_ENDPOINT_URL` for moto).
     /// Finds the subnets (and VPC) when not given, and reads the node security group once: a wrong id or
     /// missing network fails here, as a pool condition, before anything is made.
@@ -373,7 +388,8 @@ impl AwsProvider {
             nodes: RwLock::new(Vec::new()),
             creating: tokio::sync::Mutex::new(()),
             vpc_cidr: tokio::sync::OnceCell::new(),
-            opened: Mutex::new(BTreeSet::new()),
+            opened: Mutex::new(BTreeMap::new()),
+            firewall_recheck: FIREWALL_RECHECK,
             health_rule: tokio::sync::Mutex::new(false),
             foreign_rules: AtomicU32::new(0),
             calls,
@@ -782,13 +798,13 @@ impl AwsProvider {
         if self.settings.node_security_group_id.is_none() {
             return Ok(());
         }
-        let key = (protocol, node_port, ranges.to_vec());
-        if self
+        let fresh = self
             .opened
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(&key)
-        {
+            .get(&(protocol, node_port))
+            .is_some_and(|(r, at)| r == ranges && at.elapsed() < self.firewall_recheck);
+        if fresh {
             return Ok(());
         }
         let mut cidrs: BTreeSet<String> = ranges.iter().cloned().collect();
@@ -807,9 +823,11 @@ impl AwsProvider {
             }
         }
         self.sync_firewall(protocol, node_port, cidrs).await?;
-        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
-        opened.retain(|(p, n, _)| !(*p == protocol && *n == node_port));
-        opened.insert(key);
+        let now = std::time::Instant::now();
+        self.opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((protocol, node_port), (ranges.to_vec(), now));
         Ok(())
     }
 
@@ -822,7 +840,7 @@ impl AwsProvider {
         self.opened
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(p, n, _)| !(*p == protocol && *n == node_port));
+            .remove(&(protocol, node_port));
         self.sync_firewall(protocol, node_port, BTreeSet::new())
             .await
     }

@@ -853,3 +853,99 @@ async fn a_changed_source_range_leaves_exactly_the_new_rules() {
     assert_eq!(sources().await, ["192.0.2.0/24"], "only their rule stays");
     p.delete_load_balancer(&key).await.expect("delete");
 }
+
+/// The firewall opening a listener needs is read again once it is older than the recheck interval: a rule
+/// deleted behind the operator's back comes back with the next ensure after that, not only after a restart (the
+/// provider used to trust what it had opened for as long as it lived). Within the interval the group is not read.
+#[tokio::test]
+async fn a_rule_deleted_behind_the_operators_back_comes_back_after_the_recheck_interval() {
+    let net = network().await;
+    let sg = net.node_security_group_id.clone().expect("sg");
+    let key = LoadBalancerKey {
+        cluster_id: "recheck".into(),
+        pool: "p1".into(),
+        index: 0,
+    };
+    let opened = |rules: Vec<(String, i32, String)>| {
+        rules
+            .into_iter()
+            .any(|(proto, port, cidr)| proto == "tcp" && port == 31200 && cidr == "0.0.0.0/0")
+    };
+    let revoke = || async {
+        let rule = aws_sdk_ec2::types::IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(31200)
+            .to_port(31200)
+            .ip_ranges(
+                aws_sdk_ec2::types::IpRange::builder()
+                    .cidr_ip("0.0.0.0/0")
+                    .build(),
+            )
+            .build();
+        ec2()
+            .await
+            .revoke_security_group_ingress()
+            .group_id(&sg)
+            .ip_permissions(rule)
+            .send()
+            .await
+            .expect("revoke behind the operator's back");
+    };
+    let listener = spec(4200, Protocol::Tcp, 31200, "o1", &[]);
+
+    // trusted for the interval: the deleted rule stays deleted, and nothing is read
+    let trusting = AwsProvider::new("recheck", "p1", net.clone())
+        .await
+        .expect("provider");
+    trusting.ensure_load_balancer(&key).await.expect("nlb");
+    trusting
+        .ensure_listener(&key, &listener)
+        .await
+        .expect("listener");
+    assert!(opened(ingress(&sg).await));
+    revoke().await;
+    let sg_reads = |p: &AwsProvider| {
+        p.api_calls()
+            .into_iter()
+            .find(|(op, _)| op == "DescribeSecurityGroups")
+            .map_or(0, |(_, calls)| calls)
+    };
+    let before = sg_reads(&trusting);
+    trusting
+        .ensure_listener(&key, &listener)
+        .await
+        .expect("again");
+    assert_eq!(
+        sg_reads(&trusting),
+        before,
+        "within the interval the group is not read"
+    );
+    assert!(!opened(ingress(&sg).await));
+
+    // past the interval (zero here): read again, and the rule is back
+    let rechecking = AwsProvider::new("recheck", "p1", net.clone())
+        .await
+        .expect("provider")
+        .recheck_firewall_after(std::time::Duration::ZERO);
+    let before = sg_reads(&rechecking);
+    rechecking
+        .ensure_listener(&key, &listener)
+        .await
+        .expect("listener");
+    assert!(
+        sg_reads(&rechecking) > before,
+        "past the interval the group is read"
+    );
+    assert!(opened(ingress(&sg).await), "restored by the next ensure");
+    revoke().await;
+    rechecking
+        .ensure_listener(&key, &listener)
+        .await
+        .expect("again");
+    assert!(opened(ingress(&sg).await), "and again");
+    rechecking
+        .remove_listener(&key, 4200, Protocol::Tcp, "o1")
+        .await
+        .expect("remove");
+    rechecking.delete_load_balancer(&key).await.expect("delete");
+}
