@@ -21,26 +21,12 @@ use tracing::{info, warn};
 
 use crate::Error;
 use crate::claims::{self, Claim, CloudOwners, Rejected};
-use crate::model::{ListenerId, selector_matches};
+use crate::model::{ListenerId, protocol_to_placement, selector_matches};
 
 /// Auto-assigned ports when the pool sets no `portRange`.
 pub const DEFAULT_PORT_RANGE: (u16, u16) = (10000, 19999);
 /// The cluster's NodePort range, for providers whose external port is the node port.
 pub const NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
-
-pub fn protocol_to_placement(p: sharedlb_crds::Protocol) -> sharedlb_placement::Protocol {
-    match p {
-        sharedlb_crds::Protocol::Tcp => sharedlb_placement::Protocol::Tcp,
-        sharedlb_crds::Protocol::Udp => sharedlb_placement::Protocol::Udp,
-    }
-}
-
-pub fn protocol_from_placement(p: sharedlb_placement::Protocol) -> sharedlb_crds::Protocol {
-    match p {
-        sharedlb_placement::Protocol::Tcp => sharedlb_crds::Protocol::Tcp,
-        sharedlb_placement::Protocol::Udp => sharedlb_crds::Protocol::Udp,
-    }
-}
 
 /// The planner's configuration: the pool's wishes capped by every hard limit the provider knows.
 pub fn pool_config(spec: &LoadBalancerPoolSpec, provider: &dyn LoadBalancerProvider) -> PoolConfig {

@@ -17,7 +17,19 @@ use sharedlb_providers::ProviderError;
 use tracing::{info, warn};
 
 use crate::Error;
-use crate::controller::LeaderElection;
+
+/// Leader election on a `coordination.k8s.io/v1` Lease: only the holder allocates or calls the cloud.
+#[derive(Debug, Clone)]
+pub struct LeaderElection {
+    pub lease_name: String,
+    pub namespace: String,
+    /// Unique per replica: the pod name.
+    pub identity: String,
+    /// The lease is valid this long after its last renewal; a follower takes over within it.
+    pub duration_secs: u64,
+    /// The holder renews this long before expiry (the clock skew tolerated).
+    pub grace_secs: u64,
+}
 
 /// Whether this replica may act now. Cheap to clone and to check.
 #[derive(Debug, Clone)]

@@ -65,7 +65,7 @@ pub fn allocation(lb: u32, ports: &[(&str, u16, Protocol)]) -> Allocation {
         .map(|(name, port, protocol)| AllocatedPort {
             name: name.to_string(),
             port: *port,
-            protocol: crate::allocator::protocol_to_placement(*protocol),
+            protocol: crate::model::protocol_to_placement(*protocol),
         })
         .collect();
     ports.sort();

@@ -17,7 +17,21 @@ use sharedlb_crds::{
 use sharedlb_placement::{AllocatedPort, Allocation, PortMode, Protocol};
 use sharedlb_providers::{ListenerSpec, LoadBalancerInfo, Owner};
 
-use crate::allocator::protocol_from_placement;
+/// The CRD's protocol as the placement core names it.
+pub fn protocol_to_placement(p: sharedlb_crds::Protocol) -> sharedlb_placement::Protocol {
+    match p {
+        sharedlb_crds::Protocol::Tcp => sharedlb_placement::Protocol::Tcp,
+        sharedlb_crds::Protocol::Udp => sharedlb_placement::Protocol::Udp,
+    }
+}
+
+/// The placement core's protocol as the CRD names it.
+pub fn protocol_from_placement(p: sharedlb_placement::Protocol) -> sharedlb_crds::Protocol {
+    match p {
+        sharedlb_placement::Protocol::Tcp => sharedlb_crds::Protocol::Tcp,
+        sharedlb_placement::Protocol::Udp => sharedlb_crds::Protocol::Udp,
+    }
+}
 
 /// One listener's place in a pool: which load balancer, which external port and protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -27,6 +27,7 @@ use tracing::{info, warn};
 use crate::allocator::PoolAllocator;
 use crate::endpoints::{EndpointSlices, SERVICE_NAME_LABEL};
 use crate::fence::Fence;
+pub use crate::fence::LeaderElection;
 use crate::telemetry::{self, GuardedProvider, Metrics};
 use crate::{Error, ProviderFactory};
 use sharedlb_providers::{LoadBalancerProvider, NodeTarget, ProviderError};
@@ -49,19 +50,6 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     /// None: this process is the only one (tests, a single replica).
     pub leader_election: Option<LeaderElection>,
-}
-
-/// Leader election on a `coordination.k8s.io/v1` Lease: only the holder allocates or calls the cloud.
-#[derive(Debug, Clone)]
-pub struct LeaderElection {
-    pub lease_name: String,
-    pub namespace: String,
-    /// Unique per replica: the pod name.
-    pub identity: String,
-    /// The lease is valid this long after its last renewal; a follower takes over within it.
-    pub duration_secs: u64,
-    /// The holder renews this long before expiry (the clock skew tolerated).
-    pub grace_secs: u64,
 }
 
 impl Default for Settings {

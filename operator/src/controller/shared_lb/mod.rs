@@ -24,8 +24,8 @@ use tracing::{info, instrument, warn};
 use super::Context;
 use super::status::{self, ALLOCATED, PROGRAMMED, READY};
 use crate::Error;
-use crate::allocator::{PoolAllocator, allocation_from_status, protocol_to_placement};
-use crate::model::{self, ListenerId};
+use crate::allocator::{PoolAllocator, allocation_from_status};
+use crate::model::{self, ListenerId, protocol_to_placement};
 use crate::telemetry::PoolLabels;
 
 mod allocate;
