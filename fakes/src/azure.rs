@@ -648,6 +648,21 @@ fn check_load_balancer(st: &State, id: &str, doc: &Value) -> Result<(), (String,
     Ok(())
 }
 
+/// An NSG security rule's sources, whichever of its two fields holds them (Azure takes a service tag only alone,
+/// in `sourceAddressPrefix`; addresses and CIDRs in either).
+pub fn security_rule_sources(rule_properties: &Value) -> Vec<String> {
+    let single = rule_properties["sourceAddressPrefix"].as_str();
+    let list = rule_properties["sourceAddressPrefixes"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    single
+        .into_iter()
+        .chain(list.filter_map(Value::as_str))
+        .map(str::to_string)
+        .collect()
+}
+
 /// An IP address or a CIDR (what an NSG rule's address lists accept).
 fn is_address_or_cidr(a: &str) -> bool {
     let (ip, len) = a.split_once('/').unwrap_or((a, ""));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sharedlb_fakes::azure::{AzureFake, CLIENT_SECRET};
+use sharedlb_fakes::azure::{AzureFake, CLIENT_SECRET, security_rule_sources};
 use sharedlb_providers::azure::{
     AzureAuth, AzurePool, AzureProvider, credential, transport_trusting,
 };
@@ -134,20 +134,6 @@ fn rules(lb: &Value) -> BTreeSet<(String, u64, String, u64, String)> {
 }
 
 /// (protocol, ports, sources, priority) of every sharedlb rule of the NSG.
-/// A rule's sources, whichever of the two fields holds them (a tag goes alone in the single one).
-fn sources(rule_properties: &Value) -> Vec<String> {
-    let single = rule_properties["sourceAddressPrefix"].as_str();
-    let list = rule_properties["sourceAddressPrefixes"]
-        .as_array()
-        .into_iter()
-        .flatten();
-    single
-        .into_iter()
-        .chain(list.filter_map(Value::as_str))
-        .map(str::to_string)
-        .collect()
-}
-
 fn nsg_rules(fake: &AzureFake) -> BTreeSet<(String, Vec<String>, Vec<String>, u64)> {
     let nsg = fake.get(&nsg_id()).expect("nsg");
     let strings = |v: &Value| -> Vec<String> {
@@ -167,7 +153,7 @@ fn nsg_rules(fake: &AzureFake) -> BTreeSet<(String, Vec<String>, Vec<String>, u6
             (
                 p["protocol"].as_str().unwrap_or_default().to_string(),
                 strings(&p["destinationPortRanges"]),
-                sources(p),
+                security_rule_sources(p),
                 p["priority"].as_u64().unwrap_or_default(),
             )
         })

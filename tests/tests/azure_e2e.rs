@@ -9,7 +9,7 @@ use kube::Client;
 use serde_json::{Value, json};
 use sharedlb::{AzureAccess, BuiltinProviders, Settings};
 use sharedlb_e2e::*;
-use sharedlb_fakes::azure::{AzureFake, CLIENT_SECRET};
+use sharedlb_fakes::azure::{AzureFake, CLIENT_SECRET, security_rule_sources};
 use sharedlb_providers::azure::AzureAuth;
 use sharedlb_providers::cloud_name_prefix;
 use sharedlb_providers::memory::MemoryCloud;
@@ -148,20 +148,6 @@ fn rule_shape(fake: &AzureFake, pool: &str) -> BTreeSet<(String, u64, String, u6
 }
 
 /// (protocol, node ports, sources) of the pool's NSG rules.
-/// A rule's sources, whichever of the two fields holds them (a tag goes alone in the single one).
-fn sources(rule_properties: &Value) -> Vec<String> {
-    let single = rule_properties["sourceAddressPrefix"].as_str();
-    let list = rule_properties["sourceAddressPrefixes"]
-        .as_array()
-        .into_iter()
-        .flatten();
-    single
-        .into_iter()
-        .chain(list.filter_map(Value::as_str))
-        .map(str::to_string)
-        .collect()
-}
-
 fn nsg_shape(fake: &AzureFake, pool: &str) -> BTreeSet<(String, Vec<String>, Vec<String>)> {
     let prefix = cloud_name_prefix("e2e", pool);
     let strings = |v: &Value| -> Vec<String> {
@@ -181,7 +167,7 @@ fn nsg_shape(fake: &AzureFake, pool: &str) -> BTreeSet<(String, Vec<String>, Vec
             (
                 p["protocol"].as_str().unwrap_or_default().to_string(),
                 strings(&p["destinationPortRanges"]),
-                sources(p),
+                security_rule_sources(p),
             )
         })
         .collect()
