@@ -77,6 +77,49 @@ impl Fence {
         )
     }
 
+    /// Resolves once the proof has run out (never without leader election). Checked against the clock at every
+    /// poll, not only when its timer fires: after a pause, the first poll sees it.
+    pub async fn lost(&self) {
+        let Some(until) = &self.until else {
+            return std::future::pending().await;
+        };
+        loop {
+            let deadline = *until.lock().unwrap_or_else(|e| e.into_inner());
+            match deadline {
+                Some(t) if Instant::now() < t => tokio::time::sleep_until(t.into()).await,
+                _ => return,
+            }
+        }
+    }
+
+    /// Runs `work` while the proof holds; once it runs out, `work` is dropped at its next await and
+    /// `Error::Fenced` returned. A cloud call in several steps that began while the lease was proven stops with
+    /// the proof, instead of finishing on a belief another leader may have overturned.
+    pub async fn guard<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        self.check()?;
+        tokio::select! {
+            biased;
+            _ = self.checked_every_poll() => Err(Error::Fenced),
+            r = work => r,
+        }
+    }
+
+    /// Ready as soon as a poll finds the proof run out, whatever the timers say.
+    async fn checked_every_poll(&self) {
+        let lost = self.lost();
+        tokio::pin!(lost);
+        std::future::poll_fn(|cx| {
+            if !self.is_current() {
+                return std::task::Poll::Ready(());
+            }
+            lost.as_mut().poll(cx)
+        })
+        .await
+    }
+
     fn set(&self, until: Option<Instant>) {
         if let Some(u) = &self.until {
             *u.lock().unwrap_or_else(|e| e.into_inner()) = until;
@@ -161,6 +204,33 @@ mod tests {
         assert_eq!(
             proof_until(&lease("other", Duration::ZERO), "me", valid_for),
             None
+        );
+    }
+
+    #[tokio::test]
+    async fn guarded_work_stops_when_the_proof_runs_out() {
+        let f = Fence::closed();
+        f.set(Some(Instant::now() + Duration::from_millis(50)));
+        let steps = std::sync::atomic::AtomicU32::new(0);
+        let work = async {
+            loop {
+                steps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), Error>(())
+        };
+        assert!(matches!(f.guard(work).await, Err(Error::Fenced)));
+        let done = steps.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            (2..=8).contains(&done),
+            "stopped with the proof: {done} steps"
+        );
+        assert!(
+            Fence::open()
+                .guard(async { Ok(7) })
+                .await
+                .is_ok_and(|v| v == 7)
         );
     }
 

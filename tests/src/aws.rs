@@ -1,8 +1,14 @@
 //! moto as the AWS account (started by `scripts/test` with WITH_MOTO=1).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use aws_sdk_elasticloadbalancingv2 as elb;
+use kube::{Api, Client};
+use sharedlb::{BuiltinProviders, ProviderFactory};
+use sharedlb_crds::LoadBalancerPool;
+use sharedlb_providers::LoadBalancerProvider;
+use sharedlb_providers::memory::MemoryCloud;
 
 pub async fn conf() -> aws_config::SdkConfig {
     assert!(
@@ -118,4 +124,21 @@ pub async fn cloud_of(cluster: &str, pool: Option<&str>) -> (Vec<String>, Vec<us
         targets.push(h.target_health_descriptions.unwrap_or_default().len());
     }
     (names, targets)
+}
+
+/// The operator's own provider for a pool as it stands in the apiserver, to read moto as the operator does.
+pub async fn provider_of(
+    client: &Client,
+    cluster_id: &str,
+    pool: &str,
+) -> Arc<dyn LoadBalancerProvider> {
+    let spec = Api::<LoadBalancerPool>::all(client.clone())
+        .get(pool)
+        .await
+        .expect("pool")
+        .spec;
+    BuiltinProviders::new(MemoryCloud::new())
+        .make(cluster_id, pool, &spec)
+        .await
+        .expect("the pool's provider")
 }

@@ -10,13 +10,11 @@ use std::time::Duration;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
-use sharedlb::{BuiltinProviders, ProviderFactory};
-use sharedlb_crds::{LoadBalancerPool, SharedLB};
-use sharedlb_e2e::aws::network;
+use sharedlb_crds::SharedLB;
+use sharedlb_e2e::aws::{network, provider_of};
 use sharedlb_e2e::invariants::{all_ready, held_by_statuses, held_in};
 use sharedlb_e2e::replica::{leads, start_replica, which_leads};
 use sharedlb_e2e::*;
-use sharedlb_providers::memory::MemoryCloud;
 
 const CLUSTER: &str = "fence";
 
@@ -112,15 +110,7 @@ async fn a_leader_paused_past_its_lease_changes_nothing_when_it_wakes() {
         after, before,
         "the statuses changed after the old leader woke"
     );
-    let pool_spec = Api::<LoadBalancerPool>::all(client.clone())
-        .get(&pool)
-        .await
-        .expect("pool")
-        .spec;
-    let provider = BuiltinProviders::new(MemoryCloud::new())
-        .make(CLUSTER, &pool, &pool_spec)
-        .await
-        .expect("the aws provider");
+    let provider = provider_of(&client, CLUSTER, &pool).await;
     assert_eq!(
         held_in(&provider.inventory().await.expect("inventory"), &pool),
         after,

@@ -13,9 +13,8 @@ use std::sync::Arc;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use sharedlb::{BuiltinProviders, ProviderFactory};
-use sharedlb_crds::{LoadBalancerPool, SharedLB};
-use sharedlb_e2e::aws::{cloud_of, network};
+use sharedlb_crds::SharedLB;
+use sharedlb_e2e::aws::{cloud_of, network, provider_of};
 use sharedlb_e2e::invariants::{all_ready, assert_within_capacity, held_by_statuses, held_in};
 use sharedlb_e2e::replica::start_single;
 use sharedlb_e2e::*;
@@ -137,15 +136,7 @@ async fn kill_9_at_random_points_of_a_churn_against_moto_leaves_no_duplicate_and
     .await;
 
     let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
-    let pool_spec = Api::<LoadBalancerPool>::all(client.clone())
-        .get(&pool)
-        .await
-        .expect("pool")
-        .spec;
-    let provider = BuiltinProviders::new(MemoryCloud::new())
-        .make(&cluster, &pool, &pool_spec)
-        .await
-        .expect("the aws provider");
+    let provider = provider_of(&client, &cluster, &pool).await;
     check(&api, &live, provider.as_ref(), &pool).await;
 
     delete_namespace(&client, &ns).await;

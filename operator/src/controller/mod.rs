@@ -278,8 +278,10 @@ async fn sync_nodes(ctx: Arc<Context>) {
             }
             let (sent, now) = (sent.clone(), now.clone());
             let pool = a.pool.clone();
+            let fence = ctx.fence.clone();
             let handle = updates.spawn(async move {
-                match provider.update_nodes(&now).await {
+                let updated = fence.guard(async { Ok(provider.update_nodes(&now).await?) });
+                match updated.await {
                     Ok(()) => {
                         sent.lock().unwrap_or_else(|e| e.into_inner()).insert(key, now);
                     }
@@ -382,11 +384,12 @@ async fn measured(
     ctx: Arc<Context>,
     reconcile: impl Future<Output = Result<Action, Error>>,
 ) -> Result<Action, Error> {
-    // a replica that cannot prove it leads does nothing, not even look (a rebuild would act on what it sees)
-    ctx.fence.check()?;
+    // a replica that cannot prove it leads does nothing, not even look (a rebuild would act on what it sees), and
+    // a reconcile under way stops where it is once the proof runs out
+    let fence = ctx.fence.clone();
     let r = ctx
         .metrics
-        .reconcile(controller, reconcile, result_label)
+        .reconcile(controller, fence.guard(reconcile), result_label)
         .await;
     if r.is_ok() {
         ctx.backoff.succeeded(key);

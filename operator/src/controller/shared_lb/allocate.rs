@@ -72,7 +72,7 @@ pub(super) async fn allocate(
     if recorded.as_ref() == Some(&allocation) {
         state.apply(&plan);
         drop(state);
-        delete_in_background(alloc, &plan);
+        delete_in_background(ctx, alloc, &plan);
         return Ok(Placement::Held {
             allocation,
             refused: None,
@@ -108,7 +108,7 @@ pub(super) async fn allocate(
         drop(state);
         st
     };
-    delete_in_background(alloc, &plan);
+    delete_in_background(ctx, alloc, &plan);
     allocated_event(ctx, slb, alloc, &allocation).await;
     Ok(Placement::Held {
         allocation,
@@ -118,7 +118,11 @@ pub(super) async fn allocate(
 }
 
 /// Empty load balancers a plan marked for deletion go in the background (the pool retries what fails).
-pub(super) fn delete_in_background(alloc: &Arc<PoolAllocator>, plan: &sharedlb_placement::Plan) {
+pub(super) fn delete_in_background(
+    ctx: &Context,
+    alloc: &Arc<PoolAllocator>,
+    plan: &sharedlb_placement::Plan,
+) {
     let doomed: Vec<u32> = plan
         .actions
         .iter()
@@ -130,9 +134,10 @@ pub(super) fn delete_in_background(alloc: &Arc<PoolAllocator>, plan: &sharedlb_p
     if doomed.is_empty() {
         return;
     }
-    let a = alloc.clone();
+    let (a, fence) = (alloc.clone(), ctx.fence.clone());
     tokio::spawn(async move {
-        if let Err(e) = a.delete_marked(doomed).await {
+        let deleted = fence.guard(async { Ok(a.delete_marked(doomed).await?) });
+        if let Err(e) = deleted.await {
             warn!(error = %e, pool = %a.pool, "deleting an empty load balancer failed; the pool retries");
         }
     });
