@@ -69,7 +69,15 @@ impl Operator {
         providers: BuiltinProviders,
         settings: Settings,
     ) -> Operator {
-        let factory = Arc::new(providers);
+        Self::start_with_factory(client, Arc::new(providers), settings)
+    }
+
+    /// With any provider factory (e.g. one a test makes fail).
+    pub fn start_with_factory(
+        client: &Client,
+        factory: Arc<dyn sharedlb::ProviderFactory>,
+        settings: Settings,
+    ) -> Operator {
         let client = client.clone();
         let task = tokio::spawn(async move {
             if let Err(e) =

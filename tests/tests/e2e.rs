@@ -2,6 +2,7 @@
 //! memory provider. Run through `scripts/test`, which starts and stops the test environment.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -1225,5 +1226,105 @@ async fn a_settings_edit_takes_effect_without_a_restart() {
     );
     delete_namespace(&client, &ns).await;
     delete_pool(&client, "edit").await;
+    op.kill().await;
+}
+
+/// A provider factory whose cloud can be made unreachable, as an outage or lost credentials make it.
+#[derive(Debug)]
+struct Unreachable {
+    inner: sharedlb::BuiltinProviders,
+    down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl sharedlb::ProviderFactory for Unreachable {
+    async fn make(
+        &self,
+        cluster_id: &str,
+        pool: &str,
+        spec: &sharedlb_crds::LoadBalancerPoolSpec,
+    ) -> Result<
+        std::sync::Arc<dyn sharedlb_providers::LoadBalancerProvider>,
+        sharedlb_providers::ProviderError,
+    > {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(sharedlb_providers::ProviderError::Other(
+                "the cloud cannot be reached (made so by the test)".into(),
+            ));
+        }
+        self.inner.make(cluster_id, pool, spec).await
+    }
+}
+
+/// A pool deleted while its provider cannot be made used to be taken for one that never made anything: its
+/// finalizer went and its load balancers stayed in the cloud. Now, as its status lists a load balancer, the
+/// deletion waits until the provider can be made and then deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_deleted_while_its_cloud_is_unreachable_waits_and_leaves_nothing() {
+    use std::sync::atomic::Ordering;
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let factory = Arc::new(Unreachable {
+        inner: sharedlb::BuiltinProviders::new(cloud.clone()),
+        down: false.into(),
+    });
+    let settings = || sharedlb::Settings {
+        cluster_id: "e2e".into(),
+        ..Default::default()
+    };
+    let op = Operator::start_with_factory(&client, factory.clone(), settings());
+    let ns = namespace(&client, "e2e-outage", &[]).await;
+    create_pool(&client, "outage", json!({"provider": {"memory": {}}})).await;
+    create_slb(
+        &client,
+        &ns,
+        "s",
+        spec("outage", vec![tcp("a", Some(4501))]),
+    )
+    .await;
+    ready(&client, &ns, "s", 30).await;
+    // the load balancer outlives its SharedLB here: a listener the cloud will not let go holds it
+    let lb = cloud_pool(&cloud, "outage").into_keys().next().expect("lb");
+    cloud.plant_listener(&lb, 4502, sharedlb_providers::Protocol::Tcp, "gone-owner");
+    cloud.refuse_removal("gone-owner", true);
+    op.kill().await;
+    let op = Operator::start_with_factory(&client, factory.clone(), settings());
+    delete_namespace(&client, &ns).await;
+    let pools = Api::<LoadBalancerPool>::all(client.clone());
+    eventually(
+        30,
+        "the pool lists the load balancer it still has",
+        || async {
+            let st = pools.get("outage").await.ok()?.status?;
+            (st.totals.load_balancers == 1 && st.totals.ports_used == 1).then_some(())
+        },
+    )
+    .await;
+
+    op.kill().await;
+    factory.down.store(true, Ordering::SeqCst);
+    let op = Operator::start_with_factory(&client, factory.clone(), settings());
+    pools
+        .delete("outage", &DeleteParams::default())
+        .await
+        .expect("delete the pool");
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert!(
+        pools.get_opt("outage").await.expect("get").is_some(),
+        "the deletion waits for the cloud"
+    );
+    assert_eq!(cloud_pool(&cloud, "outage").len(), 1, "nothing deleted yet");
+
+    factory.down.store(false, Ordering::SeqCst);
+    cloud.refuse_removal("gone-owner", false);
+    eventually(60, "the pool is gone once its cloud is back", || async {
+        pools.get_opt("outage").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        cloud_pool(&cloud, "outage").is_empty(),
+        "its load balancer is deleted"
+    );
     op.kill().await;
 }

@@ -199,17 +199,22 @@ async fn check(
     pool: &str,
 ) {
     all_ready(api, live, 240).await;
-    let names: BTreeSet<String> = api
-        .list(&Default::default())
-        .await
-        .expect("list")
-        .items
-        .iter()
-        .map(|s| s.name_any())
-        .collect();
+    // the deleted ones may still be finishing their deletion (their cleanup retried after a kill)
+    let live_set: BTreeSet<String> = live.iter().cloned().collect();
+    let names = || async {
+        let list = api.list(&Default::default()).await.expect("list");
+        list.items
+            .iter()
+            .map(|s| s.name_any())
+            .collect::<BTreeSet<String>>()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while names().await != live_set && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
     assert_eq!(
-        names,
-        live.iter().cloned().collect(),
+        names().await,
+        live_set,
         "exactly the live SharedLBs exist (the deleted ones finished deleting)"
     );
     let held = held_by_statuses(api).await;
