@@ -1328,3 +1328,68 @@ async fn a_pool_deleted_while_its_cloud_is_unreachable_waits_and_leaves_nothing(
     );
     op.kill().await;
 }
+
+/// Taking a SharedLB out of its pool (here: its namespace no longer admitted) stops where a listener removal
+/// fails, with the status still naming the place, and the next reconcile finishes it. It used to log the failure,
+/// clear the status, and never try again: the listener kept serving a namespace the pool no longer admits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawal_that_fails_once_is_finished_by_the_next_reconcile() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-withdraw", &[("team", "in")]).await;
+    let selector = json!({"matchLabels": {"team": "in"}});
+    create_pool(
+        &client,
+        "withdraw",
+        json!({"provider": {"memory": {}}, "namespaceSelector": selector}),
+    )
+    .await;
+    create_slb(
+        &client,
+        &ns,
+        "s",
+        spec("withdraw", vec![tcp("a", Some(4601))]),
+    )
+    .await;
+    let uid = ready(&client, &ns, "s", 30).await.uid().expect("uid");
+    // another namespace keeps the load balancer in use, so only a removal can close s's port
+    let other = namespace(&client, "e2e-withdraw-keep", &[("team", "in")]).await;
+    create_slb(
+        &client,
+        &other,
+        "k",
+        spec("withdraw", vec![tcp("a", Some(4602))]),
+    )
+    .await;
+    ready(&client, &other, "k", 30).await;
+
+    cloud.fail_next("delete_listener", 1);
+    let out = json!({"metadata": {"labels": {"team": "out"}}});
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .patch(&ns, &PatchParams::default(), &Patch::Merge(&out))
+        .await
+        .expect("relabel");
+    refused(&client, &ns, "s", "NamespaceNotAllowed").await;
+    eventually(30, "the listener is withdrawn after all", || async {
+        served_ports(&cloud, "withdraw", &uid)
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        cloud.mutating_calls().get("delete_listener") >= Some(&2),
+        "the removal failed once and was made again: {:?}",
+        cloud.mutating_calls()
+    );
+    assert_eq!(
+        cloud_pool(&cloud, "withdraw").len(),
+        1,
+        "the load balancer stays"
+    );
+    delete_namespace(&client, &ns).await;
+    delete_namespace(&client, &other).await;
+    delete_pool(&client, "withdraw").await;
+    op.kill().await;
+}
