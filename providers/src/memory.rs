@@ -55,9 +55,12 @@ struct Account {
     next_id: u64,
     /// mutating calls by operation, counted when they change something or fail
     calls: BTreeMap<&'static str, u64>,
-    nodes: Vec<NodeTarget>,
+    /// The nodes each pool's provider last set, with how many updates it has made.
+    nodes: BTreeMap<String, (Vec<NodeTarget>, u64)>,
     /// Owners whose listeners a test made unremovable.
     unremovable: BTreeSet<String>,
+    /// Pools whose node updates a test made wait.
+    stalled_node_updates: BTreeSet<String>,
     /// Mutating operations a test made fail, with how many more times.
     failing: BTreeMap<&'static str, u32>,
 }
@@ -88,9 +91,11 @@ impl MemoryCloud {
         self.lock().calls.clone()
     }
 
-    /// The nodes last set through `update_nodes`.
-    pub fn nodes(&self) -> Vec<NodeTarget> {
-        self.lock().nodes.clone()
+    /// The nodes this pool's providers last set through `update_nodes`, and how many updates they made: every
+    /// successful call counts, changed or not, so a test sees both a provider made anew being sent the nodes and a
+    /// quiet operator sending nothing.
+    pub fn nodes(&self, pool: &str) -> (Vec<NodeTarget>, u64) {
+        self.lock().nodes.get(pool).cloned().unwrap_or_default()
     }
 
     /// For tests: puts a listener on the load balancer with this cloud name, as a crashed operator leaves one.
@@ -125,6 +130,17 @@ impl MemoryCloud {
     /// fail with a server error, in whichever pool they come from.
     pub fn fail_next(&self, op: &'static str, times: u32) {
         self.lock().failing.insert(op, times);
+    }
+
+    /// For tests: this pool's `update_nodes` calls wait, as calls to a cloud that stopped answering do, until
+    /// released.
+    pub fn stall_node_updates(&self, pool: &str, stall: bool) {
+        let mut acc = self.lock();
+        if stall {
+            acc.stalled_node_updates.insert(pool.to_string());
+        } else {
+            acc.stalled_node_updates.remove(pool);
+        }
     }
 
     /// For tests: the listeners of this owner cannot be removed (a cloud that keeps refusing) until allowed again.
@@ -404,13 +420,17 @@ impl LoadBalancerProvider for MemoryProvider {
     }
 
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
-        // registering targets is a cloud call like any other: it takes the injected latency too
-        if !self.faults.latency.is_zero() {
-            tokio::time::sleep(self.faults.latency).await;
+        while self.cloud.lock().stalled_node_updates.contains(&self.pool) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut acc = self.cloud.lock();
-        if acc.nodes != nodes {
-            acc.nodes = nodes.to_vec();
+        // registering targets is a cloud call like any other: latency and injected faults apply
+        self.call("update_nodes").await?;
+        let mut guard = self.cloud.lock();
+        let acc = &mut *guard;
+        let (held, updates) = acc.nodes.entry(self.pool.clone()).or_default();
+        *updates += 1;
+        if held != nodes {
+            *held = nodes.to_vec();
             *acc.calls.entry("update_nodes").or_default() += 1;
         }
         Ok(())

@@ -1393,3 +1393,75 @@ async fn a_withdrawal_that_fails_once_is_finished_by_the_next_reconcile() {
     delete_pool(&client, "withdraw").await;
     op.kill().await;
 }
+
+/// Each pool's provider is sent the Ready nodes on its own: a pool whose cloud stops answering delays no other
+/// pool, a failed update is retried, a provider made anew by a settings edit has the nodes, and a quiet operator
+/// sends nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_each_pool_on_its_own() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    create_pool(
+        &client,
+        "nodes-stalled",
+        json!({"provider": {"memory": {}}}),
+    )
+    .await;
+    create_pool(&client, "nodes-quick", json!({"provider": {"memory": {}}})).await;
+    for pool in ["nodes-stalled", "nodes-quick"] {
+        eventually(30, &format!("{pool} is sent the nodes once"), || async {
+            (cloud.nodes(pool).1 >= 1).then_some(())
+        })
+        .await;
+    }
+    let has_node = |pool: &str| cloud.nodes(pool).0.iter().any(|n| n.name == "e2e-node-a");
+
+    cloud.stall_node_updates("nodes-stalled", true);
+    cloud.fail_next("update_nodes", 1);
+    add_ready_node(&client, "e2e-node-a", "memory://e2e-node-a").await;
+    eventually(30, "the quick pool has the new node", || async {
+        has_node("nodes-quick").then_some(())
+    })
+    .await;
+    assert!(
+        !has_node("nodes-stalled"),
+        "the stalled pool's call is still waiting"
+    );
+
+    let sent = cloud.nodes("nodes-quick").1;
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    assert_eq!(
+        cloud.nodes("nodes-quick").1,
+        sent,
+        "nothing is sent again while nothing changes"
+    );
+
+    let edit = json!({"spec": {"provider": {"memory": {"latencyMs": 1}}}});
+    Api::<LoadBalancerPool>::all(client.clone())
+        .patch("nodes-quick", &PatchParams::default(), &Patch::Merge(&edit))
+        .await
+        .expect("edit the quick pool's settings");
+    eventually(30, "the provider made anew is sent the nodes", || async {
+        (cloud.nodes("nodes-quick").1 > sent).then_some(())
+    })
+    .await;
+    assert!(has_node("nodes-quick"));
+
+    cloud.stall_node_updates("nodes-stalled", false);
+    eventually(
+        30,
+        "the stalled pool has the node once its cloud answers",
+        || async { has_node("nodes-stalled").then_some(()) },
+    )
+    .await;
+    delete_nodes(&client, &["e2e-node-a"]).await;
+    eventually(30, "a removed node leaves both pools", || async {
+        (!has_node("nodes-quick") && !has_node("nodes-stalled")).then_some(())
+    })
+    .await;
+    delete_pool(&client, "nodes-stalled").await;
+    delete_pool(&client, "nodes-quick").await;
+    op.kill().await;
+}
