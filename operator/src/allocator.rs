@@ -593,3 +593,6 @@ impl std::ops::DerefMut for LockedPool<'_> {
             .expect("state is built before LockedPool is made")
     }
 }
+
+#[cfg(test)]
+mod tests;

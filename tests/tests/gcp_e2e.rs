@@ -330,3 +330,73 @@ async fn a_fixed_port_outside_the_node_port_range_is_refused_before_the_cloud() 
     delete_pool(&client, &pool).await;
     op.kill().await;
 }
+
+/// A SharedLB that has served keeps its port even when the apiserver refuses its node port: clients hold that
+/// address, so it is never moved behind their backs. Its Service was deleted while the operator was down and
+/// another Service took the node port; the SharedLB says NodePortTaken, keeps saying it past the refusal's retry
+/// (when Ready is already False), and is served on the same port once the port is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_sharedlb_whose_node_port_is_taken_keeps_its_port() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let fake = GcpFake::start().await;
+    let op = operator_on(&client, &fake);
+    let ns = namespace(&client, "gcp-served", &[]).await;
+    let pool = gcp_pool(&client, json!({"portRange": {"min": 31600, "max": 31699}})).await;
+    create_slb(
+        &client,
+        &ns,
+        "game",
+        json!({"pool": pool, "selector": {"app": "game"},
+        "ports": [{"name": "g", "targetPort": 7777}]}),
+    )
+    .await;
+    let served = status_port(&ready(&client, &ns, "game", 60).await, "g");
+    op.kill().await;
+
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    services
+        .delete(
+            &sharedlb_crds::service_name("game"),
+            &kube::api::DeleteParams::default(),
+        )
+        .await
+        .expect("delete the backing Service behind the operator's back");
+    let foreign: Service = serde_json::from_value(json!({
+        "metadata": {"name": "someone-else"},
+        "spec": {"type": "NodePort", "selector": {"app": "x"},
+            "ports": [{"port": 80, "targetPort": 80, "nodePort": served.0}]}
+    }))
+    .expect("service");
+    services
+        .create(&PostParams::default(), &foreign)
+        .await
+        .expect("another Service takes the node port");
+
+    let op = operator_on(&client, &fake);
+    let api: Api<sharedlb_crds::SharedLB> = Api::namespaced(client.clone(), &ns);
+    let refused_with = |s: &sharedlb_crds::SharedLB| {
+        condition(s, "Ready")
+            .is_some_and(|(st, reason, _)| st == "False" && reason == "NodePortTaken")
+    };
+    eventually(60, "game says NodePortTaken", || async {
+        refused_with(&api.get("game").await.ok()?).then_some(())
+    })
+    .await;
+    // past the refusal's 30 s retry: that reconcile sees Ready=False, and must still not move a served SharedLB
+    tokio::time::sleep(std::time::Duration::from_secs(35)).await;
+    let s = api.get("game").await.expect("game");
+    assert!(refused_with(&s), "{:?}", condition(&s, "Ready"));
+    assert_eq!(status_port(&s, "g"), served, "the served port is kept");
+
+    services
+        .delete("someone-else", &kube::api::DeleteParams::default())
+        .await
+        .expect("the other Service leaves");
+    let s = ready(&client, &ns, "game", 60).await;
+    assert_eq!(status_port(&s, "g"), served, "served again on its port");
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, &pool).await;
+    assert!(fake.resources("forwardingRules").is_empty());
+    op.kill().await;
+}
