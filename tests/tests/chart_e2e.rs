@@ -236,7 +236,9 @@ async fn the_operator_runs_with_only_the_charts_rbac() {
     })
     .await;
     assert_eq!(reply, "rbac:r");
-    event_recorded(&admin, &ns, "web", "Programmed", 20).await;
+    // Events, as the ServiceAccount: a SharedLB naming no pool is told so by one
+    create_slb(&admin, &ns, "lost", json!({"pool": "no-such-pool", "selector": {"app": "web"}, "ports": [{"name": "http", "targetPort": 80}]})).await;
+    event_recorded(&admin, &ns, "lost", "PoolNotFound", 20).await;
     let pools = Api::<sharedlb_crds::LoadBalancerPool>::all(admin.clone());
     eventually(20, "pool status written", || async {
         (pools.get(&pool_name).await.ok()?.status?.totals.ports_used == 1).then_some(())

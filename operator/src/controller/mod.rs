@@ -36,6 +36,7 @@ mod backoff;
 mod pool;
 mod shared_lb;
 pub(crate) mod status;
+mod written;
 
 /// How the operator runs.
 #[derive(Debug, Clone)]
@@ -72,6 +73,8 @@ pub struct Context {
     recorder: Recorder,
     pools: Store<LoadBalancerPool>,
     nodes: Store<Node>,
+    /// The backing Services this operator made (by label), so a reconcile reads its Service without a GET.
+    services: Store<Service>,
     slices: EndpointSlices,
     factory: Arc<dyn ProviderFactory>,
     /// One slot per pool name. The map's lock is held only to find a slot, never while a provider is made or
@@ -79,6 +82,8 @@ pub struct Context {
     allocators: Mutex<HashMap<String, Arc<AllocatorSlot>>>,
     /// Consecutive failures per object, for retries that back off.
     backoff: backoff::Backoff,
+    /// Statuses written and not yet seen in the store (see `written`).
+    written: written::WrittenStatuses,
     /// Whether this replica may act: checked before each reconcile, status write, Service write and cloud change.
     fence: Fence,
 }
@@ -526,6 +531,17 @@ async fn run_controllers(
         what: "Node",
         message: e.to_string(),
     })?;
+    // the Services it made: a store for the reconciles to read, whose every change also triggers their owner
+    let (services, service_writer) = reflector::store();
+    let managed =
+        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let owned_services = reflector(
+        service_writer,
+        watcher(Api::<Service>::all(client.clone()), managed)
+            .modify(|s: &mut Service| s.managed_fields_mut().clear()),
+    )
+    .default_backoff()
+    .touched_objects();
     let reporter = Reporter {
         controller: settings.controller_name.clone(),
         instance: None,
@@ -536,10 +552,12 @@ async fn run_controllers(
         recorder: Recorder::new(client.clone(), reporter),
         pools,
         nodes,
+        services,
         slices: slices.clone(),
         factory,
         allocators: Mutex::new(HashMap::new()),
         backoff: backoff::Backoff::default(),
+        written: written::WrittenStatuses::default(),
         settings: settings.clone(),
         fence,
     });
@@ -550,10 +568,8 @@ async fn run_controllers(
         Controller::new(slb_api.clone(), watcher::Config::default()).with_config(config.clone());
     let slb_store = slb_controller.store();
     let slbs_by_namespace = slb_controller.store();
-    let managed =
-        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
     let slbs = slb_controller
-        .owns(Api::<Service>::all(client.clone()), managed)
+        .owns_stream(owned_services)
         // a pool that appears or changes retries the SharedLBs waiting on a pool
         .watches(
             pools_api.clone(),

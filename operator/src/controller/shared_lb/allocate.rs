@@ -109,7 +109,7 @@ pub(super) async fn allocate(
         st
     };
     delete_in_background(ctx, alloc, &plan);
-    allocated_event(ctx, slb, alloc, &allocation).await;
+    count_allocation(ctx, alloc);
     Ok(Placement::Held {
         allocation,
         refused: None,
@@ -143,29 +143,13 @@ pub(super) fn delete_in_background(
     });
 }
 
-pub(super) async fn allocated_event(
-    ctx: &Context,
-    slb: &SharedLB,
-    alloc: &PoolAllocator,
-    allocation: &Allocation,
-) {
+/// Counts a new or changed allocation. No Event: the status says where the SharedLB is placed, and every write
+/// fans out to every watcher of Events; Events are kept for what needs a person (refusals, cloud failures).
+pub(super) fn count_allocation(ctx: &Context, alloc: &PoolAllocator) {
     let labels = PoolLabels {
         pool: alloc.pool.clone(),
     };
     ctx.metrics.allocations.get_or_create(&labels).inc();
-    let ports: Vec<String> = allocation
-        .ports
-        .iter()
-        .map(|p| format!("{}/{}", p.port, p.protocol.as_str()))
-        .collect();
-    let lb = alloc.lb_name(allocation.lb);
-    ctx.event(
-        slb,
-        EventType::Normal,
-        "Allocated",
-        format!("placed on {lb} ports {}", ports.join(",")),
-    )
-    .await;
 }
 
 /// Writes the allocation to status with a resourceVersion precondition: a stale view of the object fails with

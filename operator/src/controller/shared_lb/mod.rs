@@ -52,6 +52,8 @@ const RETRY_REFUSED: Duration = Duration::from_secs(30);
 const RESYNC: Duration = Duration::from_secs(600);
 
 pub async fn reconcile(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // the store may not have this replica's last status write yet: start from what was written
+    let slb = Arc::new(ctx.written.freshen((*slb).clone()));
     let api: Api<SharedLB> =
         Api::namespaced(ctx.client.clone(), &slb.namespace().unwrap_or_default());
     finalizer(&api, FINALIZER, slb, |event| async {
@@ -228,15 +230,19 @@ async fn program(
     if !status::is_ready(slb) {
         let ready = status::get(&st.conditions, READY).map(|c| c.message.clone());
         info!(message = ready.as_deref().unwrap_or_default(), "ready");
-        ctx.event(
-            slb,
-            EventType::Normal,
-            "Programmed",
-            ready.unwrap_or_default(),
-        )
-        .await;
+        // a Warning told of the cloud failure; this closes it. A first success needs no Event: the status says it
+        if programming_had_failed(&old) {
+            let message = ready.unwrap_or_default();
+            ctx.event(slb, EventType::Normal, "Programmed", message)
+                .await;
+        }
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// The status reports a failed cloud call (`cloud_failed` wrote it, with a Warning Event).
+fn programming_had_failed(old: &SharedLBStatus) -> bool {
+    status::get(&old.conditions, PROGRAMMED).is_some_and(|c| c.status == "False")
 }
 
 /// Removes every listener the cloud may hold for `owner_uid` that is not in `wanted`. Each removal is checked
@@ -260,6 +266,7 @@ async fn withdraw_stale(
 #[instrument(skip_all, fields(shared_lb = %format!("{}/{}", slb.namespace().unwrap_or_default(), slb.name_any())))]
 async fn cleanup(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
     let uid = slb.uid().unwrap_or_default();
+    ctx.written.forget(&uid);
     let status = slb.status.clone().unwrap_or_default();
     let Some(pool_name) = status.pool.clone() else {
         return Ok(Action::await_change());
@@ -295,14 +302,9 @@ async fn cleanup(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error>
     state.apply(&plan);
     let doomed: Vec<u32> = state.deleting();
     drop(state);
+    // no Event: the object is on its way out, and nobody reads the Events of a deleted object
     if held.is_some() || !status.ports.is_empty() {
-        ctx.event(
-            &*slb,
-            EventType::Normal,
-            "Released",
-            format!("ports released in pool {pool_name}"),
-        )
-        .await;
+        info!(pool = %pool_name, "ports released");
     }
     if let Err(e) = alloc.delete_marked(doomed).await {
         warn!(error = %e, pool = %pool_name, "deleting an empty load balancer failed; the pool retries");

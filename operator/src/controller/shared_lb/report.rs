@@ -56,6 +56,7 @@ pub(super) async fn send_status(
     )
     .await
     .map_err(Error::from_kube)?;
+    ctx.written.record(slb, st);
     Ok(())
 }
 

@@ -25,7 +25,13 @@ pub(super) async fn deploy_service(
     let ns = slb.namespace().unwrap_or_default();
     let name = service_name(&slb.name_any());
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing = api.get_opt(&name).await.map_err(Error::from_kube)?;
+    // Ours is in the store; a Service of that name that is not there may still exist, made by someone else (or
+    // by us, moments ago): asked for, once, before anything is written.
+    let stored = ctx.services.get(&ObjectRef::new(&name).within(&ns));
+    let existing = match stored {
+        Some(s) => Some((*s).clone()),
+        None => api.get_opt(&name).await.map_err(Error::from_kube)?,
+    };
     if let Some(s) = &existing
         && !model::made_by(s, &slb.uid().unwrap_or_default())
     {
