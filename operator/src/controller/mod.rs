@@ -333,6 +333,39 @@ fn node_targets(nodes: &Store<Node>) -> Vec<NodeTarget> {
     out
 }
 
+/// A Node as the store keeps it: only what `node_targets` reads (and the labels, for zones). A kubelet's Node
+/// carries its images, capacity and system info, many kilobytes each: at thousands of nodes the store would hold
+/// tens of megabytes nobody reads.
+fn trim_node(n: &mut Node) {
+    n.managed_fields_mut().clear();
+    n.annotations_mut().clear();
+    if let Some(spec) = n.spec.as_mut() {
+        *spec = k8s_openapi::api::core::v1::NodeSpec {
+            provider_id: spec.provider_id.take(),
+            ..Default::default()
+        };
+    }
+    if let Some(st) = n.status.as_mut() {
+        let ready = st
+            .conditions
+            .take()
+            .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect());
+        *st = k8s_openapi::api::core::v1::NodeStatus {
+            conditions: ready,
+            addresses: st.addresses.take(),
+            ..Default::default()
+        };
+    }
+}
+
+/// A SharedLB as the store keeps it: without the field managers' records and kubectl's copy of the last applied
+/// manifest, which together are often larger than the object.
+fn trim_shared_lb(s: &mut SharedLB) {
+    s.managed_fields_mut().clear();
+    s.annotations_mut()
+        .remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
 /// The error of a reconcile wrapped by kube-runtime's finalizer helper, unwrapped to its meaning.
 fn finalizer_error(e: kube::runtime::finalizer::Error<Error>) -> Error {
     use kube::runtime::finalizer::Error as F;
@@ -521,7 +554,7 @@ async fn run_controllers(
     let (nodes, node_writer) = reflector::store();
     let node_reflector = reflector(
         node_writer,
-        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()).modify(trim_node),
     )
     .default_backoff()
     .touched_objects()
@@ -564,10 +597,17 @@ async fn run_controllers(
     let shutdown = shutdown.shared();
     let config = ControllerConfig::default().concurrency(settings.concurrency);
 
+    // SharedLBs as the store keeps them: without what the operator never reads
+    let (slb_store, slb_writer) = reflector::store();
+    let slb_stream = reflector(
+        slb_writer,
+        watcher(slb_api.clone(), watcher::Config::default()).modify(trim_shared_lb),
+    )
+    .default_backoff()
+    .touched_objects();
     let slb_controller =
-        Controller::new(slb_api.clone(), watcher::Config::default()).with_config(config.clone());
-    let slb_store = slb_controller.store();
-    let slbs_by_namespace = slb_controller.store();
+        Controller::for_stream(slb_stream, slb_store.clone()).with_config(config.clone());
+    let slbs_by_namespace = slb_store.clone();
     let slbs = slb_controller
         .owns_stream(owned_services)
         // a pool that appears or changes retries the SharedLBs waiting on a pool
