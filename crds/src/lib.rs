@@ -444,6 +444,15 @@ pub struct MemorySettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub load_balancer_quota: Option<u32>,
+    /// A rate limit on mutating calls, as a cloud's API has: a token bucket refilled at this many calls per
+    /// second. A call finding it empty is throttled, with the wait until the next token as its retry-after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub calls_per_second: Option<u32>,
+    /// The bucket's size: calls that may go at once after a quiet spell. Default: one second's worth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub burst: Option<u32>,
 }
 
 /// Pool capacity.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sharedlb_crds::LoadBalancerPoolSpec;
 use sharedlb_providers::local::{LocalProvider, Tuning};
-use sharedlb_providers::memory::{Faults, MemoryCloud, MemoryProvider};
+use sharedlb_providers::memory::{Faults, MemoryCloud, MemoryProvider, RateLimit};
 use sharedlb_providers::{LoadBalancerProvider, ProviderError};
 
 #[async_trait::async_trait]
@@ -115,6 +115,10 @@ impl ProviderFactory for BuiltinProviders {
                 error_per_mille: m.error_per_mille.unwrap_or(0),
                 throttle_per_mille: m.throttle_per_mille.unwrap_or(0),
                 load_balancer_quota: m.load_balancer_quota,
+                rate_limit: m.calls_per_second.map(|per_second| RateLimit {
+                    per_second,
+                    burst: m.burst.unwrap_or(per_second),
+                }),
             };
             return Ok(Arc::new(MemoryProvider::new(
                 self.memory.clone(),

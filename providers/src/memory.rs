@@ -29,6 +29,46 @@ pub struct Faults {
     pub throttle_per_mille: u32,
     /// Load balancers the account may hold in this pool.
     pub load_balancer_quota: Option<u32>,
+    /// Mutating calls per second the account allows this pool, as a token bucket.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// A cloud API's rate limit: `per_second` tokens a second, at most `burst` saved up; each mutating call takes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// The token bucket of a `RateLimit`. A throttled call takes no token, as a cloud's refused request costs none.
+#[derive(Debug)]
+struct Bucket {
+    limit: RateLimit,
+    tokens: f64,
+    filled_at: std::time::Instant,
+}
+
+impl Bucket {
+    fn new(limit: RateLimit) -> Self {
+        Bucket {
+            limit,
+            tokens: f64::from(limit.burst.max(1)),
+            filled_at: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until there is one.
+    fn take(&mut self, now: std::time::Instant) -> Result<(), Duration> {
+        let rate = f64::from(self.limit.per_second.max(1));
+        let elapsed = now.saturating_duration_since(self.filled_at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(f64::from(self.limit.burst.max(1)));
+        self.filled_at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Ok(());
+        }
+        Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+    }
 }
 
 /// One stored listener.
@@ -59,6 +99,8 @@ struct Account {
     nodes: BTreeMap<String, (Vec<NodeTarget>, u64)>,
     /// Owners whose listeners a test made unremovable.
     unremovable: BTreeSet<String>,
+    /// Calls refused by a pool's rate limit.
+    throttled: u64,
     /// Pools whose node updates a test made wait.
     stalled_node_updates: BTreeSet<String>,
     /// Mutating operations a test made fail, with how many more times.
@@ -89,6 +131,11 @@ impl MemoryCloud {
     /// Mutating calls made so far, by operation.
     pub fn mutating_calls(&self) -> BTreeMap<&'static str, u64> {
         self.lock().calls.clone()
+    }
+
+    /// Calls refused by a pool's rate limit so far.
+    pub fn throttled(&self) -> u64 {
+        self.lock().throttled
     }
 
     /// The nodes this pool's providers last set through `update_nodes`, and how many updates they made: every
@@ -162,6 +209,7 @@ pub struct MemoryProvider {
     pool: String,
     faults: Faults,
     rng: Mutex<fastrand::Rng>,
+    bucket: Option<Mutex<Bucket>>,
 }
 
 impl MemoryProvider {
@@ -174,6 +222,7 @@ impl MemoryProvider {
             cloud,
             cluster_id: cluster_id.to_string(),
             pool: pool.to_string(),
+            bucket: faults.rate_limit.map(|l| Mutex::new(Bucket::new(l))),
             faults,
             rng: Mutex::new(fastrand::Rng::with_seed(seed)),
         }
@@ -192,6 +241,19 @@ impl MemoryProvider {
     async fn call(&self, op: &'static str) -> Result<(), ProviderError> {
         if !self.faults.latency.is_zero() {
             tokio::time::sleep(self.faults.latency).await;
+        }
+        if let Some(bucket) = &self.bucket {
+            let taken = bucket
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(std::time::Instant::now());
+            if let Err(wait) = taken {
+                self.cloud.lock().throttled += 1;
+                return Err(ProviderError::Throttled {
+                    retry_after: wait,
+                    message: format!("memory: {op} throttled: the rate limit is exceeded"),
+                });
+            }
         }
         let roll = self
             .rng
@@ -434,5 +496,28 @@ impl LoadBalancerProvider for MemoryProvider {
             *acc.calls.entry("update_nodes").or_default() += 1;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_bucket_lets_a_burst_through_then_one_call_per_token() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(RateLimit {
+            per_second: 10,
+            burst: 3,
+        });
+        assert!((0..3).all(|_| b.take(t0).is_ok()), "the burst");
+        let wait = b.take(t0).expect_err("empty");
+        assert_eq!(wait, Duration::from_millis(100), "one token in 1/10 s");
+        assert!(b.take(t0 + Duration::from_millis(100)).is_ok());
+        assert!(b.take(t0 + Duration::from_millis(150)).is_err());
+        // a long quiet spell saves up no more than the burst
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| b.take(later).is_ok()).count(), 3);
     }
 }

@@ -38,10 +38,16 @@ async fn main() -> anyhow::Result<()> {
         })
     };
     let ns = namespace(&client, "bench", &[]).await;
+    // RATE=calls/s: the memory cloud's rate limit on mutating calls (a token bucket, one second's burst)
+    let rate: Option<u32> = std::env::var("RATE").ok().and_then(|r| r.parse().ok());
+    let memory = match rate {
+        Some(r) => json!({"callsPerSecond": r}),
+        None => json!({}),
+    };
     create_pool(
         &client,
         "bench",
-        json!({"provider": {"memory": {}}, "capacity": {"maxPortsPerLoadBalancer": 50}}),
+        json!({"provider": {"memory": memory}, "capacity": {"maxPortsPerLoadBalancer": 50}}),
     )
     .await;
     // the pool's finalizer first, so the burst measures placement rather than the pool's first reconcile
@@ -106,6 +112,16 @@ async fn main() -> anyhow::Result<()> {
         endpoints.len(),
         n.div_ceil(50)
     );
+    if let Some(r) = rate {
+        // every call that changed the cloud, against what the rate allowed in the time taken
+        let made: u64 = cloud.mutating_calls().values().sum();
+        let bound = made.saturating_sub(u64::from(r)) as f64 / f64::from(r);
+        println!(
+            "rate limit {r}/s: {made} calls made, {} throttled; the limit's bound {bound:.2} s, {:.0} % of it",
+            cloud.throttled(),
+            100.0 * bound / ready_at.as_secs_f64()
+        );
+    }
     for s in list.items {
         let _ = api.delete(&s.name_any(), &DeleteParams::default()).await;
     }
