@@ -13,6 +13,7 @@ pub mod fence;
 #[cfg(test)]
 mod fixtures;
 pub mod model;
+pub mod pacer;
 pub mod providers;
 pub mod telemetry;
 

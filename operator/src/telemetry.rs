@@ -3,6 +3,7 @@
 //! Cloud calls are counted by a decorator around every provider, so each backend — and each one added later —
 //! is measured the same way, by provider, operation and result.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,9 +24,10 @@ use sharedlb_providers::{
     ApiCalls, Inventory, Limits, ListenerSpec, ListenerStatsRow, LoadBalancerInfo, LoadBalancerKey,
     LoadBalancerProvider, NodeTarget, Protocol, ProviderError,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::fence::Fence;
+use crate::pacer::Pacer;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
@@ -305,6 +307,8 @@ pub struct GuardedProvider {
     inner: Arc<dyn LoadBalancerProvider>,
     metrics: Arc<Metrics>,
     fence: Fence,
+    /// The pool's changes, spaced to the rate its cloud allows once it throttles (see `pacer`).
+    pacer: std::sync::Mutex<Pacer>,
 }
 
 impl GuardedProvider {
@@ -317,6 +321,7 @@ impl GuardedProvider {
             inner,
             metrics,
             fence,
+            pacer: std::sync::Mutex::default(),
         })
     }
 
@@ -327,13 +332,50 @@ impl GuardedProvider {
         }
     }
 
+    /// A change to the cloud: in its paced slot, if this replica still leads once the slot comes, counted.
+    async fn change<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, ProviderError>>,
+    ) -> Result<T, ProviderError> {
+        let wait = self.pace().slot(Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        self.may_change()?;
+        let started = Instant::now();
+        let r = call.await;
+        match &r {
+            Ok(_) => self.pace().accepted(started),
+            Err(ProviderError::Throttled { retry_after, .. }) => {
+                self.pace().throttled(Instant::now(), *retry_after)
+            }
+            Err(_) => {}
+        }
+        self.count(operation, &r);
+        r
+    }
+
+    fn pace(&self) -> std::sync::MutexGuard<'_, Pacer> {
+        self.pacer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn count<T>(&self, operation: &'static str, r: &Result<T, ProviderError>) {
         let result = match r {
             Ok(_) => "ok",
             Err(e) => e.reason(),
         };
-        if let Err(e) = r {
-            warn!(provider = self.inner.kind(), operation, error = %e, "cloud call failed");
+        match r {
+            Err(ProviderError::Throttled { .. }) => {
+                debug!(
+                    provider = self.inner.kind(),
+                    operation, "cloud call throttled"
+                )
+            }
+            Err(e) => {
+                warn!(provider = self.inner.kind(), operation, error = %e, "cloud call failed")
+            }
+            Ok(_) => {}
         }
         self.metrics
             .cloud_calls
@@ -361,20 +403,16 @@ impl LoadBalancerProvider for GuardedProvider {
         &self,
         lb: &LoadBalancerKey,
     ) -> Result<LoadBalancerInfo, ProviderError> {
-        self.may_change()?;
-        let r = self.inner.ensure_load_balancer(lb).await;
-        self.count("ensure_load_balancer", &r);
-        r
+        self.change("ensure_load_balancer", self.inner.ensure_load_balancer(lb))
+            .await
     }
     async fn ensure_listener(
         &self,
         lb: &LoadBalancerKey,
         l: &ListenerSpec,
     ) -> Result<(), ProviderError> {
-        self.may_change()?;
-        let r = self.inner.ensure_listener(lb, l).await;
-        self.count("ensure_listener", &r);
-        r
+        self.change("ensure_listener", self.inner.ensure_listener(lb, l))
+            .await
     }
     async fn remove_listener(
         &self,
@@ -383,19 +421,12 @@ impl LoadBalancerProvider for GuardedProvider {
         protocol: Protocol,
         owner_uid: &str,
     ) -> Result<(), ProviderError> {
-        self.may_change()?;
-        let r = self
-            .inner
-            .remove_listener(lb, port, protocol, owner_uid)
-            .await;
-        self.count("remove_listener", &r);
-        r
+        let call = self.inner.remove_listener(lb, port, protocol, owner_uid);
+        self.change("remove_listener", call).await
     }
     async fn delete_load_balancer(&self, lb: &LoadBalancerKey) -> Result<(), ProviderError> {
-        self.may_change()?;
-        let r = self.inner.delete_load_balancer(lb).await;
-        self.count("delete_load_balancer", &r);
-        r
+        self.change("delete_load_balancer", self.inner.delete_load_balancer(lb))
+            .await
     }
     async fn inventory(&self) -> Result<Inventory, ProviderError> {
         let r = self.inner.inventory().await;
@@ -409,10 +440,8 @@ impl LoadBalancerProvider for GuardedProvider {
         self.inner.api_calls()
     }
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
-        self.may_change()?;
-        let r = self.inner.update_nodes(nodes).await;
-        self.count("update_nodes", &r);
-        r
+        self.change("update_nodes", self.inner.update_nodes(nodes))
+            .await
     }
 }
 

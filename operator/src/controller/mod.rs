@@ -36,7 +36,7 @@ mod backoff;
 mod pool;
 mod shared_lb;
 pub(crate) mod status;
-mod written;
+pub(crate) mod written;
 
 /// How the operator runs.
 #[derive(Debug, Clone)]
@@ -333,6 +333,16 @@ fn node_targets(nodes: &Store<Node>) -> Vec<NodeTarget> {
     out
 }
 
+/// What of a pool its SharedLBs wait on: its spec, its finalizer (nothing is placed before it), its deletion.
+fn pool_settings(pool: &LoadBalancerPool) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    pool.meta().generation.hash(&mut h);
+    pool.finalizers().hash(&mut h);
+    pool.meta().deletion_timestamp.is_some().hash(&mut h);
+    Some(h.finish())
+}
+
 /// A Node as the store keeps it: only what `node_targets` reads (and the labels, for zones). A kubelet's Node
 /// carries its images, capacity and system info, many kilobytes each: at thousands of nodes the store would hold
 /// tens of megabytes nobody reads.
@@ -396,11 +406,20 @@ fn result_label(e: &Error) -> String {
 
 /// Retries back off per object (see `backoff`): the base says how soon this kind of failure is worth another
 /// try, a cloud's Retry-After is honoured.
+/// The shortest wait after a throttle, whatever the cloud hints.
+const THROTTLE_MIN_DELAY: Duration = Duration::from_millis(100);
+
 fn error_policy<K: Resource>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
     let (base, at_least) = match err {
         Error::Conflict => (Duration::from_millis(200), None),
         Error::Fenced => (Duration::from_secs(1), None),
         Error::PoolInUse(_) => (Duration::from_secs(10), None),
+        // throttled: the pool's calls are paced already (`pacer`), which is the back-off; the object only waits the
+        // cloud's hint, spread, rather than a delay that doubles and leaves it last when the cloud has room again
+        Error::Provider(ProviderError::Throttled { retry_after, .. }) => {
+            let wait = (*retry_after).max(THROTTLE_MIN_DELAY);
+            return Action::requeue(wait.mul_f64(1.0 + fastrand::f64()));
+        }
         Error::Provider(e) => (Duration::from_secs(5), e.retry_after()),
         Error::Kube(_)
         | Error::Finalizer(_)
@@ -610,10 +629,13 @@ async fn run_controllers(
     let slbs_by_namespace = slb_store.clone();
     let slbs = slb_controller
         .owns_stream(owned_services)
-        // a pool that appears or changes retries the SharedLBs waiting on a pool
-        .watches(
-            pools_api.clone(),
-            watcher::Config::default(),
+        // a pool that appears or changes retries the SharedLBs waiting on a pool. Changes, not status writes: the
+        // pool's status follows every allocation, and each write would start every unready SharedLB of the pool
+        // again (at 1,000 placed at once, several reconciles each, every one asking the cloud)
+        .watches_stream(
+            watcher(pools_api.clone(), watcher::Config::default())
+                .touched_objects()
+                .predicate_filter(pool_settings, Default::default()),
             move |pool: LoadBalancerPool| {
                 let name = pool.name_any();
                 slb_store

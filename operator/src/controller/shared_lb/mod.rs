@@ -23,6 +23,7 @@ use tracing::{info, instrument, warn};
 
 use super::Context;
 use super::status::{self, ALLOCATED, PROGRAMMED, READY};
+use super::written::Seen;
 use crate::Error;
 use crate::allocator::{PoolAllocator, allocation_from_status};
 use crate::model::{self, ListenerId, protocol_to_placement};
@@ -53,12 +54,13 @@ const RESYNC: Duration = Duration::from_secs(600);
 
 pub async fn reconcile(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
     // the store may not have this replica's last status write yet: start from what was written
-    let slb = Arc::new(ctx.written.freshen((*slb).clone()));
+    let (slb, seen) = ctx.written.freshen((*slb).clone());
+    let slb = Arc::new(slb);
     let api: Api<SharedLB> =
         Api::namespaced(ctx.client.clone(), &slb.namespace().unwrap_or_default());
     finalizer(&api, FINALIZER, slb, |event| async {
         match event {
-            FinalizerEvent::Apply(o) => apply(o, ctx.clone()).await,
+            FinalizerEvent::Apply(o) => apply(o, ctx.clone(), seen).await,
             FinalizerEvent::Cleanup(o) => cleanup(o, ctx.clone()).await,
         }
     })
@@ -67,8 +69,12 @@ pub async fn reconcile(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, 
 }
 
 #[instrument(skip_all, fields(shared_lb = %format!("{}/{}", slb.namespace().unwrap_or_default(), slb.name_any())))]
-async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>, seen: Seen) -> Result<Action, Error> {
     let name = slb.name_any();
+    // an echo of this replica's own write of Ready for this very spec: the cloud was converged for it moments ago
+    let converged = seen == Seen::Echo
+        && is_ready(&slb)
+        && slb.status.as_ref().and_then(|s| s.observed_generation) == slb.meta().generation;
     if let Err(e) = validate_shared_lb(&name, &slb.spec) {
         return refuse(&ctx, &slb, Refusal::new(e.reason(), e.to_string())).await;
     }
@@ -129,7 +135,12 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
                 }),
                 None => slb,
             };
-            program(&ctx, &slb, &alloc, &pool, &allocation, refused).await
+            let deploy = Deploy {
+                allocation,
+                refused,
+                converged,
+            };
+            program(&ctx, &slb, &alloc, &pool, deploy).await
         }
         Placement::Refused(r) => refuse(&ctx, &slb, r).await,
     }
@@ -139,18 +150,32 @@ fn pool_mode(alloc: &PoolAllocator) -> PortMode {
     alloc.provider().limits().port_mode
 }
 
+/// What `program` deploys.
+struct Deploy {
+    allocation: Allocation,
+    /// An update that could not be made: the allocation it has is still deployed, and Ready says why the update
+    /// was not.
+    refused: Option<Refusal>,
+    /// The reconcile is an echo of this replica's own Ready write for this spec: the cloud is not asked again.
+    converged: bool,
+}
+
 /// Deploys the model of a placed SharedLB, comparing with what is there, on every reconcile: listeners the
 /// cloud holds for it and should not are removed, the Service is applied if it differs, the load balancer and
-/// every wanted listener are ensured, the status says where it is served. `refused`: an update that could not be
-/// made; the allocation it has is still deployed, and Ready says why the update was not.
+/// every wanted listener are ensured, the status says where it is served.
 async fn program(
     ctx: &Context,
     slb: &SharedLB,
     alloc: &PoolAllocator,
     pool: &LoadBalancerPool,
-    allocation: &Allocation,
-    refused: Option<Refusal>,
+    deploy: Deploy,
 ) -> Result<Action, Error> {
+    let Deploy {
+        allocation,
+        refused,
+        converged,
+    } = deploy;
+    let allocation = &allocation;
     let uid = slb.uid().unwrap_or_default();
     // a freed port is closed first, whatever else fails after
     if let Err(e) = withdraw_stale(alloc, &uid, &model::wanted_listeners(slb, allocation)).await {
@@ -174,6 +199,9 @@ async fn program(
             return refuse(ctx, slb, r).await;
         }
     };
+    if converged {
+        return Ok(Action::requeue(RESYNC));
+    }
     let key = alloc.key(allocation.lb);
     let info = match alloc.provider().ensure_load_balancer(&key).await {
         Ok(i) => i,

@@ -49,14 +49,15 @@ pub(super) async fn send_status(
     }
     let api: Api<SharedLB> =
         Api::namespaced(ctx.client.clone(), &slb.namespace().unwrap_or_default());
-    api.patch_status(
-        &slb.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(Error::from_kube)?;
-    ctx.written.record(slb, st);
+    let made = api
+        .patch_status(
+            &slb.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(Error::from_kube)?;
+    ctx.written.record(slb, st, made.resource_version());
     Ok(())
 }
 
@@ -137,8 +138,12 @@ pub(super) async fn cloud_failed(
     slb: &SharedLB,
     e: sharedlb_providers::ProviderError,
 ) -> Result<Action, Error> {
-    if let ProviderError::Fenced(_) = e {
-        return Err(Error::Fenced); // not this replica's to report
+    match e {
+        ProviderError::Fenced(_) => return Err(Error::Fenced), // not this replica's to report
+        // a throttle is the cloud pacing this operator, not news for the SharedLB's owner: retried, backing off
+        // from the cloud's own hint (`error_policy`), without a status write or Event each time
+        ProviderError::Throttled { .. } => return Err(Error::Provider(e)),
+        _ => {}
     }
     let old = slb.status.clone().unwrap_or_default();
     let mut st = old.clone();
