@@ -10,7 +10,7 @@ use sharedlb_e2e::add_ready_node_at;
 
 use crate::process::OperatorProcess;
 use crate::requests::split_series;
-use crate::{Config, each};
+use crate::{Config, each, until};
 
 /// Nodes added, then removed, one at a time in the node churn.
 pub const CHURN_NODES: usize = 10;
@@ -59,9 +59,16 @@ pub struct Churn {
 }
 
 /// Phase 7: Ready nodes added one at a time, then removed one at a time, each given a node-sync tick; the
-/// operator's own count of cloud calls, by operation.
+/// operator's own count of cloud calls, by operation. Counted from after the (restarted) operator's first node
+/// update, which would otherwise fall into the window.
 pub async fn node_churn(client: &Client, op: &OperatorProcess) -> anyhow::Result<Churn> {
     let names: Vec<String> = (0..CHURN_NODES).map(|i| format!("churn-{i:02}")).collect();
+    until(
+        Duration::from_secs(30),
+        "the operator's first node update",
+        || async { Ok(cloud_calls(&op.metrics().await?).contains_key("update_nodes")) },
+    )
+    .await?;
     let start = cloud_calls(&op.metrics().await?);
     for (i, name) in names.iter().enumerate() {
         add_node(client, name, 60000 + i).await;

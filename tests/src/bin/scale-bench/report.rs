@@ -36,11 +36,11 @@ impl Report {
         print_calls(
             "floor writes per SharedLB (a check of the counting)",
             &self.floor.requests,
-            n,
+            Some(n),
         );
         println!();
-        let title = format!("writes in {} quiet seconds (totals)", cfg.quiet.as_secs());
-        print_calls(&title, &self.quiet, 1.0);
+        let title = format!("writes in {} quiet seconds", cfg.quiet.as_secs());
+        print_calls(&title, &self.quiet, None);
         println!();
         self.print_restart();
         println!();
@@ -92,7 +92,7 @@ impl Report {
             "apiserver writes per SharedLB, operator phase (the bench's own {} creates left out)",
             cfg.n
         );
-        print_calls(&title, requests, n);
+        print_calls(&title, requests, Some(n));
         let service_gets = requests.get(&Call::new("services", "", "GET"));
         println!("  services GET per SharedLB: {:.2}", service_gets / n);
         let reads: Vec<String> = (requests.reads_by_verb().iter())
@@ -105,7 +105,7 @@ impl Report {
     }
 
     fn print_restart(&self) {
-        print_calls("writes on restart (totals)", &self.restart.requests, 1.0);
+        print_calls("writes on restart", &self.restart.requests, None);
         let changed = &self.restart.changed;
         println!(
             "  SharedLBs the restart changed: {} (their load balancer's IP alone: {}; more than that: {})",
@@ -168,31 +168,33 @@ impl Report {
     }
 }
 
-/// One row per kind of write (divided by `per`), most first; failed ones noted; leases on a line of their own.
-pub fn print_calls(title: &str, requests: &Requests, per: f64) {
+/// One row per kind of write, most first: how many, and per SharedLB when `per_slb` (N) is given; failed ones
+/// noted; leases on a line of their own.
+pub fn print_calls(title: &str, requests: &Requests, per_slb: Option<f64>) {
     println!("{title}:");
+    let line = |what: &str, verb: &str, v: f64, note: &str| match per_slb {
+        Some(n) => println!("  {what:<28} {verb:<7} {v:>8.0} {:>10.2}{note}", v / n),
+        None => println!("  {what:<28} {verb:<7} {v:>8.0}{note}"),
+    };
+    match per_slb {
+        Some(_) => println!(
+            "  {:<28} {:<7} {:>8} {:>10}",
+            "", "verb", "calls", "/SharedLB"
+        ),
+        None => println!("  {:<28} {:<7} {:>8}", "", "verb", "calls"),
+    }
     let mut rows: Vec<(&Call, f64)> = requests.writes().collect();
     rows.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
-    for (call, v) in &rows {
-        let failed = requests.failed.get(*call).copied().unwrap_or(0.0);
-        let note = if failed > 0.0 {
-            format!("  ({failed:.0} failed)")
-        } else {
-            String::new()
+    for (call, v) in rows {
+        let failed = requests.failed.get(call).copied().unwrap_or(0.0);
+        let note = match failed > 0.0 {
+            true => format!("  ({failed:.0} failed)"),
+            false => String::new(),
         };
-        println!(
-            "  {:<40} {:<7} {:>9.2}{note}",
-            call.path(),
-            call.verb,
-            v / per
-        );
+        line(&call.path(), &call.verb, v, &note);
     }
-    println!("  {:<48} {:>9.2}", "total", requests.total_writes() / per);
-    println!(
-        "  {:<48} {:>9.2}",
-        "leases (apart)",
-        requests.lease_writes() / per
-    );
+    line("total", "", requests.total_writes(), "");
+    line("leases (apart)", "", requests.lease_writes(), "");
 }
 
 pub fn per_op(calls: &BTreeMap<String, f64>) -> String {
