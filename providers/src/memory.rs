@@ -335,8 +335,14 @@ impl LoadBalancerProvider for MemoryProvider {
                 in_pool, self.pool
             )));
         }
+        // the address follows from the name, so a load balancer made again (a process that restarts with an empty
+        // account, as benchmarks of restarts do) most likely gets the address it had, whatever the order
         let used: BTreeSet<u8> = acc.lbs.values().map(|l| l.ip.octets()[3]).collect();
-        let Some(host) = (1..=254u8).find(|h| !used.contains(h)) else {
+        let start = name
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let candidates = (0..254u32).map(|i| ((start % 254 + i) % 254 + 1) as u8);
+        let Some(host) = candidates.into_iter().find(|h| !used.contains(h)) else {
             return Err(ProviderError::QuotaExceeded(
                 "memory: 198.51.100.0/24 has no free address".into(),
             ));
