@@ -92,7 +92,6 @@ pub struct MemoryLoadBalancer {
 #[derive(Debug, Default)]
 struct Account {
     lbs: BTreeMap<String, MemoryLoadBalancer>,
-    next_id: u64,
     /// mutating calls by operation, counted when they change something or fail
     calls: BTreeMap<&'static str, u64>,
     /// The nodes each pool's provider last set, with how many updates it has made.
@@ -335,21 +334,23 @@ impl LoadBalancerProvider for MemoryProvider {
                 in_pool, self.pool
             )));
         }
-        // the address follows from the name, so a load balancer made again (a process that restarts with an empty
-        // account, as benchmarks of restarts do) most likely gets the address it had, whatever the order
+        // The id and the address follow from the name: a process that restarts with an empty account (as the
+        // benchmark of a restart does) makes its load balancers again as a cloud that kept them would show them,
+        // whatever the order
         let used: BTreeSet<u8> = acc.lbs.values().map(|l| l.ip.octets()[3]).collect();
-        let start = name
+        // (from the pool and the index: a pool's first 254 load balancers never take each other's address)
+        let pool_start = format!("{}/{}", lb.cluster_id, lb.pool)
             .bytes()
             .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-        let candidates = (0..254u32).map(|i| ((start % 254 + i) % 254 + 1) as u8);
+        let start = (pool_start % 254 + lb.index % 254) % 254;
+        let candidates = (0..254u32).map(|i| ((start + i) % 254 + 1) as u8);
         let Some(host) = candidates.into_iter().find(|h| !used.contains(h)) else {
             return Err(ProviderError::QuotaExceeded(
                 "memory: 198.51.100.0/24 has no free address".into(),
             ));
         };
-        acc.next_id += 1;
         let l = MemoryLoadBalancer {
-            id: format!("mem-lb-{:06}", acc.next_id),
+            id: format!("mem-lb-{name}"),
             name: name.clone(),
             ip: Ipv4Addr::new(198, 51, 100, host),
             tags: [

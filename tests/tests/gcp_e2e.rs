@@ -193,6 +193,23 @@ async fn tcp_udp_sharedlbs_get_ips_rules_and_firewalls_and_leave_nothing() {
     op.kill().await;
 }
 
+/// A NodePort Service outside sharedlb holding `node_port`.
+fn someone_elses_service(node_port: i32) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": "someone-else"},
+        "spec": {"type": "NodePort", "selector": {"app": "x"},
+            "ports": [{"port": 80, "targetPort": 80, "nodePort": node_port}]}
+    }))
+    .expect("service")
+}
+
+/// The SharedLB `game`: one auto-assigned port `g` in `pool`.
+async fn create_game(client: &Client, ns: &str, pool: &str) {
+    let spec = json!({"pool": pool, "selector": {"app": "game"},
+        "ports": [{"name": "g", "targetPort": 7777}]});
+    create_slb(client, ns, "game", spec).await;
+}
+
 /// On a passthrough cloud the external port is the node port: when a Service outside sharedlb holds the one a
 /// new SharedLB was given, the apiserver refuses the node port; the SharedLB says so (condition + Event with the
 /// apiserver's words) and is placed again on a free port; the other Service is not touched.
@@ -205,24 +222,11 @@ async fn a_node_port_held_by_another_service_makes_the_sharedlb_move_before_it_s
     let ns = namespace(&client, "gcp-taken", &[]).await;
     let pool = gcp_pool(&client, json!({"portRange": {"min": 31500, "max": 31599}})).await;
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let foreign: Service = serde_json::from_value(json!({
-        "metadata": {"name": "someone-else"},
-        "spec": {"type": "NodePort", "selector": {"app": "x"},
-            "ports": [{"port": 80, "targetPort": 80, "nodePort": 31500}]}
-    }))
-    .expect("service");
     services
-        .create(&PostParams::default(), &foreign)
+        .create(&PostParams::default(), &someone_elses_service(31500))
         .await
         .expect("a Service outside sharedlb on 31500");
-    create_slb(
-        &client,
-        &ns,
-        "game",
-        json!({"pool": pool, "selector": {"app": "game"},
-        "ports": [{"name": "g", "targetPort": 7777}]}),
-    )
-    .await;
+    create_game(&client, &ns, &pool).await;
     let s = ready(&client, &ns, "game", 60).await;
     assert_eq!(
         status_port(&s, "g"),
@@ -343,14 +347,7 @@ async fn a_served_sharedlb_whose_node_port_is_taken_keeps_its_port() {
     let op = operator_on(&client, &fake);
     let ns = namespace(&client, "gcp-served", &[]).await;
     let pool = gcp_pool(&client, json!({"portRange": {"min": 31600, "max": 31699}})).await;
-    create_slb(
-        &client,
-        &ns,
-        "game",
-        json!({"pool": pool, "selector": {"app": "game"},
-        "ports": [{"name": "g", "targetPort": 7777}]}),
-    )
-    .await;
+    create_game(&client, &ns, &pool).await;
     let served = status_port(&ready(&client, &ns, "game", 60).await, "g");
     op.kill().await;
 
@@ -362,14 +359,8 @@ async fn a_served_sharedlb_whose_node_port_is_taken_keeps_its_port() {
         )
         .await
         .expect("delete the backing Service behind the operator's back");
-    let foreign: Service = serde_json::from_value(json!({
-        "metadata": {"name": "someone-else"},
-        "spec": {"type": "NodePort", "selector": {"app": "x"},
-            "ports": [{"port": 80, "targetPort": 80, "nodePort": served.0}]}
-    }))
-    .expect("service");
     services
-        .create(&PostParams::default(), &foreign)
+        .create(&PostParams::default(), &someone_elses_service(served.0))
         .await
         .expect("another Service takes the node port");
 
