@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::channel::mpsc::UnboundedSender;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use kube::api::DynamicObject;
@@ -333,6 +334,55 @@ fn node_targets(nodes: &Store<Node>) -> Vec<NodeTarget> {
     out
 }
 
+/// EndpointSlices are watched only while a pool's provider forwards to endpoints itself (local): every Service in
+/// a cluster has slices, and a cloud pool needs none of them. The watch's first listing starts every SharedLB with
+/// slices, so what changed before it started is seen too.
+async fn follow_slices(ctx: Arc<Context>, owners: UnboundedSender<ObjectRef<SharedLB>>) {
+    let mut watch: Option<tokio::task::JoinHandle<()>> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let needed = ctx
+            .all_allocators()
+            .await
+            .iter()
+            .any(|a| a.provider().forwards_to_endpoints());
+        let running = watch.as_ref().is_some_and(|w| !w.is_finished());
+        if needed && !running {
+            info!("a pool forwards to endpoints: watching EndpointSlices");
+            watch = Some(tokio::spawn(watch_slices(ctx.clone(), owners.clone())));
+        } else if !needed && let Some(w) = watch.take() {
+            info!("no pool forwards to endpoints: no longer watching EndpointSlices");
+            w.abort();
+        }
+    }
+}
+
+/// Each change of a slice of a backing Service starts its SharedLB's reconcile.
+async fn watch_slices(ctx: Arc<Context>, owners: UnboundedSender<ObjectRef<SharedLB>>) {
+    let resource = ctx.slices.resource().clone();
+    let api = Api::<DynamicObject>::all_with(ctx.client.clone(), &resource);
+    watcher(api, watcher::Config::default().labels(SERVICE_NAME_LABEL))
+        .default_backoff()
+        .touched_objects()
+        .for_each(|slice| {
+            if let Some(owner) = slice.ok().as_ref().and_then(slice_owner) {
+                // the controller is gone only when shutting down
+                let _ = owners.unbounded_send(owner);
+            }
+            futures::future::ready(())
+        })
+        .await;
+}
+
+/// The SharedLB whose backing Service a slice belongs to.
+fn slice_owner(slice: &DynamicObject) -> Option<ObjectRef<SharedLB>> {
+    let ns = slice.namespace()?;
+    let svc = slice.labels().get(SERVICE_NAME_LABEL)?;
+    let owner = svc.strip_suffix(SERVICE_SUFFIX)?;
+    Some(ObjectRef::<SharedLB>::new(owner).within(&ns))
+}
+
 /// What of a pool its SharedLBs wait on: its spec, its finalizer (nothing is placed before it), its deletion.
 fn pool_settings(pool: &LoadBalancerPool) -> Option<u64> {
     use std::hash::{Hash, Hasher};
@@ -627,6 +677,8 @@ async fn run_controllers(
     let slb_controller =
         Controller::for_stream(slb_stream, slb_store.clone()).with_config(config.clone());
     let slbs_by_namespace = slb_store.clone();
+    let (slice_tx, slice_owners) = futures::channel::mpsc::unbounded();
+    let slice_watch = tokio::spawn(follow_slices(ctx.clone(), slice_tx));
     let slbs = slb_controller
         .owns_stream(owned_services)
         // a pool that appears or changes retries the SharedLBs waiting on a pool. Changes, not status writes: the
@@ -663,17 +715,7 @@ async fn run_controllers(
             },
         )
         // endpoints changed: providers that forward to endpoints (local) update their listeners in place
-        .watches_with(
-            Api::<DynamicObject>::all_with(client.clone(), slices.resource()),
-            slices.resource().clone(),
-            watcher::Config::default().labels(SERVICE_NAME_LABEL),
-            |slice: DynamicObject| {
-                let ns = slice.namespace()?;
-                let svc = slice.labels().get(SERVICE_NAME_LABEL)?;
-                let owner = svc.strip_suffix(SERVICE_SUFFIX)?;
-                Some(ObjectRef::<SharedLB>::new(owner).within(&ns))
-            },
-        )
+        .reconcile_on(slice_owners)
         .graceful_shutdown_on(shutdown.clone())
         .run(
             |obj, ctx: Arc<Context>| async move {
@@ -760,6 +802,7 @@ async fn run_controllers(
     info!(cluster_id = %settings.cluster_id, "sharedlb controllers started");
     futures::join!(slbs, pools_loop);
     sampler.abort();
+    slice_watch.abort();
     node_sync.abort();
     node_reflector.abort();
     pool_reflector.abort();
