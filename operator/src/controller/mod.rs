@@ -454,11 +454,11 @@ fn result_label(e: &Error) -> String {
     }
 }
 
-/// Retries back off per object (see `backoff`): the base says how soon this kind of failure is worth another
-/// try, a cloud's Retry-After is honoured.
 /// The shortest wait after a throttle, whatever the cloud hints.
 const THROTTLE_MIN_DELAY: Duration = Duration::from_millis(100);
 
+/// Retries back off per object (see `backoff`): the base says how soon this kind of failure is worth another
+/// try, a cloud's Retry-After is honoured.
 fn error_policy<K: Resource>(obj: Arc<K>, err: &Error, ctx: Arc<Context>) -> Action {
     let (base, at_least) = match err {
         Error::Conflict => (Duration::from_millis(200), None),

@@ -6,7 +6,7 @@
 //! resourceVersion: the reconcile uses the status written over it instead.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kube::ResourceExt;
 use sharedlb_crds::{SharedLB, SharedLBStatus};
@@ -57,7 +57,7 @@ impl WrittenStatuses {
 
     /// The object with what this replica last wrote as its status, when `view` predates that write (`Echo`). A
     /// view the writes did not replace is current (or newer): its entry is dropped and the view used as it is.
-    pub fn freshen(&self, view: SharedLB) -> (SharedLB, Seen) {
+    pub fn freshen(&self, view: Arc<SharedLB>) -> (Arc<SharedLB>, Seen) {
         let (Some(uid), Some(rv)) = (view.uid(), view.resource_version()) else {
             return (view, Seen::Current);
         };
@@ -65,7 +65,11 @@ impl WrittenStatuses {
         match all.get(&uid) {
             Some(w) if w.replaced.contains(&rv) => {
                 let status = Some(w.status.clone());
-                (SharedLB { status, ..view }, Seen::Echo)
+                let freshened = SharedLB {
+                    status,
+                    ..(*view).clone()
+                };
+                (Arc::new(freshened), Seen::Echo)
             }
             Some(w) if w.made.as_ref() == Some(&rv) => {
                 all.remove(&uid);
@@ -103,8 +107,8 @@ mod tests {
         s
     }
 
-    fn pool_of((s, seen): (SharedLB, Seen)) -> (Option<String>, Seen) {
-        (s.status.and_then(|st| st.pool), seen)
+    fn pool_of((s, seen): (Arc<SharedLB>, Seen)) -> (Option<String>, Seen) {
+        (s.status.as_ref().and_then(|st| st.pool.clone()), seen)
     }
 
     #[test]
@@ -119,21 +123,21 @@ mod tests {
         written.record(&at("1", None), &st("ready"), Some("3".into()));
         let ready = Some("ready".to_string());
         assert_eq!(
-            pool_of(written.freshen(at("1", None))),
+            pool_of(written.freshen(Arc::new(at("1", None)))),
             (ready.clone(), Seen::Echo)
         );
         assert_eq!(
-            pool_of(written.freshen(at("2", Some("allocated")))),
+            pool_of(written.freshen(Arc::new(at("2", Some("allocated"))))),
             (ready.clone(), Seen::Echo),
             "what the first write made is replaced by the second"
         );
         // the version the last write made: an echo as it is, and the entry goes
         assert_eq!(
-            pool_of(written.freshen(at("3", Some("ready")))),
+            pool_of(written.freshen(Arc::new(at("3", Some("ready"))))),
             (ready, Seen::Echo)
         );
         assert_eq!(
-            pool_of(written.freshen(at("1", None))),
+            pool_of(written.freshen(Arc::new(at("1", None)))),
             (None, Seen::Current),
             "forgotten"
         );
@@ -145,7 +149,7 @@ mod tests {
         let st = SharedLBStatus::default();
         written.record(&at("1", None), &st, Some("2".into()));
         assert_eq!(
-            pool_of(written.freshen(at("7", Some("edited")))),
+            pool_of(written.freshen(Arc::new(at("7", Some("edited"))))),
             (Some("edited".into()), Seen::Current)
         );
     }
@@ -154,7 +158,7 @@ mod tests {
     fn an_object_never_written_is_left_as_it_is() {
         let written = WrittenStatuses::default();
         assert_eq!(
-            pool_of(written.freshen(at("1", Some("q")))),
+            pool_of(written.freshen(Arc::new(at("1", Some("q"))))),
             (Some("q".into()), Seen::Current)
         );
     }

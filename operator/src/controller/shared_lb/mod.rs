@@ -54,8 +54,7 @@ const RESYNC: Duration = Duration::from_secs(600);
 
 pub async fn reconcile(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error> {
     // the store may not have this replica's last status write yet: start from what was written
-    let (slb, seen) = ctx.written.freshen((*slb).clone());
-    let slb = Arc::new(slb);
+    let (slb, seen) = ctx.written.freshen(slb);
     let api: Api<SharedLB> =
         Api::namespaced(ctx.client.clone(), &slb.namespace().unwrap_or_default());
     finalizer(&api, FINALIZER, slb, |event| async {
