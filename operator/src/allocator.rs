@@ -21,7 +21,9 @@ use tracing::{info, warn};
 
 use crate::Error;
 use crate::claims::{self, Claim, CloudOwners, Rejected};
-use crate::model::{ListenerId, protocol_to_placement, selector_matches};
+use crate::model::{
+    ClassedServices, ListenerId, ServiceKind, protocol_to_placement, selector_matches,
+};
 
 /// Auto-assigned ports when the pool sets no `portRange`.
 pub const DEFAULT_PORT_RANGE: (u16, u16) = (10000, 19999);
@@ -29,7 +31,13 @@ pub const DEFAULT_PORT_RANGE: (u16, u16) = (10000, 19999);
 pub const NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
 
 /// The planner's configuration: the pool's wishes capped by every hard limit the provider knows.
-pub fn pool_config(spec: &LoadBalancerPoolSpec, provider: &dyn LoadBalancerProvider) -> PoolConfig {
+/// `node_ports`: whether the pool's Services take node ports (`ServiceKind::has_node_ports`); a passthrough
+/// pool's ports come from the node-port range only when they do.
+pub fn pool_config(
+    spec: &LoadBalancerPoolSpec,
+    provider: &dyn LoadBalancerProvider,
+    node_ports: bool,
+) -> PoolConfig {
     let limits = provider.limits();
     let max_ports = spec
         .capacity
@@ -41,9 +49,9 @@ pub fn pool_config(spec: &LoadBalancerPoolSpec, provider: &dyn LoadBalancerProvi
         (a, b) => a.or(b),
     };
     let port_range = match (limits.port_mode, &spec.port_range) {
-        (PortMode::PoolWide, None) => NODE_PORT_RANGE,
+        (PortMode::PoolWide, None) if node_ports => NODE_PORT_RANGE,
         (_, Some(r)) => (r.min.clamp(1, 65535) as u16, r.max.clamp(1, 65535) as u16),
-        (PortMode::PerLoadBalancer, None) => DEFAULT_PORT_RANGE,
+        (_, None) => DEFAULT_PORT_RANGE,
     };
     PoolConfig {
         max_ports_per_lb: max_ports,
@@ -109,6 +117,9 @@ pub struct PoolAllocator {
     closed: AtomicBool,
     /// Held while empty load balancers are deleted (see `delete_marked`).
     deletions: Mutex<()>,
+    /// Whether and how the cluster makes `LoadBalancer` Services of a class without node ports (see
+    /// `service_kind`).
+    classed_services: Option<ClassedServices>,
 }
 
 /// A listener the rebuild found in the cloud that no allocation accounts for and that could not be removed. Its
@@ -153,6 +164,23 @@ impl PoolAllocator {
             rejected: SyncMutex::new(BTreeMap::new()),
             closed: AtomicBool::new(false),
             deletions: Mutex::new(()),
+            classed_services: None,
+        }
+    }
+
+    /// On a cluster that makes `LoadBalancer` Services of a class without node ports (1.24+), a provider that
+    /// needs none gets such Services (`ServiceKind::Classed`).
+    pub fn with_classed_services(mut self, classed: Option<ClassedServices>) -> Self {
+        self.classed_services = classed;
+        self
+    }
+
+    /// The kind of backing Service this pool's SharedLBs get.
+    pub fn service_kind(&self) -> ServiceKind {
+        let provider = self.provider();
+        match self.classed_services {
+            Some(c) if !provider.needs_node_ports() => ServiceKind::Classed(c),
+            _ => ServiceKind::NodePort(provider.limits().port_mode),
         }
     }
 
@@ -272,7 +300,8 @@ impl PoolAllocator {
         client: &Client,
         spec: &LoadBalancerPoolSpec,
     ) -> Result<LockedPool<'_>, Error> {
-        let config = pool_config(spec, self.provider().as_ref());
+        let node_ports = self.service_kind().has_node_ports();
+        let config = pool_config(spec, self.provider().as_ref(), node_ports);
         let mut guard = self.state.lock().await;
         match guard.as_mut() {
             None => *guard = Some(self.rebuild(client, spec, config).await?),

@@ -17,7 +17,7 @@ pub mod pacer;
 pub mod providers;
 pub mod telemetry;
 
-pub use controller::{LeaderElection, Settings, run};
+pub use controller::{BackingService, LeaderElection, Settings, run};
 pub use error::Error;
 #[cfg(feature = "azure")]
 pub use providers::AzureAccess;

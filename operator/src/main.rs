@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use sharedlb::{BuiltinProviders, LeaderElection, Settings};
+use sharedlb::{BackingService, BuiltinProviders, LeaderElection, Settings};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,9 +50,31 @@ enum Command {
         /// Seconds before expiry that the leader renews.
         #[arg(long, env = "SHAREDLB_LEASE_GRACE", default_value_t = 5)]
         lease_grace: u64,
+        /// The backing Services where the cloud needs no node port (GCP, local): `auto` makes them `LoadBalancer`
+        /// Services of class sharedlb.dev/shared without node ports on Kubernetes 1.24+, `NodePort` before;
+        /// `node-port` and `load-balancer-class` choose one for every cluster.
+        #[arg(long, env = "SHAREDLB_BACKING_SERVICE", value_enum, default_value_t = ServiceChoice::Auto)]
+        backing_service: ServiceChoice,
     },
     /// Print the CRDs' YAML (the same as `crdgen`).
     Crds,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ServiceChoice {
+    Auto,
+    NodePort,
+    LoadBalancerClass,
+}
+
+impl From<ServiceChoice> for BackingService {
+    fn from(c: ServiceChoice) -> Self {
+        match c {
+            ServiceChoice::Auto => BackingService::Auto,
+            ServiceChoice::NodePort => BackingService::NodePort,
+            ServiceChoice::LoadBalancerClass => BackingService::LoadBalancerClass,
+        }
+    }
 }
 
 #[tokio::main]
@@ -75,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
             identity,
             lease_duration,
             lease_grace,
+            backing_service,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
@@ -106,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
                 concurrency,
                 metrics_addr,
                 leader_election,
+                backing_service: backing_service.into(),
                 ..Settings::default()
             };
             let shutdown = async {

@@ -104,12 +104,43 @@ pub fn stale_listeners(
     held.difference(wanted).copied().collect()
 }
 
-/// The backing NodePort Service. `existing` is the one the apiserver has: on clouds where each load balancer
-/// has its own ports, its node ports are kept (TCP and UDP on one port share one node port).
+/// The class of the backing `LoadBalancer` Services: no cloud's own controller acts on a Service of another
+/// class, so the only load balancer behind it is the shared one.
+pub const LOAD_BALANCER_CLASS: &str = "sharedlb.dev/shared";
+
+/// The kind of backing Service a pool's SharedLBs get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceKind {
+    /// `type: NodePort`: the cloud sends the traffic to a node port (on passthrough clouds, `PortMode::PoolWide`,
+    /// one equal to the external port).
+    NodePort(PortMode),
+    /// `type: LoadBalancer` of class `LOAD_BALANCER_CLASS`, without node ports: the traffic reaches the nodes
+    /// addressed to the load balancer's IP and port, which kube-proxy routes because the Service's status names
+    /// that IP (written by the operator, see `ingress_is_current`). Nothing is taken from the node-port range.
+    Classed(ClassedServices),
+}
+
+/// How the cluster takes classed Services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassedServices {
+    /// The apiserver knows `loadBalancerClass` (1.21+); before, server-side apply refuses the field, so it is left
+    /// out, and a cloud controller, if the cluster has one, would act on the Service too.
+    pub class_field: bool,
+}
+
+impl ServiceKind {
+    /// Whether the Service's ports carry node ports.
+    pub fn has_node_ports(self) -> bool {
+        matches!(self, ServiceKind::NodePort(_))
+    }
+}
+
+/// The backing Service. `existing` is the one the apiserver has: on clouds where each load balancer has its own
+/// ports, its node ports are kept (TCP and UDP on one port share one node port).
 pub fn backing_service(
     slb: &SharedLB,
     allocation: &Allocation,
-    mode: PortMode,
+    kind: ServiceKind,
     existing: Option<&Service>,
 ) -> Service {
     let ports: Vec<ServicePort> = served_ports(slb, allocation)
@@ -121,17 +152,45 @@ pub fn backing_service(
                 port: i32::from(a.port),
                 target_port: Some(spec.target_port.clone()),
                 protocol: Some(protocol_from_placement(a.protocol).as_str().to_string()),
-                node_port: match mode {
+                node_port: match kind {
                     // passthrough clouds: the external port is the node port
-                    PortMode::PoolWide => Some(i32::from(a.port)),
+                    ServiceKind::NodePort(PortMode::PoolWide) => Some(i32::from(a.port)),
                     // one port on both protocols shares one node port (AWS's TCP_UDP listener needs it; the
                     // apiserver does it itself when it creates both at once, not when one is added later)
-                    PortMode::PerLoadBalancer => shared_node_port(existing, a.port),
+                    ServiceKind::NodePort(PortMode::PerLoadBalancer) => {
+                        shared_node_port(existing, a.port)
+                    }
+                    ServiceKind::Classed(_) => None,
                 },
                 ..ServicePort::default()
             })
         })
         .collect();
+    let spec = match kind {
+        ServiceKind::NodePort(_) => ServiceSpec {
+            type_: Some("NodePort".into()),
+            ..ServiceSpec::default()
+        },
+        ServiceKind::Classed(c) => ServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            load_balancer_class: c.class_field.then(|| LOAD_BALANCER_CLASS.into()),
+            allocate_load_balancer_node_ports: Some(false),
+            ..ServiceSpec::default()
+        },
+    };
+    Service {
+        metadata: service_meta(slb),
+        spec: Some(ServiceSpec {
+            selector: Some(slb.spec.selector.clone()),
+            ports: Some(ports),
+            ..spec
+        }),
+        ..Service::default()
+    }
+}
+
+/// The backing Service's name, labels and controller reference.
+fn service_meta(slb: &SharedLB) -> ObjectMeta {
     let owner = OwnerReference {
         api_version: SharedLB::api_version(&()).to_string(),
         kind: SharedLB::kind(&()).to_string(),
@@ -140,27 +199,18 @@ pub fn backing_service(
         controller: Some(true),
         block_owner_deletion: Some(true),
     };
-    Service {
-        metadata: ObjectMeta {
-            name: Some(service_name(&slb.name_any())),
-            namespace: slb.namespace(),
-            labels: Some(
-                [
-                    (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
-                    (OWNER_LABEL.to_string(), slb.name_any()),
-                ]
-                .into(),
-            ),
-            owner_references: Some(vec![owner]),
-            ..ObjectMeta::default()
-        },
-        spec: Some(ServiceSpec {
-            type_: Some("NodePort".into()),
-            selector: Some(slb.spec.selector.clone()),
-            ports: Some(ports),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
+    ObjectMeta {
+        name: Some(service_name(&slb.name_any())),
+        namespace: slb.namespace(),
+        labels: Some(
+            [
+                (MANAGED_BY_LABEL.to_string(), MANAGED_BY_VALUE.to_string()),
+                (OWNER_LABEL.to_string(), slb.name_any()),
+            ]
+            .into(),
+        ),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
     }
 }
 
@@ -182,6 +232,7 @@ pub fn service_is_current(have: &Service, want: &Service) -> bool {
         have.spec.clone().unwrap_or_default(),
         want.spec.clone().unwrap_or_default(),
     );
+    let wants_node_ports = want.type_.as_deref() == Some("NodePort");
     let want_ports = want.ports.unwrap_or_default();
     let same_ports = have.ports.as_ref().is_some_and(|have| {
         have.len() == want_ports.len()
@@ -192,11 +243,16 @@ pub fn service_is_current(have: &Service, want: &Service) -> bool {
                         && h.target_port == w.target_port
                         && h.protocol == w.protocol
                         && (w.node_port.is_none() || h.node_port == w.node_port)
-                        && h.node_port.is_some()
+                        && h.node_port.is_some() == wants_node_ports
                 })
             })
     });
-    same_ports && have.selector == want.selector && have.type_ == want.type_
+    same_ports
+        && have.selector == want.selector
+        && have.type_ == want.type_
+        && have.load_balancer_class == want.load_balancer_class
+        && (want.allocate_load_balancer_node_ports.is_none()
+            || have.allocate_load_balancer_node_ports == want.allocate_load_balancer_node_ports)
 }
 
 /// The node port the Service already gives external `port` (its TCP entry's first), so that TCP and UDP on
@@ -216,13 +272,48 @@ fn shared_node_port(existing: Option<&Service>, port: u16) -> Option<i32> {
         .and_then(|h| h.node_port)
 }
 
-/// The Service's node ports by port name.
-pub fn node_ports(s: &Service) -> BTreeMap<String, u16> {
+/// The port each of the Service's ports receives traffic on at a node, by port name: its node port, or, for a
+/// `Classed` Service, its own port (the load balancer's, which the packets still carry).
+pub fn arrival_ports(s: &Service, kind: ServiceKind) -> BTreeMap<String, u16> {
     s.spec
         .iter()
         .flat_map(|sp| sp.ports.iter().flatten())
-        .filter_map(|p| Some((p.name.clone()?, u16::try_from(p.node_port?).ok()?)))
+        .filter_map(|p| {
+            let port = match kind {
+                ServiceKind::NodePort(_) => p.node_port?,
+                ServiceKind::Classed(_) => p.port,
+            };
+            Some((p.name.clone()?, u16::try_from(port).ok()?))
+        })
         .collect()
+}
+
+/// The Service status that names where the shared load balancer serves it, so kube-proxy routes the traffic
+/// addressed to it, and tools that read Services (`kubectl get svc`, external-dns) see the address.
+pub fn ingress_status(info: &LoadBalancerInfo) -> serde_json::Value {
+    let ingress = match (&info.ip, &info.hostname) {
+        (Some(ip), _) => serde_json::json!([{ "ip": ip }]),
+        (None, Some(host)) => serde_json::json!([{ "hostname": host }]),
+        (None, None) => serde_json::json!([]),
+    };
+    serde_json::json!({ "status": { "loadBalancer": { "ingress": ingress } } })
+}
+
+/// True when the Service's status already names the load balancer's address (and nothing else).
+pub fn ingress_is_current(have: &Service, info: &LoadBalancerInfo) -> bool {
+    let have: Vec<(Option<&str>, Option<&str>)> = have
+        .status
+        .iter()
+        .flat_map(|s| s.load_balancer.iter())
+        .flat_map(|lb| lb.ingress.iter().flatten())
+        .map(|i| (i.ip.as_deref(), i.hostname.as_deref()))
+        .collect();
+    let want = match (&info.ip, &info.hostname) {
+        (Some(ip), _) => vec![(Some(ip.as_str()), None)],
+        (None, Some(host)) => vec![(None, Some(host.as_str()))],
+        (None, None) => vec![],
+    };
+    have == want
 }
 
 /// A served port the Service has no node port for: the apiserver assigns one to every NodePort port, so this
@@ -342,6 +433,8 @@ pub struct Served<'a> {
     pub lb_name: String,
     pub info: &'a LoadBalancerInfo,
     pub service_name: String,
+    /// The backing Service has node ports (`ServiceKind::has_node_ports`), which the status then shows.
+    pub node_ports: bool,
 }
 
 /// The status of a SharedLB whose listeners are programmed: the address, the ports as served. `refused`: an
@@ -376,7 +469,7 @@ pub fn programmed_status(
             Some(PortStatus {
                 name,
                 port: i32::from(l.port),
-                node_port: Some(i32::from(l.node_port)),
+                node_port: served.node_ports.then_some(i32::from(l.node_port)),
                 protocol: protocol_from_placement(l.protocol),
             })
         })

@@ -399,6 +399,10 @@ impl LoadBalancerProvider for GuardedProvider {
     fn forwards_to_endpoints(&self) -> bool {
         self.inner.forwards_to_endpoints()
     }
+
+    fn needs_node_ports(&self) -> bool {
+        self.inner.needs_node_ports()
+    }
     async fn ensure_load_balancer(
         &self,
         lb: &LoadBalancerKey,

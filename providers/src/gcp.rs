@@ -650,6 +650,11 @@ impl LoadBalancerProvider for GcpProvider {
         }
     }
 
+    /// Passthrough: packets reach the nodes addressed to the forwarding rule's own IP and port.
+    fn needs_node_ports(&self) -> bool {
+        false
+    }
+
     async fn ensure_load_balancer(
         &self,
         lb: &LoadBalancerKey,

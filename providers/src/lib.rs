@@ -265,6 +265,15 @@ pub trait LoadBalancerProvider: Send + Sync + Debug {
         false
     }
 
+    /// True when the cloud sends a listener's traffic to the nodes' node port (instance targets, NIC backends).
+    /// False where it never uses one: passthrough clouds deliver packets still addressed to the load balancer's
+    /// IP and port, which kube-proxy routes once the backing Service's status names that IP, and providers that
+    /// forward to endpoints reach the pods themselves. Then, on clusters that can make a `LoadBalancer` Service
+    /// without node ports (1.24+), the operator takes none from the cluster's node-port range.
+    fn needs_node_ports(&self) -> bool {
+        true
+    }
+
     /// Per-listener traffic counters, for providers that carry the traffic themselves; clouds report none.
     async fn listener_stats(&self) -> Vec<ListenerStatsRow> {
         Vec::new()

@@ -212,6 +212,8 @@ async fn the_operator_runs_with_only_the_charts_rbac() {
             duration_secs: 10,
             grace_secs: 2,
         }),
+        // what `auto` chooses on 1.24+ for a local pool: a Ready SharedLB then proves the Service status write
+        backing_service: sharedlb::BackingService::LoadBalancerClass,
         ..Settings::default()
     };
     let op = Operator::start_with(&as_sa, &MemoryCloud::new(), settings);

@@ -391,3 +391,85 @@ async fn a_served_sharedlb_whose_node_port_is_taken_keeps_its_port() {
     assert!(fake.resources("forwardingRules").is_empty());
     op.kill().await;
 }
+
+/// With classed backing Services (forced: `auto` chooses them on 1.24+; the 1.20 test apiserver keeps
+/// `allocateLoadBalancerNodePorts: false` through its ServiceLBNodePortControl gate): the external port comes
+/// from the pool's own range, not the cluster's node-port range, the Service takes no node port and its status
+/// names the forwarding rule's IP (what kube-proxy routes the passthrough packets by), and the forwarding rule and
+/// the firewall carry the external port itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classed_gcp_pool_takes_ports_outside_the_node_port_range() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let fake = GcpFake::start().await;
+    add_node(&client, "gce-classed", "europe-west1-b").await;
+    let op = Operator::start_with_providers(
+        &client,
+        BuiltinProviders::new(MemoryCloud::new()).with_gcp_endpoint(Some(fake.endpoint())),
+        Settings {
+            cluster_id: "e2e".into(),
+            backing_service: sharedlb::BackingService::LoadBalancerClass,
+            ..Settings::default()
+        },
+    );
+    let ns = namespace(&client, "gcp-classed", &[]).await;
+    let pool = gcp_pool(&client, json!({})).await;
+    create_slb(
+        &client,
+        &ns,
+        "web",
+        json!({"pool": pool, "selector": {"app": "web"},
+        "sourceRanges": ["198.51.100.0/24"], "ports": [{"name": "http", "targetPort": 80}]}),
+    )
+    .await;
+    let web = ready(&client, &ns, "web", 120).await;
+    let (port, node_port) = status_port(&web, "http");
+    assert_eq!(node_port, None);
+    assert!(
+        (10000..=19999).contains(&port),
+        "the pool's default range: {port}"
+    );
+    let ip = web
+        .status
+        .as_ref()
+        .and_then(|st| st.load_balancer.as_ref())
+        .and_then(|l| l.ip.clone())
+        .expect("an IP");
+
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let svc = eventually(30, "the Service names the forwarding rule's IP", || async {
+        let s = api.get("web-sharedlb").await.ok()?;
+        let ingress = s.status.clone()?.load_balancer?.ingress?;
+        (ingress.first()?.ip.as_deref() == Some(ip.as_str())).then_some(s)
+    })
+    .await;
+    let spec = svc.spec.expect("spec");
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    let ports = spec.ports.expect("ports");
+    assert!(ports.iter().all(|p| p.node_port.is_none()), "{ports:?}");
+
+    let range = format!("{port}-{port}");
+    assert_eq!(
+        rule_shape(&fake),
+        [(ip, "TCP".to_string(), range)].into(),
+        "one forwarding rule, for the external port"
+    );
+    let fw = fake.resources("firewalls");
+    let web_fw = fw
+        .iter()
+        .find(|f| f["sourceRanges"] == json!(["198.51.100.0/24"]))
+        .expect("web's firewall rule");
+    assert_eq!(
+        web_fw["allowed"],
+        json!([{"IPProtocol": "tcp", "ports": [port.to_string()]}]),
+        "the nodes are opened on the external port, which the packets still carry"
+    );
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, &pool).await;
+    delete_nodes(&client, &["gce-classed"]).await;
+    for kind in ["addresses", "forwardingRules", "firewalls"] {
+        assert!(fake.resources(kind).is_empty(), "{kind} left behind");
+    }
+    op.kill().await;
+}

@@ -465,3 +465,94 @@ async fn removing_an_address_in_use_is_refused_and_moves_nothing() {
     delete_pool(&client, "local-addr").await;
     op.kill().await;
 }
+
+/// The backing Service as the apiserver has it.
+async fn backing(
+    client: &kube::Client,
+    ns: &str,
+    slb: &str,
+) -> k8s_openapi::api::core::v1::Service {
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), ns)
+        .get(&format!("{slb}-sharedlb"))
+        .await
+        .expect("the backing Service")
+}
+
+/// The addresses the Service's status names.
+fn ingress_ips(s: &k8s_openapi::api::core::v1::Service) -> Vec<String> {
+    s.status
+        .iter()
+        .flat_map(|st| st.load_balancer.iter())
+        .flat_map(|lb| lb.ingress.iter().flatten())
+        .filter_map(|i| i.ip.clone())
+        .collect()
+}
+
+/// With classed backing Services (what `auto` chooses on 1.24+; forced here, the 1.20 test apiserver keeping
+/// `allocateLoadBalancerNodePorts` through its ServiceLBNodePortControl gate but not knowing `loadBalancerClass`):
+/// no node port is taken, the Service's status names the shared address (and is put back when changed), and bytes
+/// still flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_classed_service_takes_no_node_port_and_names_the_shared_address() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let settings = sharedlb::Settings {
+        cluster_id: "e2e".into(),
+        backing_service: sharedlb::BackingService::LoadBalancerClass,
+        ..sharedlb::Settings::default()
+    };
+    let op = Operator::start_with(&client, &MemoryCloud::new(), settings);
+    let ns = namespace(&client, "local-classed", &[]).await;
+    create_pool(&client, "local-classed", local_pool(11, 1, 5)).await;
+    let backend = echo::tcp("classed", 0).await.expect("backend");
+    create_slb(
+        &client,
+        &ns,
+        "web",
+        one_port("local-classed", "tcp", "TCP", None),
+    )
+    .await;
+    put_endpoints(&client, &ns, "web", "tcp", "TCP", &[backend]).await;
+    let slb = ready(&client, &ns, "web", 30).await;
+    let addr = external(&slb);
+    let reply = eventually(10, "the classed SharedLB answers", || async {
+        echo::tcp_ask(addr, "c").await.ok()
+    })
+    .await;
+    assert_eq!(reply, "classed:c");
+    let status = slb.status.expect("a Ready SharedLB has a status");
+    assert_eq!(status.ports[0].node_port, None, "{status:?}");
+
+    let svc = eventually(10, "the Service names the shared address", || async {
+        let s = backing(&client, &ns, "web").await;
+        (!ingress_ips(&s).is_empty()).then_some(s)
+    })
+    .await;
+    let spec = svc.spec.clone().expect("a Service has a spec");
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(spec.allocate_load_balancer_node_ports, Some(false));
+    let ports = spec.ports.expect("ports");
+    assert!(ports.iter().all(|p| p.node_port.is_none()), "{ports:?}");
+    assert_eq!(ports[0].port, i32::from(addr.port()));
+    assert_eq!(ingress_ips(&svc), vec![addr.ip().to_string()]);
+
+    // someone else's write to the Service's status is undone
+    let forged = json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.66"}]}}});
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), &ns)
+        .patch_status(
+            "web-sharedlb",
+            &PatchParams::default(),
+            &Patch::Merge(&forged),
+        )
+        .await
+        .expect("forge the Service's status");
+    eventually(15, "the shared address is put back", || async {
+        let s = backing(&client, &ns, "web").await;
+        (ingress_ips(&s) == vec![addr.ip().to_string()]).then_some(())
+    })
+    .await;
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "local-classed").await;
+    op.kill().await;
+}

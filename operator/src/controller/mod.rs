@@ -29,6 +29,7 @@ use crate::allocator::PoolAllocator;
 use crate::endpoints::{EndpointSlices, SERVICE_NAME_LABEL};
 use crate::fence::Fence;
 pub use crate::fence::LeaderElection;
+use crate::model::ClassedServices;
 use crate::telemetry::{self, GuardedProvider, Metrics};
 use crate::{Error, ProviderFactory};
 use sharedlb_providers::{LoadBalancerProvider, NodeTarget, ProviderError};
@@ -52,6 +53,54 @@ pub struct Settings {
     pub metrics_addr: Option<SocketAddr>,
     /// None: this process is the only one (tests, a single replica).
     pub leader_election: Option<LeaderElection>,
+    /// Which kind of backing Service to make where the cloud needs no node port.
+    pub backing_service: BackingService,
+}
+
+/// The backing Services' kind where the cloud needs no node port (`LoadBalancerProvider::needs_node_ports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackingService {
+    /// `LoadBalancer` of sharedlb's class without node ports where the apiserver is 1.24 or later (both fields
+    /// GA there), `NodePort` before.
+    #[default]
+    Auto,
+    /// Always `NodePort`: every port takes one from the cluster's node-port range.
+    NodePort,
+    /// Always `LoadBalancer` of sharedlb's class without node ports. On an apiserver that drops
+    /// `loadBalancerClass` (before 1.21), a cloud controller would also act on these Services: only for clusters
+    /// without one.
+    LoadBalancerClass,
+}
+
+impl BackingService {
+    /// Whether (and how) the Services are `ServiceKind::Classed`, for an apiserver of this version.
+    pub fn classed(
+        self,
+        version: &k8s_openapi::apimachinery::pkg::version::Info,
+    ) -> Option<ClassedServices> {
+        let minor = minor_version(version);
+        let classed = match self {
+            BackingService::NodePort => false,
+            BackingService::LoadBalancerClass => true,
+            BackingService::Auto => minor.is_some_and(|m| m >= 24),
+        };
+        classed.then_some(ClassedServices {
+            class_field: minor.is_none_or(|m| m >= 21),
+        })
+    }
+}
+
+/// The minor version of a 1.x apiserver; managed clusters report it with a suffix, e.g. `"29+"`.
+fn minor_version(version: &k8s_openapi::apimachinery::pkg::version::Info) -> Option<u32> {
+    if version.major.trim_end_matches('+') != "1" {
+        return None;
+    }
+    let digits: String = version
+        .minor
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 impl Default for Settings {
@@ -62,6 +111,7 @@ impl Default for Settings {
             controller_name: "sharedlb".into(),
             metrics_addr: None,
             leader_election: None,
+            backing_service: BackingService::Auto,
         }
     }
 }
@@ -87,6 +137,8 @@ pub struct Context {
     written: written::WrittenStatuses,
     /// Whether this replica may act: checked before each reconcile, status write, Service write and cloud change.
     fence: Fence,
+    /// Backing Services are `ServiceKind::Classed` where the cloud needs no node port (`BackingService`).
+    classed_services: Option<ClassedServices>,
 }
 
 /// A pool object's allocator, made once by the first reconcile that needs it (the others of that pool wait for
@@ -180,13 +232,16 @@ impl Context {
     async fn make_allocator(&self, pool: &LoadBalancerPool) -> Result<Arc<PoolAllocator>, Error> {
         let name = pool.name_any();
         let provider = self.make_provider(pool).await?;
-        Ok(Arc::new(PoolAllocator::new(
-            &name,
-            &pool.uid().unwrap_or_default(),
-            &self.settings.cluster_id,
-            provider,
-            pool.spec.provider.clone(),
-        )))
+        Ok(Arc::new(
+            PoolAllocator::new(
+                &name,
+                &pool.uid().unwrap_or_default(),
+                &self.settings.cluster_id,
+                provider,
+                pool.spec.provider.clone(),
+            )
+            .with_classed_services(self.classed_services),
+        ))
     }
 
     /// The allocator of this pool object, if one was made.
@@ -644,6 +699,13 @@ async fn run_controllers(
     )
     .default_backoff()
     .touched_objects();
+    let version = client.apiserver_version().await.map_err(Error::from_kube)?;
+    let classed_services = settings.backing_service.classed(&version);
+    info!(
+        apiserver = %version.git_version,
+        backing_service = if classed_services.is_some() { "LoadBalancer (classed, no node ports) where the cloud needs none" } else { "NodePort" },
+        "backing Services"
+    );
     let reporter = Reporter {
         controller: settings.controller_name.clone(),
         instance: None,
@@ -662,6 +724,7 @@ async fn run_controllers(
         written: written::WrittenStatuses::default(),
         settings: settings.clone(),
         fence,
+        classed_services,
     });
     let shutdown = shutdown.shared();
     let config = ControllerConfig::default().concurrency(settings.concurrency);
@@ -808,4 +871,43 @@ async fn run_controllers(
     pool_reflector.abort();
     info!("sharedlb controllers stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::version::Info;
+
+    use super::BackingService;
+    use crate::model::ClassedServices;
+
+    fn version(major: &str, minor: &str) -> Info {
+        Info {
+            major: major.into(),
+            minor: minor.into(),
+            ..Info::default()
+        }
+    }
+
+    #[test]
+    fn auto_makes_classed_services_from_kubernetes_1_24() {
+        let auto = BackingService::Auto;
+        let named = Some(ClassedServices { class_field: true });
+        assert_eq!(auto.classed(&version("1", "20")), None);
+        assert_eq!(auto.classed(&version("1", "23+")), None);
+        assert_eq!(auto.classed(&version("1", "24")), named);
+        assert_eq!(auto.classed(&version("1", "36+")), named);
+        assert_eq!(
+            auto.classed(&version("", "")),
+            None,
+            "unknown: the path every cluster has"
+        );
+        assert_eq!(BackingService::NodePort.classed(&version("1", "36")), None);
+        // forced on a cluster whose apiserver refuses the class field in an apply
+        let forced = BackingService::LoadBalancerClass;
+        assert_eq!(
+            forced.classed(&version("1", "20")),
+            Some(ClassedServices { class_field: false })
+        );
+        assert_eq!(forced.classed(&version("1", "21")), named);
+    }
 }

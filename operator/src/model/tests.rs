@@ -29,7 +29,12 @@ fn the_service_serves_exactly_the_allocated_ports_the_spec_still_names() {
         .port("dns", Some(53), Udp)
         .build();
     let a = allocation(0, &[("http", 80, Tcp), ("dns", 53, Udp), ("old", 81, Tcp)]);
-    let svc = backing_service(&slb, &a, PortMode::PerLoadBalancer, None);
+    let svc = backing_service(
+        &slb,
+        &a,
+        ServiceKind::NodePort(PortMode::PerLoadBalancer),
+        None,
+    );
     let ports = svc
         .spec
         .as_ref()
@@ -52,13 +57,79 @@ fn the_service_serves_exactly_the_allocated_ports_the_spec_still_names() {
 fn passthrough_clouds_get_the_external_port_as_node_port() {
     let slb = shared_lb("web").port("http", Some(30080), Tcp).build();
     let a = allocation(2, &[("http", 30080, Tcp)]);
-    let svc = backing_service(&slb, &a, PortMode::PoolWide, None);
+    let svc = backing_service(&slb, &a, ServiceKind::NodePort(PortMode::PoolWide), None);
     let port = &svc
         .spec
         .expect("set by the model")
         .ports
         .expect("set by the model")[0];
     assert_eq!(port.node_port, Some(30080));
+}
+
+#[test]
+fn a_classed_service_takes_no_node_port_and_traffic_arrives_on_the_external_port() {
+    let slb = shared_lb("web").port("http", Some(12080), Tcp).build();
+    let a = allocation(2, &[("http", 12080, Tcp)]);
+    let kind = ServiceKind::Classed(ClassedServices { class_field: true });
+    let want = backing_service(&slb, &a, kind, None);
+    let spec = want.spec.clone().expect("set by the model");
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(
+        spec.load_balancer_class.as_deref(),
+        Some(LOAD_BALANCER_CLASS)
+    );
+    assert_eq!(spec.allocate_load_balancer_node_ports, Some(false));
+    assert_eq!(spec.ports.expect("set by the model")[0].node_port, None);
+    // what the apiserver returns: no node port assigned, and so current
+    assert!(service_is_current(&want, &want));
+    assert_eq!(
+        arrival_ports(&want, kind),
+        BTreeMap::from([("http".into(), 12080)])
+    );
+    // a NodePort Service of the same ports is not what a classed pool asks for, nor one that took node ports
+    let node_port = service("uid-web", &[("http", 12080, "TCP", 31000)]);
+    assert!(!service_is_current(&node_port, &want));
+    let mut with_node_port = want.clone();
+    with_node_port
+        .spec
+        .as_mut()
+        .expect("set")
+        .ports
+        .as_mut()
+        .expect("set")[0]
+        .node_port = Some(31000);
+    assert!(!service_is_current(&with_node_port, &want));
+    // an apiserver before 1.21 refuses the class field in an apply: it is left out
+    let unnamed = ServiceKind::Classed(ClassedServices { class_field: false });
+    let old_cluster = backing_service(&slb, &a, unnamed, None);
+    assert_eq!(old_cluster.spec.expect("set").load_balancer_class, None);
+}
+
+#[test]
+fn the_service_status_names_the_shared_address_and_only_it() {
+    let info = LoadBalancerInfo {
+        ip: Some("203.0.113.7".into()),
+        ..LoadBalancerInfo::default()
+    };
+    let mut svc = service("uid-web", &[("http", 80, "TCP", 31000)]);
+    assert!(!ingress_is_current(&svc, &info), "no status yet");
+    let patch = ingress_status(&info);
+    svc.status = Some(serde_json::from_value(patch["status"].clone()).expect("a ServiceStatus"));
+    assert!(ingress_is_current(&svc, &info));
+    let moved = LoadBalancerInfo {
+        ip: Some("203.0.113.8".into()),
+        ..LoadBalancerInfo::default()
+    };
+    assert!(!ingress_is_current(&svc, &moved), "another address");
+    let host = LoadBalancerInfo {
+        hostname: Some("lb.example.com".into()),
+        ..LoadBalancerInfo::default()
+    };
+    assert!(!ingress_is_current(&svc, &host));
+    assert_eq!(
+        ingress_status(&host)["status"]["loadBalancer"]["ingress"][0]["hostname"],
+        "lb.example.com"
+    );
 }
 
 #[test]
@@ -69,7 +140,12 @@ fn tcp_and_udp_on_one_port_share_the_node_port_the_service_has() {
         .build();
     let a = allocation(0, &[("dns-tcp", 53, Tcp), ("dns-udp", 53, Udp)]);
     let have = service("uid-dns", &[("dns-tcp", 53, "TCP", 31053)]);
-    let svc = backing_service(&slb, &a, PortMode::PerLoadBalancer, Some(&have));
+    let svc = backing_service(
+        &slb,
+        &a,
+        ServiceKind::NodePort(PortMode::PerLoadBalancer),
+        Some(&have),
+    );
     let node_ports: Vec<_> = svc
         .spec
         .expect("set by the model")
@@ -85,7 +161,12 @@ fn tcp_and_udp_on_one_port_share_the_node_port_the_service_has() {
 fn a_service_is_written_only_when_it_differs() {
     let slb = shared_lb("web").port("http", Some(80), Tcp).build();
     let a = allocation(0, &[("http", 80, Tcp)]);
-    let want = backing_service(&slb, &a, PortMode::PerLoadBalancer, None);
+    let want = backing_service(
+        &slb,
+        &a,
+        ServiceKind::NodePort(PortMode::PerLoadBalancer),
+        None,
+    );
     // what the apiserver returns: the same, with a node port assigned
     let mut have = want.clone();
     have.spec
@@ -96,12 +177,20 @@ fn a_service_is_written_only_when_it_differs() {
         .expect("set by the model")[0]
         .node_port = Some(31000);
     assert!(service_is_current(&have, &want));
-    assert_eq!(node_ports(&have), BTreeMap::from([("http".into(), 31000)]));
+    assert_eq!(
+        arrival_ports(&have, ServiceKind::NodePort(PortMode::PerLoadBalancer)),
+        BTreeMap::from([("http".into(), 31000)])
+    );
 
     let moved = shared_lb("web").port("http", Some(80), Tcp).build();
     let mut moved = moved;
     moved.spec.selector = [("app".to_string(), "web-v2".to_string())].into();
-    let want2 = backing_service(&moved, &a, PortMode::PerLoadBalancer, Some(&have));
+    let want2 = backing_service(
+        &moved,
+        &a,
+        ServiceKind::NodePort(PortMode::PerLoadBalancer),
+        Some(&have),
+    );
     assert!(!service_is_current(&have, &want2), "selector changed");
 
     let grown = allocation(0, &[("http", 80, Tcp), ("admin", 81, Tcp)]);
@@ -109,7 +198,12 @@ fn a_service_is_written_only_when_it_differs() {
         .port("http", Some(80), Tcp)
         .port("admin", Some(81), Tcp)
         .build();
-    let want3 = backing_service(&grown_slb, &grown, PortMode::PerLoadBalancer, Some(&have));
+    let want3 = backing_service(
+        &grown_slb,
+        &grown,
+        ServiceKind::NodePort(PortMode::PerLoadBalancer),
+        Some(&have),
+    );
     assert!(!service_is_current(&have, &want3), "a port added");
 
     let mut no_node_port = have.clone();
@@ -175,6 +269,7 @@ fn served(info: &LoadBalancerInfo) -> Served<'_> {
         lb_name: "default-1".into(),
         info,
         service_name: "web-sharedlb".into(),
+        node_ports: true,
     }
 }
 

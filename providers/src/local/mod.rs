@@ -190,6 +190,10 @@ impl LoadBalancerProvider for LocalProvider {
         true
     }
 
+    fn needs_node_ports(&self) -> bool {
+        false
+    }
+
     async fn listener_stats(&self) -> Vec<ListenerStatsRow> {
         self.collect_stats().await
     }

@@ -17,8 +17,8 @@ use sharedlb_crds::{
     FINALIZER, LoadBalancerPool, POOL_FINALIZER, SharedLB, SharedLBStatus, service_name,
     validate_pool, validate_shared_lb,
 };
-use sharedlb_placement::{Action as PlanAction, Allocation, Change, PortMode, PortRequest};
-use sharedlb_providers::ProviderError;
+use sharedlb_placement::{Action as PlanAction, Allocation, Change, PortRequest};
+use sharedlb_providers::{LoadBalancerInfo, ProviderError};
 use tracing::{info, instrument, warn};
 
 use super::Context;
@@ -26,7 +26,7 @@ use super::status::{self, ALLOCATED, PROGRAMMED, READY};
 use super::written::Seen;
 use crate::Error;
 use crate::allocator::{PoolAllocator, allocation_from_status};
-use crate::model::{self, ListenerId, protocol_to_placement};
+use crate::model::{self, ListenerId, ServiceKind, protocol_to_placement};
 use crate::telemetry::PoolLabels;
 
 mod allocate;
@@ -42,7 +42,7 @@ use report::{
     Precondition, Refusal, cloud_failed, is_ready, ready_reason_changed, refuse, send_status,
     write_status_if_changed,
 };
-use service::{NODE_PORT_TAKEN, ServiceOutcome, deploy_service, taken_node_ports};
+use service::{NODE_PORT_TAKEN, ServiceOutcome, deploy_service, publish_ingress, taken_node_ports};
 
 const FIELD_MANAGER: &str = "sharedlb";
 
@@ -145,10 +145,6 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>, seen: Seen) -> Result<Acti
     }
 }
 
-fn pool_mode(alloc: &PoolAllocator) -> PortMode {
-    alloc.provider().limits().port_mode
-}
-
 /// What `program` deploys.
 struct Deploy {
     allocation: Allocation,
@@ -182,7 +178,8 @@ async fn program(
     }
     // The Service before the cloud: the apiserver is the last judge of the input (a foreign Service of that
     // name, a node port it refuses), and what it refuses must not have made anything in the cloud.
-    let node_ports = match deploy_service(ctx, slb, allocation, pool_mode(alloc)).await? {
+    let kind = alloc.service_kind();
+    let arrival_ports = match deploy_service(ctx, slb, allocation, kind).await? {
         ServiceOutcome::Applied(p) => p,
         ServiceOutcome::Refused { reason, message } => {
             let taken = taken_node_ports(&message);
@@ -215,7 +212,7 @@ async fn program(
     } else {
         model::Endpoints::new()
     };
-    let listeners = model::desired_listeners(slb, allocation, &node_ports, &endpoints)?;
+    let listeners = model::desired_listeners(slb, allocation, &arrival_ports, &endpoints)?;
     for l in &listeners {
         let id = ListenerId {
             lb: allocation.lb,
@@ -232,7 +229,11 @@ async fn program(
         lb_name: alloc.lb_name(allocation.lb),
         info: &info,
         service_name: service_name(&slb.name_any()),
+        node_ports: kind.has_node_ports(),
     };
+    if let ServiceKind::Classed(_) = kind {
+        publish_ingress(ctx, slb, &info).await?;
+    }
     let old = slb.status.clone().unwrap_or_default();
     let refused_why = refused
         .as_ref()
