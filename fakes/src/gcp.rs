@@ -167,6 +167,33 @@ fn parse(path: &str) -> Option<Target> {
     })
 }
 
+/// `/compute/v1/projects/{p}/regions/{r}` -> `projects/{p}/regions/{r}`.
+fn region_path(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/compute/v1/")?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    (parts.len() == 4 && parts[0] == "projects" && parts[2] == "regions").then_some(rest)
+}
+
+/// A region as `regions.get` gives it: the forwarding-rule quota set by `set_quota("forwardingRules", ..)`, with
+/// every forwarding rule of the fake as its usage (the quota `insert` enforces counts them all); no quota set, no
+/// quota listed.
+fn region_with_quotas(st: &State, region: &str) -> Value {
+    let usage: usize = st
+        .objects
+        .iter()
+        .filter(|(c, _)| c.rsplit('/').next() == Some("forwardingRules"))
+        .map(|(_, m)| m.len())
+        .sum();
+    let quotas: Vec<Value> = st
+        .quotas
+        .get("forwardingRules")
+        .map(|limit| json!({"metric": "FORWARDING_RULES", "limit": *limit as f64, "usage": usage as f64}))
+        .into_iter()
+        .collect();
+    let name = region.rsplit('/').next().unwrap_or_default();
+    json!({"kind": "compute#region", "name": name, "status": "UP", "quotas": quotas})
+}
+
 fn handle(
     state: &Mutex<State>,
     addr: SocketAddr,
@@ -188,6 +215,11 @@ fn handle(
         let (_, status, reason) = st.fail_next.remove(i);
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return error(status, &reason, format!("injected by the fake: {reason}"));
+    }
+    if method == Method::GET
+        && let Some(region) = region_path(&path)
+    {
+        return ok(region_with_quotas(&st, region));
     }
     let Some(t) = parse(&path) else {
         return error(

@@ -16,10 +16,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use google_cloud_compute_v1::client::{
-    Addresses, Firewalls, ForwardingRules, HttpHealthChecks, TargetPools,
+    Addresses, Firewalls, ForwardingRules, HttpHealthChecks, Regions, TargetPools,
 };
 use google_cloud_compute_v1::model;
 use google_cloud_gax::paginator::Paginator as _;
@@ -32,7 +33,8 @@ use crate::{
 };
 
 /// Forwarding rules (ports) the planner puts on one IP. GCP sets no per-IP cap: the region's forwarding-rule
-/// quota is the real limit and comes back as QUOTA_EXCEEDED; this keeps one target pool's blast radius sane.
+/// quota is the real limit (read by `read_rule_quota`, and a bound on the whole pool); this keeps one target
+/// pool's blast radius sane.
 pub const MAX_RULES_PER_IP: u32 = 100;
 /// Where Google's health checkers for target pools come from.
 pub const HEALTH_CHECK_RANGES: [&str; 3] = ["35.191.0.0/16", "209.85.152.0/22", "209.85.204.0/22"];
@@ -63,6 +65,10 @@ pub struct GcpProvider {
     pools: TargetPools,
     firewalls: Firewalls,
     checks: HttpHealthChecks,
+    regions: Regions,
+    /// Forwarding rules the region's quota leaves this pool, its own included, as last read (`u32::MAX`: no
+    /// quota read yet, or none applies).
+    rule_quota: AtomicU32,
     settings: GcpPool,
     cluster_id: String,
     pool: String,
@@ -223,6 +229,8 @@ impl GcpProvider {
             pools: client!(TargetPools),
             firewalls: client!(Firewalls),
             checks: client!(HttpHealthChecks),
+            regions: client!(Regions),
+            rule_quota: AtomicU32::new(u32::MAX),
             prefix: crate::cloud_name_prefix(cluster_id, pool),
             cluster_id: cluster_id.into(),
             pool: pool.into(),
@@ -477,6 +485,40 @@ impl GcpProvider {
     }
 
     /// The pool's forwarding rules (by name prefix), all load balancers.
+    /// Reads the region's forwarding-rule quotas: each rule of this pool is one port and protocol, so what the
+    /// quota leaves after everyone else's rules (`usage` less `ours`) bounds the pool's ports. Read at each
+    /// inventory (every rebuild); a rule someone else makes later still fails with QUOTA_EXCEEDED, reported.
+    async fn read_rule_quota(&self, ours: usize) -> Result<(), ProviderError> {
+        use model::quota::Metric;
+        let region = self
+            .regions
+            .get()
+            .set_project(self.p())
+            .set_region(self.r())
+            .send()
+            .await
+            .map_err(|e| classify("regions.get", e))?;
+        self.count("regions.get");
+        let ours = ours as f64;
+        let room = region
+            .quotas
+            .iter()
+            .filter(|q| {
+                matches!(
+                    q.metric,
+                    Some(Metric::ForwardingRules | Metric::ExternalNetworkLbForwardingRules)
+                )
+            })
+            .filter_map(|q| {
+                let others = (q.usage? - ours).max(0.0);
+                Some((q.limit? - others).clamp(0.0, f64::from(u32::MAX - 1)) as u32)
+            })
+            .min();
+        self.rule_quota
+            .store(room.unwrap_or(u32::MAX), Ordering::Relaxed);
+        Ok(())
+    }
+
     async fn all_rules(&self) -> Result<Vec<model::ForwardingRule>, ProviderError> {
         let mut out = Vec::new();
         let mut pages = self
@@ -642,10 +684,11 @@ impl LoadBalancerProvider for GcpProvider {
     }
 
     fn limits(&self) -> Limits {
+        let quota = self.rule_quota.load(Ordering::Relaxed);
         Limits {
             max_ports_per_lb: MAX_RULES_PER_IP,
             max_lbs: None,
-            max_ports_total: None,
+            max_ports_total: (quota != u32::MAX).then_some(quota),
             port_mode: PortMode::PoolWide,
         }
     }
@@ -937,7 +980,9 @@ impl LoadBalancerProvider for GcpProvider {
 
     async fn inventory(&self) -> Result<Inventory, ProviderError> {
         let mut lbs = self.our_addresses().await?;
-        for r in self.all_rules().await? {
+        let rules = self.all_rules().await?;
+        self.read_rule_quota(rules.len()).await?;
+        for r in rules {
             let Some(rest) = r.name.as_deref().and_then(|n| n.strip_prefix(&self.prefix)) else {
                 continue;
             };

@@ -626,6 +626,7 @@ async fn the_fake_and_the_provider_speak_only_what_googles_discovery_document_de
         "targetPools",
         "firewalls",
         "httpHealthChecks",
+        "regions",
         "regionOperations",
         "globalOperations",
     ] {
@@ -674,4 +675,41 @@ async fn the_fake_and_the_provider_speak_only_what_googles_discovery_document_de
             );
         }
     }
+}
+
+/// The region's forwarding-rule quota, less the rules others hold, bounds the pool's ports (each is one rule),
+/// read at each inventory; no quota listed, no bound.
+#[tokio::test]
+async fn the_regions_forwarding_rule_quota_bounds_the_pools_ports() {
+    let fake = GcpFake::start().await;
+    let p = GcpProvider::new("c1", "quota", pool(&fake))
+        .await
+        .expect("provider");
+    p.inventory().await.expect("inventory");
+    assert_eq!(p.limits().max_ports_total, None, "no quota listed");
+
+    fake.set_quota("forwardingRules", 8);
+    for i in 0..3 {
+        fake.plant(
+            "projects/proj/regions/europe-west1/forwardingRules",
+            serde_json::json!({"name": format!("someone-elses-{i}"), "portRange": "80-80"}),
+        );
+    }
+    p.ensure_load_balancer(&key("quota", 0))
+        .await
+        .expect("load balancer");
+    for port in [30001, 30002] {
+        p.ensure_listener(&key("quota", 0), &spec(port, Protocol::Tcp, "o", &[]))
+            .await
+            .expect("listener");
+    }
+    p.inventory().await.expect("inventory");
+    // 8 in the region, 3 of them someone else's: 5 for the pool, its own 2 included
+    assert_eq!(p.limits().max_ports_total, Some(5));
+    assert!(
+        fake.requests()
+            .iter()
+            .any(|(m, path)| m == "GET" && path == "projects/proj/regions/europe-west1"),
+        "read from the region"
+    );
 }
