@@ -366,6 +366,11 @@ pub struct GcpSettings {
     /// The network tag on the cluster's nodes, which firewall rules target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_tag: Option<String>,
+    /// Ready nodes each load balancer targets in each zone, chosen by rendezvous hashing so a node's arrival or
+    /// departure changes only the load balancers it is (or becomes) a target of. Default 3; 0: every Ready node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub target_nodes_per_zone: Option<u32>,
 }
 
 /// Azure Standard Load Balancer: the pool is one Standard Load Balancer the operator owns, each load balancer of
@@ -453,6 +458,19 @@ pub struct MemorySettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub burst: Option<u32>,
+    /// Ready nodes each load balancer targets in each zone, chosen by rendezvous hashing so a node's arrival or
+    /// departure changes only the load balancers it is (or becomes) a target of. Default 3; 0: every Ready node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub target_nodes_per_zone: Option<u32>,
+}
+
+/// The subset size a pool's `targetNodesPerZone` asks for: `None` for every node.
+pub fn target_nodes_per_zone(setting: Option<u32>, default: u32) -> Option<u32> {
+    match setting.unwrap_or(default) {
+        0 => None,
+        n => Some(n),
+    }
 }
 
 /// Pool capacity.

@@ -243,7 +243,10 @@ pub fn service_is_current(have: &Service, want: &Service) -> bool {
                         && h.target_port == w.target_port
                         && h.protocol == w.protocol
                         && (w.node_port.is_none() || h.node_port == w.node_port)
-                        && h.node_port.is_some() == wants_node_ports
+                        // a classed Service made as a NodePort one before (an older operator, a cluster before
+                        // 1.24) keeps the node ports the apiserver gave it, which no apply of ours removes:
+                        // asking for their absence would write it on every reconcile
+                        && (h.node_port.is_some() || !wants_node_ports)
                 })
             })
     });

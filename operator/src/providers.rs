@@ -4,10 +4,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sharedlb_crds::LoadBalancerPoolSpec;
+use sharedlb_crds::{LoadBalancerPoolSpec, target_nodes_per_zone};
 use sharedlb_providers::local::{LocalProvider, Tuning};
 use sharedlb_providers::memory::{Faults, MemoryCloud, MemoryProvider, RateLimit};
-use sharedlb_providers::{LoadBalancerProvider, ProviderError};
+use sharedlb_providers::{DEFAULT_TARGET_NODES_PER_ZONE, LoadBalancerProvider, ProviderError};
 
 #[async_trait::async_trait]
 pub trait ProviderFactory: Send + Sync + std::fmt::Debug {
@@ -120,12 +120,12 @@ impl ProviderFactory for BuiltinProviders {
                     burst: m.burst.unwrap_or(per_second),
                 }),
             };
-            return Ok(Arc::new(MemoryProvider::new(
-                self.memory.clone(),
-                cluster_id,
-                pool,
-                faults,
-            )));
+            let per_zone =
+                target_nodes_per_zone(m.target_nodes_per_zone, DEFAULT_TARGET_NODES_PER_ZONE);
+            return Ok(Arc::new(
+                MemoryProvider::new(self.memory.clone(), cluster_id, pool, faults)
+                    .with_target_nodes_per_zone(per_zone),
+            ));
         }
         if let Some(l) = &spec.provider.local {
             let defaults = Tuning::default();
@@ -170,6 +170,10 @@ impl ProviderFactory for BuiltinProviders {
                 endpoint,
                 anonymous,
                 poll_delay: anonymous.then(|| Duration::from_millis(20)),
+                target_nodes_per_zone: target_nodes_per_zone(
+                    g.target_nodes_per_zone,
+                    DEFAULT_TARGET_NODES_PER_ZONE,
+                ),
             };
             let p = sharedlb_providers::gcp::GcpProvider::new(cluster_id, pool, settings).await?;
             return Ok(Arc::new(p));

@@ -15,6 +15,9 @@
 
 use imbl::{OrdMap, OrdSet};
 
+mod subset;
+pub use subset::{ZonedNode, node_subset};
+
 /// The key of an item (a SharedLB): its UID in the operator.
 pub type ItemKey = String;
 /// A load balancer's index within its pool: `<pool>-<index>` is its name.

@@ -56,6 +56,8 @@ pub struct GcpPool {
     pub anonymous: bool,
     /// The first wait while polling an operation (Google's default when `None`).
     pub poll_delay: Option<Duration>,
+    /// Nodes per zone in each target pool (`crate::target_nodes`); `None`: every node.
+    pub target_nodes_per_zone: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -73,7 +75,9 @@ pub struct GcpProvider {
     cluster_id: String,
     pool: String,
     prefix: String,
-    nodes: RwLock<Vec<String>>,
+    /// The cluster's nodes as last set, and whether a `update_nodes` has brought every target pool in step
+    /// with them (until then each is checked, not only those whose subset changed).
+    nodes: RwLock<(Vec<NodeTarget>, bool)>,
     creating: tokio::sync::Mutex<()>,
     /// One firewall rule per SharedLB is read-modify-write: one change at a time per provider.
     firewall_lock: tokio::sync::Mutex<()>,
@@ -235,7 +239,7 @@ impl GcpProvider {
             cluster_id: cluster_id.into(),
             pool: pool.into(),
             settings,
-            nodes: RwLock::new(Vec::new()),
+            nodes: RwLock::new((Vec::new(), false)),
             creating: tokio::sync::Mutex::new(()),
             firewall_lock: tokio::sync::Mutex::new(()),
             calls: std::sync::Mutex::new(BTreeMap::new()),
@@ -438,8 +442,25 @@ impl GcpProvider {
         Ok(h.self_link.unwrap_or_default())
     }
 
-    fn instance_urls(&self) -> Vec<String> {
-        self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The instances target pool `index` holds: its subset of the nodes (`crate::target_nodes`).
+    fn instance_urls(&self, index: u32) -> Vec<String> {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
+        self.subset(index, &nodes.0)
+    }
+
+    fn subset(&self, index: u32, nodes: &[NodeTarget]) -> Vec<String> {
+        let base = self
+            .settings
+            .endpoint
+            .clone()
+            .map(|e| format!("{e}/compute/v1/"))
+            .unwrap_or_else(|| "https://compute.googleapis.com/compute/v1/".into());
+        let per_zone = self.settings.target_nodes_per_zone;
+        crate::target_nodes(&self.lb_name(index), nodes, per_zone)
+            .into_iter()
+            .filter_map(|n| instance_path(n.provider_id.as_deref()?))
+            .map(|p| format!("{base}{p}"))
+            .collect()
     }
 
     /// The pool's load balancers: its reserved addresses (by name prefix, confirmed by labels), by index, with
@@ -749,7 +770,7 @@ impl LoadBalancerProvider for GcpProvider {
                                 .set_name(&name)
                                 .set_description(format!("sharedlb {}", lb.name()))
                                 .set_health_checks([hc])
-                                .set_instances(self.instance_urls()),
+                                .set_instances(self.instance_urls(lb.index)),
                         )
                         .poller()
                         .until_done()
@@ -1028,20 +1049,37 @@ impl LoadBalancerProvider for GcpProvider {
     /// Every target pool of the pool gets exactly the nodes: one addInstance and one removeInstance call per
     /// target pool at most, only where something changed.
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
-        let base = self
-            .settings
-            .endpoint
-            .clone()
-            .map(|e| format!("{e}/compute/v1/"))
-            .unwrap_or_else(|| "https://compute.googleapis.com/compute/v1/".into());
-        let want: BTreeSet<String> = nodes
-            .iter()
-            .filter_map(|n| instance_path(n.provider_id.as_deref()?))
-            .map(|p| format!("{base}{p}"))
-            .collect();
-        *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = want.iter().cloned().collect();
+        let (before, in_step) = {
+            let mut held = self.nodes.write().unwrap_or_else(|e| e.into_inner());
+            let before = std::mem::replace(&mut held.0, nodes.to_vec());
+            (before, std::mem::replace(&mut held.1, false))
+        };
+        self.sync_target_pools(&before, in_step).await?;
+        self.nodes.write().unwrap_or_else(|e| e.into_inner()).1 = true;
+        Ok(())
+    }
+}
+
+impl GcpProvider {
+    /// Brings each target pool to its subset of the nodes: those whose subset changed since `before` (every
+    /// one, unless `in_step`), one addInstance and one removeInstance call each at most.
+    async fn sync_target_pools(
+        &self,
+        before: &[NodeTarget],
+        in_step: bool,
+    ) -> Result<(), ProviderError> {
+        let now = self
+            .nodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone();
         // the target pools to update are the pool's load balancers: its addresses, no need for the rules
         for lb in self.our_addresses().await?.into_values() {
+            let want = self.subset(lb.index, &now);
+            if in_step && want == self.subset(lb.index, before) {
+                continue;
+            }
             let Some(pool) = self.target_pool(lb.index).await? else {
                 continue;
             };

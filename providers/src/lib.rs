@@ -165,12 +165,59 @@ pub struct ListenerSpec {
 }
 
 /// A node that receives traffic on node ports.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct NodeTarget {
     pub name: String,
     /// `spec.providerID`, e.g. `aws:///us-east-1a/i-0123` or `gce://project/zone/name`.
     pub provider_id: Option<String>,
     pub internal_ip: Option<String>,
+    /// The `topology.kubernetes.io/zone` label, if the node has it.
+    pub zone: Option<String>,
+}
+
+impl NodeTarget {
+    /// The node's zone: its label, else the zone its providerID names (AWS and GCE name one), else `""`.
+    pub fn zone(&self) -> &str {
+        if let Some(z) = &self.zone {
+            return z;
+        }
+        let id = self.provider_id.as_deref().unwrap_or_default();
+        let zone = match (id.strip_prefix("aws:///"), id.strip_prefix("gce://")) {
+            (Some(rest), _) => rest.split('/').next(),
+            (_, Some(rest)) => rest.split('/').nth(1),
+            _ => None,
+        };
+        zone.unwrap_or_default()
+    }
+}
+
+/// Ready nodes a load balancer targets when its pool says nothing (`targetNodesPerZone`): enough that a node's
+/// loss or drain leaves each zone served, few enough that a load balancer's targets do not grow with the cluster.
+pub const DEFAULT_TARGET_NODES_PER_ZONE: u32 = 3;
+
+/// The nodes the load balancer with cloud name `lb` targets: `per_zone` of each zone, chosen by rendezvous hashing
+/// (`sharedlb_placement::node_subset`), so a node's arrival or departure changes only the subsets it is in;
+/// `None`: every node.
+pub fn target_nodes<'a>(
+    lb: &str,
+    nodes: &'a [NodeTarget],
+    per_zone: Option<u32>,
+) -> Vec<&'a NodeTarget> {
+    let zoned: Vec<sharedlb_placement::ZonedNode<'_>> = nodes
+        .iter()
+        .map(|n| sharedlb_placement::ZonedNode {
+            name: &n.name,
+            zone: n.zone(),
+        })
+        .collect();
+    let chosen: std::collections::BTreeSet<&str> =
+        sharedlb_placement::node_subset(lb, &zoned, per_zone)
+            .into_iter()
+            .collect();
+    nodes
+        .iter()
+        .filter(|n| chosen.contains(n.name.as_str()))
+        .collect()
 }
 
 /// Everything a provider owns in one pool, found by tags.
@@ -407,5 +454,42 @@ mod tests {
     #[test]
     fn the_cloud_name_prefix_is_stable() {
         assert_eq!(super::cloud_name_prefix("c1", "web"), "slb-a47c3254-");
+    }
+
+    #[test]
+    fn a_nodes_zone_is_its_label_else_what_its_provider_id_names() {
+        let node = |id: &str, zone: Option<&str>| super::NodeTarget {
+            name: "n".into(),
+            provider_id: Some(id.into()),
+            zone: zone.map(str::to_string),
+            ..Default::default()
+        };
+        assert_eq!(node("aws:///us-east-1a/i-0123", None).zone(), "us-east-1a");
+        assert_eq!(
+            node("gce://proj/europe-west1-b/n1", None).zone(),
+            "europe-west1-b"
+        );
+        assert_eq!(
+            node("azure:///subscriptions/s/x", Some("eastus-2")).zone(),
+            "eastus-2"
+        );
+        assert_eq!(node("kind://docker/x", None).zone(), "");
+    }
+
+    #[test]
+    fn a_load_balancer_targets_its_few_nodes_of_each_zone() {
+        let nodes: Vec<super::NodeTarget> = (0..9)
+            .map(|i| super::NodeTarget {
+                name: format!("n{i}"),
+                zone: Some(format!("z{}", i % 3)),
+                ..Default::default()
+            })
+            .collect();
+        let picked = super::target_nodes("lb-0", &nodes, Some(2));
+        assert_eq!(picked.len(), 6);
+        for z in ["z0", "z1", "z2"] {
+            assert_eq!(picked.iter().filter(|n| n.zone() == z).count(), 2);
+        }
+        assert_eq!(super::target_nodes("lb-0", &nodes, None).len(), 9);
     }
 }

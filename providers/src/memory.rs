@@ -12,8 +12,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::{
-    Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec, LoadBalancerInfo,
-    LoadBalancerKey, LoadBalancerProvider, NodeTarget, PortMode, Protocol, ProviderError, tags,
+    ApiCalls, Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec,
+    LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, NodeTarget, PortMode, Protocol,
+    ProviderError, tags,
 };
 
 /// The memory provider's own hard limit on listeners per load balancer.
@@ -87,6 +88,8 @@ pub struct MemoryLoadBalancer {
     pub ip: Ipv4Addr,
     pub tags: BTreeMap<String, String>,
     pub listeners: BTreeMap<(u16, Protocol), MemoryListener>,
+    /// The names of the nodes it targets (`target_nodes`).
+    pub targets: BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -102,6 +105,8 @@ struct Account {
     throttled: u64,
     /// Pools whose node updates a test made wait.
     stalled_node_updates: BTreeSet<String>,
+    /// Load balancers' target sets changed, by pool (each a target registration call on a cloud).
+    targets_set: BTreeMap<String, u64>,
     /// Mutating operations a test made fail, with how many more times.
     failing: BTreeMap<&'static str, u32>,
 }
@@ -142,6 +147,15 @@ impl MemoryCloud {
     /// quiet operator sending nothing.
     pub fn nodes(&self, pool: &str) -> (Vec<NodeTarget>, u64) {
         self.lock().nodes.get(pool).cloned().unwrap_or_default()
+    }
+
+    /// The names of the nodes the load balancer with this cloud name targets.
+    pub fn targets(&self, lb: &str) -> BTreeSet<String> {
+        self.lock()
+            .lbs
+            .get(lb)
+            .map(|l| l.targets.clone())
+            .unwrap_or_default()
     }
 
     /// For tests: puts a listener on the load balancer with this cloud name, as a crashed operator leaves one.
@@ -209,6 +223,8 @@ pub struct MemoryProvider {
     faults: Faults,
     rng: Mutex<fastrand::Rng>,
     bucket: Option<Mutex<Bucket>>,
+    /// Nodes per zone each load balancer targets; `None`: all.
+    per_zone: Option<u32>,
 }
 
 impl MemoryProvider {
@@ -224,7 +240,23 @@ impl MemoryProvider {
             bucket: faults.rate_limit.map(|l| Mutex::new(Bucket::new(l))),
             faults,
             rng: Mutex::new(fastrand::Rng::with_seed(seed)),
+            per_zone: None,
         }
+    }
+
+    /// Each load balancer targets `per_zone` nodes of each zone (`None`: every node), as the clouds' providers do.
+    pub fn with_target_nodes_per_zone(mut self, per_zone: Option<u32>) -> Self {
+        self.per_zone = per_zone;
+        self
+    }
+
+    /// The names of the nodes load balancer `name` targets, of the pool's nodes as last set.
+    fn targets_of(&self, acc: &Account, name: &str) -> BTreeSet<String> {
+        let nodes = acc.nodes.get(&self.pool).map(|(n, _)| n.as_slice());
+        crate::target_nodes(name, nodes.unwrap_or_default(), self.per_zone)
+            .into_iter()
+            .map(|n| n.name.clone())
+            .collect()
     }
 
     fn cloud_name(&self, lb: &LoadBalancerKey) -> String {
@@ -363,6 +395,7 @@ impl LoadBalancerProvider for MemoryProvider {
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
             listeners: BTreeMap::new(),
+            targets: self.targets_of(&acc, &name),
         };
         let info = Self::info(&l);
         acc.lbs.insert(name, l);
@@ -488,6 +521,17 @@ impl LoadBalancerProvider for MemoryProvider {
         Ok(Inventory { load_balancers })
     }
 
+    /// The calls a cloud's API would have counted that the trait's do not show: each load balancer whose target
+    /// set changed (`update_nodes` is one trait call for the whole pool).
+    fn api_calls(&self) -> Vec<ApiCalls> {
+        let set = self.cloud.lock().targets_set.get(&self.pool).copied();
+        vec![ApiCalls {
+            operation: "set_targets".into(),
+            mutating: true,
+            calls: set.unwrap_or(0),
+        }]
+    }
+
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
         while self.cloud.lock().stalled_node_updates.contains(&self.pool) {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -501,6 +545,22 @@ impl LoadBalancerProvider for MemoryProvider {
         if held != nodes {
             *held = nodes.to_vec();
             *acc.calls.entry("update_nodes").or_default() += 1;
+        }
+        // each load balancer's targets, set (one call each, as a cloud's target registration) only where its
+        // subset changed
+        let names: Vec<String> = acc
+            .lbs
+            .values()
+            .filter(|l| self.ours(l))
+            .map(|l| l.name.clone())
+            .collect();
+        for name in names {
+            let want = self.targets_of(acc, &name);
+            if let Some(l) = acc.lbs.get_mut(&name).filter(|l| l.targets != want) {
+                l.targets = want;
+                *acc.calls.entry("set_targets").or_default() += 1;
+                *acc.targets_set.entry(self.pool.clone()).or_default() += 1;
+            }
         }
         Ok(())
     }

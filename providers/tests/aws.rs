@@ -312,6 +312,7 @@ fn node(name: &str, provider_id: &str) -> NodeTarget {
         name: name.into(),
         provider_id: Some(provider_id.into()),
         internal_ip: None,
+        zone: None,
     }
 }
 

@@ -220,11 +220,13 @@ async fn frontends_rules_probes_and_nsg_rules_are_exactly_what_the_ports_need() 
             name: "n1".into(),
             provider_id: Some(vm("n1")),
             internal_ip: Some("10.224.0.4".into()),
+            zone: None,
         },
         NodeTarget {
             name: "kind".into(),
             provider_id: Some("kind://docker/x".into()),
             internal_ip: Some("172.18.0.2".into()),
+            zone: None,
         },
     ])
     .await

@@ -25,6 +25,7 @@ fn pool(fake: &GcpFake) -> GcpPool {
         endpoint: Some(fake.endpoint()),
         anonymous: true,
         poll_delay: Some(Duration::from_millis(5)),
+        target_nodes_per_zone: Some(sharedlb_providers::DEFAULT_TARGET_NODES_PER_ZONE),
     }
 }
 
@@ -565,6 +566,7 @@ fn node(name: &str, provider_id: &str) -> NodeTarget {
         name: name.into(),
         provider_id: Some(provider_id.into()),
         internal_ip: None,
+        zone: None,
     }
 }
 
@@ -711,5 +713,98 @@ async fn the_regions_forwarding_rule_quota_bounds_the_pools_ports() {
             .iter()
             .any(|(m, path)| m == "GET" && path == "projects/proj/regions/europe-west1"),
         "read from the region"
+    );
+}
+
+/// Each target pool holds its own few nodes per zone; a node's arrival touches only the target pools it joins
+/// (one addInstance each, and one removeInstance for the node it displaces), with every other target pool not even
+/// read.
+#[tokio::test]
+async fn each_target_pool_holds_a_few_nodes_per_zone_and_churn_touches_only_its_own() {
+    let fake = GcpFake::start().await;
+    let mut settings = pool(&fake);
+    settings.target_nodes_per_zone = Some(2);
+    let p = GcpProvider::new("c1", "subsets", settings)
+        .await
+        .expect("provider");
+    let mut nodes: Vec<NodeTarget> = (0..12)
+        .map(|i| {
+            node(
+                &format!("n{i}"),
+                &format!("gce://proj/europe-west1-{}/n{i}", ["b", "c"][i % 2]),
+            )
+        })
+        .collect();
+    p.update_nodes(&nodes).await.expect("nodes");
+    for i in 0..8 {
+        p.ensure_load_balancer(&key("subsets", i))
+            .await
+            .expect("lb");
+    }
+    let members = |fake: &GcpFake| -> Vec<Vec<String>> {
+        let mut pools = fake.resources("targetPools");
+        pools.sort_by_key(|t| t["name"].as_str().unwrap_or_default().to_string());
+        pools
+            .iter()
+            .map(|t| {
+                let mut i: Vec<String> = t["instances"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|u| u.as_str()?.rsplit('/').next().map(str::to_string))
+                    .collect();
+                i.sort();
+                i
+            })
+            .collect()
+    };
+    let before = members(&fake);
+    assert_eq!(before.len(), 8);
+    assert!(
+        before.iter().all(|m| m.len() == 4),
+        "2 per zone, 2 zones: {before:?}"
+    );
+    let distinct: std::collections::BTreeSet<&Vec<String>> = before.iter().collect();
+    assert!(
+        distinct.len() > 1,
+        "the subsets differ between target pools: {before:?}"
+    );
+
+    let calls = fake.requests().len();
+    nodes.push(node("n12", "gce://proj/europe-west1-b/n12"));
+    p.update_nodes(&nodes).await.expect("a node added");
+    let after = members(&fake);
+    let changed = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+    let joined = after
+        .iter()
+        .filter(|m| m.contains(&"n12".to_string()))
+        .count();
+    assert!(
+        joined > 0 && joined < 8,
+        "n12 is among some subsets, not all: {after:?}"
+    );
+    assert_eq!(changed, joined, "only the target pools it joined changed");
+    assert!(after.iter().all(|m| m.len() == 4), "{after:?}");
+    let made: Vec<(String, String)> = fake.requests()[calls..]
+        .iter()
+        .filter(|(m, _)| m == "POST")
+        .cloned()
+        .collect();
+    let adds = made
+        .iter()
+        .filter(|(_, p)| p.ends_with("/addInstance"))
+        .count();
+    let removes = made
+        .iter()
+        .filter(|(_, p)| p.ends_with("/removeInstance"))
+        .count();
+    assert_eq!((adds, removes), (joined, joined), "{made:?}");
+    let reads = fake.requests()[calls..]
+        .iter()
+        .filter(|(m, p)| m == "GET" && p.contains("/targetPools/"))
+        .count();
+    assert_eq!(
+        reads, joined,
+        "target pools whose subset stayed are not read"
     );
 }

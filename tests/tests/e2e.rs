@@ -1459,3 +1459,106 @@ async fn nodes_reach_each_pool_on_its_own() {
     delete_pool(&client, "nodes-quick").await;
     op.kill().await;
 }
+
+/// Each load balancer targets `targetNodesPerZone` of each zone's Ready nodes (zones from the Nodes'
+/// `topology.kubernetes.io/zone` label), and a node that joins changes only the load balancers it becomes a target
+/// of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_load_balancer_targets_its_few_nodes_of_each_zone() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let ours: Vec<String> = (0..7).map(|i| format!("zone-node-{i}")).collect();
+    let refs: Vec<&str> = ours.iter().map(String::as_str).collect();
+    delete_nodes(&client, &refs).await; // left by an earlier run that failed half-way
+    let zone_of = |i: usize| format!("zone-{}", i % 2);
+    let add = |i: usize| {
+        let (client, name, zone) = (client.clone(), ours[i].clone(), zone_of(i));
+        async move {
+            add_ready_node(&client, &name, &format!("memory://{name}")).await;
+            let labels = json!({"metadata": {"labels": {"topology.kubernetes.io/zone": zone}}});
+            Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&labels))
+                .await
+                .expect("label the node's zone");
+        }
+    };
+    for i in 0..6 {
+        add(i).await;
+    }
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let pool = json!({"provider": {"memory": {"targetNodesPerZone": 1}},
+        "capacity": {"maxPortsPerLoadBalancer": 1}});
+    create_pool(&client, "zones", pool).await;
+    let ns = namespace(&client, "zones", &[]).await;
+    for name in ["a", "b", "c", "d"] {
+        let spec = json!({"pool": "zones", "selector": {"app": name},
+            "ports": [{"name": "p", "targetPort": 80}]});
+        create_slb(&client, &ns, name, spec).await;
+        ready(&client, &ns, name, 30).await;
+    }
+    // each load balancer's targets among this test's nodes (other tests' nodes may come and go)
+    let targets = || -> Vec<BTreeSet<String>> {
+        cloud
+            .load_balancers()
+            .iter()
+            .filter(|l| l.tags.get("sharedlb.dev/pool").map(String::as_str) == Some("zones"))
+            .map(|l| {
+                l.targets
+                    .iter()
+                    .filter(|t| ours.contains(t))
+                    .cloned()
+                    .collect()
+            })
+            .collect()
+    };
+    let before = eventually(
+        30,
+        "one node of each zone behind each load balancer",
+        || async {
+            let t = targets();
+            let one_per_zone = |set: &BTreeSet<String>| {
+                let zones: BTreeSet<String> = set
+                    .iter()
+                    .filter_map(|n| ours.iter().position(|o| o == n).map(zone_of))
+                    .collect();
+                set.len() == 2 && zones.len() == 2
+            };
+            (t.len() == 4 && t.iter().all(one_per_zone)).then_some(t)
+        },
+    )
+    .await;
+    let distinct: BTreeSet<&BTreeSet<String>> = before.iter().collect();
+    assert!(
+        distinct.len() > 1,
+        "load balancers share the nodes out: {before:?}"
+    );
+
+    add(6).await;
+    eventually(30, "the pool is sent the new node", || async {
+        cloud
+            .nodes("zones")
+            .0
+            .iter()
+            .any(|n| n.name == "zone-node-6" && n.zone.is_some())
+            .then_some(())
+    })
+    .await;
+    let after = targets();
+    // (rendezvous hashing is deterministic: with these names the new node wins in some zones, not in all)
+    let joined = after.iter().filter(|a| a.contains("zone-node-6")).count();
+    assert!(joined > 0 && joined < 4, "{after:?}");
+    for (b, a) in before.iter().zip(&after) {
+        if !a.contains("zone-node-6") {
+            assert_eq!(
+                b, a,
+                "a load balancer the new node did not join is unchanged"
+            );
+        }
+    }
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "zones").await;
+    delete_nodes(&client, &refs).await;
+    op.kill().await;
+}

@@ -473,3 +473,88 @@ async fn a_classed_gcp_pool_takes_ports_outside_the_node_port_range() {
     }
     op.kill().await;
 }
+
+/// A SharedLB served with a NodePort Service (a cluster before 1.24, or `node-port`) keeps its place when the
+/// operator next makes classed Services: the same external port and forwarding rule, its Service now a
+/// LoadBalancer one naming the IP, and the node ports the operator had set given back to the cluster (server-side
+/// apply drops the fields it alone owned, and `allocateLoadBalancerNodePorts: false` takes no new ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_port_sharedlb_becomes_classed_in_place() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let fake = GcpFake::start().await;
+    add_node(&client, "gce-migrate", "europe-west1-b").await;
+    let start = |backing_service| {
+        Operator::start_with_providers(
+            &client,
+            BuiltinProviders::new(MemoryCloud::new()).with_gcp_endpoint(Some(fake.endpoint())),
+            Settings {
+                cluster_id: "e2e".into(),
+                backing_service,
+                ..Settings::default()
+            },
+        )
+    };
+    let op = start(sharedlb::BackingService::NodePort);
+    let ns = namespace(&client, "gcp-migrate", &[]).await;
+    let pool = gcp_pool(&client, json!({})).await;
+    create_slb(
+        &client,
+        &ns,
+        "web",
+        json!({"pool": pool, "selector": {"app": "web"}, "ports": [{"name": "http", "targetPort": 80}]}),
+    )
+    .await;
+    let before = ready(&client, &ns, "web", 120).await;
+    let (port, node_port) = status_port(&before, "http");
+    assert_eq!(
+        node_port,
+        Some(port),
+        "NodePort: the external port is the node port"
+    );
+    let rules = rule_shape(&fake);
+    op.kill().await;
+
+    let op = start(sharedlb::BackingService::LoadBalancerClass);
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let svc = eventually(60, "the Service is classed and names the IP", || async {
+        let s = api.get("web-sharedlb").await.ok()?;
+        let classed = s.spec.as_ref()?.type_.as_deref() == Some("LoadBalancer");
+        let named = s
+            .status
+            .clone()?
+            .load_balancer?
+            .ingress?
+            .first()?
+            .ip
+            .is_some();
+        (classed && named).then_some(s)
+    })
+    .await;
+    let ports = svc.spec.and_then(|s| s.ports).unwrap_or_default();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0].port, port, "the external port stays");
+    assert_eq!(
+        ports[0].node_port, None,
+        "the node port it had is given back"
+    );
+    let after = eventually(30, "the status says so", || async {
+        let s = Api::<sharedlb_crds::SharedLB>::namespaced(client.clone(), &ns)
+            .get("web")
+            .await
+            .ok()?;
+        (status_port(&s, "http").1.is_none()).then_some(s)
+    })
+    .await;
+    assert_eq!(status_port(&after, "http").0, port);
+    assert_eq!(
+        rule_shape(&fake),
+        rules,
+        "the forwarding rule is where it was"
+    );
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, &pool).await;
+    delete_nodes(&client, &["gce-migrate"]).await;
+    op.kill().await;
+}

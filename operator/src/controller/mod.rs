@@ -361,10 +361,7 @@ fn node_targets(nodes: &Store<Node>) -> Vec<NodeTarget> {
     let mut out: Vec<NodeTarget> = nodes
         .state()
         .iter()
-        .filter(|n| {
-            !n.labels()
-                .contains_key("node.kubernetes.io/exclude-from-external-load-balancers")
-        })
+        .filter(|n| !n.labels().contains_key(EXCLUDE_LABEL))
         .filter(|n| {
             n.status
                 .as_ref()
@@ -383,6 +380,7 @@ fn node_targets(nodes: &Store<Node>) -> Vec<NodeTarget> {
                         .find(|a| a.type_ == "InternalIP")
                         .map(|a| a.address.clone())
                 }),
+            zone: n.labels().get(ZONE_LABEL).cloned(),
         })
         .collect();
     out.sort();
@@ -451,9 +449,16 @@ fn pool_settings(pool: &LoadBalancerPool) -> Option<u64> {
 /// A Node as the store keeps it: only what `node_targets` reads (and the labels, for zones). A kubelet's Node
 /// carries its images, capacity and system info, many kilobytes each: at thousands of nodes the store would hold
 /// tens of megabytes nobody reads.
+/// The node's zone, by which each load balancer's target nodes are chosen.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Nodes with this label are never load-balancer targets (as for Kubernetes' own Service load balancers).
+const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
 fn trim_node(n: &mut Node) {
     n.managed_fields_mut().clear();
     n.annotations_mut().clear();
+    n.labels_mut()
+        .retain(|k, _| k == ZONE_LABEL || k == EXCLUDE_LABEL);
     if let Some(spec) = n.spec.as_mut() {
         *spec = k8s_openapi::api::core::v1::NodeSpec {
             provider_id: spec.provider_id.take(),

@@ -16,6 +16,8 @@ use crate::{Config, each, until};
 pub const CHURN_NODES: usize = 10;
 /// The operator sends nodes to its providers on a 5 s tick: each node change is given one tick and a bit.
 const CHURN_WAIT: Duration = Duration::from_secs(6);
+/// The operator samples its providers' API call counts (`sharedlb_cloud_api_calls`) every 10 s.
+const API_CALLS_SAMPLED: Duration = Duration::from_secs(11);
 
 /// Phase 1: M Ready Nodes (create + status), C at a time. Nothing marks them NotReady later: the test env's
 /// controller-manager runs no node-lifecycle controller.
@@ -69,17 +71,20 @@ pub async fn node_churn(client: &Client, op: &OperatorProcess) -> anyhow::Result
         || async { Ok(cloud_calls(&op.metrics().await?).contains_key("update_nodes")) },
     )
     .await?;
+    tokio::time::sleep(API_CALLS_SAMPLED).await;
     let start = cloud_calls(&op.metrics().await?);
     for (i, name) in names.iter().enumerate() {
         add_node(client, name, 60000 + i).await;
         tokio::time::sleep(CHURN_WAIT).await;
     }
+    tokio::time::sleep(API_CALLS_SAMPLED).await;
     let added = cloud_calls(&op.metrics().await?);
     let nodes: Api<Node> = Api::all(client.clone());
     for name in &names {
         nodes.delete(name, &DeleteParams::default()).await?;
         tokio::time::sleep(CHURN_WAIT).await;
     }
+    tokio::time::sleep(API_CALLS_SAMPLED).await;
     let removed = cloud_calls(&op.metrics().await?);
     let per_node = |after: &BTreeMap<String, f64>, before: &BTreeMap<String, f64>| {
         after
@@ -99,15 +104,20 @@ pub async fn node_churn(client: &Client, op: &OperatorProcess) -> anyhow::Result
     })
 }
 
-/// `sharedlb_cloud_calls_total` by operation (summed over provider and result).
+/// `sharedlb_cloud_calls_total` by operation (summed over provider and result), and the provider's own count of
+/// the cloud API calls under them (`sharedlb_cloud_api_calls`, e.g. `set_targets`: one per load balancer whose
+/// targets changed), as `api:<operation>`.
 pub fn cloud_calls(metrics: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for (series, v) in metrics {
         let (name, labels) = split_series(series);
-        if name == "sharedlb_cloud_calls_total"
-            && let Some(op) = labels.get("operation")
-        {
-            *out.entry(op.clone()).or_default() += v;
+        let op = match name {
+            "sharedlb_cloud_calls_total" => labels.get("operation").cloned(),
+            "sharedlb_cloud_api_calls" => labels.get("operation").map(|o| format!("api:{o}")),
+            _ => None,
+        };
+        if let Some(op) = op {
+            *out.entry(op).or_default() += v;
         }
     }
     out

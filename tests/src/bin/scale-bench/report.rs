@@ -149,7 +149,7 @@ impl Report {
     /// The last line, for scripts.
     fn print_summary(&self, cfg: &Config) {
         println!(
-            "scale n={} c={} nodes={} floor_s={:.2} operator_s={:.2} ratio={:.2} writes_per_slb={:.2} quiet_writes={:.0} restart_s={:.2} restart_writes={:.0} rss_mb={:.1} delete_s={:.2} node_add_calls={:.2} node_remove_calls={:.2}",
+            "scale n={} c={} nodes={} floor_s={:.2} operator_s={:.2} ratio={:.2} writes_per_slb={:.2} quiet_writes={:.0} restart_s={:.2} restart_writes={:.0} rss_mb={:.1} delete_s={:.2} node_add_calls={:.2} node_remove_calls={:.2} node_add_lb_updates={:.2} node_remove_lb_updates={:.2}",
             cfg.n,
             cfg.concurrency,
             cfg.nodes,
@@ -162,8 +162,10 @@ impl Report {
             self.restart.requests.total_writes(),
             self.peak_rss_mb,
             self.delete_s,
-            total(self.churn.per_add.values().copied()),
-            total(self.churn.per_remove.values().copied()),
+            trait_calls(&self.churn.per_add),
+            trait_calls(&self.churn.per_remove),
+            api_call(&self.churn.per_add, "api:set_targets"),
+            api_call(&self.churn.per_remove, "api:set_targets"),
         );
     }
 }
@@ -203,4 +205,19 @@ pub fn per_op(calls: &BTreeMap<String, f64>) -> String {
     }
     let ops: Vec<String> = calls.iter().map(|(op, v)| format!("{op} {v:.2}")).collect();
     ops.join(", ")
+}
+
+/// Cloud calls per node through the provider trait (`update_nodes`), without the provider's own API counts.
+fn trait_calls(per_op: &BTreeMap<String, f64>) -> f64 {
+    total(
+        per_op
+            .iter()
+            .filter(|(op, _)| !op.starts_with("api:"))
+            .map(|(_, v)| *v),
+    )
+}
+
+/// One of the provider's own API counts per node, e.g. load balancers whose targets changed.
+fn api_call(per_op: &BTreeMap<String, f64>, op: &str) -> f64 {
+    per_op.get(op).copied().unwrap_or(0.0)
 }
