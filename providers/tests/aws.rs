@@ -1091,3 +1091,269 @@ async fn a_rule_deleted_behind_the_operators_back_comes_back_after_the_recheck_i
         .expect("remove");
     rechecking.delete_load_balancer(&key).await.expect("delete");
 }
+
+/// A pool on AWS's default quota of 60 rules per group holds more than 59 ports: two NLBs of 50 listeners each
+/// (the 60th port used to be refused by the node group, which all the pool's NLBs shared). Each NLB's own group
+/// holds its 50 rules; the node group holds only the three that admit the NLBs' backend group, however many
+/// ports; the pool's deletion path (inventory, then delete each NLB) leaves no group and no rule behind.
+#[tokio::test]
+async fn a_default_quota_pool_holds_two_nlbs_of_50_ports_and_the_node_group_three_rules() {
+    let net = network().await;
+    let node_sg = net.node_security_group_id.clone().expect("sg");
+    let p = AwsProvider::new("many", "p1", net.clone())
+        .await
+        .expect("provider");
+    assert_eq!(p.limits().max_ports_per_lb, 50);
+    assert_eq!(p.limits().max_ports_total, None, "no pool-wide cap");
+    let elb = elb().await;
+    let mut fronts = Vec::new();
+    let mut backends = Vec::new();
+    for index in 0..2u16 {
+        let key = LoadBalancerKey {
+            cluster_id: "many".into(),
+            pool: "p1".into(),
+            index: u32::from(index),
+        };
+        let lb = p.ensure_load_balancer(&key).await.expect("nlb").id;
+        for i in 0..50u16 {
+            let node_port = 30000 + index * 50 + i;
+            let owner = format!("o{node_port}");
+            p.ensure_listener(&key, &spec(5000 + i, Protocol::Tcp, node_port, &owner, &[]))
+                .await
+                .unwrap_or_else(|e| panic!("port {} of NLB {index}: {e}", 5000 + i));
+        }
+        let (front, backend) = nlb_groups(&elb, &lb).await;
+        let rules = ingress(&front).await;
+        assert_eq!(rules.len(), 50, "one rule per port in the NLB's own group");
+        assert!(
+            rules.iter().all(|(proto, port, cidr)| proto == "tcp"
+                && (5000..5050).contains(port)
+                && cidr == "0.0.0.0/0"),
+            "{rules:?}"
+        );
+        fronts.push(front);
+        backends.push(backend);
+    }
+    assert_ne!(fronts[0], fronts[1], "a group of its own per NLB");
+    assert_eq!(backends[0], backends[1], "one backend group for the pool");
+    assert_eq!(
+        node_access(&node_sg).await,
+        admits(&backends[0]),
+        "100 ports, three rules in the node group"
+    );
+    assert_eq!(ingress(&node_sg).await, vec![], "and no address rule");
+    let inv = p.inventory().await.expect("inventory");
+    let ports: usize = inv.load_balancers.iter().map(|l| l.listeners.len()).sum();
+    assert_eq!(ports, 100);
+
+    // the pool's deletion: what the inventory lists is deleted, one NLB after the other
+    for lb in &inv.load_balancers {
+        let key = LoadBalancerKey {
+            cluster_id: "many".into(),
+            pool: "p1".into(),
+            index: lb.index,
+        };
+        p.delete_load_balancer(&key).await.expect("delete");
+        if lb.index == 0 {
+            assert_eq!(
+                our_groups(&net.vpc_id).await,
+                vec![
+                    (format!("{}1", p.name_prefix()), "frontend".to_string()),
+                    (format!("{}backend", p.name_prefix()), "backend".to_string()),
+                ],
+                "the first NLB's group goes with it; the backend group stays for the other"
+            );
+            assert_eq!(node_access(&node_sg).await, admits(&backends[0]));
+        }
+    }
+    assert_eq!(
+        our_groups(&net.vpc_id).await,
+        vec![],
+        "no group of ours left"
+    );
+    assert_eq!(node_access(&node_sg).await, vec![], "no rule of ours left");
+    assert!(tg_names(&elb, &p).await.is_empty());
+}
+
+/// Makes a group as the provider names and tags it, as a crash right after making it would leave it.
+async fn group_left_by_a_crash(
+    p: &AwsProvider,
+    vpc: &str,
+    cluster: &str,
+    pool: &str,
+    index: u32,
+) -> String {
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    ec2()
+        .await
+        .create_security_group()
+        .group_name(format!("{}{index}", p.name_prefix()))
+        .description("left by a crash")
+        .vpc_id(vpc)
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::SecurityGroup)
+                .tags(tag("sharedlb.dev/managed-by", "sharedlb"))
+                .tags(tag("sharedlb.dev/cluster", cluster))
+                .tags(tag("sharedlb.dev/pool", pool))
+                .tags(tag("sharedlb.dev/security-group", "frontend"))
+                .tags(tag("sharedlb.dev/index", &index.to_string()))
+                .build(),
+        )
+        .send()
+        .await
+        .expect("group")
+        .group_id
+        .expect("id")
+}
+
+/// Level-triggered groups: a group made before a crash kept its NLB from being made is reused by the next
+/// ensure (found by its tags, not made twice) or, when that NLB is never made, deleted by the next delete; an
+/// NLB deleted before a crash kept its groups from going loses them when its deletion is retried.
+#[tokio::test]
+async fn groups_a_crash_left_are_reused_or_deleted() {
+    let net = network().await;
+    let node_sg = net.node_security_group_id.clone().expect("sg");
+    let p = AwsProvider::new("crash", "p1", net.clone())
+        .await
+        .expect("provider");
+    let key = |index| LoadBalancerKey {
+        cluster_id: "crash".into(),
+        pool: "p1".into(),
+        index,
+    };
+    let elb = elb().await;
+    let left = group_left_by_a_crash(&p, &net.vpc_id, "crash", "p1", 0).await;
+    let orphan = group_left_by_a_crash(&p, &net.vpc_id, "crash", "p1", 5).await;
+    let lb0 = p.ensure_load_balancer(&key(0)).await.expect("nlb 0").id;
+    let (front0, backend) = nlb_groups(&elb, &lb0).await;
+    assert_eq!(front0, left, "the group left by the crash is reused");
+    let lb1 = p.ensure_load_balancer(&key(1)).await.expect("nlb 1").id;
+    let (front1, _) = nlb_groups(&elb, &lb1).await;
+    let prefix = p.name_prefix().to_string();
+    let g = |n: &str, r: &str| (format!("{prefix}{n}"), r.to_string());
+    assert_eq!(
+        our_groups(&net.vpc_id).await,
+        vec![
+            g("0", "frontend"),
+            g("1", "frontend"),
+            g("5", "frontend"),
+            g("backend", "backend")
+        ],
+        "one group per NLB, one backend group, the orphan still there"
+    );
+
+    // NLB 1 deleted, then a crash before its groups went: the retried delete finds the NLB gone, deletes the
+    // group, and the orphan of index 5 with it; NLB 0 keeps its groups and the node group's rules
+    elb.delete_load_balancer()
+        .load_balancer_arn(&lb1)
+        .send()
+        .await
+        .expect("deleted before the crash");
+    p.delete_load_balancer(&key(1))
+        .await
+        .expect("retried delete");
+    assert_eq!(
+        our_groups(&net.vpc_id).await,
+        vec![g("0", "frontend"), g("backend", "backend")],
+        "{front1} and {orphan} are gone"
+    );
+    assert_eq!(node_access(&node_sg).await, admits(&backend));
+
+    p.delete_load_balancer(&key(0)).await.expect("delete");
+    assert_eq!(
+        our_groups(&net.vpc_id).await,
+        vec![],
+        "the last NLB takes the backend group"
+    );
+    assert_eq!(node_access(&node_sg).await, vec![]);
+}
+
+/// An NLB made before NLBs had security groups cannot be given any: its ports stay opened in the node group
+/// (node port, from the ranges and the VPC), and while it is in the pool the node group's quota stays a
+/// pool-wide budget. An NLB made beside it gets its own group. Deleting both leaves nothing.
+#[tokio::test]
+async fn an_nlb_made_before_security_groups_keeps_its_rules_in_the_node_group() {
+    let net = network().await;
+    let node_sg = net.node_security_group_id.clone().expect("sg");
+    let elb = elb().await;
+    let prefix = sharedlb_providers::cloud_name_prefix("old", "p1");
+    let tag = |k: &str, v: &str| {
+        aws_sdk_elasticloadbalancingv2::types::Tag::builder()
+            .key(k)
+            .value(v)
+            .build()
+    };
+    elb.create_load_balancer()
+        .name(format!("{prefix}0"))
+        .r#type(aws_sdk_elasticloadbalancingv2::types::LoadBalancerTypeEnum::Network)
+        .set_subnets(Some(net.subnet_ids.clone()))
+        .tags(tag("sharedlb.dev/managed-by", "sharedlb"))
+        .tags(tag("sharedlb.dev/cluster", "old"))
+        .tags(tag("sharedlb.dev/pool", "p1"))
+        .tags(tag("sharedlb.dev/index", "0"))
+        .send()
+        .await
+        .expect("an NLB as the provider made them before");
+    let p = AwsProvider::new("old", "p1", net.clone())
+        .await
+        .expect("provider");
+    assert_eq!(
+        p.limits().max_ports_total,
+        Some(60 - 1 - 3),
+        "the node group's quota, less kube-proxy's rule and the backend group's three"
+    );
+    let key = |index| LoadBalancerKey {
+        cluster_id: "old".into(),
+        pool: "p1".into(),
+        index,
+    };
+    p.ensure_load_balancer(&key(0)).await.expect("found");
+    p.ensure_listener(
+        &key(0),
+        &spec(6000, Protocol::Udp, 31600, "old", &["203.0.113.0/24"]),
+    )
+    .await
+    .expect("listener on the old NLB");
+    assert_eq!(
+        ingress(&node_sg).await,
+        vec![
+            rule("tcp", 10256, "10.42.0.0/16"),
+            rule("udp", 31600, "10.42.0.0/16"),
+            rule("udp", 31600, "203.0.113.0/24"),
+        ],
+        "the node port from the ranges and the VPC, kube-proxy's port from the VPC"
+    );
+    assert_eq!(
+        our_groups(&net.vpc_id).await,
+        vec![],
+        "no group for the old NLB"
+    );
+
+    let lb1 = p.ensure_load_balancer(&key(1)).await.expect("new").id;
+    p.ensure_listener(&key(1), &spec(6000, Protocol::Tcp, 31601, "new", &[]))
+        .await
+        .expect("listener on the new NLB");
+    let (front, backend) = nlb_groups(&elb, &lb1).await;
+    assert_eq!(ingress(&front).await, vec![rule("tcp", 6000, "0.0.0.0/0")]);
+    assert_eq!(node_access(&node_sg).await, admits(&backend));
+
+    p.remove_listener(&key(0), 6000, Protocol::Udp, "old")
+        .await
+        .expect("remove");
+    assert_eq!(
+        ingress(&node_sg).await,
+        vec![rule("tcp", 10256, "10.42.0.0/16")],
+        "the old port's rules go with it"
+    );
+    p.delete_load_balancer(&key(0)).await.expect("delete old");
+    assert_eq!(
+        p.limits().max_ports_total,
+        None,
+        "no pool-wide budget once every NLB has its own group"
+    );
+    p.delete_load_balancer(&key(1)).await.expect("delete new");
+    assert_eq!(ingress(&node_sg).await, vec![]);
+    assert_eq!(node_access(&node_sg).await, vec![]);
+    assert_eq!(our_groups(&net.vpc_id).await, vec![]);
+}
