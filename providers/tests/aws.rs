@@ -1106,15 +1106,14 @@ async fn a_default_quota_pool_holds_two_nlbs_of_50_ports_and_the_node_group_thre
     assert_eq!(p.limits().max_ports_per_lb, 50);
     assert_eq!(p.limits().max_ports_total, None, "no pool-wide cap");
     let elb = elb().await;
-    let mut fronts = Vec::new();
-    let mut backends = Vec::new();
+    let mut lbs = Vec::new();
     for index in 0..2u16 {
         let key = LoadBalancerKey {
             cluster_id: "many".into(),
             pool: "p1".into(),
             index: u32::from(index),
         };
-        let lb = p.ensure_load_balancer(&key).await.expect("nlb").id;
+        lbs.push(p.ensure_load_balancer(&key).await.expect("nlb").id);
         for i in 0..50u16 {
             let node_port = 30000 + index * 50 + i;
             let owner = format!("o{node_port}");
@@ -1122,7 +1121,11 @@ async fn a_default_quota_pool_holds_two_nlbs_of_50_ports_and_the_node_group_thre
                 .await
                 .unwrap_or_else(|e| panic!("port {} of NLB {index}: {e}", 5000 + i));
         }
-        let (front, backend) = nlb_groups(&elb, &lb).await;
+    }
+    let mut fronts = Vec::new();
+    let mut backends = Vec::new();
+    for lb in &lbs {
+        let (front, backend) = nlb_groups(&elb, lb).await;
         let rules = ingress(&front).await;
         assert_eq!(rules.len(), 50, "one rule per port in the NLB's own group");
         assert!(
