@@ -1270,6 +1270,36 @@ async fn groups_a_crash_left_are_reused_or_deleted() {
         "the last NLB takes the backend group"
     );
     assert_eq!(node_access(&node_sg).await, vec![]);
+
+    // a group of the name that is not the pool's (no tags) is neither taken nor deleted
+    let theirs = ec2()
+        .await
+        .create_security_group()
+        .group_name(format!("{prefix}7"))
+        .description("someone else's")
+        .vpc_id(&net.vpc_id)
+        .send()
+        .await
+        .expect("group")
+        .group_id
+        .expect("id");
+    let e = p
+        .ensure_load_balancer(&key(7))
+        .await
+        .expect_err("the name is taken");
+    assert!(
+        matches!(&e, ProviderError::AlreadyExists(m) if m.contains("did not make")),
+        "{e:?}"
+    );
+    p.delete_load_balancer(&key(7)).await.expect("delete");
+    assert_eq!(our_groups(&net.vpc_id).await, vec![]);
+    ec2()
+        .await
+        .delete_security_group()
+        .group_id(&theirs)
+        .send()
+        .await
+        .expect("theirs is still there");
 }
 
 /// An NLB made before NLBs had security groups cannot be given any: its ports stay opened in the node group

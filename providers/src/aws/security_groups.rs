@@ -48,17 +48,31 @@ pub(super) const NODE_ACCESS_RULES: u32 = 3;
 const RELEASE_POLL: Duration = Duration::from_secs(5);
 
 impl AwsProvider {
-    /// The pool's security groups in its VPC, found by their tags; remembered for `firewall_of`.
+    /// The pool's security groups in its VPC, found by their tags; remembered for `firewall_of`. What is
+    /// remembered is added to, not replaced: EC2 may list a group only a moment after making it, and a deleted
+    /// group is forgotten by `delete_group` (a stale entry is only ever matched against an NLB's own groups).
     pub(super) async fn pool_groups(
         &self,
     ) -> Result<Vec<(String, SecurityGroupRole)>, ProviderError> {
+        self.security_groups_where(None).await
+    }
+
+    /// The pool's groups in its VPC (by their cluster and pool tags), and of that name when one is given.
+    async fn security_groups_where(
+        &self,
+        name: Option<&str>,
+    ) -> Result<Vec<(String, SecurityGroupRole)>, ProviderError> {
         let f = |k: &str, v: &str| Filter::builder().name(k).values(v).build();
+        let mut filters = vec![
+            f("vpc-id", &self.settings.vpc_id),
+            f(&format!("tag:{}", tags::CLUSTER), &self.cluster_id),
+            f(&format!("tag:{}", tags::POOL), &self.pool),
+        ];
+        filters.extend(name.map(|n| f("group-name", n)));
         let mut pages = self
             .ec2
             .describe_security_groups()
-            .filters(f("vpc-id", &self.settings.vpc_id))
-            .filters(f(&format!("tag:{}", tags::CLUSTER), &self.cluster_id))
-            .filters(f(&format!("tag:{}", tags::POOL), &self.pool))
+            .set_filters(Some(filters))
             .into_paginator()
             .send();
         let mut found = Vec::new();
@@ -83,7 +97,10 @@ impl AwsProvider {
                 }
             }
         }
-        *self.groups.lock().unwrap_or_else(|e| e.into_inner()) = found.iter().cloned().collect();
+        self.groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(found.iter().cloned());
         Ok(found)
     }
 
@@ -117,43 +134,62 @@ impl AwsProvider {
                 (format!("{}{BACKEND}", self.prefix), "NLBs to nodes".into())
             }
         };
-        let tag = |k: &str, v: &str| ec2::types::Tag::builder().key(k).value(v).build();
-        let mut spec = TagSpecification::builder()
-            .resource_type(ResourceType::SecurityGroup)
-            .tags(tag(tags::MANAGED_BY, "sharedlb"))
-            .tags(tag(tags::CLUSTER, &self.cluster_id))
-            .tags(tag(tags::POOL, &self.pool));
-        spec = match role {
-            SecurityGroupRole::Frontend(i) => spec
-                .tags(tag(TAG_ROLE, FRONTEND))
-                .tags(tag(tags::INDEX, &i.to_string())),
-            SecurityGroupRole::Backend => spec.tags(tag(TAG_ROLE, BACKEND)),
-        };
         let made = self
             .ec2
             .create_security_group()
             .group_name(&name)
             .description(format!("{}: {what}", self.description()))
             .vpc_id(&self.settings.vpc_id)
-            .tag_specifications(spec.build())
+            .tag_specifications(self.group_tags(role))
             .send()
             .await
-            .map_err(|e| match classify("create_security_group", e) {
-                // not found by the pool's tags, yet the name is taken in the VPC
-                ProviderError::AlreadyExists(m) => ProviderError::AlreadyExists(format!(
-                    "aws: a security group named {name} exists in {} that sharedlb did not make for this cluster and pool ({m})",
-                    self.settings.vpc_id
-                )),
-                other => other,
-            })?;
-        let id = made.group_id.ok_or_else(|| {
-            ProviderError::Other("aws: create_security_group returned no id".into())
-        })?;
+            .map_err(|e| classify("create_security_group", e));
+        let id = match made {
+            Ok(m) => m.group_id.ok_or_else(|| {
+                ProviderError::Other("aws: create_security_group returned no id".into())
+            })?,
+            Err(ProviderError::AlreadyExists(m)) => self.claim_named(&name, role, &m).await?,
+            Err(e) => return Err(e),
+        };
         self.groups
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), role);
         Ok(id)
+    }
+
+    fn group_tags(&self, role: SecurityGroupRole) -> TagSpecification {
+        let tag = |k: &str, v: &str| ec2::types::Tag::builder().key(k).value(v).build();
+        let spec = TagSpecification::builder()
+            .resource_type(ResourceType::SecurityGroup)
+            .tags(tag(tags::MANAGED_BY, "sharedlb"))
+            .tags(tag(tags::CLUSTER, &self.cluster_id))
+            .tags(tag(tags::POOL, &self.pool));
+        match role {
+            SecurityGroupRole::Frontend(i) => spec
+                .tags(tag(TAG_ROLE, FRONTEND))
+                .tags(tag(tags::INDEX, &i.to_string())),
+            SecurityGroupRole::Backend => spec.tags(tag(TAG_ROLE, BACKEND)),
+        }
+        .build()
+    }
+
+    /// The name is taken in the VPC: the group is ours if it carries the pool's tags and this role (made a
+    /// moment ago and not yet listed by tags), someone else's if not.
+    async fn claim_named(
+        &self,
+        name: &str,
+        role: SecurityGroupRole,
+        refusal: &str,
+    ) -> Result<String, ProviderError> {
+        let named = self.security_groups_where(Some(name)).await?;
+        match named.into_iter().find(|(_, r)| *r == role) {
+            Some((id, _)) => Ok(id),
+            None => Err(ProviderError::AlreadyExists(format!(
+                "aws: a security group named {name} exists in {} that sharedlb did not make for this cluster and pool ({refusal})",
+                self.settings.vpc_id
+            ))),
+        }
     }
 
     /// How this NLB's listeners are opened: by its own group when it has groups, in the node group when not.
