@@ -330,7 +330,12 @@ pub struct AwsSettings {
     /// Subnets for the NLBs. Omitted: discovered by the cluster tag.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subnet_ids: Vec<String>,
-    /// The nodes' security group, which gets exactly the ingress the allocated ports need.
+    /// The nodes' security group. Each NLB the pool makes has a security group of its own, which opens exactly
+    /// its listener ports to `sourceRanges`, and all carry the pool's backend security group; this group gets
+    /// three rules that admit the backend group (the NodePort range 30000-32767 in TCP and UDP, and kube-proxy's
+    /// health port 10256), however many ports the pool serves. NLBs made before NLBs had security groups keep
+    /// one rule per node port and source range here. Omitted: the operator changes no rule here (the nodes must
+    /// admit the NLBs' traffic some other way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_security_group_id: Option<String>,
     /// `internet-facing` (default) or `internal`.
@@ -341,8 +346,11 @@ pub struct AwsSettings {
     /// the i-th group of as many as there are subnets); the pool then has at most `len / subnets` NLBs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub eip_allocation_ids: Vec<String>,
-    /// Inbound rules the node security group may hold (AWS's default quota is 60). Each allocated port opens
-    /// one rule per source CIDR, so this caps the ports of the whole pool.
+    /// Inbound rules a security group may hold (AWS's default quota is 60, raisable per account). Each port of
+    /// an NLB opens one rule per source CIDR (at least one) in that NLB's own security group, so this bounds the
+    /// ports of each NLB (counted as one rule per port: SharedLBs with several `sourceRanges` can still meet
+    /// AWS's refusal on a full NLB). While the pool still has an NLB made without security groups, whose ports
+    /// open rules in the node security group, it also caps the ports of the whole pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub security_group_rule_limit: Option<u32>,

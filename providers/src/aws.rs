@@ -1,6 +1,12 @@
 //! AWS: each load balancer of a pool is a Network Load Balancer the operator creates and owns; each allocated
-//! port is a target group (instance targets on the node port) and a listener forwarding to it; the nodes'
-//! security group gets exactly the node port, from `sourceRanges`, plus what health checks need.
+//! port is a target group (instance targets on the node port) and a listener forwarding to it.
+//!
+//! Firewall (`security_groups`): each NLB has its own ("frontend") security group that opens exactly its listener
+//! ports to `sourceRanges`, and all NLBs of the pool share one "backend" group, which the nodes' security group
+//! admits on the node-port range and kube-proxy's health port, as AWS's Load Balancer Controller does. The nodes'
+//! group so holds a constant 3 rules of the pool's, and its 60-rule quota no longer caps the pool's ports. An NLB
+//! made before NLBs had security groups cannot be given any (AWS allows groups only at creation): such an NLB
+//! keeps the old way, each node port opened in the nodes' group to `sourceRanges` (and the VPC for health checks).
 //!
 //! When one SharedLB asks TCP and UDP on one port, the two become ONE `TCP_UDP` listener and target group (AWS
 //! refuses a TCP and a UDP listener on the same port of an NLB): the operator gives both Service ports the same
@@ -24,6 +30,9 @@ use elb::types::{
     SubnetMapping, Tag, TargetDescription, TargetTypeEnum,
 };
 
+mod security_groups;
+use security_groups::{Firewall, SecurityGroupRole};
+
 use crate::{
     ApiCalls, Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec,
     LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, NodeTarget, PortMode, Protocol,
@@ -38,6 +47,11 @@ pub const MAX_TARGETS_PER_AZ: u32 = 500;
 pub const DEFAULT_SECURITY_GROUP_RULES: u32 = 60;
 /// kube-proxy's health server: UDP target groups are health-checked here (a UDP node port answers no TCP).
 pub const KUBE_PROXY_HEALTH_PORT: u16 = 10256;
+/// Kubernetes' default NodePort range, which the nodes' group opens to the pool's backend group.
+pub const NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
+/// How long deleting a security group waits for AWS to let go of it: the ENIs of a deleted NLB outlive it for
+/// a while, and until they are gone, deleting its groups fails with `DependencyViolation`.
+pub const SECURITY_GROUP_RELEASE_WAIT: Duration = Duration::from_secs(120);
 
 const TAG_PORT: &str = "sharedlb.dev/port";
 const TAG_PROTOCOL: &str = "sharedlb.dev/protocol";
@@ -57,12 +71,17 @@ pub struct AwsPool {
     /// Elastic IP allocations, one per subnet per NLB in order: NLB i takes
     /// `[i * subnets, (i + 1) * subnets)`, so the pool has at most `len / subnets` NLBs.
     pub eip_allocation_ids: Vec<String>,
-    /// Inbound rules the node security group may hold (AWS default 60); `None` is the default.
+    /// Inbound rules one security group may hold (AWS default 60; `None` is the default): it bounds the
+    /// ports of each NLB (in its own group), and the ports of the whole pool only while an NLB made before
+    /// NLBs had security groups still opens its ports in the node group.
     pub security_group_rule_limit: Option<u32>,
 }
 
 /// A firewall opening as last synced: the client ranges and when.
 type Opened = (Vec<String>, std::time::Instant);
+/// Which opening: (security group, protocol, port) - the listener port in an NLB's own group, the node port in
+/// the node group.
+type OpeningKey = (String, Protocol, u16);
 
 /// How long a firewall opening read or made is trusted before the security group is read again.
 pub const FIREWALL_RECHECK: std::time::Duration = std::time::Duration::from_secs(600);
@@ -84,12 +103,20 @@ pub struct AwsProvider {
     /// Firewall openings this process made or found, and when it last read them, so a steady-state reconcile
     /// makes no EC2 call; older than `firewall_recheck`, the group is read again (a rule deleted behind the
     /// operator's back comes back within that).
-    opened: Mutex<BTreeMap<(Protocol, u16), Opened>>,
+    opened: Mutex<BTreeMap<OpeningKey, Opened>>,
     firewall_recheck: std::time::Duration,
-    /// Whether kube-proxy's health port is open to the VPC (for UDP target groups' health checks).
+    /// Whether kube-proxy's health port is open to the VPC (for UDP target groups' health checks on NLBs
+    /// without security groups).
     health_rule: tokio::sync::Mutex<bool>,
     /// Rules in the node security group that are not this pool's (other pools, the cluster's own).
     foreign_rules: AtomicU32,
+    /// The pool's NLBs without security groups (made before they had them), as last counted.
+    legacy_lbs: AtomicU32,
+    /// The pool's security groups by id, as last read (by tags) or made.
+    groups: Mutex<BTreeMap<String, SecurityGroupRole>>,
+    /// The backend group the node group was last seen (or made) to admit, and when.
+    node_access: tokio::sync::Mutex<Option<(String, std::time::Instant)>>,
+    group_release_wait: Duration,
     calls: Arc<CallCounter>,
 }
 
@@ -340,6 +367,12 @@ impl AwsProvider {
         self
     }
 
+    /// How long deleting a security group still in use waits (default `SECURITY_GROUP_RELEASE_WAIT`).
+    pub fn wait_for_security_group_release(mut self, wait: Duration) -> Self {
+        self.group_release_wait = wait;
+        self
+    }
+
     /// Credentials and endpoint from the environment (IRSA, instance profile, or `AWS_ENDPOINT_URL` for moto).
     /// Finds the subnets (and VPC) when not given, and reads the node security group once: a wrong id or
     /// missing network fails here, as a pool condition, before anything is made.
@@ -392,11 +425,17 @@ impl AwsProvider {
             firewall_recheck: FIREWALL_RECHECK,
             health_rule: tokio::sync::Mutex::new(false),
             foreign_rules: AtomicU32::new(0),
+            legacy_lbs: AtomicU32::new(0),
+            groups: Mutex::new(BTreeMap::new()),
+            node_access: tokio::sync::Mutex::new(None),
+            group_release_wait: SECURITY_GROUP_RELEASE_WAIT,
             calls,
         };
         p.discover_network().await?;
         p.vpc_cidr().await.map_err(config_error)?;
         p.count_foreign_rules().await.map_err(config_error)?;
+        // before the first placement: whether the node group's quota still caps the pool (`limits`)
+        p.our_lbs().await?;
         Ok(p)
     }
 
@@ -516,13 +555,19 @@ impl AwsProvider {
             .filter_map(|l| l.load_balancer_arn().map(str::to_string))
             .collect();
         let tags = self.tags_of(&arns).await?;
-        Ok(lbs
+        let ours: Vec<(u32, elb::types::LoadBalancer)> = lbs
             .into_iter()
             .filter_map(|l| {
                 let t = tags.get(l.load_balancer_arn()?).filter(|t| self.ours(t))?;
                 Some((t.get(tags::INDEX)?.parse().ok()?, l))
             })
-            .collect())
+            .collect();
+        let legacy = ours
+            .iter()
+            .filter(|(_, l)| l.security_groups().is_empty())
+            .count();
+        self.legacy_lbs.store(legacy as u32, Ordering::Relaxed);
+        Ok(ours)
     }
 
     /// The subnets the pool's NLBs use (given or discovered).
@@ -532,6 +577,23 @@ impl AwsProvider {
 
     fn description(&self) -> String {
         format!("sharedlb {}/{}", self.cluster_id, self.pool)
+    }
+
+    /// The pool-wide port budget, while an NLB without security groups is in the pool: its ports open rules in
+    /// the node group, which all the pool's NLBs share. The old budget stays (it counts every port of the pool,
+    /// so it is conservative for a pool that also has NLBs with groups), less kube-proxy's health rule and the
+    /// backend group's rules. `None` once every NLB has its own group.
+    fn node_group_budget(&self, quota: u32) -> Option<u32> {
+        let legacy = self.legacy_lbs.load(Ordering::Relaxed) > 0;
+        self.settings
+            .node_security_group_id
+            .as_ref()
+            .filter(|_| legacy)
+            .map(|_| {
+                quota
+                    .saturating_sub(self.foreign_rules.load(Ordering::Relaxed))
+                    .saturating_sub(1 + security_groups::NODE_ACCESS_RULES)
+            })
     }
 
     /// Counts the node security group's rules that are not this pool's: the rest of the quota is the pool's.
@@ -769,15 +831,16 @@ impl AwsProvider {
             .build()
     }
 
-    async fn authorize(&self, perm: ec2::types::IpPermission) -> Result<(), ProviderError> {
-        let Some(sg) = &self.settings.node_security_group_id else {
-            return Ok(());
-        };
+    async fn authorize(
+        &self,
+        sg: &str,
+        perms: Vec<ec2::types::IpPermission>,
+    ) -> Result<(), ProviderError> {
         crate::existing_is_ok(
             self.ec2
                 .authorize_security_group_ingress()
                 .group_id(sg)
-                .ip_permissions(perm)
+                .set_ip_permissions(Some(perms))
                 .send()
                 .await
                 .map(|_| ())
@@ -785,24 +848,38 @@ impl AwsProvider {
         )
     }
 
-    /// The ingress one listener needs: its node port from the client ranges (the NLB keeps client IPs), and
-    /// from the VPC for health checks unless the ranges are open anyway (one rule per port then). UDP ports are
-    /// health-checked on kube-proxy's port, opened to the VPC once for the pool. Nothing wider, and nothing
-    /// left of what an earlier `sourceRanges` opened.
-    async fn open_firewall(
-        &self,
-        protocol: Protocol,
-        node_port: u16,
-        ranges: &[String],
-    ) -> Result<(), ProviderError> {
-        if self.settings.node_security_group_id.is_none() {
-            return Ok(());
+    /// Where a listener's opening lives: (group, port) - the listener port in the NLB's own group, or the node
+    /// port in the node group for an NLB without groups (nowhere when the pool names no node group).
+    fn opening(&self, fw: &Firewall, port: u16, node_port: u16) -> Option<(String, u16)> {
+        match fw {
+            Firewall::Frontend { group, .. } => Some((group.clone(), port)),
+            Firewall::Nodes => self
+                .settings
+                .node_security_group_id
+                .clone()
+                .map(|sg| (sg, node_port)),
         }
+    }
+
+    /// The ingress one listener needs. On an NLB with its own group: the listener port from the client ranges
+    /// (everyone when none), and the nodes admitting the pool's backend group. On an NLB without groups: its
+    /// node port from the client ranges (the NLB keeps client IPs), and from the VPC for health checks unless the
+    /// ranges are open anyway; UDP ports are health-checked on kube-proxy's port, opened to the VPC once for the
+    /// pool. Nothing wider, and nothing left of what an earlier `sourceRanges` opened.
+    async fn open_firewall(&self, fw: &Firewall, l: &ListenerSpec) -> Result<(), ProviderError> {
+        if let Firewall::Frontend { backend, .. } = fw {
+            self.ensure_node_access(backend).await?;
+        }
+        let Some((sg, port)) = self.opening(fw, l.port, l.node_port) else {
+            return Ok(());
+        };
+        let key = (sg.clone(), l.protocol, port);
+        let ranges = &l.source_ranges;
         let fresh = self
             .opened
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&(protocol, node_port))
+            .get(&key)
             .is_some_and(|(r, at)| r == ranges && at.elapsed() < self.firewall_recheck);
         if fresh {
             return Ok(());
@@ -810,59 +887,70 @@ impl AwsProvider {
         let mut cidrs: BTreeSet<String> = ranges.iter().cloned().collect();
         if cidrs.is_empty() {
             cidrs.insert("0.0.0.0/0".into());
-        } else if let Some(vpc) = self.vpc_cidr().await? {
+        } else if matches!(fw, Firewall::Nodes)
+            && let Some(vpc) = self.vpc_cidr().await?
+        {
             cidrs.insert(vpc);
         }
-        if protocol == Protocol::Udp {
-            let mut open = self.health_rule.lock().await;
-            if !*open {
-                let vpc = self.vpc_cidr().await?.into_iter();
-                self.authorize(self.permission(Protocol::Tcp, KUBE_PROXY_HEALTH_PORT, vpc))
-                    .await?;
-                *open = true;
-            }
+        if matches!(fw, Firewall::Nodes) && l.protocol == Protocol::Udp {
+            self.open_health_port(&sg).await?;
         }
-        self.sync_firewall(protocol, node_port, cidrs).await?;
+        self.sync_firewall(&sg, l.protocol, port, cidrs).await?;
         let now = std::time::Instant::now();
         self.opened
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((protocol, node_port), (ranges.to_vec(), now));
+            .insert(key, (ranges.to_vec(), now));
         Ok(())
     }
 
-    /// Revokes exactly the rules sharedlb added for this node port, whatever their sources.
+    /// kube-proxy's health port, open to the VPC in the node group, for NLBs without groups of their own.
+    async fn open_health_port(&self, node_sg: &str) -> Result<(), ProviderError> {
+        let mut open = self.health_rule.lock().await;
+        if !*open {
+            let vpc = self.vpc_cidr().await?.into_iter();
+            let perm = self.permission(Protocol::Tcp, KUBE_PROXY_HEALTH_PORT, vpc);
+            self.authorize(node_sg, vec![perm]).await?;
+            *open = true;
+        }
+        Ok(())
+    }
+
+    /// Revokes exactly the rules sharedlb added for this listener (or node port), whatever their sources.
     async fn close_firewall(
         &self,
+        fw: &Firewall,
         protocol: Protocol,
+        port: u16,
         node_port: u16,
     ) -> Result<(), ProviderError> {
+        let Some((sg, port)) = self.opening(fw, port, node_port) else {
+            return Ok(());
+        };
         self.opened
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&(protocol, node_port));
-        self.sync_firewall(protocol, node_port, BTreeSet::new())
+            .remove(&(sg.clone(), protocol, port));
+        self.sync_firewall(&sg, protocol, port, BTreeSet::new())
             .await
     }
 
-    /// Makes sharedlb's rules for this node port (known by their description) open it to exactly `want`:
-    /// what is missing is authorised first, so a changed range never closes the port in between, then what is
-    /// no longer wanted is revoked, so a narrowed `sourceRanges` closes the wider rule. IPv6 sources are left
-    /// out, as `permission` leaves them out (both by `is_ipv4_range`).
+    /// Makes sharedlb's rules for this port of this group (known by their description) open it to exactly
+    /// `want`: what is missing is authorised first, so a changed range never closes the port in between, then
+    /// what is no longer wanted is revoked, so a narrowed `sourceRanges` closes the wider rule. IPv6 sources are
+    /// left out, as `permission` leaves them out (both by `is_ipv4_range`).
     async fn sync_firewall(
         &self,
+        sg: &str,
         protocol: Protocol,
-        node_port: u16,
+        port: u16,
         want: BTreeSet<String>,
     ) -> Result<(), ProviderError> {
-        let Some(sg) = &self.settings.node_security_group_id else {
-            return Ok(());
-        };
         let want: BTreeSet<String> = want.into_iter().filter(|c| is_ipv4_range(c)).collect();
-        let have = self.opened_sources(sg, protocol, node_port).await?;
+        let have = self.opened_sources(sg, protocol, port).await?;
         let missing: Vec<String> = want.difference(&have).cloned().collect();
         if !missing.is_empty() {
-            self.authorize(self.permission(protocol, node_port, missing))
+            self.authorize(sg, vec![self.permission(protocol, port, missing)])
                 .await?;
         }
         let extra: Vec<String> = have.difference(&want).cloned().collect();
@@ -873,7 +961,7 @@ impl AwsProvider {
             self.ec2
                 .revoke_security_group_ingress()
                 .group_id(sg)
-                .ip_permissions(self.permission(protocol, node_port, extra))
+                .ip_permissions(self.permission(protocol, port, extra))
                 .send()
                 .await
                 .map(|_| ())
@@ -881,12 +969,12 @@ impl AwsProvider {
         )
     }
 
-    /// The sources sharedlb's rules open this node port to.
+    /// The sources sharedlb's rules open this port of this group to.
     async fn opened_sources(
         &self,
         sg: &str,
         protocol: Protocol,
-        node_port: u16,
+        port: u16,
     ) -> Result<BTreeSet<String>, ProviderError> {
         let r = self
             .ec2
@@ -901,7 +989,7 @@ impl AwsProvider {
             .iter()
             .flat_map(|g| g.ip_permissions())
             .filter(|p| {
-                p.from_port == Some(i32::from(node_port)) && p.ip_protocol() == Some(wire.as_str())
+                p.from_port == Some(i32::from(port)) && p.ip_protocol() == Some(wire.as_str())
             })
             .flat_map(|p| p.ip_ranges())
             .filter(|r| r.description() == Some(&mine))
@@ -1068,9 +1156,14 @@ impl AwsProvider {
         }
     }
 
-    /// Deletes a target group (no listener may use it) and closes the firewall for what it carried, except
-    /// what `keep` (protocols on a node port) still needs.
-    async fn drop_group(&self, g: &Group, keep: Option<(Wire, u16)>) -> Result<(), ProviderError> {
+    /// Deletes a target group (no listener may use it) and closes the firewall (`fw`; none when the NLB's own
+    /// group goes with it) for what it carried, except what `keep` (protocols on a node port) still needs.
+    async fn drop_group(
+        &self,
+        g: &Group,
+        keep: Option<(Wire, u16)>,
+        fw: Option<&Firewall>,
+    ) -> Result<(), ProviderError> {
         crate::gone_is_ok(
             self.elb
                 .delete_target_group()
@@ -1080,10 +1173,16 @@ impl AwsProvider {
                 .map(|_| ())
                 .map_err(|e| classify("delete_target_group", e)),
         )?;
+        let Some(fw) = fw else {
+            return Ok(());
+        };
         for p in g.wire.protocols() {
-            let kept = keep.is_some_and(|(w, np)| w.covers(*p) && np == g.node_port);
+            // an NLB's own group opens the listener port, which the listener that stays keeps whatever its
+            // node port; the node group opens the node port itself
+            let same_opening = |np| matches!(fw, Firewall::Frontend { .. }) || np == g.node_port;
+            let kept = keep.is_some_and(|(w, np)| w.covers(*p) && same_opening(np));
             if !kept {
-                self.close_firewall(*p, g.node_port).await?;
+                self.close_firewall(fw, *p, g.port, g.node_port).await?;
             }
         }
         Ok(())
@@ -1116,22 +1215,26 @@ impl LoadBalancerProvider for AwsProvider {
             *per_zone.entry(zone).or_default() += 1;
         }
         let busiest = per_zone.values().copied().max().unwrap_or(1).max(1);
-        // every port opens (at least) one rule in the node security group, which all the pool's NLBs share;
-        // one rule stays for kube-proxy's health port
-        let max_ports_total = self.settings.node_security_group_id.as_ref().map(|_| {
-            self.settings
-                .security_group_rule_limit
-                .unwrap_or(DEFAULT_SECURITY_GROUP_RULES)
-                .saturating_sub(self.foreign_rules.load(Ordering::Relaxed))
-                .saturating_sub(1)
-        });
+        let quota = self
+            .settings
+            .security_group_rule_limit
+            .unwrap_or(DEFAULT_SECURITY_GROUP_RULES);
+        let max_ports_total = self.node_group_budget(quota);
         // with Elastic IPs, each NLB takes one per subnet
         let subnets = self.settings.subnet_ids.len().max(1);
         let max_lbs = (!self.settings.eip_allocation_ids.is_empty())
             .then(|| (self.settings.eip_allocation_ids.len() / subnets) as u32);
+        // Each port/protocol pair opens one rule per source range (at least one) in its NLB's own group, which
+        // holds nothing else. Limits counts ports, not rules, so this assumes one rule per port: exact for ports
+        // open to all or to one range (the common case), and with the default quota of 60 the 10 rules beyond
+        // 50 listeners absorb some extra ranges. A bound that holds for every SharedLB does not exist (one may
+        // name 64 ranges, more than a default group holds); an NLB whose group runs out gets AWS's refusal,
+        // shown as CloudQuotaExceeded on the SharedLB that asked. Raise the quota (`securityGroupRuleLimit`) or
+        // lower `maxPortsPerLoadBalancer` for pools of many-range SharedLBs.
         Limits {
             max_ports_per_lb: MAX_LISTENERS_PER_NLB
                 .min(MAX_TARGETS_PER_AZ / busiest)
+                .min(quota)
                 .max(1),
             max_lbs,
             max_ports_total,
@@ -1197,7 +1300,10 @@ impl LoadBalancerProvider for AwsProvider {
                         );
                     }
                 }
+                // the groups come last: nothing is made for an NLB whose request cannot be built
+                let groups = self.groups_for_new_lb(lb.index).await?;
                 let out = req
+                    .set_security_groups(Some(groups))
                     .send()
                     .await
                     .map_err(|e| classify("create_load_balancer", e))?;
@@ -1253,18 +1359,19 @@ impl LoadBalancerProvider for AwsProvider {
         } else {
             Wire::of(l.protocol)
         };
+        let fw = self.firewall_of(lb.index, &nlb).await?;
         let tg_arn = self
             .ensure_target_group(lb.index, &groups, l.port, wire, l.node_port, &l.owner.uid)
             .await?;
-        self.open_firewall(l.protocol, l.node_port, &l.source_ranges)
-            .await?;
+        self.open_firewall(&fw, l).await?;
         self.point_listener(&lb_arn, l.port, wire, &tg_arn).await?;
         // groups this one replaces: the single-protocol halves of a merge, or an older node port
         for g in groups
             .iter()
             .filter(|g| g.arn != tg_arn && g.wire.overlaps(wire))
         {
-            self.drop_group(g, Some((wire, l.node_port))).await?;
+            self.drop_group(g, Some((wire, l.node_port)), Some(&fw))
+                .await?;
         }
         Ok(())
     }
@@ -1280,6 +1387,7 @@ impl LoadBalancerProvider for AwsProvider {
             return Ok(());
         };
         let lb_arn = nlb.load_balancer_arn().unwrap_or_default().to_string();
+        let fw = self.firewall_of(lb.index, &nlb).await?;
         let is_mine =
             |g: &&Group| g.port == port && g.wire.covers(protocol) && g.owner_uid == owner_uid;
         let mut all = self.lb_groups(lb.index, &lb_arn).await?;
@@ -1309,13 +1417,25 @@ impl LoadBalancerProvider for AwsProvider {
                 }
                 None
             };
-            self.drop_group(g, keep).await?;
+            self.drop_group(g, keep, Some(&fw)).await?;
         }
         Ok(())
     }
 
+    /// Deletes the NLB, its target groups, and the security groups no NLB of the pool uses any more: its own,
+    /// any left by a crash between making a group and its NLB, and with the pool's last NLB the backend group
+    /// (after the node group's rules that admit it). One at a time with `ensure_load_balancer`, so a group is
+    /// never deleted under an NLB being made with it.
     async fn delete_load_balancer(&self, lb: &LoadBalancerKey) -> Result<(), ProviderError> {
-        if let Some(nlb) = self.find_lb(lb.index).await? {
+        let _one_at_a_time = self.creating.lock().await;
+        let nlb = self.find_lb(lb.index).await?;
+        // an NLB's own group goes as a whole; the node group's rules go port by port (also when the NLB is
+        // already gone and what it was is unknown: no rule of sharedlb's on a port, nothing revoked)
+        let fw = match &nlb {
+            Some(n) if !n.security_groups().is_empty() => None,
+            _ => Some(Firewall::Nodes),
+        };
+        if let Some(nlb) = nlb {
             // deleting an NLB deletes its listeners; its target groups and firewall rules go after
             crate::gone_is_ok(
                 self.elb
@@ -1328,12 +1448,16 @@ impl LoadBalancerProvider for AwsProvider {
             )?;
         }
         for g in self.target_groups(lb.index).await? {
-            self.drop_group(&g, None).await?;
+            self.drop_group(&g, None, fw.as_ref()).await?;
         }
+        let mut live: BTreeSet<u32> = self.our_lbs().await?.into_iter().map(|(i, _)| i).collect();
+        // gone, even if a listing made right after its deletion still shows it
+        live.remove(&lb.index);
+        self.release_groups(&live).await?;
         // the last NLB of the pool takes the pool's health-check rule with it
-        if self.our_lbs().await?.is_empty() {
+        if live.is_empty() {
             let mut open = self.health_rule.lock().await;
-            self.close_firewall(Protocol::Tcp, KUBE_PROXY_HEALTH_PORT)
+            self.close_firewall(&Firewall::Nodes, Protocol::Tcp, 0, KUBE_PROXY_HEALTH_PORT)
                 .await?;
             *open = false;
         }

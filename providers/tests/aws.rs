@@ -114,55 +114,25 @@ async fn listeners_target_groups_and_firewall_are_exactly_what_the_port_needs() 
     let l = spec(4000, Protocol::Udp, 31000, "u1", &["203.0.113.0/24"]);
     p.ensure_listener(&key, &l).await.expect("listener");
 
-    let ec2 = ec2().await;
-    let rules = ec2
-        .describe_security_groups()
-        .group_ids(&sg)
-        .send()
-        .await
-        .expect("sg")
-        .security_groups
-        .expect("groups");
-    let perms: Vec<_> = rules[0]
-        .ip_permissions
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|r| r.from_port == Some(31000))
-        .collect();
-    assert_eq!(perms.len(), 1, "one rule for the node port: {perms:?}");
+    let elb = elb().await;
+    let (front, backend) = nlb_groups(&elb, &info.id).await;
     assert_eq!(
-        (perms[0].ip_protocol.as_deref(), perms[0].to_port),
-        (Some("udp"), Some(31000)),
-        "exactly the node port"
+        ingress(&front).await,
+        vec![rule("udp", 4000, "203.0.113.0/24")],
+        "the NLB's own group opens exactly the listener port to exactly the sourceRanges"
     );
-    let cidrs: Vec<String> = perms[0]
-        .ip_ranges
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|r| r.cidr_ip)
-        .collect();
-    assert!(
-        cidrs.contains(&"203.0.113.0/24".to_string())
-            && cidrs.contains(&"10.42.0.0/16".to_string()),
-        "{cidrs:?}"
+    assert_eq!(
+        ingress(&sg).await,
+        vec![],
+        "no address rule in the node group"
     );
-    assert!(
-        !cidrs.contains(&"0.0.0.0/0".to_string()),
-        "not open to the world when sourceRanges say otherwise"
-    );
+    assert_eq!(node_access(&sg).await, admits(&backend));
 
     let inv = p.inventory().await.expect("inventory");
     assert_eq!(inv.load_balancers[0].listeners.len(), 1);
     assert_eq!(inv.load_balancers[0].listeners[0].node_port, 31000);
 
     // targets: the nodes, on the node port; a node added is registered, a node gone is deregistered
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .load()
-        .await;
-    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&conf);
     assert_eq!(
         targets(&elb, "-4000u-31000").await,
         vec![
@@ -187,22 +157,11 @@ async fn listeners_target_groups_and_firewall_are_exactly_what_the_port_needs() 
     p.remove_listener(&key, 4000, Protocol::Udp, "u1")
         .await
         .expect("remove");
-    let rules = ec2
-        .describe_security_groups()
-        .group_ids(&sg)
-        .send()
-        .await
-        .expect("sg")
-        .security_groups
-        .expect("groups");
-    assert!(
-        rules[0]
-            .ip_permissions
-            .clone()
-            .unwrap_or_default()
-            .iter()
-            .all(|r| r.from_port != Some(31000)),
-        "the rule goes with the port"
+    assert_eq!(ingress(&front).await, vec![], "the rule goes with the port");
+    assert_eq!(
+        node_access(&sg).await,
+        admits(&backend),
+        "the nodes admit the NLBs while one lives"
     );
     p.delete_load_balancer(&key).await.expect("delete");
     assert!(
@@ -212,6 +171,12 @@ async fn listeners_target_groups_and_firewall_are_exactly_what_the_port_needs() 
             .load_balancers
             .is_empty()
     );
+    assert_eq!(
+        our_groups(&net.vpc_id).await,
+        vec![],
+        "the groups go with the NLB"
+    );
+    assert_eq!(node_access(&sg).await, vec![]);
 }
 
 #[tokio::test]
@@ -353,6 +318,144 @@ async fn ingress(sg: &str) -> Vec<(String, i32, String)> {
     out
 }
 
+fn rule(protocol: &str, port: i32, cidr: &str) -> (String, i32, String) {
+    (protocol.to_string(), port, cidr.to_string())
+}
+
+/// The NLB's security groups as (its own, the pool's backend group), told apart by their role tag.
+async fn nlb_groups(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    lb_arn: &str,
+) -> (String, String) {
+    let ids: Vec<String> = elb
+        .describe_load_balancers()
+        .load_balancer_arns(lb_arn)
+        .send()
+        .await
+        .expect("nlb")
+        .load_balancers
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|l| l.security_groups.unwrap_or_default())
+        .collect();
+    assert_eq!(ids.len(), 2, "two groups on the NLB: {ids:?}");
+    let groups = ec2()
+        .await
+        .describe_security_groups()
+        .set_group_ids(Some(ids))
+        .send()
+        .await
+        .expect("groups")
+        .security_groups
+        .unwrap_or_default();
+    let with_role = |role: &str| {
+        groups
+            .iter()
+            .find(|g| role_of(g) == role)
+            .and_then(|g| g.group_id.clone())
+            .unwrap_or_else(|| panic!("a {role} group on the NLB: {groups:?}"))
+    };
+    (with_role("frontend"), with_role("backend"))
+}
+
+fn role_of(g: &aws_sdk_ec2::types::SecurityGroup) -> &str {
+    g.tags()
+        .iter()
+        .find(|t| t.key() == Some("sharedlb.dev/security-group"))
+        .and_then(|t| t.value())
+        .unwrap_or("")
+}
+
+/// Security groups sharedlb made in this VPC, as (name, role), sorted.
+async fn our_groups(vpc: &str) -> Vec<(String, String)> {
+    let f = |k: &str, v: &str| {
+        aws_sdk_ec2::types::Filter::builder()
+            .name(k)
+            .values(v)
+            .build()
+    };
+    let mut out: Vec<(String, String)> = ec2()
+        .await
+        .describe_security_groups()
+        .filters(f("vpc-id", vpc))
+        .filters(f("tag:sharedlb.dev/managed-by", "sharedlb"))
+        .send()
+        .await
+        .expect("groups")
+        .security_groups
+        .unwrap_or_default()
+        .iter()
+        .map(|g| {
+            (
+                g.group_name().unwrap_or_default().to_string(),
+                role_of(g).to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The group's inbound rules whose source is another group, as (protocol, from, to, that group), sorted.
+async fn node_access(sg: &str) -> Vec<(String, i32, i32, String)> {
+    let g = ec2()
+        .await
+        .describe_security_groups()
+        .group_ids(sg)
+        .send()
+        .await
+        .expect("sg")
+        .security_groups
+        .unwrap_or_default();
+    let mut out: Vec<(String, i32, i32, String)> = g
+        .iter()
+        .flat_map(|g| g.ip_permissions())
+        .flat_map(|p| {
+            p.user_id_group_pairs().iter().map(move |pair| {
+                (
+                    p.ip_protocol().unwrap_or_default().to_string(),
+                    p.from_port().unwrap_or_default(),
+                    p.to_port().unwrap_or_default(),
+                    pair.group_id().unwrap_or_default().to_string(),
+                )
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// What `node_access` shows when the node group admits `backend`: the node-port range in TCP and UDP, and
+/// kube-proxy's health port.
+fn admits(backend: &str) -> Vec<(String, i32, i32, String)> {
+    let mut out = vec![
+        ("tcp".to_string(), 10256, 10256, backend.to_string()),
+        ("tcp".to_string(), 30000, 32767, backend.to_string()),
+        ("udp".to_string(), 30000, 32767, backend.to_string()),
+    ];
+    out.sort();
+    out
+}
+
+/// The group's inbound rules whose source is another group, as the API describes them (to revoke them behind
+/// the operator's back).
+async fn group_sourced_permissions(sg: &str) -> Vec<aws_sdk_ec2::types::IpPermission> {
+    ec2()
+        .await
+        .describe_security_groups()
+        .group_ids(sg)
+        .send()
+        .await
+        .expect("sg")
+        .security_groups
+        .unwrap_or_default()
+        .iter()
+        .flat_map(|g| g.ip_permissions())
+        .filter(|p| !p.user_id_group_pairs().is_empty())
+        .cloned()
+        .collect()
+}
+
 /// The load balancer's listeners as (port, protocol, name of the target group it forwards to), sorted.
 async fn listeners(
     elb: &aws_sdk_elasticloadbalancingv2::Client,
@@ -434,13 +537,20 @@ async fn tcp_and_udp_on_one_port_share_one_tcp_udp_listener_and_split_back() {
     };
     let lb = p.ensure_load_balancer(&key).await.expect("nlb").id;
     let elb = elb().await;
-    let prefix = p.api_calls(); // construction made only reads
+    // construction made only reads; the NLB came with its groups and the node group's rules for them
+    let prefix = p.api_calls();
+    let made = [
+        "CreateLoadBalancer",
+        "CreateSecurityGroup",
+        "AuthorizeSecurityGroupIngress",
+    ];
     assert!(
         prefix
             .iter()
-            .all(|(op, _)| !sharedlb_providers::aws::is_mutating(op) || op == "CreateLoadBalancer"),
+            .all(|(op, _)| !sharedlb_providers::aws::is_mutating(op) || made.contains(&op.as_str())),
         "{prefix:?}"
     );
+    let (front, backend) = nlb_groups(&elb, &lb).await;
 
     let before = mutating(&p);
     let all_before: u64 = p.api_calls().iter().map(|(_, n)| n).sum();
@@ -496,15 +606,21 @@ async fn tcp_and_udp_on_one_port_share_one_tcp_udp_listener_and_split_back() {
         vec![(53, "TCP_UDP".to_string(), "53b-31053".to_string())],
         "one merged listener"
     );
-    let open = "0.0.0.0/0".to_string();
+    let open = "0.0.0.0/0";
+    assert_eq!(
+        ingress(&front).await,
+        vec![rule("tcp", 53, open), rule("udp", 53, open)],
+        "both protocols on the listener port, nothing else"
+    );
     assert_eq!(
         ingress(&sg).await,
-        vec![
-            ("tcp".to_string(), 10256, "10.42.0.0/16".to_string()),
-            ("tcp".to_string(), 31053, open.clone()),
-            ("udp".to_string(), 31053, open.clone()),
-        ],
-        "both protocols on the node port, kube-proxy's health port to the VPC, nothing else"
+        vec![],
+        "no address rule in the node group"
+    );
+    assert_eq!(
+        node_access(&sg).await,
+        admits(&backend),
+        "the node group admits the NLBs' backend group, kube-proxy's health port included"
     );
     let inv = p.inventory().await.expect("inventory");
     let l: Vec<(u16, Protocol, u16)> = inv.load_balancers[0]
@@ -553,14 +669,10 @@ async fn tcp_and_udp_on_one_port_share_one_tcp_udp_listener_and_split_back() {
             (5000, "UDP".to_string(), "5000u-31500".to_string())
         ]
     );
-    let rules = ingress(&sg).await;
-    assert!(
-        rules.contains(&("tcp".to_string(), 31053, open.clone())),
-        "{rules:?}"
-    );
-    assert!(
-        !rules.iter().any(|r| r.0 == "udp" && r.1 == 31053),
-        "{rules:?}"
+    assert_eq!(
+        ingress(&front).await,
+        vec![rule("tcp", 53, open), rule("udp", 5000, "198.51.100.0/24")],
+        "only the TCP rule of port 53 stays"
     );
     // someone else's uid removes nothing
     p.remove_listener(&key, 53, Protocol::Tcp, "not-the-owner")
@@ -575,11 +687,16 @@ async fn tcp_and_udp_on_one_port_share_one_tcp_udp_listener_and_split_back() {
         .await
         .expect("udp");
     assert!(listeners(&elb, &lb).await.is_empty());
+    assert_eq!(
+        ingress(&front).await,
+        vec![],
+        "every rule went with its port"
+    );
     p.delete_load_balancer(&key).await.expect("delete");
     assert_eq!(
-        ingress(&sg).await,
+        node_access(&sg).await,
         vec![],
-        "every rule went with its port, the health rule with the last NLB"
+        "the node group's rules went with the last NLB"
     );
     assert!(tg_names(&elb, &p).await.is_empty());
 }
@@ -630,9 +747,10 @@ async fn health_check(
     )
 }
 
-/// The node security group's rule quota becomes a pool-wide port budget, less the rules others hold there.
+/// The rule quota (`securityGroupRuleLimit`) bounds the ports of each NLB, in its own group; the node group no
+/// longer caps the pool (it used to: 60 rules, less the foreign ones and kube-proxy's, for all NLBs together).
 #[tokio::test]
-async fn the_security_group_rule_quota_is_the_pools_port_budget() {
+async fn the_rule_quota_bounds_each_nlb_not_the_pool() {
     let mut net = network().await;
     let sg = net.node_security_group_id.clone().expect("sg");
     let ec2 = ec2().await;
@@ -650,26 +768,24 @@ async fn the_security_group_rule_quota_is_the_pools_port_budget() {
     let p = AwsProvider::new("budget", "p", net.clone())
         .await
         .expect("provider");
-    assert_eq!(
-        p.limits().max_ports_total,
-        Some(60 - 3 - 1),
-        "the default quota, less 3 foreign rules and kube-proxy's health rule"
-    );
-    net.security_group_rule_limit = Some(200);
+    assert_eq!(p.limits().max_ports_total, None, "no pool-wide budget");
+    assert_eq!(p.limits().max_ports_per_lb, 50, "the listener limit");
+    net.security_group_rule_limit = Some(20);
     let p = AwsProvider::new("budget", "p", net.clone())
         .await
         .expect("provider");
-    assert_eq!(p.limits().max_ports_total, Some(196));
+    assert_eq!(
+        p.limits().max_ports_per_lb,
+        20,
+        "a quota below 50 rules bounds each NLB"
+    );
+    assert_eq!(p.limits().max_ports_total, None);
     net.node_security_group_id = None;
     let p = AwsProvider::new("budget", "p", net)
         .await
         .expect("provider");
-    assert_eq!(
-        p.limits().max_ports_total,
-        None,
-        "no security group to fill, no budget"
-    );
-    assert_eq!(p.limits().max_ports_per_lb, 50);
+    assert_eq!(p.limits().max_ports_total, None);
+    assert_eq!(p.limits().max_ports_per_lb, 20);
 }
 
 /// Without subnets, the provider finds the cluster's tagged ones (one per zone) and their VPC; Elastic IPs
@@ -774,13 +890,14 @@ async fn subnets_are_found_by_the_cluster_tag_and_elastic_ips_cap_the_pool() {
     );
 }
 
-/// Changing a SharedLB's `sourceRanges` leaves the node port open to exactly the new sources: narrowing revokes
-/// the wider rule (it used to stay open to 0.0.0.0/0), widening adds, going back to open undoes both; a rule
-/// someone else added on the same port stays; ensuring the same ranges again writes nothing.
+/// `sourceRanges` land on the NLB's own group, on the listener port (not the node port, not the node group),
+/// and a change leaves exactly the new sources: narrowing revokes the wider rule, widening adds, going back to
+/// open undoes both; a rule someone else added on the same port stays; ensuring the same ranges again writes
+/// nothing.
 #[tokio::test]
 async fn a_changed_source_range_leaves_exactly_the_new_rules() {
     let net = network().await;
-    let sg = net.node_security_group_id.clone().expect("sg");
+    let node_sg = net.node_security_group_id.clone().expect("sg");
     let p = AwsProvider::new("ranges", "p1", net.clone())
         .await
         .expect("provider");
@@ -789,11 +906,12 @@ async fn a_changed_source_range_leaves_exactly_the_new_rules() {
         pool: "p1".into(),
         index: 0,
     };
-    p.ensure_load_balancer(&key).await.expect("nlb");
+    let lb = p.ensure_load_balancer(&key).await.expect("nlb").id;
+    let (sg, _) = nlb_groups(&elb().await, &lb).await;
     let theirs = aws_sdk_ec2::types::IpPermission::builder()
         .ip_protocol("tcp")
-        .from_port(31100)
-        .to_port(31100)
+        .from_port(4100)
+        .to_port(4100)
         .ip_ranges(
             aws_sdk_ec2::types::IpRange::builder()
                 .cidr_ip("192.0.2.0/24")
@@ -812,24 +930,16 @@ async fn a_changed_source_range_leaves_exactly_the_new_rules() {
         ingress(&sg)
             .await
             .into_iter()
-            .filter(|(proto, port, _)| proto == "tcp" && *port == 31100)
+            .filter(|(proto, port, _)| proto == "tcp" && *port == 4100)
             .map(|(_, _, cidr)| cidr)
             .collect::<Vec<_>>()
     };
     let steps: [(&[&str], &[&str]); 4] = [
         (&[], &["0.0.0.0/0", "192.0.2.0/24"]),
-        (
-            &["198.51.100.0/24"],
-            &["10.42.0.0/16", "192.0.2.0/24", "198.51.100.0/24"],
-        ),
+        (&["198.51.100.0/24"], &["192.0.2.0/24", "198.51.100.0/24"]),
         (
             &["198.51.100.0/24", "203.0.113.0/24"],
-            &[
-                "10.42.0.0/16",
-                "192.0.2.0/24",
-                "198.51.100.0/24",
-                "203.0.113.0/24",
-            ],
+            &["192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24"],
         ),
         (&[], &["0.0.0.0/0", "192.0.2.0/24"]),
     ];
@@ -838,6 +948,16 @@ async fn a_changed_source_range_leaves_exactly_the_new_rules() {
             .await
             .expect("listener");
         assert_eq!(sources().await, expected, "sourceRanges {ranges:?}");
+        assert_eq!(
+            ingress(&sg).await.len(),
+            expected.len(),
+            "nothing on another port (the node port)"
+        );
+        assert_eq!(
+            ingress(&node_sg).await,
+            vec![],
+            "nothing from the ranges in the node group"
+        );
     }
     let before = mutating(&p);
     p.ensure_listener(&key, &spec(4100, Protocol::Tcp, 31100, "o1", &[]))
@@ -853,15 +973,21 @@ async fn a_changed_source_range_leaves_exactly_the_new_rules() {
         .expect("remove");
     assert_eq!(sources().await, ["192.0.2.0/24"], "only their rule stays");
     p.delete_load_balancer(&key).await.expect("delete");
+    assert_eq!(
+        our_groups(&net.vpc_id).await,
+        vec![],
+        "someone else's rule does not keep the group"
+    );
 }
 
 /// The firewall opening a listener needs is read again once it is older than the recheck interval: a rule
 /// deleted behind the operator's back comes back with the next ensure after that, not only after a restart (the
 /// provider used to trust what it had opened for as long as it lived). Within the interval the group is not read.
+/// The same holds for the node group's rules that admit the NLBs.
 #[tokio::test]
 async fn a_rule_deleted_behind_the_operators_back_comes_back_after_the_recheck_interval() {
     let net = network().await;
-    let sg = net.node_security_group_id.clone().expect("sg");
+    let node_sg = net.node_security_group_id.clone().expect("sg");
     let key = LoadBalancerKey {
         cluster_id: "recheck".into(),
         pool: "p1".into(),
@@ -870,13 +996,13 @@ async fn a_rule_deleted_behind_the_operators_back_comes_back_after_the_recheck_i
     let opened = |rules: Vec<(String, i32, String)>| {
         rules
             .into_iter()
-            .any(|(proto, port, cidr)| proto == "tcp" && port == 31200 && cidr == "0.0.0.0/0")
+            .any(|(proto, port, cidr)| proto == "tcp" && port == 4200 && cidr == "0.0.0.0/0")
     };
-    let revoke = || async {
+    let revoke = |sg: String| async move {
         let rule = aws_sdk_ec2::types::IpPermission::builder()
             .ip_protocol("tcp")
-            .from_port(31200)
-            .to_port(31200)
+            .from_port(4200)
+            .to_port(4200)
             .ip_ranges(
                 aws_sdk_ec2::types::IpRange::builder()
                     .cidr_ip("0.0.0.0/0")
@@ -886,7 +1012,7 @@ async fn a_rule_deleted_behind_the_operators_back_comes_back_after_the_recheck_i
         ec2()
             .await
             .revoke_security_group_ingress()
-            .group_id(&sg)
+            .group_id(sg)
             .ip_permissions(rule)
             .send()
             .await
@@ -898,13 +1024,14 @@ async fn a_rule_deleted_behind_the_operators_back_comes_back_after_the_recheck_i
     let trusting = AwsProvider::new("recheck", "p1", net.clone())
         .await
         .expect("provider");
-    trusting.ensure_load_balancer(&key).await.expect("nlb");
+    let lb = trusting.ensure_load_balancer(&key).await.expect("nlb").id;
+    let (sg, backend) = nlb_groups(&elb().await, &lb).await;
     trusting
         .ensure_listener(&key, &listener)
         .await
         .expect("listener");
     assert!(opened(ingress(&sg).await));
-    revoke().await;
+    revoke(sg.clone()).await;
     let sg_reads = |p: &AwsProvider| {
         p.api_calls()
             .into_iter()
@@ -938,7 +1065,22 @@ async fn a_rule_deleted_behind_the_operators_back_comes_back_after_the_recheck_i
         "past the interval the group is read"
     );
     assert!(opened(ingress(&sg).await), "restored by the next ensure");
-    revoke().await;
+    // the node group's rules for the backend group come back the same way
+    ec2()
+        .await
+        .revoke_security_group_ingress()
+        .group_id(&node_sg)
+        .set_ip_permissions(Some(group_sourced_permissions(&node_sg).await))
+        .send()
+        .await
+        .expect("revoke the node group's rules behind the operator's back");
+    assert_eq!(node_access(&node_sg).await, vec![]);
+    rechecking
+        .ensure_listener(&key, &listener)
+        .await
+        .expect("again");
+    assert_eq!(node_access(&node_sg).await, admits(&backend));
+    revoke(sg.clone()).await;
     rechecking
         .ensure_listener(&key, &listener)
         .await
@@ -949,4 +1091,303 @@ async fn a_rule_deleted_behind_the_operators_back_comes_back_after_the_recheck_i
         .await
         .expect("remove");
     rechecking.delete_load_balancer(&key).await.expect("delete");
+}
+
+/// A pool on AWS's default quota of 60 rules per group holds more than 59 ports: two NLBs of 50 listeners each
+/// (the 60th port used to be refused by the node group, which all the pool's NLBs shared). Each NLB's own group
+/// holds its 50 rules; the node group holds only the three that admit the NLBs' backend group, however many
+/// ports; the pool's deletion path (inventory, then delete each NLB) leaves no group and no rule behind.
+#[tokio::test]
+async fn a_default_quota_pool_holds_two_nlbs_of_50_ports_and_the_node_group_three_rules() {
+    let net = network().await;
+    let node_sg = net.node_security_group_id.clone().expect("sg");
+    let p = AwsProvider::new("many", "p1", net.clone())
+        .await
+        .expect("provider");
+    assert_eq!(p.limits().max_ports_per_lb, 50);
+    assert_eq!(p.limits().max_ports_total, None, "no pool-wide cap");
+    let elb = elb().await;
+    let mut lbs = Vec::new();
+    for index in 0..2u16 {
+        let key = LoadBalancerKey {
+            cluster_id: "many".into(),
+            pool: "p1".into(),
+            index: u32::from(index),
+        };
+        lbs.push(p.ensure_load_balancer(&key).await.expect("nlb").id);
+        for i in 0..50u16 {
+            let node_port = 30000 + index * 50 + i;
+            let owner = format!("o{node_port}");
+            p.ensure_listener(&key, &spec(5000 + i, Protocol::Tcp, node_port, &owner, &[]))
+                .await
+                .unwrap_or_else(|e| panic!("port {} of NLB {index}: {e}", 5000 + i));
+        }
+    }
+    let mut fronts = Vec::new();
+    let mut backends = Vec::new();
+    for lb in &lbs {
+        let (front, backend) = nlb_groups(&elb, lb).await;
+        let rules = ingress(&front).await;
+        assert_eq!(rules.len(), 50, "one rule per port in the NLB's own group");
+        assert!(
+            rules.iter().all(|(proto, port, cidr)| proto == "tcp"
+                && (5000..5050).contains(port)
+                && cidr == "0.0.0.0/0"),
+            "{rules:?}"
+        );
+        fronts.push(front);
+        backends.push(backend);
+    }
+    assert_ne!(fronts[0], fronts[1], "a group of its own per NLB");
+    assert_eq!(backends[0], backends[1], "one backend group for the pool");
+    assert_eq!(
+        node_access(&node_sg).await,
+        admits(&backends[0]),
+        "100 ports, three rules in the node group"
+    );
+    assert_eq!(ingress(&node_sg).await, vec![], "and no address rule");
+    let inv = p.inventory().await.expect("inventory");
+    let ports: usize = inv.load_balancers.iter().map(|l| l.listeners.len()).sum();
+    assert_eq!(ports, 100);
+
+    // the pool's deletion: what the inventory lists is deleted, one NLB after the other
+    for lb in &inv.load_balancers {
+        let key = LoadBalancerKey {
+            cluster_id: "many".into(),
+            pool: "p1".into(),
+            index: lb.index,
+        };
+        p.delete_load_balancer(&key).await.expect("delete");
+        if lb.index == 0 {
+            assert_eq!(
+                our_groups(&net.vpc_id).await,
+                vec![
+                    (format!("{}1", p.name_prefix()), "frontend".to_string()),
+                    (format!("{}backend", p.name_prefix()), "backend".to_string()),
+                ],
+                "the first NLB's group goes with it; the backend group stays for the other"
+            );
+            assert_eq!(node_access(&node_sg).await, admits(&backends[0]));
+        }
+    }
+    assert_eq!(
+        our_groups(&net.vpc_id).await,
+        vec![],
+        "no group of ours left"
+    );
+    assert_eq!(node_access(&node_sg).await, vec![], "no rule of ours left");
+    assert!(tg_names(&elb, &p).await.is_empty());
+}
+
+/// Makes a group as the provider names and tags it, as a crash right after making it would leave it.
+async fn group_left_by_a_crash(
+    p: &AwsProvider,
+    vpc: &str,
+    cluster: &str,
+    pool: &str,
+    index: u32,
+) -> String {
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    ec2()
+        .await
+        .create_security_group()
+        .group_name(format!("{}{index}", p.name_prefix()))
+        .description("left by a crash")
+        .vpc_id(vpc)
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::SecurityGroup)
+                .tags(tag("sharedlb.dev/managed-by", "sharedlb"))
+                .tags(tag("sharedlb.dev/cluster", cluster))
+                .tags(tag("sharedlb.dev/pool", pool))
+                .tags(tag("sharedlb.dev/security-group", "frontend"))
+                .tags(tag("sharedlb.dev/index", &index.to_string()))
+                .build(),
+        )
+        .send()
+        .await
+        .expect("group")
+        .group_id
+        .expect("id")
+}
+
+/// Level-triggered groups: a group made before a crash kept its NLB from being made is reused by the next
+/// ensure (found by its tags, not made twice) or, when that NLB is never made, deleted by the next delete; an
+/// NLB deleted before a crash kept its groups from going loses them when its deletion is retried.
+#[tokio::test]
+async fn groups_a_crash_left_are_reused_or_deleted() {
+    let net = network().await;
+    let node_sg = net.node_security_group_id.clone().expect("sg");
+    let p = AwsProvider::new("crash", "p1", net.clone())
+        .await
+        .expect("provider");
+    let key = |index| LoadBalancerKey {
+        cluster_id: "crash".into(),
+        pool: "p1".into(),
+        index,
+    };
+    let elb = elb().await;
+    let left = group_left_by_a_crash(&p, &net.vpc_id, "crash", "p1", 0).await;
+    let orphan = group_left_by_a_crash(&p, &net.vpc_id, "crash", "p1", 5).await;
+    let lb0 = p.ensure_load_balancer(&key(0)).await.expect("nlb 0").id;
+    let (front0, backend) = nlb_groups(&elb, &lb0).await;
+    assert_eq!(front0, left, "the group left by the crash is reused");
+    let lb1 = p.ensure_load_balancer(&key(1)).await.expect("nlb 1").id;
+    let (front1, _) = nlb_groups(&elb, &lb1).await;
+    let prefix = p.name_prefix().to_string();
+    let g = |n: &str, r: &str| (format!("{prefix}{n}"), r.to_string());
+    assert_eq!(
+        our_groups(&net.vpc_id).await,
+        vec![
+            g("0", "frontend"),
+            g("1", "frontend"),
+            g("5", "frontend"),
+            g("backend", "backend")
+        ],
+        "one group per NLB, one backend group, the orphan still there"
+    );
+
+    // NLB 1 deleted, then a crash before its groups went: the retried delete finds the NLB gone, deletes the
+    // group, and the orphan of index 5 with it; NLB 0 keeps its groups and the node group's rules
+    elb.delete_load_balancer()
+        .load_balancer_arn(&lb1)
+        .send()
+        .await
+        .expect("deleted before the crash");
+    p.delete_load_balancer(&key(1))
+        .await
+        .expect("retried delete");
+    assert_eq!(
+        our_groups(&net.vpc_id).await,
+        vec![g("0", "frontend"), g("backend", "backend")],
+        "{front1} and {orphan} are gone"
+    );
+    assert_eq!(node_access(&node_sg).await, admits(&backend));
+
+    p.delete_load_balancer(&key(0)).await.expect("delete");
+    assert_eq!(
+        our_groups(&net.vpc_id).await,
+        vec![],
+        "the last NLB takes the backend group"
+    );
+    assert_eq!(node_access(&node_sg).await, vec![]);
+
+    // a group of the name that is not the pool's (no tags) is neither taken nor deleted
+    let theirs = ec2()
+        .await
+        .create_security_group()
+        .group_name(format!("{prefix}7"))
+        .description("someone else's")
+        .vpc_id(&net.vpc_id)
+        .send()
+        .await
+        .expect("group")
+        .group_id
+        .expect("id");
+    let e = p
+        .ensure_load_balancer(&key(7))
+        .await
+        .expect_err("the name is taken");
+    assert!(
+        matches!(&e, ProviderError::AlreadyExists(m) if m.contains("did not make")),
+        "{e:?}"
+    );
+    p.delete_load_balancer(&key(7)).await.expect("delete");
+    assert_eq!(our_groups(&net.vpc_id).await, vec![]);
+    ec2()
+        .await
+        .delete_security_group()
+        .group_id(&theirs)
+        .send()
+        .await
+        .expect("theirs is still there");
+}
+
+/// An NLB made before NLBs had security groups cannot be given any: its ports stay opened in the node group
+/// (node port, from the ranges and the VPC), and while it is in the pool the node group's quota stays a
+/// pool-wide budget. An NLB made beside it gets its own group. Deleting both leaves nothing.
+#[tokio::test]
+async fn an_nlb_made_before_security_groups_keeps_its_rules_in_the_node_group() {
+    let net = network().await;
+    let node_sg = net.node_security_group_id.clone().expect("sg");
+    let elb = elb().await;
+    let prefix = sharedlb_providers::cloud_name_prefix("old", "p1");
+    let tag = |k: &str, v: &str| {
+        aws_sdk_elasticloadbalancingv2::types::Tag::builder()
+            .key(k)
+            .value(v)
+            .build()
+    };
+    elb.create_load_balancer()
+        .name(format!("{prefix}0"))
+        .r#type(aws_sdk_elasticloadbalancingv2::types::LoadBalancerTypeEnum::Network)
+        .set_subnets(Some(net.subnet_ids.clone()))
+        .tags(tag("sharedlb.dev/managed-by", "sharedlb"))
+        .tags(tag("sharedlb.dev/cluster", "old"))
+        .tags(tag("sharedlb.dev/pool", "p1"))
+        .tags(tag("sharedlb.dev/index", "0"))
+        .send()
+        .await
+        .expect("an NLB as the provider made them before");
+    let p = AwsProvider::new("old", "p1", net.clone())
+        .await
+        .expect("provider");
+    assert_eq!(
+        p.limits().max_ports_total,
+        Some(60 - 1 - 3),
+        "the node group's quota, less kube-proxy's rule and the backend group's three"
+    );
+    let key = |index| LoadBalancerKey {
+        cluster_id: "old".into(),
+        pool: "p1".into(),
+        index,
+    };
+    p.ensure_load_balancer(&key(0)).await.expect("found");
+    p.ensure_listener(
+        &key(0),
+        &spec(6000, Protocol::Udp, 31600, "old", &["203.0.113.0/24"]),
+    )
+    .await
+    .expect("listener on the old NLB");
+    assert_eq!(
+        ingress(&node_sg).await,
+        vec![
+            rule("tcp", 10256, "10.42.0.0/16"),
+            rule("udp", 31600, "10.42.0.0/16"),
+            rule("udp", 31600, "203.0.113.0/24"),
+        ],
+        "the node port from the ranges and the VPC, kube-proxy's port from the VPC"
+    );
+    assert_eq!(
+        our_groups(&net.vpc_id).await,
+        vec![],
+        "no group for the old NLB"
+    );
+
+    let lb1 = p.ensure_load_balancer(&key(1)).await.expect("new").id;
+    p.ensure_listener(&key(1), &spec(6000, Protocol::Tcp, 31601, "new", &[]))
+        .await
+        .expect("listener on the new NLB");
+    let (front, backend) = nlb_groups(&elb, &lb1).await;
+    assert_eq!(ingress(&front).await, vec![rule("tcp", 6000, "0.0.0.0/0")]);
+    assert_eq!(node_access(&node_sg).await, admits(&backend));
+
+    p.remove_listener(&key(0), 6000, Protocol::Udp, "old")
+        .await
+        .expect("remove");
+    assert_eq!(
+        ingress(&node_sg).await,
+        vec![rule("tcp", 10256, "10.42.0.0/16")],
+        "the old port's rules go with it"
+    );
+    p.delete_load_balancer(&key(0)).await.expect("delete old");
+    assert_eq!(
+        p.limits().max_ports_total,
+        None,
+        "no pool-wide budget once every NLB has its own group"
+    );
+    p.delete_load_balancer(&key(1)).await.expect("delete new");
+    assert_eq!(ingress(&node_sg).await, vec![]);
+    assert_eq!(node_access(&node_sg).await, vec![]);
+    assert_eq!(our_groups(&net.vpc_id).await, vec![]);
 }

@@ -118,7 +118,7 @@ async fn a_missing_subnet_is_a_condition_with_the_aws_message_and_nothing_half_m
     op.kill().await;
 }
 
-/// The node security group's inbound rules as (protocol, port, cidr), sorted.
+/// A security group's inbound rules from addresses as (protocol, port, cidr), sorted.
 async fn ingress(sg: &str) -> Vec<(String, i32, String)> {
     let ec2 = aws_sdk_ec2::Client::new(&conf().await);
     let g = ec2
@@ -198,6 +198,92 @@ async fn nlb_listeners(hostname: &str) -> Vec<(i32, String, i32)> {
     out
 }
 
+/// A security group's inbound rules from other groups as (protocol, from, to, group), sorted.
+async fn group_ingress(sg: &str) -> Vec<(String, i32, i32, String)> {
+    let ec2 = aws_sdk_ec2::Client::new(&conf().await);
+    let g = ec2
+        .describe_security_groups()
+        .group_ids(sg)
+        .send()
+        .await
+        .expect("sg")
+        .security_groups
+        .unwrap_or_default();
+    let mut out: Vec<(String, i32, i32, String)> = g
+        .iter()
+        .flat_map(|g| g.ip_permissions())
+        .flat_map(|p| {
+            p.user_id_group_pairs().iter().map(move |pair| {
+                (
+                    p.ip_protocol().unwrap_or_default().to_string(),
+                    p.from_port().unwrap_or_default(),
+                    p.to_port().unwrap_or_default(),
+                    pair.group_id().unwrap_or_default().to_string(),
+                )
+            })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The security groups of the NLB whose DNS name is `hostname`, as (its own, the pool's backend group).
+async fn nlb_groups(hostname: &str) -> (String, String) {
+    let ids: Vec<String> = elb::Client::new(&conf().await)
+        .describe_load_balancers()
+        .send()
+        .await
+        .expect("lbs")
+        .load_balancers
+        .unwrap_or_default()
+        .into_iter()
+        .find(|l| l.dns_name() == Some(hostname))
+        .and_then(|l| l.security_groups)
+        .expect("the SharedLB's NLB has security groups");
+    let groups = aws_sdk_ec2::Client::new(&conf().await)
+        .describe_security_groups()
+        .set_group_ids(Some(ids))
+        .send()
+        .await
+        .expect("groups")
+        .security_groups
+        .unwrap_or_default();
+    let with_role = |role: &str| {
+        groups
+            .iter()
+            .find(|g| {
+                g.tags().iter().any(|t| {
+                    t.key() == Some("sharedlb.dev/security-group") && t.value() == Some(role)
+                })
+            })
+            .and_then(|g| g.group_id.clone())
+            .unwrap_or_else(|| panic!("a {role} group on the NLB: {groups:?}"))
+    };
+    (with_role("frontend"), with_role("backend"))
+}
+
+/// Names of the security groups sharedlb made in the VPC.
+async fn our_groups(vpc: &str) -> Vec<String> {
+    let f = |k: &str, v: &str| {
+        aws_sdk_ec2::types::Filter::builder()
+            .name(k)
+            .values(v)
+            .build()
+    };
+    aws_sdk_ec2::Client::new(&conf().await)
+        .describe_security_groups()
+        .filters(f("vpc-id", vpc))
+        .filters(f("tag:sharedlb.dev/managed-by", "sharedlb"))
+        .send()
+        .await
+        .expect("groups")
+        .security_groups
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|g| g.group_name().map(str::to_string))
+        .collect()
+}
+
 fn node_port(s: &sharedlb_crds::SharedLB, name: &str) -> i32 {
     s.status
         .as_ref()
@@ -214,11 +300,13 @@ fn port(s: &sharedlb_crds::SharedLB, name: &str) -> i32 {
         .expect("a port")
 }
 
-/// TCP, UDP and both on one port: one TCP_UDP listener for the pair (one node port for both Service ports),
-/// security-group rules exactly for the node ports and sources; the rule quota caps the pool with a clear
-/// condition; dropping a protocol splits the listener; deleting leaves no rule.
+/// TCP, UDP and both on one port: one TCP_UDP listener for the pair (one node port for both Service ports); the
+/// NLB's own security group opens exactly the listener ports to exactly the sources, the node group holds only
+/// the three rules that admit the pool's backend group; the rule quota caps each NLB, so a port over it goes on
+/// a second NLB (it used to be refused for the whole pool); dropping a protocol splits the listener and its rule;
+/// deleting leaves no rule and no group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_udp_and_both_get_exact_listeners_and_rules_within_the_rule_budget() {
+async fn tcp_udp_and_both_get_exact_listeners_and_rules_and_the_rule_quota_caps_each_nlb() {
     let _turn = SERIAL.lock().await;
     let client = client().await;
     let (vpc, subnets) = network().await;
@@ -237,12 +325,12 @@ async fn tcp_udp_and_both_get_exact_listeners_and_rules_within_the_rule_budget()
     let op = Operator::start(&client, &MemoryCloud::new());
     let ns = namespace(&client, "aws-mix", &[]).await;
     let pool = format!("aws-mix-{}", fastrand::u32(..100_000));
-    // 6 rules, one kept for kube-proxy's health port: 5 ports in the whole pool
+    // 5 rules per security group: 5 ports per NLB, in its own group
     create_pool(
         &client,
         &pool,
         json!({"provider": {"aws": {"region": "us-east-1", "vpcId": vpc, "subnetIds": subnets,
-            "nodeSecurityGroupId": sg, "securityGroupRuleLimit": 6}},
+            "nodeSecurityGroupId": sg, "securityGroupRuleLimit": 5}},
         "portRange": {"min": 7000, "max": 7999}}),
     )
     .await;
@@ -309,24 +397,37 @@ async fn tcp_udp_and_both_get_exact_listeners_and_rules_within_the_rule_budget()
         "one listener per port, TCP_UDP for the pair, each to its node port"
     );
     let open = "0.0.0.0/0".to_string();
-    let vpc_cidr = "10.77.0.0/16".to_string();
     let s = |p: &str, n: i32, c: &str| (p.to_string(), n, c.to_string());
     let mut want = vec![
-        s("tcp", dns_np, &open),
-        s("udp", dns_np, &open),
-        s("tcp", web_np, &open),
-        s("udp", game_np, "198.51.100.0/24"),
-        s("udp", game_np, &vpc_cidr),
-        s("tcp", 10256, &vpc_cidr),
+        s("tcp", 53, &open),
+        s("udp", 53, &open),
+        s("tcp", port(&web, "http"), &open),
+        s("udp", port(&game, "g"), "198.51.100.0/24"),
     ];
     want.sort();
+    let (front, backend) = nlb_groups(&host).await;
+    assert_eq!(
+        ingress(&front).await,
+        want,
+        "exactly the listener ports, from exactly the sources"
+    );
     assert_eq!(
         ingress(&sg).await,
-        want,
-        "exactly the node ports, from exactly the sources"
+        vec![],
+        "no address rule in the node group"
+    );
+    let admits = |proto: &str, from: i32, to: i32| (proto.to_string(), from, to, backend.clone());
+    assert_eq!(
+        group_ingress(&sg).await,
+        vec![
+            admits("tcp", 10256, 10256),
+            admits("tcp", 30000, 32767),
+            admits("udp", 30000, 32767)
+        ],
+        "the node group admits the NLBs' backend group, and nothing else"
     );
 
-    // the budget: 4 ports used, 1 left
+    // the quota: 4 ports on the NLB, 1 left; the sixth goes on a second NLB
     create_slb(
         &client,
         &ns,
@@ -334,7 +435,15 @@ async fn tcp_udp_and_both_get_exact_listeners_and_rules_within_the_rule_budget()
         json!({"pool": pool, "selector": {"app": "x"}, "ports": [{"name": "p", "targetPort": 80}]}),
     )
     .await;
-    ready(&client, &ns, "fifth", 60).await;
+    let hostname = |s: &sharedlb_crds::SharedLB| {
+        s.status
+            .as_ref()
+            .and_then(|s| s.load_balancer.clone())
+            .and_then(|l| l.hostname)
+            .expect("host")
+    };
+    let fifth = ready(&client, &ns, "fifth", 60).await;
+    assert_eq!(hostname(&fifth), host, "the fifth port fits the first NLB");
     create_slb(
         &client,
         &ns,
@@ -342,9 +451,21 @@ async fn tcp_udp_and_both_get_exact_listeners_and_rules_within_the_rule_budget()
         json!({"pool": pool, "selector": {"app": "x"}, "ports": [{"name": "p", "targetPort": 80}]}),
     )
     .await;
-    let msg = refused(&client, &ns, "sixth", "PoolPortBudgetExhausted").await;
-    assert!(msg.contains("budget of 5"), "{msg}");
-    event_recorded(&client, &ns, "sixth", "PoolPortBudgetExhausted", 10).await;
+    let sixth = ready(&client, &ns, "sixth", 60).await;
+    let second = hostname(&sixth);
+    assert_ne!(second, host, "the sixth goes on a second NLB");
+    let (front2, backend2) = nlb_groups(&second).await;
+    assert_eq!(backend2, backend, "one backend group for the pool");
+    assert_eq!(
+        ingress(&front2).await.len(),
+        1,
+        "its own group, its own rule"
+    );
+    assert_eq!(
+        group_ingress(&sg).await.len(),
+        3,
+        "still three rules in the node group"
+    );
 
     // dropping UDP from port 53 splits the listener and takes the UDP rule away
     api.patch(
@@ -361,17 +482,21 @@ async fn tcp_udp_and_both_get_exact_listeners_and_rules_within_the_rule_budget()
             .then_some(())
     })
     .await;
-    let rules = ingress(&sg).await;
+    let rules = ingress(&front).await;
     assert!(
-        !rules.contains(&s("udp", dns_np, &open)) && rules.contains(&s("tcp", dns_np, &open)),
+        !rules.contains(&s("udp", 53, &open)) && rules.contains(&s("tcp", 53, &open)),
         "{rules:?}"
     );
-    // the freed port lets the refused one in
-    ready(&client, &ns, "sixth", 60).await;
 
     delete_namespace(&client, &ns).await;
     delete_pool(&client, &pool).await;
     assert_eq!(ingress(&sg).await, vec![], "no rule is left");
+    assert_eq!(group_ingress(&sg).await, vec![], "no rule is left");
+    assert_eq!(
+        our_groups(&vpc).await,
+        Vec::<String>::new(),
+        "no group is left"
+    );
     let (nlbs, tgs) = cloud_of("e2e", Some(&pool)).await;
     assert!(nlbs.is_empty() && tgs.is_empty(), "{nlbs:?} {}", tgs.len());
     delete_nodes(&client, &["aws-m1"]).await;
