@@ -354,6 +354,12 @@ pub struct AwsSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub security_group_rule_limit: Option<u32>,
+    /// Ready nodes each NLB targets in each zone, chosen by rendezvous hashing so a node's arrival or departure
+    /// changes only the NLBs it is (or becomes) a target of; AWS allows 500 targets per zone per NLB, so few
+    /// per zone leave each NLB its 50 listeners however large the cluster. Default 3; 0: every Ready node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub target_nodes_per_zone: Option<u32>,
 }
 
 /// GCP passthrough Network Load Balancers. `project`, `region` and `network` cannot change.

@@ -150,6 +150,10 @@ impl ProviderFactory for BuiltinProviders {
                 internal: a.scheme.as_deref() == Some("internal"),
                 eip_allocation_ids: a.eip_allocation_ids.clone(),
                 security_group_rule_limit: a.security_group_rule_limit,
+                target_nodes_per_zone: target_nodes_per_zone(
+                    a.target_nodes_per_zone,
+                    DEFAULT_TARGET_NODES_PER_ZONE,
+                ),
             };
             let p = sharedlb_providers::aws::AwsProvider::new(cluster_id, pool, settings).await?;
             return Ok(Arc::new(p));

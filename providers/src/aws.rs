@@ -75,6 +75,8 @@ pub struct AwsPool {
     /// ports of each NLB (in its own group), and the ports of the whole pool only while an NLB made before
     /// NLBs had security groups still opens its ports in the node group.
     pub security_group_rule_limit: Option<u32>,
+    /// Nodes per zone each NLB's target groups hold (`crate::target_nodes`); `None`: every node.
+    pub target_nodes_per_zone: Option<u32>,
 }
 
 /// A firewall opening as last synced: the client ranges and when.
@@ -94,7 +96,9 @@ pub struct AwsProvider {
     pool: String,
     settings: AwsPool,
     prefix: String,
-    nodes: RwLock<Vec<NodeTarget>>,
+    /// The cluster's nodes as last set, and whether an `update_nodes` has brought every target group in step with
+    /// them (until then each is read, not only those of NLBs whose subset changed).
+    nodes: RwLock<(Vec<NodeTarget>, bool)>,
     /// Find-or-create of a load balancer is one step at a time: SharedLBs placed on one new load balancer
     /// reconcile concurrently, and each would otherwise create it (moto makes duplicates; AWS is idempotent by
     /// name only while the settings match).
@@ -418,7 +422,7 @@ impl AwsProvider {
             pool: pool.into(),
             prefix: crate::cloud_name_prefix(cluster_id, pool),
             settings,
-            nodes: RwLock::new(Vec::new()),
+            nodes: RwLock::new((Vec::new(), false)),
             creating: tokio::sync::Mutex::new(()),
             vpc_cidr: tokio::sync::OnceCell::new(),
             opened: Mutex::new(BTreeMap::new()),
@@ -772,17 +776,27 @@ impl AwsProvider {
             .collect())
     }
 
-    fn targets(&self, node_port: u16) -> Vec<TargetDescription> {
+    /// The targets a new target group of NLB `index` gets: its subset of the nodes, on the node port.
+    fn targets(&self, index: u32, node_port: u16) -> Vec<TargetDescription> {
         let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
-        nodes
-            .iter()
-            .filter_map(|n| instance_id(n.provider_id.as_deref()?))
+        self.instances(index, &nodes.0)
+            .into_iter()
             .map(|id| {
                 TargetDescription::builder()
                     .id(id)
                     .port(i32::from(node_port))
                     .build()
             })
+            .collect()
+    }
+
+    /// The instance ids NLB `index` targets, of `nodes` (`crate::target_nodes`).
+    fn instances(&self, index: u32, nodes: &[NodeTarget]) -> BTreeSet<String> {
+        let per_zone = self.settings.target_nodes_per_zone;
+        crate::target_nodes(&self.lb_name(index), nodes, per_zone)
+            .into_iter()
+            .filter_map(|n| instance_id(n.provider_id.as_deref()?))
+            .map(str::to_string)
             .collect()
     }
 
@@ -1051,7 +1065,7 @@ impl AwsProvider {
             .ok_or_else(|| {
                 ProviderError::Other("aws: create_target_group returned nothing".into())
             })?;
-        let targets = self.targets(node_port);
+        let targets = self.targets(index, node_port);
         if !targets.is_empty() {
             self.elb
                 .register_targets()
@@ -1203,18 +1217,20 @@ impl LoadBalancerProvider for AwsProvider {
     }
 
     fn limits(&self) -> Limits {
-        // targets per AZ are nodes x target groups: the busiest zone's node count bounds target groups per NLB
+        // targets per AZ are the NLB's nodes in that zone x its target groups: the most an NLB targets in one
+        // zone (its subset's share, at most `target_nodes_per_zone`) bounds its target groups
         let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
         let mut per_zone: BTreeMap<&str, u32> = BTreeMap::new();
-        for n in nodes.iter() {
-            let zone = n
-                .provider_id
-                .as_deref()
-                .and_then(|p| p.strip_prefix("aws:///")?.split('/').next())
-                .unwrap_or("");
-            *per_zone.entry(zone).or_default() += 1;
+        for n in nodes.0.iter() {
+            *per_zone.entry(n.zone()).or_default() += 1;
         }
-        let busiest = per_zone.values().copied().max().unwrap_or(1).max(1);
+        let cap = self.settings.target_nodes_per_zone.unwrap_or(u32::MAX);
+        let busiest = per_zone
+            .values()
+            .map(|&n| n.min(cap))
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let quota = self
             .settings
             .security_group_rule_limit
@@ -1499,16 +1515,48 @@ impl LoadBalancerProvider for AwsProvider {
         })
     }
 
-    /// Every target group of the pool gets exactly the Ready nodes: one register and one deregister call per
-    /// target group at most, only where something changed.
+    /// Every target group of the pool gets exactly its NLB's subset of the Ready nodes: one register and one
+    /// deregister call per target group at most, and only target groups of NLBs whose subset changed are read.
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
-        *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = nodes.to_vec();
-        let want: BTreeSet<String> = nodes
-            .iter()
-            .filter_map(|n| instance_id(n.provider_id.as_deref()?))
-            .map(str::to_string)
-            .collect();
+        let (before, in_step) = {
+            let mut held = self.nodes.write().unwrap_or_else(|e| e.into_inner());
+            let before = std::mem::replace(&mut held.0, nodes.to_vec());
+            (before, std::mem::replace(&mut held.1, false))
+        };
+        self.sync_targets(&before, in_step).await?;
+        self.nodes.write().unwrap_or_else(|e| e.into_inner()).1 = true;
+        Ok(())
+    }
+}
+
+impl AwsProvider {
+    /// Brings each target group to its NLB's subset of the nodes: those of NLBs whose subset changed since
+    /// `before` (every one, unless `in_step`).
+    async fn sync_targets(
+        &self,
+        before: &[NodeTarget],
+        in_step: bool,
+    ) -> Result<(), ProviderError> {
+        let now = self
+            .nodes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone();
+        // per NLB, once: the subset it targets now, and whether that moved (an NLB has up to 50 target groups)
+        let mut subsets: BTreeMap<u32, (BTreeSet<String>, bool)> = BTreeMap::new();
         for g in self.target_groups_named(&self.prefix).await? {
+            let (want, moved) = subsets
+                .entry(g.index)
+                .or_insert_with(|| {
+                    let want = self.instances(g.index, &now);
+                    let moved = !in_step || want != self.instances(g.index, before);
+                    (want, moved)
+                })
+                .clone();
+            if !moved {
+                continue;
+            }
             let health = self
                 .elb
                 .describe_target_health()

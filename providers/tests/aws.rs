@@ -2,7 +2,7 @@
 //! `WITH_MOTO=1 scripts/test-env up`; the official SDK clients talk to it through AWS_ENDPOINT_URL.
 #![cfg(feature = "aws")]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use sharedlb_providers::aws::{AwsPool, AwsProvider, instance_id};
@@ -1390,4 +1390,103 @@ async fn an_nlb_made_before_security_groups_keeps_its_rules_in_the_node_group() 
     assert_eq!(ingress(&node_sg).await, vec![]);
     assert_eq!(node_access(&node_sg).await, vec![]);
     assert_eq!(our_groups(&net.vpc_id).await, vec![]);
+}
+
+/// Each NLB's target groups hold its few nodes per zone (rendezvous hashing), so ports per NLB no longer shrink
+/// as zones grow; a node's arrival reads and changes the target groups of the NLBs it joins only.
+#[tokio::test]
+async fn each_nlb_targets_a_few_nodes_per_zone_and_churn_touches_only_its_own() {
+    let mut net = network().await;
+    net.target_nodes_per_zone = Some(1);
+    let p = AwsProvider::new("subsets", "p1", net)
+        .await
+        .expect("provider");
+    let zone = |i: usize| ["us-east-1a", "us-east-1b"][i % 2];
+    let mut nodes: Vec<NodeTarget> = (0..6)
+        .map(|i| {
+            node(
+                &format!("n{i}"),
+                &format!("aws:///{}/i-00000000000{i:05}", zone(i)),
+            )
+        })
+        .collect();
+    p.update_nodes(&nodes).await.expect("nodes");
+    let key = |index| LoadBalancerKey {
+        cluster_id: "subsets".into(),
+        pool: "p1".into(),
+        index,
+    };
+    for i in 0..4 {
+        p.ensure_load_balancer(&key(i)).await.expect("nlb");
+        p.ensure_listener(
+            &key(i),
+            &spec(4000, Protocol::Tcp, 31000, &format!("o{i}"), &[]),
+        )
+        .await
+        .expect("listener");
+    }
+    let elb = elb().await;
+    let prefix = p.name_prefix().to_string();
+    let all_targets = || async {
+        let mut out = Vec::new();
+        for i in 0..4 {
+            out.push(targets(&elb, &format!("{prefix}{i}-4000t-31000")).await);
+        }
+        out
+    };
+    let before = all_targets().await;
+    for t in &before {
+        assert_eq!(t.len(), 2, "one node of each of the two zones: {t:?}");
+    }
+    let distinct: BTreeSet<&Vec<(String, i32)>> = before.iter().collect();
+    assert!(
+        distinct.len() > 1,
+        "the NLBs share the nodes out: {before:?}"
+    );
+
+    let reads = |p: &AwsProvider| {
+        p.api_calls()
+            .into_iter()
+            .find(|(op, _)| op == "DescribeTargetHealth")
+            .map_or(0, |(_, n)| n)
+    };
+    let read_before = reads(&p);
+    nodes.push(node("n6", "aws:///us-east-1a/i-0000000000000006"));
+    p.update_nodes(&nodes).await.expect("a node added");
+    let after = all_targets().await;
+    let joined = after
+        .iter()
+        .filter(|t| t.iter().any(|(id, _)| id == "i-0000000000000006"))
+        .count();
+    assert!(
+        joined > 0 && joined < 4,
+        "the new node wins some NLBs: {after:?}"
+    );
+    for (b, a) in before.iter().zip(&after) {
+        if !a.iter().any(|(id, _)| id == "i-0000000000000006") {
+            assert_eq!(b, a, "an NLB the node did not join is unchanged");
+        }
+    }
+    assert_eq!(
+        reads(&p) - read_before,
+        joined as u64,
+        "only the target groups of NLBs whose subset moved are read"
+    );
+
+    // 600 nodes in one zone: 3 per zone leaves each NLB its 50 listeners (500 targets per zone per NLB)
+    let mut big = network().await;
+    big.target_nodes_per_zone = Some(3);
+    let crowded = AwsProvider::new("subsets-big", "p1", big)
+        .await
+        .expect("provider");
+    let many: Vec<NodeTarget> = (0..600)
+        .map(|i| {
+            node(
+                &format!("m{i}"),
+                &format!("aws:///us-east-1a/i-0000000000{i:07}"),
+            )
+        })
+        .collect();
+    crowded.update_nodes(&many).await.expect("nodes");
+    assert_eq!(crowded.limits().max_ports_per_lb, 50);
 }
