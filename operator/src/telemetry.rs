@@ -432,6 +432,10 @@ impl LoadBalancerProvider for GuardedProvider {
         self.change("delete_load_balancer", self.inner.delete_load_balancer(lb))
             .await
     }
+    async fn delete_pool_leftovers(&self) -> Result<(), ProviderError> {
+        self.change("delete_pool_leftovers", self.inner.delete_pool_leftovers())
+            .await
+    }
     async fn inventory(&self) -> Result<Inventory, ProviderError> {
         let r = self.inner.inventory().await;
         self.count("inventory", &r);

@@ -1480,6 +1480,26 @@ impl LoadBalancerProvider for AwsProvider {
         Ok(())
     }
 
+    /// Target groups of NLBs already gone, the pool's security groups, the node group's rules for them: what a
+    /// crash between an NLB's deletion and the rest of its `delete_load_balancer` leaves.
+    async fn delete_pool_leftovers(&self) -> Result<(), ProviderError> {
+        let _one_at_a_time = self.creating.lock().await;
+        if !self.our_lbs().await?.is_empty() {
+            return Err(ProviderError::Other(
+                "aws: the pool still has NLBs; its leftovers go after them".into(),
+            ));
+        }
+        for g in self.target_groups_named(&self.prefix).await? {
+            self.drop_group(&g, None, Some(&Firewall::Nodes)).await?;
+        }
+        self.release_groups(&BTreeSet::new()).await?;
+        let mut open = self.health_rule.lock().await;
+        self.close_firewall(&Firewall::Nodes, Protocol::Tcp, 0, KUBE_PROXY_HEALTH_PORT)
+            .await?;
+        *open = false;
+        Ok(())
+    }
+
     async fn inventory(&self) -> Result<Inventory, ProviderError> {
         let lbs = self.our_lbs().await?;
         // one walk over the account's target groups for all of the pool's NLBs

@@ -303,6 +303,13 @@ pub trait LoadBalancerProvider: Send + Sync + Debug {
     /// Deletes the load balancer and everything under it. Missing is success.
     async fn delete_load_balancer(&self, lb: &LoadBalancerKey) -> Result<(), ProviderError>;
 
+    /// The pool is being deleted and none of its load balancers is left: deletes whatever else the provider made
+    /// for it (shared groups, target groups of a load balancer deleted before its crash, ...). Called on every
+    /// attempt of the pool's deletion, so what one delete left behind the next finds. Nothing left is success.
+    async fn delete_pool_leftovers(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
     /// Everything this provider owns for its cluster and pool.
     async fn inventory(&self) -> Result<Inventory, ProviderError>;
 

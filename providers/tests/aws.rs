@@ -1490,3 +1490,68 @@ async fn each_nlb_targets_a_few_nodes_per_zone_and_churn_touches_only_its_own() 
     crowded.update_nodes(&many).await.expect("nodes");
     assert_eq!(crowded.limits().max_ports_per_lb, 50);
 }
+
+/// A crash right after an NLB's deletion leaves its target groups and the pool's security groups: the pool's
+/// deletion finds and deletes them (`delete_pool_leftovers`), and refuses while an NLB of the pool lives.
+#[tokio::test]
+async fn the_pools_deletion_removes_what_a_crashed_nlb_deletion_left() {
+    let net = network().await;
+    let node_sg = net.node_security_group_id.clone().expect("sg");
+    let p = AwsProvider::new("leftovers", "p1", net.clone())
+        .await
+        .expect("provider");
+    p.update_nodes(&[node("n1", "aws:///us-east-1a/i-0000000000000f001")])
+        .await
+        .expect("nodes");
+    let key = LoadBalancerKey {
+        cluster_id: "leftovers".into(),
+        pool: "p1".into(),
+        index: 0,
+    };
+    let info = p.ensure_load_balancer(&key).await.expect("nlb");
+    p.ensure_listener(&key, &spec(4000, Protocol::Tcp, 31000, "o", &[]))
+        .await
+        .expect("listener");
+    let e = p.delete_pool_leftovers().await.expect_err("an NLB lives");
+    assert!(e.to_string().contains("still has NLBs"), "{e}");
+
+    // the crash: the NLB is deleted, nothing after it
+    let elb = elb().await;
+    elb.delete_load_balancer()
+        .load_balancer_arn(&info.id)
+        .send()
+        .await
+        .expect("delete the NLB alone");
+    assert!(
+        !our_groups(&net.vpc_id).await.is_empty(),
+        "left: the groups"
+    );
+    let prefix = p.name_prefix().to_string();
+    let ours = || async {
+        elb.describe_target_groups()
+            .send()
+            .await
+            .expect("tgs")
+            .target_groups
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| {
+                t.target_group_name()
+                    .is_some_and(|n| n.starts_with(&prefix))
+            })
+            .count()
+    };
+    assert_eq!(ours().await, 1, "left: the port's target group");
+
+    p.delete_pool_leftovers().await.expect("leftovers deleted");
+    assert_eq!(our_groups(&net.vpc_id).await, vec![]);
+    assert_eq!(ours().await, 0);
+    assert_eq!(
+        node_access(&node_sg).await,
+        vec![],
+        "the node group admits nothing of ours"
+    );
+    p.delete_pool_leftovers()
+        .await
+        .expect("nothing left is success");
+}

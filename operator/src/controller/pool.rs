@@ -71,6 +71,9 @@ async fn cleanup(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Actio
             .delete_load_balancer(&alloc.key(lb.index))
             .await?;
     }
+    // what a delete that crashed half-way left (shared groups, target groups): looked for on every attempt, so
+    // the pool's finalizer stays until nothing of it is left in the cloud
+    alloc.provider().delete_pool_leftovers().await?;
     if !inventory.load_balancers.is_empty() {
         let note = format!(
             "deleted {} load balancer(s) of the pool",
