@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_ec2 as ec2;
@@ -96,9 +96,7 @@ pub struct AwsProvider {
     pool: String,
     settings: AwsPool,
     prefix: String,
-    /// The cluster's nodes as last set, and whether an `update_nodes` has brought every target group in step with
-    /// them (until then each is read, not only those of NLBs whose subset changed).
-    nodes: RwLock<(Vec<NodeTarget>, bool)>,
+    nodes: crate::HeldNodes,
     /// Find-or-create of a load balancer is one step at a time: SharedLBs placed on one new load balancer
     /// reconcile concurrently, and each would otherwise create it (moto makes duplicates; AWS is idempotent by
     /// name only while the settings match).
@@ -422,7 +420,7 @@ impl AwsProvider {
             pool: pool.into(),
             prefix: crate::cloud_name_prefix(cluster_id, pool),
             settings,
-            nodes: RwLock::new((Vec::new(), false)),
+            nodes: crate::HeldNodes::default(),
             creating: tokio::sync::Mutex::new(()),
             vpc_cidr: tokio::sync::OnceCell::new(),
             opened: Mutex::new(BTreeMap::new()),
@@ -778,8 +776,8 @@ impl AwsProvider {
 
     /// The targets a new target group of NLB `index` gets: its subset of the nodes, on the node port.
     fn targets(&self, index: u32, node_port: u16) -> Vec<TargetDescription> {
-        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
-        self.instances(index, &nodes.0)
+        self.nodes
+            .with(|nodes| self.instances(index, nodes))
             .into_iter()
             .map(|id| {
                 TargetDescription::builder()
@@ -1219,18 +1217,19 @@ impl LoadBalancerProvider for AwsProvider {
     fn limits(&self) -> Limits {
         // targets per AZ are the NLB's nodes in that zone x its target groups: the most an NLB targets in one
         // zone (its subset's share, at most `target_nodes_per_zone`) bounds its target groups
-        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
-        let mut per_zone: BTreeMap<&str, u32> = BTreeMap::new();
-        for n in nodes.0.iter() {
-            *per_zone.entry(n.zone()).or_default() += 1;
-        }
         let cap = self.settings.target_nodes_per_zone.unwrap_or(u32::MAX);
-        let busiest = per_zone
-            .values()
-            .map(|&n| n.min(cap))
-            .max()
-            .unwrap_or(1)
-            .max(1);
+        let busiest = self.nodes.with(|nodes| {
+            let mut per_zone: BTreeMap<&str, u32> = BTreeMap::new();
+            for n in nodes {
+                *per_zone.entry(n.zone()).or_default() += 1;
+            }
+            per_zone
+                .values()
+                .map(|&n| n.min(cap))
+                .max()
+                .unwrap_or(1)
+                .max(1)
+        });
         let quota = self
             .settings
             .security_group_rule_limit
@@ -1538,39 +1537,29 @@ impl LoadBalancerProvider for AwsProvider {
     /// Every target group of the pool gets exactly its NLB's subset of the Ready nodes: one register and one
     /// deregister call per target group at most, and only target groups of NLBs whose subset changed are read.
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
-        let (before, in_step) = {
-            let mut held = self.nodes.write().unwrap_or_else(|e| e.into_inner());
-            let before = std::mem::replace(&mut held.0, nodes.to_vec());
-            (before, std::mem::replace(&mut held.1, false))
-        };
-        self.sync_targets(&before, in_step).await?;
-        self.nodes.write().unwrap_or_else(|e| e.into_inner()).1 = true;
+        let before = self.nodes.replace(nodes);
+        self.sync_targets(nodes, before.as_deref()).await?;
+        self.nodes.in_step();
         Ok(())
     }
 }
 
 impl AwsProvider {
-    /// Brings each target group to its NLB's subset of the nodes: those of NLBs whose subset changed since
-    /// `before` (every one, unless `in_step`).
+    /// Brings each target group to its NLB's subset of `now`: those of NLBs whose subset changed since `before`
+    /// (every one when `None`).
     async fn sync_targets(
         &self,
-        before: &[NodeTarget],
-        in_step: bool,
+        now: &[NodeTarget],
+        before: Option<&[NodeTarget]>,
     ) -> Result<(), ProviderError> {
-        let now = self
-            .nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .clone();
         // per NLB, once: the subset it targets now, and whether that moved (an NLB has up to 50 target groups)
         let mut subsets: BTreeMap<u32, (BTreeSet<String>, bool)> = BTreeMap::new();
         for g in self.target_groups_named(&self.prefix).await? {
             let (want, moved) = subsets
                 .entry(g.index)
                 .or_insert_with(|| {
-                    let want = self.instances(g.index, &now);
-                    let moved = !in_step || want != self.instances(g.index, before);
+                    let want = self.instances(g.index, now);
+                    let moved = before.is_none_or(|b| want != self.instances(g.index, b));
                     (want, moved)
                 })
                 .clone();

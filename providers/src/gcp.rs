@@ -15,7 +15,6 @@
 //! (the deterministic name is then checked to be ours), quota and permission errors keep Google's message.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -75,9 +74,7 @@ pub struct GcpProvider {
     cluster_id: String,
     pool: String,
     prefix: String,
-    /// The cluster's nodes as last set, and whether a `update_nodes` has brought every target pool in step
-    /// with them (until then each is checked, not only those whose subset changed).
-    nodes: RwLock<(Vec<NodeTarget>, bool)>,
+    nodes: crate::HeldNodes,
     creating: tokio::sync::Mutex<()>,
     /// One firewall rule per SharedLB is read-modify-write: one change at a time per provider.
     firewall_lock: tokio::sync::Mutex<()>,
@@ -239,7 +236,7 @@ impl GcpProvider {
             cluster_id: cluster_id.into(),
             pool: pool.into(),
             settings,
-            nodes: RwLock::new((Vec::new(), false)),
+            nodes: crate::HeldNodes::default(),
             creating: tokio::sync::Mutex::new(()),
             firewall_lock: tokio::sync::Mutex::new(()),
             calls: std::sync::Mutex::new(BTreeMap::new()),
@@ -444,8 +441,7 @@ impl GcpProvider {
 
     /// The instances target pool `index` holds: its subset of the nodes (`crate::target_nodes`).
     fn instance_urls(&self, index: u32) -> Vec<String> {
-        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner());
-        self.subset(index, &nodes.0)
+        self.nodes.with(|nodes| self.subset(index, nodes))
     }
 
     fn subset(&self, index: u32, nodes: &[NodeTarget]) -> Vec<String> {
@@ -1049,35 +1045,25 @@ impl LoadBalancerProvider for GcpProvider {
     /// Every target pool of the pool gets exactly the nodes: one addInstance and one removeInstance call per
     /// target pool at most, only where something changed.
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
-        let (before, in_step) = {
-            let mut held = self.nodes.write().unwrap_or_else(|e| e.into_inner());
-            let before = std::mem::replace(&mut held.0, nodes.to_vec());
-            (before, std::mem::replace(&mut held.1, false))
-        };
-        self.sync_target_pools(&before, in_step).await?;
-        self.nodes.write().unwrap_or_else(|e| e.into_inner()).1 = true;
+        let before = self.nodes.replace(nodes);
+        self.sync_target_pools(nodes, before.as_deref()).await?;
+        self.nodes.in_step();
         Ok(())
     }
 }
 
 impl GcpProvider {
-    /// Brings each target pool to its subset of the nodes: those whose subset changed since `before` (every
-    /// one, unless `in_step`), one addInstance and one removeInstance call each at most.
+    /// Brings each target pool to its subset of `now`: those whose subset changed since `before` (every one
+    /// when `None`), one addInstance and one removeInstance call each at most.
     async fn sync_target_pools(
         &self,
-        before: &[NodeTarget],
-        in_step: bool,
+        now: &[NodeTarget],
+        before: Option<&[NodeTarget]>,
     ) -> Result<(), ProviderError> {
-        let now = self
-            .nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .clone();
         // the target pools to update are the pool's load balancers: its addresses, no need for the rules
         for lb in self.our_addresses().await?.into_values() {
-            let want = self.subset(lb.index, &now);
-            if in_step && want == self.subset(lb.index, before) {
+            let want = self.subset(lb.index, now);
+            if before.is_some_and(|b| want == self.subset(lb.index, b)) {
                 continue;
             }
             let Some(pool) = self.target_pool(lb.index).await? else {

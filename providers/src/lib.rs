@@ -191,6 +191,34 @@ impl NodeTarget {
     }
 }
 
+/// The cluster's nodes as a provider last set them, and whether every load balancer's targets were brought in
+/// step with them since: until then a node change checks every load balancer (a failed update, a provider just
+/// made), after it only those whose subset moved.
+#[derive(Debug, Default)]
+pub struct HeldNodes {
+    held: std::sync::RwLock<(Vec<NodeTarget>, bool)>,
+}
+
+impl HeldNodes {
+    /// Reads the nodes as last set.
+    pub fn with<R>(&self, f: impl FnOnce(&[NodeTarget]) -> R) -> R {
+        f(&self.held.read().unwrap_or_else(|e| e.into_inner()).0)
+    }
+
+    /// Sets the nodes; returns the ones before if every load balancer was in step with them (`None`: check all).
+    /// Out of step until `in_step`.
+    pub fn replace(&self, nodes: &[NodeTarget]) -> Option<Vec<NodeTarget>> {
+        let mut held = self.held.write().unwrap_or_else(|e| e.into_inner());
+        let before = std::mem::replace(&mut held.0, nodes.to_vec());
+        std::mem::replace(&mut held.1, false).then_some(before)
+    }
+
+    /// Every load balancer's targets now follow the nodes as set.
+    pub fn in_step(&self) {
+        self.held.write().unwrap_or_else(|e| e.into_inner()).1 = true;
+    }
+}
+
 /// Ready nodes a load balancer targets when its pool says nothing (`targetNodesPerZone`): enough that a node's
 /// loss or drain leaves each zone served, few enough that a load balancer's targets do not grow with the cluster.
 pub const DEFAULT_TARGET_NODES_PER_ZONE: u32 = 3;
