@@ -177,11 +177,17 @@ impl PoolAllocator {
 
     /// The kind of backing Service this pool's SharedLBs get.
     pub fn service_kind(&self) -> ServiceKind {
-        let provider = self.provider();
-        match self.classed_services {
-            Some(c) if !provider.needs_node_ports() => ServiceKind::Classed(c),
-            _ => ServiceKind::NodePort(provider.limits().port_mode),
+        match self.classed() {
+            Some(c) => ServiceKind::Classed(c),
+            None => ServiceKind::NodePort(self.provider().limits().port_mode),
         }
+    }
+
+    /// How this pool's Services are classed, if they are: on a cluster that makes such Services, for a provider
+    /// that needs no node port. Asks the provider nothing costly (`lock` asks for its limits once already).
+    fn classed(&self) -> Option<ClassedServices> {
+        self.classed_services
+            .filter(|_| !self.provider().needs_node_ports())
     }
 
     /// The provider to call now.
@@ -300,7 +306,7 @@ impl PoolAllocator {
         client: &Client,
         spec: &LoadBalancerPoolSpec,
     ) -> Result<LockedPool<'_>, Error> {
-        let node_ports = self.service_kind().has_node_ports();
+        let node_ports = self.classed().is_none();
         let config = pool_config(spec, self.provider().as_ref(), node_ports);
         let mut guard = self.state.lock().await;
         match guard.as_mut() {

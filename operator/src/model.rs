@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use sharedlb_crds::{
@@ -294,29 +294,37 @@ pub fn arrival_ports(s: &Service, kind: ServiceKind) -> BTreeMap<String, u16> {
 /// The Service status that names where the shared load balancer serves it, so kube-proxy routes the traffic
 /// addressed to it, and tools that read Services (`kubectl get svc`, external-dns) see the address.
 pub fn ingress_status(info: &LoadBalancerInfo) -> serde_json::Value {
-    let ingress = match (&info.ip, &info.hostname) {
-        (Some(ip), _) => serde_json::json!([{ "ip": ip }]),
-        (None, Some(host)) => serde_json::json!([{ "hostname": host }]),
-        (None, None) => serde_json::json!([]),
-    };
-    serde_json::json!({ "status": { "loadBalancer": { "ingress": ingress } } })
+    serde_json::json!({ "status": { "loadBalancer": { "ingress": wanted_ingress(info) } } })
 }
 
 /// True when the Service's status already names the load balancer's address (and nothing else).
 pub fn ingress_is_current(have: &Service, info: &LoadBalancerInfo) -> bool {
-    let have: Vec<(Option<&str>, Option<&str>)> = have
+    let address = |i: &LoadBalancerIngress| (i.ip.clone(), i.hostname.clone());
+    let have: Vec<_> = have
         .status
         .iter()
         .flat_map(|s| s.load_balancer.iter())
         .flat_map(|lb| lb.ingress.iter().flatten())
-        .map(|i| (i.ip.as_deref(), i.hostname.as_deref()))
+        .map(address)
         .collect();
-    let want = match (&info.ip, &info.hostname) {
-        (Some(ip), _) => vec![(Some(ip.as_str()), None)],
-        (None, Some(host)) => vec![(None, Some(host.as_str()))],
-        (None, None) => vec![],
-    };
+    let want: Vec<_> = wanted_ingress(info).iter().map(address).collect();
     have == want
+}
+
+/// The address as a Service's ingress: the IP, else the hostname.
+fn wanted_ingress(info: &LoadBalancerInfo) -> Vec<LoadBalancerIngress> {
+    let ingress = match (&info.ip, &info.hostname) {
+        (Some(ip), _) => LoadBalancerIngress {
+            ip: Some(ip.clone()),
+            ..LoadBalancerIngress::default()
+        },
+        (None, Some(host)) => LoadBalancerIngress {
+            hostname: Some(host.clone()),
+            ..LoadBalancerIngress::default()
+        },
+        (None, None) => return Vec::new(),
+    };
+    vec![ingress]
 }
 
 /// A served port the Service has no node port for: the apiserver assigns one to every NodePort port, so this

@@ -20,11 +20,21 @@ async fn add_node(client: &Client, name: &str, zone: &str) {
 
 /// The operator in-process, its gcp pools talking to `fake`.
 fn operator_on(client: &Client, fake: &GcpFake) -> Operator {
+    operator_making(client, fake, sharedlb::BackingService::default())
+}
+
+/// The operator in-process, its gcp pools talking to `fake`, making this kind of backing Service.
+fn operator_making(
+    client: &Client,
+    fake: &GcpFake,
+    backing_service: sharedlb::BackingService,
+) -> Operator {
     Operator::start_with_providers(
         client,
         BuiltinProviders::new(MemoryCloud::new()).with_gcp_endpoint(Some(fake.endpoint())),
         Settings {
             cluster_id: "e2e".into(),
+            backing_service,
             ..Settings::default()
         },
     )
@@ -403,15 +413,7 @@ async fn a_classed_gcp_pool_takes_ports_outside_the_node_port_range() {
     let client = client().await;
     let fake = GcpFake::start().await;
     add_node(&client, "gce-classed", "europe-west1-b").await;
-    let op = Operator::start_with_providers(
-        &client,
-        BuiltinProviders::new(MemoryCloud::new()).with_gcp_endpoint(Some(fake.endpoint())),
-        Settings {
-            cluster_id: "e2e".into(),
-            backing_service: sharedlb::BackingService::LoadBalancerClass,
-            ..Settings::default()
-        },
-    );
+    let op = operator_making(&client, &fake, sharedlb::BackingService::LoadBalancerClass);
     let ns = namespace(&client, "gcp-classed", &[]).await;
     let pool = gcp_pool(&client, json!({})).await;
     create_slb(
@@ -484,18 +486,7 @@ async fn a_node_port_sharedlb_becomes_classed_in_place() {
     let client = client().await;
     let fake = GcpFake::start().await;
     add_node(&client, "gce-migrate", "europe-west1-b").await;
-    let start = |backing_service| {
-        Operator::start_with_providers(
-            &client,
-            BuiltinProviders::new(MemoryCloud::new()).with_gcp_endpoint(Some(fake.endpoint())),
-            Settings {
-                cluster_id: "e2e".into(),
-                backing_service,
-                ..Settings::default()
-            },
-        )
-    };
-    let op = start(sharedlb::BackingService::NodePort);
+    let op = operator_making(&client, &fake, sharedlb::BackingService::NodePort);
     let ns = namespace(&client, "gcp-migrate", &[]).await;
     let pool = gcp_pool(&client, json!({})).await;
     create_slb(
@@ -515,7 +506,7 @@ async fn a_node_port_sharedlb_becomes_classed_in_place() {
     let rules = rule_shape(&fake);
     op.kill().await;
 
-    let op = start(sharedlb::BackingService::LoadBalancerClass);
+    let op = operator_making(&client, &fake, sharedlb::BackingService::LoadBalancerClass);
     let api: Api<Service> = Api::namespaced(client.clone(), &ns);
     let svc = eventually(60, "the Service is classed and names the IP", || async {
         let s = api.get("web-sharedlb").await.ok()?;
