@@ -269,6 +269,7 @@ const AWS_IDENTITY: &str =
     "region, vpcId and scheme cannot change: the pool's NLBs live there; make a new pool";
 const GCP_IDENTITY: &str = "project, region and network cannot change: the pool's addresses and rules live there; make a new pool";
 const AZURE_IDENTITY: &str = "subscriptionId, resourceGroup, location and loadBalancerName cannot change: the pool's load balancer lives there; make a new pool";
+const AZURE_NODE_GROUPS: &str = "nodeGroups cannot change: each frontend's rules reach its group's nodes, and another split would put more than 300 rules on some; make a new pool";
 
 /// Exactly one provider. It cannot change: the load balancers the pool made live in that provider's cloud.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -360,6 +361,23 @@ pub struct AwsSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub target_nodes_per_zone: Option<u32>,
+    /// What the NLBs' target groups hold. `Nodes` (default): a few nodes per zone on the backing Service's node
+    /// port, through kube-proxy. `Pods`: the ready pods' IPs and ports, read from the backing Service's
+    /// EndpointSlices (the pods' IPs must be VPC addresses, as with the VPC CNI): no node port is taken (on
+    /// 1.24+ the backing Service is a classed `LoadBalancer` without node ports), there is no second hop, and
+    /// the nodes' security group admits the backend group on every port instead of the node-port range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Targets>,
+}
+
+/// What a cloud load balancer sends traffic to.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Targets {
+    /// The nodes, on the backing Service's node port (kube-proxy takes it to a pod).
+    #[default]
+    Nodes,
+    /// The ready pods' IPs directly.
+    Pods,
 }
 
 /// GCP passthrough Network Load Balancers. `project`, `region` and `network` cannot change.
@@ -388,13 +406,16 @@ pub struct GcpSettings {
 }
 
 /// Azure Standard Load Balancer: the pool is one Standard Load Balancer the operator owns, each load balancer of
-/// the pool one frontend with its own Standard public IP. `subscriptionId`, `resourceGroup`, `location` and
-/// `loadBalancerName` cannot change.
+/// the pool one frontend with its own Standard public IP. `subscriptionId`, `resourceGroup`, `location`,
+/// `loadBalancerName` and `nodeGroups` cannot change.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.loadBalancerName) == has(oldSelf.loadBalancerName)",
     "message": AZURE_IDENTITY,
+}, {
+    "rule": "has(self.nodeGroups) == has(oldSelf.nodeGroups)",
+    "message": AZURE_NODE_GROUPS,
 }]))]
 pub struct AzureSettings {
     #[schemars(length(min = 1, max = 36), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": AZURE_IDENTITY}]))]
@@ -417,6 +438,19 @@ pub struct AzureSettings {
     /// The nodes' virtual network (a name in `resourceGroup`, or a full resource id): the backend pool holds the
     /// nodes' internal IPs in it (nodes whose `spec.providerID` is an Azure VM or scale-set VM).
     pub virtual_network: String,
+    /// Disjoint groups the nodes are split into, by a hash of each node's name: frontend `i` sends to group
+    /// `i mod nodeGroups`. Azure lets at most 300 load-balancing rules reach one NIC, so the frontends of one
+    /// group hold 300 ports together, and the pool `300 x nodeGroups` (at most the load balancer's 1,500).
+    /// Each group needs nodes in every zone it should serve: a few nodes per group is enough. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 5), extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": AZURE_NODE_GROUPS}]))]
+    pub node_groups: Option<u32>,
+    /// Ready nodes of its group each backend pool holds per zone, chosen by rendezvous hashing so a node's
+    /// arrival or departure changes only the pool it is (or becomes) in. Default 3; 0: every Ready node of the
+    /// group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub target_nodes_per_zone: Option<u32>,
 }
 
 /// The operator itself forwards traffic, from addresses of this machine (bare metal, laptops).

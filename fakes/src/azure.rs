@@ -631,18 +631,35 @@ fn check_load_balancer(st: &State, id: &str, doc: &Value) -> Result<(), (String,
             );
         }
     }
-    let has_backends = items("backendAddressPools").iter().any(|b| {
-        b["properties"]["loadBalancerBackendAddresses"]
+    // Azure counts the rules that reach each backend address (a NIC IP configuration)
+    let mut addresses_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for b in items("backendAddressPools") {
+        let pool = format!(
+            "{id}/backendaddresspools/{}",
+            b["name"].as_str().unwrap_or_default().to_lowercase()
+        );
+        let ips = b["properties"]["loadBalancerBackendAddresses"]
             .as_array()
-            .is_some_and(|a| !a.is_empty())
-    });
-    if has_backends && rules.len() > MAX_RULES_PER_NIC {
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["properties"]["ipAddress"].as_str().map(str::to_string))
+            .collect();
+        addresses_of.insert(pool, ips);
+    }
+    let mut reaching: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &rules {
+        let pool = r["properties"]["backendAddressPool"]["id"]
+            .as_str()
+            .map(str::to_lowercase)
+            .unwrap_or_default();
+        for ip in addresses_of.get(&pool).into_iter().flatten() {
+            *reaching.entry(ip.as_str()).or_default() += 1;
+        }
+    }
+    if let Some((ip, n)) = reaching.iter().find(|(_, n)| **n > MAX_RULES_PER_NIC) {
         return bad(
             "LoadBalancingRulesPerNicIpConfigurationLimitReached",
-            format!(
-                "{} rules reach each backend; the limit is {MAX_RULES_PER_NIC}",
-                rules.len()
-            ),
+            format!("{n} rules reach backend {ip}; the limit is {MAX_RULES_PER_NIC}"),
         );
     }
     Ok(())

@@ -63,6 +63,7 @@ pub fn pool_config(
             sharedlb_crds::PlacementStrategy::Spread => Strategy::Spread,
         },
         port_mode: limits.port_mode,
+        lb_groups: limits.lb_groups,
     }
 }
 

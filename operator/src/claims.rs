@@ -156,6 +156,7 @@ mod tests {
             port_range: (4000, 4999),
             strategy: Strategy::Pack,
             port_mode: PortMode::PerLoadBalancer,
+            lb_groups: None,
         })
     }
 

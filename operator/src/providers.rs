@@ -209,6 +209,11 @@ impl ProviderFactory for BuiltinProviders {
                     .network_security_group_resource_group
                     .clone(),
                 virtual_network: a.virtual_network.clone(),
+                node_groups: a.node_groups.unwrap_or(1),
+                target_nodes_per_zone: target_nodes_per_zone(
+                    a.target_nodes_per_zone,
+                    DEFAULT_TARGET_NODES_PER_ZONE,
+                ),
                 endpoint: self.azure.endpoint.clone(),
                 credential: credential(&auth, transport.clone())?,
                 transport,

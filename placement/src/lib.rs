@@ -6,7 +6,8 @@
 //! operator's shell does the side effects, and these rules are tested with plain values and proptest.
 //!
 //! The rules this module keeps, whatever the input:
-//! - a load balancer never holds more port/protocol pairs than its capacity;
+//! - a load balancer never holds more port/protocol pairs than its capacity, a group of load balancers
+//!   (`LbGroups`) never more than its budget, the pool never more than its budget;
 //! - a port of a load balancer belongs to one item (one item may use it for both TCP and UDP);
 //! - an existing allocation never moves: updates keep the ports that still match and add new ones in place;
 //! - planning the same changes again after `apply` is empty.
@@ -16,7 +17,7 @@
 use imbl::{OrdMap, OrdSet};
 
 mod subset;
-pub use subset::{ZonedNode, node_subset};
+pub use subset::{ZonedNode, node_group, node_subset};
 
 /// The key of an item (a SharedLB): its UID in the operator.
 pub type ItemKey = String;
@@ -95,6 +96,17 @@ pub struct PoolConfig {
     pub port_range: (u16, u16),
     pub strategy: Strategy,
     pub port_mode: PortMode,
+    /// Load balancers that share a budget by group; `None`: each has only its own `max_ports_per_lb`.
+    pub lb_groups: Option<LbGroups>,
+}
+
+/// Load balancer `i` is in group `i % count`, and the load balancers of one group hold at most `max_ports`
+/// together: a budget of something the group's load balancers share (on Azure, a group's frontends send to the
+/// same nodes, and every rule that reaches a node counts against that node's NIC).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbGroups {
+    pub count: u32,
+    pub max_ports: u32,
 }
 
 /// A change to plan for.
@@ -380,7 +392,22 @@ impl PoolState {
             .config
             .max_ports_total
             .is_none_or(|m| self.total_used + n <= m);
-        lb_room && lb_count && budget
+        lb_room && lb_count && budget && self.group_room(alloc.lb) >= n
+    }
+
+    /// Ports load balancer `lb`'s group (`PoolConfig::lb_groups`) can still take; unbounded without groups.
+    fn group_room(&self, lb: LbIndex) -> u32 {
+        let Some(g) = self.config.lb_groups else {
+            return u32::MAX;
+        };
+        let count = g.count.max(1);
+        let used: u32 = self
+            .lbs
+            .iter()
+            .filter(|(i, _)| **i % count == lb % count)
+            .map(|(_, s)| s.used)
+            .sum();
+        g.max_ports.saturating_sub(used)
     }
 
     /// `PortMode::PoolWide`: a port something outside the pool holds (on GCP, another Service's node port), so
@@ -668,7 +695,7 @@ impl PoolState {
         let mut first_refusal: Option<Refusal> = None;
         let mut try_lb = |lb: LbIndex| -> Option<Vec<AllocatedPort>> {
             let s = self.lbs.get(&lb)?;
-            if s.deleting || s.used + need > cap {
+            if s.deleting || s.used + need > cap || self.group_room(lb) < need {
                 return None;
             }
             match self.fit(lb, s, &reqs, None, &[]) {
@@ -720,7 +747,19 @@ impl PoolState {
                     max_lbs: self.config.max_lbs.unwrap_or(0),
                 }));
         }
-        let lb = (0..).find(|i| !self.lbs.contains_key(i)).unwrap_or(0);
+        // the lowest free index whose group has room: past the highest index in use, `count` consecutive free
+        // ones cover every group
+        let span = self.lbs.keys().max().map_or(0, |i| i + 1)
+            + self.config.lb_groups.map_or(1, |g| g.count.max(1));
+        let Some(lb) = (0..span).find(|i| !self.lbs.contains_key(i) && self.group_room(*i) >= need)
+        else {
+            let free = (0..span).map(|i| self.group_room(i)).max().unwrap_or(0);
+            return Err(Refusal::PoolPortBudget {
+                needed: need,
+                free,
+                budget: self.config.lb_groups.map_or(0, |g| g.max_ports),
+            });
+        };
         let empty = LbState::default();
         let p = self.fit(lb, &empty, &reqs, None, &[])?;
         Ok((
@@ -769,6 +808,14 @@ impl PoolState {
         let grows = (kept.len() + wanted.len()).saturating_sub(old.ports.len()) as u32;
         if grows > 0 {
             self.budget_allows(grows)?;
+            let free = self.group_room(old.lb);
+            if free < grows {
+                return Err(Refusal::NoRoomToGrow {
+                    lb: old.lb,
+                    needed: grows,
+                    free,
+                });
+            }
         }
         // Ports the item keeps count as taken; ports it gives up are not handed straight back to it.
         let kept_ports: Vec<u16> = kept.iter().map(|p| p.port).collect();

@@ -45,6 +45,14 @@ pub fn node_subset<'a>(lb: &str, nodes: &[ZonedNode<'a>], per_zone: Option<u32>)
     chosen
 }
 
+/// Which of `groups` disjoint node groups `node` belongs to: the group that ranks it highest. A node's group
+/// depends on its name alone, so nodes coming and going never move another node. `groups` 0 counts as 1.
+pub fn node_group(node: &str, groups: u32) -> u32 {
+    (0..groups.max(1))
+        .max_by_key(|g| (weight(&format!("group-{g}"), node), std::cmp::Reverse(*g)))
+        .unwrap_or(0)
+}
+
 /// The rendezvous weight of `node` for `lb`.
 fn weight(lb: &str, node: &str) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -72,6 +80,19 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// Groups split the nodes roughly evenly, and a node's group is the same whatever else is in the cluster.
+    #[test]
+    fn node_groups_share_the_nodes_out() {
+        let mut sizes = [0u32; 3];
+        for i in 0..300 {
+            sizes[node_group(&format!("node-{i}"), 3) as usize] += 1;
+        }
+        assert!(sizes.iter().all(|n| (70..=130).contains(n)), "{sizes:?}");
+        assert_eq!(node_group("node-7", 1), 0);
+        assert_eq!(node_group("node-7", 0), 0);
+        assert_eq!(node_group("node-7", 3), node_group("node-7", 3));
+    }
 
     fn cluster(n: usize, zones: usize) -> Vec<(String, String)> {
         (0..n)

@@ -13,6 +13,7 @@ fn cfg(cap: u32, max_lbs: Option<u32>) -> PoolConfig {
         port_range: (4000, 4999),
         strategy: Strategy::Pack,
         port_mode: PortMode::PerLoadBalancer,
+        lb_groups: None,
     }
 }
 
@@ -432,6 +433,15 @@ fn check_invariants(s: &PoolState) -> Result<(), String> {
             return Err(format!("lb {lb} holds {n} > {cap}"));
         }
     }
+    if let Some(g) = s.config().lb_groups {
+        let mut by_group: BTreeMap<u32, u32> = BTreeMap::new();
+        for (lb, n) in &used {
+            *by_group.entry(lb % g.count).or_default() += n;
+        }
+        if let Some((group, n)) = by_group.iter().find(|(_, n)| **n > g.max_ports) {
+            return Err(format!("group {group} holds {n} > {}", g.max_ports));
+        }
+    }
     let total: u32 = used.values().sum();
     if let Some(budget) = s.config().max_ports_total
         && total > budget
@@ -500,23 +510,27 @@ fn strategy_config() -> impl Gen<Value = PoolConfig> {
         any::<bool>(),
         8u16..200,
         prop::option::of(1u32..30),
+        prop::option::of((1u32..4, 1u32..12)),
     )
-        .prop_map(|(cap, max_lbs, spread, wide, width, budget)| PoolConfig {
-            max_ports_per_lb: cap,
-            max_lbs,
-            max_ports_total: budget,
-            port_range: (4000, 4000 + width),
-            strategy: if spread {
-                Strategy::Spread
-            } else {
-                Strategy::Pack
+        .prop_map(
+            |(cap, max_lbs, spread, wide, width, budget, groups)| PoolConfig {
+                max_ports_per_lb: cap,
+                max_lbs,
+                max_ports_total: budget,
+                port_range: (4000, 4000 + width),
+                strategy: if spread {
+                    Strategy::Spread
+                } else {
+                    Strategy::Pack
+                },
+                port_mode: if wide {
+                    PortMode::PoolWide
+                } else {
+                    PortMode::PerLoadBalancer
+                },
+                lb_groups: groups.map(|(count, max_ports)| LbGroups { count, max_ports }),
             },
-            port_mode: if wide {
-                PortMode::PoolWide
-            } else {
-                PortMode::PerLoadBalancer
-            },
-        })
+        )
 }
 
 proptest! {
@@ -628,4 +642,39 @@ proptest! {
         prop_assert!(half_full <= 1, "{half_full} load balancers at most half full");
         prop_assert!(s.load_balancers().len() as u64 >= lower_bound(total, cap));
     }
+}
+
+/// Load balancers of one group share its budget: a new item goes to a load balancer (or opens one) whose group
+/// has room, an update grows only within it, and with every group full the item is refused.
+#[test]
+fn grouped_load_balancers_share_their_groups_budget() {
+    let mut c = cfg(3, None);
+    c.lb_groups = Some(LbGroups {
+        count: 2,
+        max_ports: 4,
+    });
+    let mut s = PoolState::new(c);
+    let lb_of = |s: &PoolState, k: &str| s.allocation(k).map(|a| a.lb);
+    for i in 0..6 {
+        plan_apply(&mut s, &[up(&format!("i{i}"), vec![tcp("p", None)])]);
+    }
+    // lb 0 and 1 fill to 3; lb 2 (group 0) and lb 3 (group 1) take each group's 4th
+    let placed: Vec<Option<u32>> = (0..6).map(|i| lb_of(&s, &format!("i{i}"))).collect();
+    assert_eq!(
+        placed,
+        vec![Some(0), Some(0), Some(0), Some(1), Some(1), Some(1)]
+    );
+    let p = plan_apply(&mut s, &[up("g0", vec![tcp("p", None)])]);
+    assert_eq!(p.placed[0].1.lb, 2, "{p:?}");
+    let p = plan_apply(&mut s, &[up("g1", vec![tcp("p", None)])]);
+    assert_eq!(p.placed[0].1.lb, 3, "{p:?}");
+    let full = s.plan(&[up("late", vec![tcp("p", None)])]);
+    assert_eq!(full.refused[0].1.reason(), "PoolPortBudgetExhausted");
+    let grow = s.plan(&[up("g0", vec![tcp("p", None), tcp("q", None)])]);
+    assert_eq!(grow.refused[0].1.reason(), "NoRoomToGrow", "{grow:?}");
+    // a freed port of group 0 lets group 0 take one more, never group 1
+    plan_apply(&mut s, &[Change::Remove { key: "i0".into() }]);
+    let p = plan_apply(&mut s, &[up("again", vec![tcp("p", None)])]);
+    assert_eq!(p.placed[0].1.lb % 2, 0, "{p:?}");
+    assert_eq!(check_invariants(&s), Ok(()));
 }

@@ -1254,6 +1254,7 @@ impl LoadBalancerProvider for AwsProvider {
             max_lbs,
             max_ports_total,
             port_mode: PortMode::PerLoadBalancer,
+            lb_groups: None,
         }
     }
 

@@ -707,6 +707,7 @@ impl LoadBalancerProvider for GcpProvider {
             max_lbs: None,
             max_ports_total: (quota != u32::MAX).then_some(quota),
             port_mode: PortMode::PoolWide,
+            lb_groups: None,
         }
     }
 

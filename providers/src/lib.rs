@@ -13,7 +13,7 @@ use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use sharedlb_placement::{PortMode, Protocol};
+pub use sharedlb_placement::{LbGroups, PortMode, Protocol};
 
 #[cfg(feature = "aws")]
 pub mod aws;
@@ -280,6 +280,8 @@ pub struct Limits {
     /// rules of the node security group on AWS).
     pub max_ports_total: Option<u32>,
     pub port_mode: PortMode,
+    /// Load balancers whose ports share one budget by group (Azure: frontends that send to the same nodes).
+    pub lb_groups: Option<LbGroups>,
 }
 
 /// Calls of one cloud API operation since the provider was made.

@@ -339,6 +339,7 @@ impl LoadBalancerProvider for MemoryProvider {
             max_lbs: self.faults.load_balancer_quota,
             max_ports_total: None,
             port_mode: PortMode::PerLoadBalancer,
+            lb_groups: None,
         }
     }
 

@@ -4,7 +4,7 @@
 //! operations, 404/429, reference checks and limits), not Azure's whole behaviour.
 #![cfg(feature = "azure")]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,6 +64,8 @@ fn settings(fake: &AzureFake) -> AzurePool {
         network_security_group: "nodes-nsg".into(),
         network_security_group_resource_group: None,
         virtual_network: "vnet".into(),
+        node_groups: 1,
+        target_nodes_per_zone: None,
         endpoint: Some(fake.endpoint()),
         credential: credential(&auth, Some(transport.clone())).expect("credential"),
         transport: Some(transport),
@@ -884,4 +886,144 @@ async fn throttling_errors_and_bad_settings_are_errors_by_meaning() {
         .expect("delete");
     assert!(fake.resources("loadBalancers").is_empty());
     assert!(nsg_rules(&fake).is_empty());
+}
+
+/// (name, IPs) of each backend pool of the pool's load balancer.
+fn backend_pools(fake: &AzureFake) -> BTreeMap<String, BTreeSet<String>> {
+    lb(fake)["properties"]["backendAddressPools"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            let ips = b["properties"]["loadBalancerBackendAddresses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a["properties"]["ipAddress"].as_str().map(str::to_string))
+                .collect();
+            (b["name"].as_str().unwrap_or_default().to_string(), ips)
+        })
+        .collect()
+}
+
+/// Two node groups: each frontend's rules reach only its group's few nodes per zone, so the pool holds 600
+/// ports while no NIC is behind more than Azure's 300 rules (the fake counts per address, and refuses the
+/// 301st on a group); a new node changes only its own group's pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_node_groups_hold_600_ports_and_no_nic_is_behind_more_than_300_rules() {
+    let fake = fake().await;
+    let p = Arc::new(
+        AzureProvider::new(
+            "c1",
+            "groups",
+            AzurePool {
+                node_groups: 2,
+                target_nodes_per_zone: Some(2),
+                ..settings(&fake)
+            },
+        )
+        .await
+        .expect("provider"),
+    );
+    let limits = p.limits();
+    assert_eq!(
+        (limits.max_ports_per_lb, limits.max_ports_total),
+        (300, Some(600))
+    );
+    assert_eq!(
+        limits.lb_groups,
+        Some(sharedlb_providers::LbGroups {
+            count: 2,
+            max_ports: 300
+        })
+    );
+    let vm = |i: u32| NodeTarget {
+        name: format!("vm{i}"),
+        provider_id: Some(format!(
+            "azure:///subscriptions/sub/resourceGroups/mc/providers/Microsoft.Compute/virtualMachines/vm{i}"
+        )),
+        internal_ip: Some(format!("10.224.0.{}", 10 + i)),
+        zone: Some(format!("westeurope-{}", 1 + i % 2)),
+    };
+    let mut nodes: Vec<NodeTarget> = (0..16).map(vm).collect();
+    p.update_nodes(&nodes).await.expect("nodes");
+    let mut jobs = Vec::new();
+    for index in 0..2u32 {
+        p.ensure_load_balancer(&key("groups", index))
+            .await
+            .expect("frontend");
+        for i in 0..300u16 {
+            let owner = format!("o{index}-{i}");
+            let l = spec(1000 + i, Protocol::Tcp, 30000 + i, &owner, &[]);
+            jobs.push((p.clone(), key("groups", index), l));
+        }
+    }
+    ensure_concurrently(jobs).await;
+    assert_eq!(rules(&lb(&fake)).len(), 600);
+    let pools = backend_pools(&fake);
+    let (g0, g1) = (&pools["nodes"], &pools["nodes-1"]);
+    assert_eq!(
+        (g0.len(), g1.len()),
+        (4, 4),
+        "two nodes of each zone per group: {pools:?}"
+    );
+    assert!(g0.is_disjoint(g1), "the groups share no node: {pools:?}");
+    let to_pool: BTreeSet<(String, String)> = lb(&fake)["properties"]["loadBalancingRules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let fe = r["properties"]["frontendIPConfiguration"]["id"]
+                .as_str()
+                .and_then(|id| id.rsplit('/').next())
+                .unwrap_or_default();
+            let pool = r["properties"]["backendAddressPool"]["id"]
+                .as_str()
+                .and_then(|id| id.rsplit('/').next())
+                .unwrap_or_default();
+            (fe.to_string(), pool.to_string())
+        })
+        .collect();
+    assert_eq!(
+        to_pool,
+        BTreeSet::from([
+            ("fe-0".to_string(), "nodes".to_string()),
+            ("fe-1".to_string(), "nodes-1".to_string())
+        ])
+    );
+    // Azure's limit is real in the fake: a 301st rule on group 0's nodes is refused
+    let over = p
+        .ensure_listener(
+            &key("groups", 2),
+            &spec(1000, Protocol::Tcp, 30999, "over", &[]),
+        )
+        .await;
+    assert!(over.is_err(), "no frontend 2 yet: {over:?}");
+    p.ensure_load_balancer(&key("groups", 2))
+        .await
+        .expect("frontend 2, group 0");
+    let over = p
+        .ensure_listener(
+            &key("groups", 2),
+            &spec(1000, Protocol::Tcp, 30999, "over", &[]),
+        )
+        .await
+        .expect_err("a 301st rule reaching group 0's nodes");
+    assert!(
+        over.to_string()
+            .contains("LoadBalancingRulesPerNicIpConfigurationLimitReached"),
+        "{over}"
+    );
+
+    // a node joins: at most its own group's pool is written
+    let pool_puts = fake.count("PUT", "/backendaddresspools/", None);
+    nodes.push(vm(16));
+    p.update_nodes(&nodes).await.expect("a node joins");
+    let after = backend_pools(&fake);
+    assert!(fake.count("PUT", "/backendaddresspools/", None) - pool_puts <= 1);
+    let changed = ["nodes", "nodes-1"]
+        .iter()
+        .filter(|g| after[**g] != pools[**g])
+        .count();
+    assert!(changed <= 1, "{pools:?} -> {after:?}");
 }

@@ -57,6 +57,7 @@ fn config() -> PoolConfig {
         port_range: (10000, 60000),
         strategy: Strategy::Pack,
         port_mode: PortMode::PerLoadBalancer,
+        lb_groups: None,
     }
 }
 

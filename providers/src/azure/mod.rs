@@ -3,11 +3,17 @@
 //!
 //! One pool is one Standard Load Balancer that the operator owns (tagged). Each load balancer *of the pool* is a
 //! frontend IP configuration `fe-<index>` on it with its own Standard public IP; each allocated port/protocol is
-//! a load-balancing rule `r-<index>-<port>-<t|u>-<owner uid>` from that frontend to the backend pool `nodes` on
-//! the Service's node port, with a TCP probe on the node port (UDP rules use kube-proxy's `/healthz` on 10256:
+//! a load-balancing rule `r-<index>-<port>-<t|u>-<owner uid>` from that frontend to its node group's backend pool
+//! on the Service's node port, with a TCP probe on the node port (UDP rules use kube-proxy's `/healthz` on 10256:
 //! nothing answers TCP on a UDP node port). The node security group gets one rule per SharedLB and protocol
 //! allowing exactly its node ports from its `sourceRanges` (the `Internet` tag when open; the health probes'
 //! `AzureLoadBalancer` is admitted by every NSG's default rule).
+//!
+//! Azure lets 300 rules reach one NIC. The nodes are split into `node_groups` disjoint groups (by a hash of the
+//! name, so churn never moves another node); frontend `i` sends to group `i % node_groups`, whose backend pool
+//! (`nodes`, `nodes-1`, ...) holds a few of the group's nodes per zone. The planner keeps each group's frontends
+//! within 300 ports together (`Limits::lb_groups`), so no NIC is behind more, and the pool holds
+//! `300 x node_groups` ports up to the load balancer's 1,500 rules.
 //!
 //! Azure writes a load balancer or an NSG as one document. Rule changes are therefore queued per document and
 //! written together: whoever gets the document's turn waits a short window, reads it, applies every queued edit,
@@ -45,8 +51,8 @@ use client::{ArmClient, Precondition, is_precondition_failed};
 pub const MAX_RULES_PER_LB: u32 = 1500;
 /// Frontend IP configurations one Standard Load Balancer may hold.
 pub const MAX_FRONTENDS_PER_LB: u32 = 600;
-/// Load-balancing rules that may reach one NIC IP configuration: every node is behind every rule, so this caps
-/// the IP:port pairs of the whole cluster.
+/// Load-balancing rules that may reach one NIC IP configuration: a node is behind every rule of its group's
+/// frontends, so this caps the ports of each node group (`AzurePool::node_groups`).
 pub const MAX_RULES_PER_NIC: u32 = 300;
 /// Security rules one NSG may hold.
 pub const MAX_NSG_RULES: u32 = 1000;
@@ -54,6 +60,7 @@ pub const MAX_NSG_RULES: u32 = 1000;
 pub const PRIORITIES: std::ops::RangeInclusive<u32> = 500..=4096;
 /// kube-proxy's health endpoint, which UDP rules are probed on.
 pub const KUBE_PROXY_HEALTH_PORT: u16 = 10256;
+/// The backend pool of node group 0 (and of pools made before groups); group `g` > 0 has `nodes-<g>`.
 const BACKEND_POOL: &str = "nodes";
 const UDP_PROBE: &str = "probe-kube-proxy";
 
@@ -231,6 +238,11 @@ pub struct AzurePool {
     /// The nodes' virtual network (name in `resource_group`, or a full resource id): backend addresses are the
     /// nodes' IPs in it.
     pub virtual_network: String,
+    /// Disjoint node groups (`placement::node_group`), one backend pool each; frontend `i` sends to group
+    /// `i % node_groups`. 0 counts as 1.
+    pub node_groups: u32,
+    /// Nodes per zone each group's backend pool holds (`crate::target_nodes`); `None`: every node of the group.
+    pub target_nodes_per_zone: Option<u32>,
     /// ARM's endpoint; default `https://management.azure.com`.
     pub endpoint: Option<String>,
     pub credential: Arc<dyn TokenCredential>,
@@ -516,6 +528,14 @@ fn parse_nsg_rule_name(prefix: &str, name: &str) -> Option<(String, Protocol)> {
     Some((uid.to_string(), protocol))
 }
 
+/// Node group `group`'s backend pool.
+fn backend_pool_name(group: u32) -> String {
+    match group {
+        0 => BACKEND_POOL.to_string(),
+        g => format!("{BACKEND_POOL}-{g}"),
+    }
+}
+
 fn frontend_name(index: u32) -> String {
     format!("fe-{index}")
 }
@@ -559,8 +579,10 @@ pub struct AzureProvider {
     lb: DocWriter<LoadBalancer>,
     nsg: DocWriter<NetworkSecurityGroup>,
     window: Duration,
-    /// The backend addresses of the nodes last given.
-    nodes: Mutex<Vec<Child<BackendAddressProperties>>>,
+    node_groups: u32,
+    target_nodes_per_zone: Option<u32>,
+    /// The nodes last given.
+    nodes: Mutex<Vec<NodeTarget>>,
     /// NSG rules that are not this pool's (they share the NSG's 1,000).
     foreign_nsg_rules: AtomicU32,
 }
@@ -637,6 +659,8 @@ impl AzureProvider {
             vnet_id: vnet_id.clone(),
             arm,
             window: settings.batch_window,
+            node_groups: settings.node_groups.max(1),
+            target_nodes_per_zone: settings.target_nodes_per_zone,
             nodes: Mutex::new(Vec::new()),
             foreign_nsg_rules: AtomicU32::new(0),
         };
@@ -721,8 +745,45 @@ impl AzureProvider {
         );
     }
 
-    /// The load balancer as first written: Standard SKU, tagged, an empty backend pool (its addresses are
-    /// written through the backend pool itself, see `sync_backends`).
+    /// The backend pool frontend `index` sends to: its node group's.
+    fn backend_pool_of(&self, index: u32) -> String {
+        backend_pool_name(index % self.node_groups)
+    }
+
+    /// The addresses group `group`'s backend pool holds: the group's Azure nodes with an internal IP, a few
+    /// per zone, sorted by name.
+    fn group_backends(&self, group: u32) -> Vec<Child<BackendAddressProperties>> {
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        let members: Vec<NodeTarget> = nodes
+            .iter()
+            .filter(|n| n.provider_id.as_deref().is_some_and(is_azure_node))
+            .filter(|n| n.internal_ip.is_some())
+            .filter(|n| sharedlb_placement::node_group(&n.name, self.node_groups) == group)
+            .cloned()
+            .collect();
+        let name = backend_pool_name(group);
+        let mut out: Vec<Child<BackendAddressProperties>> =
+            crate::target_nodes(&name, &members, self.target_nodes_per_zone)
+                .into_iter()
+                .map(|n| {
+                    Child::new(
+                        n.name.clone(),
+                        BackendAddressProperties {
+                            ip_address: n.internal_ip.clone(),
+                            virtual_network: Some(SubResource {
+                                id: self.vnet_id.clone(),
+                            }),
+                            other: Map::new(),
+                        },
+                    )
+                })
+                .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// The load balancer as first written: Standard SKU, tagged, an empty backend pool per node group (their
+    /// addresses are written through the backend pools themselves, see `sync_backends`).
     fn fresh_lb(&self) -> LoadBalancer {
         Resource {
             id: None,
@@ -735,7 +796,9 @@ impl AzureProvider {
                 tier: Some("Regional".into()),
             }),
             properties: LoadBalancerProperties {
-                backend_pools: vec![Child::new(BACKEND_POOL, BackendPoolProperties::default())],
+                backend_pools: (0..self.node_groups)
+                    .map(|g| Child::new(backend_pool_name(g), BackendPoolProperties::default()))
+                    .collect(),
                 ..LoadBalancerProperties::default()
             },
             other: Map::new(),
@@ -856,53 +919,54 @@ impl AzureProvider {
             .await
     }
 
-    /// Makes the backend pool hold exactly the nodes last given, through the backend pool's own resource (how
-    /// Azure updates IP-based pools): one GET of the load balancer, and one PUT when they differ. In the load
-    /// balancer's write turn; its next batched write reads the result.
+    /// Makes each node group's backend pool hold exactly its nodes of those last given, through the backend
+    /// pool's own resource (how Azure updates IP-based pools): one GET of the load balancer, and one PUT per pool
+    /// that differs. In the load balancer's write turn; its next batched write reads the result.
     async fn sync_backends(&self) -> Result<(), ProviderError> {
         let _turn = self.lb.turn.lock().await;
         let Some(doc) = self.lb.read(&self.arm).await? else {
             return Ok(());
         };
-        let wanted = self.nodes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let existing = doc
-            .properties
-            .backend_pools
-            .iter()
-            .find(|b| b.name == BACKEND_POOL);
-        let mut have: Vec<(&str, Option<&str>)> = existing
-            .map(|p| {
-                p.properties
-                    .addresses
-                    .iter()
-                    .map(|a| (a.name.as_str(), a.properties.ip_address.as_deref()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        have.sort();
-        let want: Vec<(&str, Option<&str>)> = wanted
-            .iter()
-            .map(|a| (a.name.as_str(), a.properties.ip_address.as_deref()))
-            .collect();
-        if existing.is_some() && have == want {
-            return Ok(());
+        let mut wrote = false;
+        let mut result = Ok(());
+        for group in 0..self.node_groups {
+            let name = backend_pool_name(group);
+            let wanted = self.group_backends(group);
+            let existing = doc.properties.backend_pools.iter().find(|b| b.name == name);
+            let held = |a: &Child<BackendAddressProperties>| {
+                (a.name.clone(), a.properties.ip_address.clone())
+            };
+            let mut have: Vec<_> = existing
+                .map(|p| p.properties.addresses.iter().map(held).collect())
+                .unwrap_or_default();
+            have.sort();
+            let want: Vec<_> = wanted.iter().map(held).collect();
+            if existing.is_some() && have == want {
+                continue;
+            }
+            let mut pool = existing
+                .cloned()
+                .unwrap_or_else(|| Child::new(name.clone(), BackendPoolProperties::default()));
+            pool.properties.addresses = wanted;
+            wrote = true;
+            result = self
+                .arm
+                .put(
+                    "LoadBalancerBackendAddressPools.CreateOrUpdate",
+                    &format!("{}/backendAddressPools/{name}", self.lb_id),
+                    &pool,
+                    Precondition::None,
+                )
+                .await;
+            if result.is_err() {
+                break;
+            }
         }
-        let mut pool = existing
-            .cloned()
-            .unwrap_or_else(|| Child::new(BACKEND_POOL, BackendPoolProperties::default()));
-        pool.properties.addresses = wanted;
-        let put = self
-            .arm
-            .put(
-                "LoadBalancerBackendAddressPools.CreateOrUpdate",
-                &format!("{}/backendAddressPools/{BACKEND_POOL}", self.lb_id),
-                &pool,
-                Precondition::None,
-            )
-            .await;
-        // what this process holds of the document is stale now
-        let _ = self.lb.read(&self.arm).await;
-        put
+        if wrote {
+            // what this process holds of the document is stale now
+            let _ = self.lb.read(&self.arm).await;
+        }
+        result
     }
 
     /// Shrinks or removes this pool's NSG rules to the node ports the load balancer (as last read or written)
@@ -1033,13 +1097,20 @@ impl LoadBalancerProvider for AzureProvider {
 
     fn limits(&self) -> Limits {
         let nsg_room = MAX_NSG_RULES.saturating_sub(self.foreign_nsg_rules.load(Ordering::Relaxed));
-        // every rule of the pool is on one Azure load balancer and reaches every node's NIC
-        let total = MAX_RULES_PER_LB.min(MAX_RULES_PER_NIC).min(nsg_room).max(1);
+        // every rule of the pool is on one Azure load balancer; a group's rules reach each of its nodes' NICs
+        let total = MAX_RULES_PER_LB
+            .min(MAX_RULES_PER_NIC * self.node_groups)
+            .min(nsg_room)
+            .max(1);
         Limits {
-            max_ports_per_lb: total,
+            max_ports_per_lb: MAX_RULES_PER_NIC.min(total),
             max_lbs: Some(MAX_FRONTENDS_PER_LB),
             max_ports_total: Some(total),
             port_mode: PortMode::PerLoadBalancer,
+            lb_groups: Some(crate::LbGroups {
+                count: self.node_groups,
+                max_ports: MAX_RULES_PER_NIC,
+            }),
         }
     }
 
@@ -1048,6 +1119,7 @@ impl LoadBalancerProvider for AzureProvider {
         lb: &LoadBalancerKey,
     ) -> Result<LoadBalancerInfo, ProviderError> {
         let index = lb.index;
+        let backend_pool = self.backend_pool_of(index);
         let ip = self.ensure_public_ip(index).await?;
         let ip_id = ip.id.clone().unwrap_or_else(|| self.ip_path(index));
         let name = frontend_name(index);
@@ -1090,11 +1162,12 @@ impl LoadBalancerProvider for AzureProvider {
                 .properties
                 .backend_pools
                 .iter()
-                .any(|b| b.name == BACKEND_POOL)
+                .any(|b| b.name == backend_pool)
             {
-                doc.properties
-                    .backend_pools
-                    .push(Child::new(BACKEND_POOL, BackendPoolProperties::default()));
+                doc.properties.backend_pools.push(Child::new(
+                    backend_pool.clone(),
+                    BackendPoolProperties::default(),
+                ));
             }
             Ok(())
         })
@@ -1112,6 +1185,7 @@ impl LoadBalancerProvider for AzureProvider {
         let (index, port, protocol, node_port) = (lb.index, l.port, l.protocol, l.node_port);
         let uid = l.owner.uid.clone();
         let lb_id = self.lb_id.clone();
+        let backend_pool = self.backend_pool_of(index);
         let missing = ProviderError::NotFound(format!(
             "load balancer {} (ensure the load balancer first)",
             self.lb_id
@@ -1155,7 +1229,7 @@ impl LoadBalancerProvider for AzureProvider {
                     id: format!("{lb_id}/frontendIPConfigurations/{fe}"),
                 },
                 backend_pool: Some(SubResource {
-                    id: format!("{lb_id}/backendAddressPools/{BACKEND_POOL}"),
+                    id: format!("{lb_id}/backendAddressPools/{backend_pool}"),
                 }),
                 probe: Some(SubResource {
                     id: format!("{lb_id}/probes/{probe}"),
@@ -1278,26 +1352,7 @@ impl LoadBalancerProvider for AzureProvider {
     }
 
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
-        let mut backends: Vec<Child<BackendAddressProperties>> = nodes
-            .iter()
-            .filter(|n| n.provider_id.as_deref().is_some_and(is_azure_node))
-            .filter_map(|n| {
-                n.internal_ip.as_ref().map(|ip| {
-                    Child::new(
-                        n.name.clone(),
-                        BackendAddressProperties {
-                            ip_address: Some(ip.clone()),
-                            virtual_network: Some(SubResource {
-                                id: self.vnet_id.clone(),
-                            }),
-                            other: Map::new(),
-                        },
-                    )
-                })
-            })
-            .collect();
-        backends.sort_by(|a, b| a.name.cmp(&b.name));
-        *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = backends;
+        *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = nodes.to_vec();
         self.sync_backends().await
     }
 }

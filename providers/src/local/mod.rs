@@ -183,6 +183,7 @@ impl LoadBalancerProvider for LocalProvider {
             max_lbs: Some(self.addresses.len() as u32),
             max_ports_total: None,
             port_mode: PortMode::PerLoadBalancer,
+            lb_groups: None,
         }
     }
 
