@@ -451,6 +451,14 @@ pub struct AzureSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
     pub target_nodes_per_zone: Option<u32>,
+    /// What the load-balancing rules send to. `Nodes` (default): a node group's backend pool on the backing
+    /// Service's node port. `Pods`: each rule has a backend pool of its own holding the ready pods' IPs (from
+    /// the backing Service's EndpointSlices; with Azure CNI they are virtual network addresses) on their port:
+    /// no node port is taken (on 1.24+ the backing Service is a classed `LoadBalancer` without node ports), a
+    /// pod is behind only its own Service's rules (so `nodeGroups` plays no part and the pool holds the load
+    /// balancer's 1,500 rules), and the NSG opens the pods' port. UDP rules to pods have no health probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Targets>,
 }
 
 /// The operator itself forwards traffic, from addresses of this machine (bare metal, laptops).

@@ -210,6 +210,7 @@ impl ProviderFactory for BuiltinProviders {
                     .clone(),
                 virtual_network: a.virtual_network.clone(),
                 node_groups: a.node_groups.unwrap_or(1),
+                pod_targets: a.targets == Some(sharedlb_crds::Targets::Pods),
                 target_nodes_per_zone: target_nodes_per_zone(
                     a.target_nodes_per_zone,
                     DEFAULT_TARGET_NODES_PER_ZONE,

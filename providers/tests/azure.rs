@@ -66,6 +66,7 @@ fn settings(fake: &AzureFake) -> AzurePool {
         virtual_network: "vnet".into(),
         node_groups: 1,
         target_nodes_per_zone: None,
+        pod_targets: false,
         endpoint: Some(fake.endpoint()),
         credential: credential(&auth, Some(transport.clone())).expect("credential"),
         transport: Some(transport),
@@ -1026,4 +1027,83 @@ async fn two_node_groups_hold_600_ports_and_no_nic_is_behind_more_than_300_rules
         .filter(|g| after[**g] != pools[**g])
         .count();
     assert!(changed <= 1, "{pools:?} -> {after:?}");
+}
+
+/// `targets: Pods`: each rule sends to a pool of its own holding the ready pods on their port (a TCP probe on
+/// it; none for UDP), the NSG opens the pods' port, the pool follows the endpoints in one write, pods on mixed
+/// ports are refused by meaning, and a removed port takes its pool with it. No node pool is written.
+#[tokio::test]
+async fn pod_targets_send_each_port_to_a_pool_of_its_pods() {
+    let fake = fake().await;
+    let p = AzureProvider::new(
+        "c1",
+        "pods",
+        AzurePool {
+            pod_targets: true,
+            ..settings(&fake)
+        },
+    )
+    .await
+    .expect("provider");
+    assert!(p.forwards_to_endpoints() && !p.needs_node_ports());
+    assert_eq!(p.limits().lb_groups, None);
+    let addrs = |a: &[&str]| -> Vec<std::net::SocketAddr> {
+        a.iter().map(|s| s.parse().expect("address")).collect()
+    };
+    p.ensure_load_balancer(&key("pods", 0)).await.expect("lb");
+    let mut web = spec(80, Protocol::Tcp, 30080, "web", &[]);
+    web.backends = addrs(&["10.244.1.5:8080", "10.244.2.7:8080"]);
+    let mut dns = spec(53, Protocol::Udp, 30053, "dns", &[]);
+    dns.backends = addrs(&["10.244.1.5:5353"]);
+    p.ensure_listener(&key("pods", 0), &web).await.expect("web");
+    p.ensure_listener(&key("pods", 0), &dns).await.expect("dns");
+    assert_eq!(
+        rules(&lb(&fake)),
+        BTreeSet::from([
+            ("fe-0".into(), 53, "Udp".into(), 5353, String::new()),
+            ("fe-0".into(), 80, "Tcp".into(), 8080, "probe-8080".into()),
+        ])
+    );
+    let ips = |a: &[&str]| -> BTreeSet<String> { a.iter().map(|s| s.to_string()).collect() };
+    let pools = backend_pools(&fake);
+    assert_eq!(pools["pods-0-80-t"], ips(&["10.244.1.5", "10.244.2.7"]));
+    assert_eq!(pools["pods-0-53-u"], ips(&["10.244.1.5"]));
+    assert!(
+        pools["nodes"].is_empty(),
+        "no node is written in: {pools:?}"
+    );
+    let opened: BTreeSet<Vec<String>> = nsg_rules(&fake).into_iter().map(|r| r.1).collect();
+    assert_eq!(
+        opened,
+        BTreeSet::from([vec!["5353".to_string()], vec!["8080".to_string()]])
+    );
+
+    let puts = fake.count("PUT", "/loadbalancers/", None);
+    web.backends = addrs(&["10.244.2.7:8080", "10.244.3.9:8080"]);
+    p.ensure_listener(&key("pods", 0), &web)
+        .await
+        .expect("moved pods");
+    assert_eq!(
+        backend_pools(&fake)["pods-0-80-t"],
+        ips(&["10.244.2.7", "10.244.3.9"])
+    );
+    assert_eq!(fake.count("PUT", "/loadbalancers/", None) - puts, 1);
+
+    web.backends = addrs(&["10.244.2.7:8080", "10.244.3.9:9090"]);
+    let mixed = p
+        .ensure_listener(&key("pods", 0), &web)
+        .await
+        .expect_err("pods on two ports");
+    assert_eq!(mixed.reason(), "CloudInvalidConfig", "{mixed}");
+
+    p.remove_listener(&key("pods", 0), 80, Protocol::Tcp, "web")
+        .await
+        .expect("removed");
+    let pools = backend_pools(&fake);
+    assert!(!pools.contains_key("pods-0-80-t"), "{pools:?}");
+    assert!(pools.contains_key("pods-0-53-u"), "{pools:?}");
+    p.delete_load_balancer(&key("pods", 0))
+        .await
+        .expect("deleted");
+    assert!(fake.resources("loadBalancers").is_empty());
 }

@@ -243,6 +243,9 @@ pub struct AzurePool {
     pub node_groups: u32,
     /// Nodes per zone each group's backend pool holds (`crate::target_nodes`); `None`: every node of the group.
     pub target_nodes_per_zone: Option<u32>,
+    /// Each rule sends to a backend pool of its own holding the ready pods' IPs (`ListenerSpec::backends`) on
+    /// their port, instead of a node group's pool on the node port.
+    pub pod_targets: bool,
     /// ARM's endpoint; default `https://management.azure.com`.
     pub endpoint: Option<String>,
     pub credential: Arc<dyn TokenCredential>,
@@ -528,6 +531,26 @@ fn parse_nsg_rule_name(prefix: &str, name: &str) -> Option<(String, Protocol)> {
     Some((uid.to_string(), protocol))
 }
 
+/// The backend pool of the pods behind one port of frontend `index` (pod targets).
+fn pod_pool_name(index: u32, port: u16, protocol: Protocol) -> String {
+    format!("pods-{index}-{port}-{}", proto_letter(protocol))
+}
+
+/// Pod pools no rule sends to any more go (with their rules, in the same write).
+fn drop_unused_pod_pools(lb: &mut LoadBalancer) {
+    let used: BTreeSet<String> = lb
+        .properties
+        .rules
+        .iter()
+        .filter_map(|r| r.properties.backend_pool.as_ref())
+        .filter_map(|p| p.id.rsplit('/').next())
+        .map(str::to_lowercase)
+        .collect();
+    lb.properties
+        .backend_pools
+        .retain(|b| !b.name.starts_with("pods-") || used.contains(&b.name.to_lowercase()));
+}
+
 /// Node group `group`'s backend pool.
 fn backend_pool_name(group: u32) -> String {
     match group {
@@ -564,6 +587,56 @@ fn drop_unused_probes(lb: &mut LoadBalancer) {
         .retain(|p| !p.name.starts_with("probe-") || used.contains(&p.name.to_lowercase()));
 }
 
+/// Where one load-balancing rule sends: a backend pool, the port on its members, the health probe (name and
+/// settings; none for UDP to pods, which answer nothing Azure can ask), and for pod targets the addresses that
+/// pool holds (written with the rule, in the same document).
+struct RuleTarget {
+    pool: String,
+    port: u16,
+    probe: Option<(String, ProbeProperties)>,
+    pod_addresses: Option<Vec<Child<BackendAddressProperties>>>,
+}
+
+impl RuleTarget {
+    /// Puts the probe and the pod pool this rule needs into the load balancer.
+    fn put_into(&self, doc: &mut LoadBalancer) {
+        if let Some((name, props)) = &self.probe
+            && !doc.properties.probes.iter().any(|p| &p.name == name)
+        {
+            doc.properties
+                .probes
+                .push(Child::new(name.clone(), props.clone()));
+        }
+        let Some(addresses) = &self.pod_addresses else {
+            return;
+        };
+        match doc
+            .properties
+            .backend_pools
+            .iter_mut()
+            .find(|b| b.name == self.pool)
+        {
+            Some(b) => b.properties.addresses = addresses.clone(),
+            None => {
+                let mut b = Child::new(self.pool.clone(), BackendPoolProperties::default());
+                b.properties.addresses = addresses.clone();
+                doc.properties.backend_pools.push(b);
+            }
+        }
+    }
+}
+
+fn probe_settings(protocol: &str, port: u16, path: Option<&str>) -> ProbeProperties {
+    ProbeProperties {
+        protocol: protocol.into(),
+        port,
+        interval_seconds: Some(5),
+        number_of_probes: Some(2),
+        request_path: path.map(str::to_string),
+        other: Map::new(),
+    }
+}
+
 /// One Azure account's view for one pool.
 #[derive(Debug)]
 pub struct AzureProvider {
@@ -581,6 +654,7 @@ pub struct AzureProvider {
     window: Duration,
     node_groups: u32,
     target_nodes_per_zone: Option<u32>,
+    pod_targets: bool,
     /// The nodes last given.
     nodes: Mutex<Vec<NodeTarget>>,
     /// NSG rules that are not this pool's (they share the NSG's 1,000).
@@ -661,6 +735,7 @@ impl AzureProvider {
             window: settings.batch_window,
             node_groups: settings.node_groups.max(1),
             target_nodes_per_zone: settings.target_nodes_per_zone,
+            pod_targets: settings.pod_targets,
             nodes: Mutex::new(Vec::new()),
             foreign_nsg_rules: AtomicU32::new(0),
         };
@@ -743,6 +818,65 @@ impl AzureProvider {
             u32::try_from(foreign).unwrap_or(u32::MAX),
             Ordering::Relaxed,
         );
+    }
+
+    /// Where listener `l` of frontend `index` sends: its node group's pool on the node port (a TCP probe on it,
+    /// kube-proxy's health port for UDP), or with pod targets a pool of its own holding the ready pods on their
+    /// port, which must be one port (a rule has one backend port).
+    fn rule_target(&self, index: u32, l: &ListenerSpec) -> Result<RuleTarget, ProviderError> {
+        if !self.pod_targets {
+            let probe = match l.protocol {
+                Protocol::Tcp => (
+                    format!("probe-{}", l.node_port),
+                    probe_settings("Tcp", l.node_port, None),
+                ),
+                Protocol::Udp => (
+                    UDP_PROBE.to_string(),
+                    probe_settings("Http", KUBE_PROXY_HEALTH_PORT, Some("/healthz")),
+                ),
+            };
+            return Ok(RuleTarget {
+                pool: self.backend_pool_of(index),
+                port: l.node_port,
+                probe: Some(probe),
+                pod_addresses: None,
+            });
+        }
+        let ports: BTreeSet<u16> = l.backends.iter().map(|a| a.port()).collect();
+        if ports.len() > 1 {
+            return Err(ProviderError::InvalidConfig(format!(
+                "azure: the ready pods behind port {} listen on different ports {ports:?}; a load-balancing rule sends to one",
+                l.port
+            )));
+        }
+        // no ready pod yet: an empty pool, on the listener's own port until one comes
+        let port = ports.first().copied().unwrap_or(l.port);
+        let mut addresses: Vec<Child<BackendAddressProperties>> = l
+            .backends
+            .iter()
+            .map(|a| {
+                Child::new(
+                    a.ip().to_string(),
+                    BackendAddressProperties {
+                        ip_address: Some(a.ip().to_string()),
+                        virtual_network: Some(SubResource {
+                            id: self.vnet_id.clone(),
+                        }),
+                        other: Map::new(),
+                    },
+                )
+            })
+            .collect();
+        addresses.sort_by(|a, b| a.name.cmp(&b.name));
+        addresses.dedup_by(|a, b| a.name == b.name);
+        let probe = (l.protocol == Protocol::Tcp)
+            .then(|| (format!("probe-{port}"), probe_settings("Tcp", port, None)));
+        Ok(RuleTarget {
+            pool: pod_pool_name(index, l.port, l.protocol),
+            port,
+            probe,
+            pod_addresses: Some(addresses),
+        })
     }
 
     /// The backend pool frontend `index` sends to: its node group's.
@@ -1095,9 +1229,28 @@ impl LoadBalancerProvider for AzureProvider {
         self.arm.api_calls()
     }
 
+    fn forwards_to_endpoints(&self) -> bool {
+        self.pod_targets
+    }
+
+    fn needs_node_ports(&self) -> bool {
+        !self.pod_targets
+    }
+
     fn limits(&self) -> Limits {
         let nsg_room = MAX_NSG_RULES.saturating_sub(self.foreign_nsg_rules.load(Ordering::Relaxed));
-        // every rule of the pool is on one Azure load balancer; a group's rules reach each of its nodes' NICs
+        // every rule of the pool is on one Azure load balancer; a group's rules reach each of its nodes' NICs,
+        // while a pod is behind the rules of its own Service's ports only
+        if self.pod_targets {
+            let total = MAX_RULES_PER_LB.min(nsg_room).max(1);
+            return Limits {
+                max_ports_per_lb: total,
+                max_lbs: Some(MAX_FRONTENDS_PER_LB),
+                max_ports_total: Some(total),
+                port_mode: PortMode::PerLoadBalancer,
+                lb_groups: None,
+            };
+        }
         let total = MAX_RULES_PER_LB
             .min(MAX_RULES_PER_NIC * self.node_groups)
             .min(nsg_room)
@@ -1172,8 +1325,10 @@ impl LoadBalancerProvider for AzureProvider {
             Ok(())
         })
         .await?;
-        // a load balancer made just now gets the nodes' addresses
-        self.sync_backends().await?;
+        // a load balancer made just now gets the nodes' addresses (pod pools come with their rules)
+        if !self.pod_targets {
+            self.sync_backends().await?;
+        }
         Ok(info)
     }
 
@@ -1182,10 +1337,10 @@ impl LoadBalancerProvider for AzureProvider {
         lb: &LoadBalancerKey,
         l: &ListenerSpec,
     ) -> Result<(), ProviderError> {
-        let (index, port, protocol, node_port) = (lb.index, l.port, l.protocol, l.node_port);
+        let (index, port, protocol) = (lb.index, l.port, l.protocol);
         let uid = l.owner.uid.clone();
         let lb_id = self.lb_id.clone();
-        let backend_pool = self.backend_pool_of(index);
+        let target = self.rule_target(index, l)?;
         let missing = ProviderError::NotFound(format!(
             "load balancer {} (ensure the load balancer first)",
             self.lb_id
@@ -1203,40 +1358,20 @@ impl LoadBalancerProvider for AzureProvider {
             doc.properties
                 .rules
                 .retain(|r| !r.name.starts_with(&prefix) || r.name == name);
-            let probe = match protocol {
-                Protocol::Tcp => format!("probe-{node_port}"),
-                Protocol::Udp => UDP_PROBE.to_string(),
-            };
-            if !doc.properties.probes.iter().any(|p| p.name == probe) {
-                let (proto, port, path) = match protocol {
-                    Protocol::Tcp => ("Tcp", node_port, None),
-                    Protocol::Udp => ("Http", KUBE_PROXY_HEALTH_PORT, Some("/healthz".to_string())),
-                };
-                doc.properties.probes.push(Child::new(
-                    probe.clone(),
-                    ProbeProperties {
-                        protocol: proto.into(),
-                        port,
-                        interval_seconds: Some(5),
-                        number_of_probes: Some(2),
-                        request_path: path,
-                        other: Map::new(),
-                    },
-                ));
-            }
+            target.put_into(doc);
             let props = RuleProperties {
                 frontend: SubResource {
                     id: format!("{lb_id}/frontendIPConfigurations/{fe}"),
                 },
                 backend_pool: Some(SubResource {
-                    id: format!("{lb_id}/backendAddressPools/{backend_pool}"),
+                    id: format!("{lb_id}/backendAddressPools/{}", target.pool),
                 }),
-                probe: Some(SubResource {
+                probe: target.probe.as_ref().map(|(probe, _)| SubResource {
                     id: format!("{lb_id}/probes/{probe}"),
                 }),
                 protocol: arm_protocol(protocol).into(),
                 frontend_port: port,
-                backend_port: node_port,
+                backend_port: target.port,
                 floating_ip: false,
                 disable_outbound_snat: true,
                 other: Map::new(),
@@ -1249,6 +1384,7 @@ impl LoadBalancerProvider for AzureProvider {
                 None => doc.properties.rules.push(Child::new(name, props)),
             }
             drop_unused_probes(doc);
+            drop_unused_pod_pools(doc);
             Ok(())
         })
         .await?;
@@ -1276,6 +1412,7 @@ impl LoadBalancerProvider for AzureProvider {
         self.edit_lb(false, Ok(()), move |doc| {
             doc.properties.rules.retain(|r| r.name != name);
             drop_unused_probes(doc);
+            drop_unused_pod_pools(doc);
             Ok(())
         })
         .await?;
@@ -1291,6 +1428,7 @@ impl LoadBalancerProvider for AzureProvider {
                 .retain(|r| parse_rule_name(&r.name).is_none_or(|(i, ..)| i != index));
             doc.properties.frontends.retain(|f| f.name != fe);
             drop_unused_probes(doc);
+            drop_unused_pod_pools(doc);
             Ok(())
         })
         .await?;
@@ -1353,6 +1491,10 @@ impl LoadBalancerProvider for AzureProvider {
 
     async fn update_nodes(&self, nodes: &[NodeTarget]) -> Result<(), ProviderError> {
         *self.nodes.lock().unwrap_or_else(|e| e.into_inner()) = nodes.to_vec();
+        if self.pod_targets {
+            // no rule sends to the nodes
+            return Ok(());
+        }
         self.sync_backends().await
     }
 }
