@@ -154,6 +154,7 @@ impl ProviderFactory for BuiltinProviders {
                     a.target_nodes_per_zone,
                     DEFAULT_TARGET_NODES_PER_ZONE,
                 ),
+                pod_targets: a.targets == Some(sharedlb_crds::Targets::Pods),
             };
             let p = sharedlb_providers::aws::AwsProvider::new(cluster_id, pool, settings).await?;
             return Ok(Arc::new(p));

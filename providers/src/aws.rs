@@ -77,8 +77,12 @@ pub struct AwsPool {
     pub security_group_rule_limit: Option<u32>,
     /// Nodes per zone each NLB's target groups hold (`crate::target_nodes`); `None`: every node.
     pub target_nodes_per_zone: Option<u32>,
+    /// Target groups hold the ready pods' IPs (`ListenerSpec::backends`) instead of nodes on the node port.
+    pub pod_targets: bool,
 }
 
+/// A pod-target group's targets as last synced: (IP, port) pairs, and when.
+type PodTargets = (BTreeSet<(String, i32)>, std::time::Instant);
 /// A firewall opening as last synced: the client ranges and when.
 type Opened = (Vec<String>, std::time::Instant);
 /// Which opening: (security group, protocol, port) - the listener port in an NLB's own group, the node port in
@@ -119,6 +123,9 @@ pub struct AwsProvider {
     /// The backend group the node group was last seen (or made) to admit, and when.
     node_access: tokio::sync::Mutex<Option<(String, std::time::Instant)>>,
     group_release_wait: Duration,
+    /// Pod-target groups' targets by target group ARN as this process last set or read them, so a reconcile
+    /// whose endpoints did not change makes no call; older than `firewall_recheck`, they are read again.
+    pod_targets: Mutex<BTreeMap<String, PodTargets>>,
     calls: Arc<CallCounter>,
 }
 
@@ -312,8 +319,11 @@ struct Group {
     target_port: i32,
     port: u16,
     wire: Wire,
+    /// 0 for a group of pod targets
     node_port: u16,
     owner_uid: String,
+    /// whether its targets are pod IPs (target type `ip`) rather than instances
+    pod_targets: bool,
 }
 
 impl Group {
@@ -326,6 +336,7 @@ impl Group {
             wire: Wire::parse(t.get(TAG_PROTOCOL)?)?,
             node_port: t.get(TAG_NODE_PORT)?.parse().ok()?,
             owner_uid: t.get(tags::OWNER_UID)?.clone(),
+            pod_targets: tg.target_type() == Some(&TargetTypeEnum::Ip),
         })
     }
 }
@@ -431,6 +442,7 @@ impl AwsProvider {
             groups: Mutex::new(BTreeMap::new()),
             node_access: tokio::sync::Mutex::new(None),
             group_release_wait: SECURITY_GROUP_RELEASE_WAIT,
+            pod_targets: Mutex::new(BTreeMap::new()),
             calls,
         };
         p.discover_network().await?;
@@ -632,7 +644,10 @@ impl AwsProvider {
             Wire::Udp => 'u',
             Wire::TcpUdp => 'b',
         };
-        format!("{}{index}-{port}{p}-{node_port}", self.prefix)
+        match self.settings.pod_targets {
+            true => format!("{}{index}-{port}{p}-ip", self.prefix),
+            false => format!("{}{index}-{port}{p}-{node_port}", self.prefix),
+        }
     }
 
     fn base_tags(&self, index: u32) -> Vec<Tag> {
@@ -1010,7 +1025,8 @@ impl AwsProvider {
     }
 
     /// Finds or creates the target group for one port, protocol(s) and node port, with the nodes registered
-    /// when it is new (`update_nodes` keeps existing ones in step).
+    /// when it is new (`update_nodes` keeps existing ones in step); with pod targets, an `ip` group (node port
+    /// 0) whose targets `sync_pod_targets` sets.
     async fn ensure_target_group(
         &self,
         index: u32,
@@ -1020,8 +1036,13 @@ impl AwsProvider {
         node_port: u16,
         owner_uid: &str,
     ) -> Result<String, ProviderError> {
+        let pods = self.settings.pod_targets;
         let same = |g: &Group| {
-            g.port == port && g.wire == wire && g.node_port == node_port && g.owner_uid == owner_uid
+            g.port == port
+                && g.wire == wire
+                && g.node_port == node_port
+                && g.owner_uid == owner_uid
+                && g.pod_targets == pods
         };
         if let Some(g) = groups.iter().find(|g| same(g)) {
             return Ok(g.arn.clone());
@@ -1040,16 +1061,25 @@ impl AwsProvider {
             .create_target_group()
             .name(name)
             .protocol(wire.elb())
-            .port(i32::from(node_port))
             .vpc_id(&self.settings.vpc_id)
-            .target_type(TargetTypeEnum::Instance)
             .set_tags(Some(t));
-        req = if wire == Wire::Udp {
-            req.health_check_protocol(ProtocolEnum::Http)
+        req = match (pods, wire) {
+            // every pod target is registered with its own port, and checked by TCP on it (a UDP-only pod fails
+            // that, and an NLB whose targets all fail sends to all of them)
+            (true, _) => req
+                .port(i32::from(port))
+                .target_type(TargetTypeEnum::Ip)
+                .health_check_protocol(ProtocolEnum::Tcp),
+            (false, Wire::Udp) => req
+                .port(i32::from(node_port))
+                .target_type(TargetTypeEnum::Instance)
+                .health_check_protocol(ProtocolEnum::Http)
                 .health_check_port(KUBE_PROXY_HEALTH_PORT.to_string())
-                .health_check_path("/healthz")
-        } else {
-            req.health_check_protocol(ProtocolEnum::Tcp)
+                .health_check_path("/healthz"),
+            (false, _) => req
+                .port(i32::from(node_port))
+                .target_type(TargetTypeEnum::Instance)
+                .health_check_protocol(ProtocolEnum::Tcp),
         };
         let arn = req
             .send()
@@ -1063,7 +1093,10 @@ impl AwsProvider {
             .ok_or_else(|| {
                 ProviderError::Other("aws: create_target_group returned nothing".into())
             })?;
-        let targets = self.targets(index, node_port);
+        let targets = match pods {
+            true => Vec::new(),
+            false => self.targets(index, node_port),
+        };
         if !targets.is_empty() {
             self.elb
                 .register_targets()
@@ -1176,6 +1209,10 @@ impl AwsProvider {
         keep: Option<(Wire, u16)>,
         fw: Option<&Firewall>,
     ) -> Result<(), ProviderError> {
+        self.pod_targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&g.arn);
         crate::gone_is_ok(
             self.elb
                 .delete_target_group()
@@ -1216,8 +1253,12 @@ impl LoadBalancerProvider for AwsProvider {
 
     fn limits(&self) -> Limits {
         // targets per AZ are the NLB's nodes in that zone x its target groups: the most an NLB targets in one
-        // zone (its subset's share, at most `target_nodes_per_zone`) bounds its target groups
-        let cap = self.settings.target_nodes_per_zone.unwrap_or(u32::MAX);
+        // zone (its subset's share, at most `target_nodes_per_zone`) bounds its target groups. Pod targets
+        // count pods, which no limit known ahead can bound: an NLB past 500 in a zone gets AWS's refusal.
+        let cap = match self.settings.pod_targets {
+            true => 1,
+            false => self.settings.target_nodes_per_zone.unwrap_or(u32::MAX),
+        };
         let busiest = self.nodes.with(|nodes| {
             let mut per_zone: BTreeMap<&str, u32> = BTreeMap::new();
             for n in nodes {
@@ -1256,6 +1297,14 @@ impl LoadBalancerProvider for AwsProvider {
             port_mode: PortMode::PerLoadBalancer,
             lb_groups: None,
         }
+    }
+
+    fn forwards_to_endpoints(&self) -> bool {
+        self.settings.pod_targets
+    }
+
+    fn needs_node_ports(&self) -> bool {
+        !self.settings.pod_targets
     }
 
     fn api_calls(&self) -> Vec<ApiCalls> {
@@ -1348,12 +1397,18 @@ impl LoadBalancerProvider for AwsProvider {
     }
 
     /// One target group and listener per port; when the owner already has the other protocol on this port on
-    /// the same node port, the two become one TCP_UDP target group and listener.
+    /// the same node port, the two become one TCP_UDP target group and listener. With pod targets the node
+    /// port plays no part (0), and the group's targets become the listener's backends.
     async fn ensure_listener(
         &self,
         lb: &LoadBalancerKey,
         l: &ListenerSpec,
     ) -> Result<(), ProviderError> {
+        let pods = self.settings.pod_targets;
+        let l = &ListenerSpec {
+            node_port: if pods { 0 } else { l.node_port },
+            ..l.clone()
+        };
         let nlb = self
             .find_lb(lb.index)
             .await?
@@ -1376,9 +1431,20 @@ impl LoadBalancerProvider for AwsProvider {
             Wire::of(l.protocol)
         };
         let fw = self.firewall_of(lb.index, &nlb).await?;
+        if pods && fw == Firewall::Nodes {
+            return Err(ProviderError::InvalidConfig(format!(
+                "aws: {} was made before NLBs had security groups and opens node ports in the nodes' group; pod targets need an NLB with its own groups (delete the NLB's SharedLBs or use targets: Nodes)",
+                lb.name()
+            )));
+        }
         let tg_arn = self
             .ensure_target_group(lb.index, &groups, l.port, wire, l.node_port, &l.owner.uid)
             .await?;
+        if pods {
+            // a TCP_UDP group takes the endpoints of the protocol being ensured: TCP and UDP of one port must
+            // reach the same pods on the same port (one NLB listener carries both)
+            self.sync_pod_targets(&tg_arn, &l.backends).await?;
+        }
         self.open_firewall(&fw, l).await?;
         self.point_listener(&lb_arn, l.port, wire, &tg_arn).await?;
         // groups this one replaces: the single-protocol halves of a merge, or an older node port
@@ -1546,6 +1612,78 @@ impl LoadBalancerProvider for AwsProvider {
 }
 
 impl AwsProvider {
+    /// Makes a pod-target group hold exactly `backends` (IPv4: the groups are made for IPv4 addresses): what is
+    /// missing is registered before what is gone is deregistered, so the group is never emptier than both.
+    async fn sync_pod_targets(
+        &self,
+        tg_arn: &str,
+        backends: &[std::net::SocketAddr],
+    ) -> Result<(), ProviderError> {
+        let want: BTreeSet<(String, i32)> = backends
+            .iter()
+            .filter(|a| a.is_ipv4())
+            .map(|a| (a.ip().to_string(), i32::from(a.port())))
+            .collect();
+        let known = self
+            .pod_targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tg_arn)
+            .filter(|(_, at)| at.elapsed() < self.firewall_recheck)
+            .map(|(t, _)| t.clone());
+        let have = match known {
+            Some(t) => t,
+            None => self.registered(tg_arn).await?,
+        };
+        let target =
+            |(ip, port): &(String, i32)| TargetDescription::builder().id(ip).port(*port).build();
+        let add: Vec<_> = want.difference(&have).map(target).collect();
+        let gone: Vec<_> = have.difference(&want).map(target).collect();
+        if !add.is_empty() {
+            self.elb
+                .register_targets()
+                .target_group_arn(tg_arn)
+                .set_targets(Some(add))
+                .send()
+                .await
+                .map_err(|e| classify("register_targets", e))?;
+        }
+        if !gone.is_empty() {
+            self.elb
+                .deregister_targets()
+                .target_group_arn(tg_arn)
+                .set_targets(Some(gone))
+                .send()
+                .await
+                .map_err(|e| classify("deregister_targets", e))?;
+        }
+        self.pod_targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tg_arn.to_string(), (want, std::time::Instant::now()));
+        Ok(())
+    }
+
+    /// The (id, port) pairs registered in a target group.
+    async fn registered(&self, tg_arn: &str) -> Result<BTreeSet<(String, i32)>, ProviderError> {
+        let health = self
+            .elb
+            .describe_target_health()
+            .target_group_arn(tg_arn)
+            .send()
+            .await
+            .map_err(|e| classify("describe_target_health", e))?;
+        Ok(health
+            .target_health_descriptions
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|d| {
+                let t = d.target?;
+                Some((t.id?, t.port.unwrap_or_default()))
+            })
+            .collect())
+    }
+
     /// Brings each target group to its NLB's subset of `now`: those of NLBs whose subset changed since `before`
     /// (every one when `None`).
     async fn sync_targets(
@@ -1556,6 +1694,9 @@ impl AwsProvider {
         // per NLB, once: the subset it targets now, and whether that moved (an NLB has up to 50 target groups)
         let mut subsets: BTreeMap<u32, (BTreeSet<String>, bool)> = BTreeMap::new();
         for g in self.target_groups_named(&self.prefix).await? {
+            if g.pod_targets {
+                continue;
+            }
             let (want, moved) = subsets
                 .entry(g.index)
                 .or_insert_with(|| {

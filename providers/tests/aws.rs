@@ -1555,3 +1555,149 @@ async fn the_pools_deletion_removes_what_a_crashed_nlb_deletion_left() {
         .await
         .expect("nothing left is success");
 }
+
+/// The target group whose name ends with `suffix`: its target type and registered (id, port) pairs.
+async fn group_targets(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    suffix: &str,
+) -> (String, Vec<(String, i32)>) {
+    let tg = elb
+        .describe_target_groups()
+        .send()
+        .await
+        .expect("tgs")
+        .target_groups
+        .unwrap_or_default()
+        .into_iter()
+        .find(|t| t.target_group_name().is_some_and(|n| n.ends_with(suffix)))
+        .unwrap_or_else(|| panic!("a target group named *{suffix}"));
+    let h = elb
+        .describe_target_health()
+        .target_group_arn(tg.target_group_arn().expect("arn"))
+        .send()
+        .await
+        .expect("health");
+    let mut ids: Vec<(String, i32)> = h
+        .target_health_descriptions
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|d| d.target)
+        .map(|t| (t.id.unwrap_or_default(), t.port.unwrap_or_default()))
+        .collect();
+    ids.sort();
+    let kind = tg.target_type().map(|t| t.as_str().to_string());
+    (kind.unwrap_or_default(), ids)
+}
+
+fn backends(addrs: &[&str]) -> Vec<std::net::SocketAddr> {
+    addrs.iter().map(|a| a.parse().expect("address")).collect()
+}
+
+/// `targets: Pods`: a port's target group holds the ready pods' IPs and ports, follows endpoint changes with one
+/// register and one deregister, costs nothing when they did not change, ignores node churn, and the nodes' group
+/// admits the backend group on every port instead of the node-port range. A pool that switches from node
+/// targets gets the pod group behind the same listener, and the node-port rules go.
+#[tokio::test]
+async fn pod_targets_hold_the_ready_pods_and_follow_their_endpoints() {
+    let net = network().await;
+    let node_sg = net.node_security_group_id.clone().expect("sg");
+    let key = LoadBalancerKey {
+        cluster_id: "pods".into(),
+        pool: "p1".into(),
+        index: 0,
+    };
+    let nodes = [
+        node("n1", "aws:///us-east-1a/i-0000000000000aaaa"),
+        node("n2", "aws:///us-east-1b/i-0000000000000bbbb"),
+    ];
+    // first with node targets, as a pool made before it chose pods
+    let by_node = AwsProvider::new("pods", "p1", net.clone())
+        .await
+        .expect("provider");
+    by_node.update_nodes(&nodes).await.expect("nodes");
+    let info = by_node.ensure_load_balancer(&key).await.expect("nlb");
+    by_node
+        .ensure_listener(&key, &spec(4000, Protocol::Tcp, 31000, "o1", &[]))
+        .await
+        .expect("listener");
+    let (_, backend) = nlb_groups(&elb().await, &info.id).await;
+    assert_eq!(node_access(&node_sg).await, admits(&backend));
+
+    let p = AwsProvider::new(
+        "pods",
+        "p1",
+        AwsPool {
+            pod_targets: true,
+            ..net
+        },
+    )
+    .await
+    .expect("provider");
+    assert!(p.forwards_to_endpoints() && !p.needs_node_ports());
+    p.update_nodes(&nodes).await.expect("nodes");
+    let mut l = spec(4000, Protocol::Tcp, 31000, "o1", &[]);
+    l.backends = backends(&["10.42.0.10:8080", "10.42.1.11:8080"]);
+    p.ensure_listener(&key, &l).await.expect("pod listener");
+    let elb = elb().await;
+    let prefix = p.name_prefix().to_string();
+    assert_eq!(
+        group_targets(&elb, &format!("{prefix}0-4000t-ip")).await,
+        (
+            "ip".to_string(),
+            vec![("10.42.0.10".into(), 8080), ("10.42.1.11".into(), 8080)]
+        )
+    );
+    assert_eq!(
+        tg_names(&elb, &p).await,
+        vec!["4000t-ip".to_string()],
+        "the node-target group is gone"
+    );
+    let on_port: Vec<_> = listeners(&elb, &info.id).await;
+    assert_eq!(on_port.len(), 1, "one listener: {on_port:?}");
+    let mut every_port = vec![
+        ("tcp".to_string(), 0, 65535, backend.clone()),
+        ("udp".to_string(), 0, 65535, backend.clone()),
+    ];
+    every_port.sort();
+    assert_eq!(
+        node_access(&node_sg).await,
+        every_port,
+        "the nodes admit the backend group on every port, and no longer on the node-port range"
+    );
+
+    // the endpoints move: one register, one deregister, exactly the new set
+    let before = mutating(&p);
+    l.backends = backends(&["10.42.1.11:8080", "10.42.0.12:8080"]);
+    p.ensure_listener(&key, &l).await.expect("moved endpoints");
+    assert_eq!(
+        group_targets(&elb, &format!("{prefix}0-4000t-ip")).await.1,
+        vec![("10.42.0.12".into(), 8080), ("10.42.1.11".into(), 8080)]
+    );
+    assert_eq!(
+        diff(&mutating(&p), &before),
+        BTreeMap::from([
+            ("DeregisterTargets".to_string(), 1),
+            ("RegisterTargets".to_string(), 1)
+        ])
+    );
+    // the same endpoints again, and node churn: no change, and no target read
+    let before = mutating(&p);
+    let reads = |p: &AwsProvider| {
+        p.api_calls()
+            .into_iter()
+            .find(|(op, _)| op == "DescribeTargetHealth")
+            .map_or(0, |(_, n)| n)
+    };
+    let reads_before = reads(&p);
+    p.ensure_listener(&key, &l).await.expect("same endpoints");
+    p.update_nodes(&nodes[..1]).await.expect("a node gone");
+    assert_eq!(diff(&mutating(&p), &before), BTreeMap::new());
+    assert_eq!(reads(&p), reads_before);
+
+    p.remove_listener(&key, 4000, Protocol::Tcp, "o1")
+        .await
+        .expect("removed");
+    assert_eq!(tg_names(&elb, &p).await, Vec::<String>::new());
+    p.delete_load_balancer(&key).await.expect("deleted");
+    assert_eq!(node_access(&node_sg).await, vec![]);
+}

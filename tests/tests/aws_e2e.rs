@@ -598,3 +598,119 @@ async fn no_credentials_is_the_pools_condition() {
     delete_pool(&client, &pool).await;
     let _ = std::fs::remove_file(&log);
 }
+
+/// The pod targets behind the NLB of the SharedLB whose status names `hostname`: (target type, id:port).
+async fn pod_targets(hostname: &str) -> Vec<(String, String)> {
+    let c = elb::Client::new(&conf().await);
+    let lb = c
+        .describe_load_balancers()
+        .send()
+        .await
+        .expect("lbs")
+        .load_balancers
+        .unwrap_or_default()
+        .into_iter()
+        .find(|l| l.dns_name() == Some(hostname))
+        .expect("the SharedLB's NLB");
+    let tgs = c
+        .describe_target_groups()
+        .load_balancer_arn(lb.load_balancer_arn().unwrap_or_default())
+        .send()
+        .await
+        .expect("tgs")
+        .target_groups
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for tg in tgs {
+        let kind = tg.target_type().map(|t| t.as_str().to_string());
+        let h = c
+            .describe_target_health()
+            .target_group_arn(tg.target_group_arn().unwrap_or_default())
+            .send()
+            .await
+            .expect("health");
+        for t in h
+            .target_health_descriptions
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|d| d.target)
+        {
+            let at = format!("{}:{}", t.id().unwrap_or_default(), t.port().unwrap_or(0));
+            out.push((kind.clone().unwrap_or_default(), at));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `targets: Pods`: the NLB's target group holds the ready endpoints of the SharedLB's backing Service (its
+/// EndpointSlices) and follows them; nothing is left after the SharedLB and pool go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_target_pool_sends_to_the_ready_pods_and_follows_their_endpoints() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let (vpc, subnets) = network().await;
+    let op = Operator::start(&client, &MemoryCloud::new());
+    let ns = namespace(&client, "aws-pods", &[]).await;
+    let pool = format!("aws-pods-{}", fastrand::u32(..100_000));
+    create_pool(
+        &client,
+        &pool,
+        json!({"provider": {"aws": {"region": "us-east-1", "vpcId": vpc, "subnetIds": subnets, "targets": "Pods"}},
+        "portRange": {"min": 4000, "max": 4999}}),
+    )
+    .await;
+    let spec = json!({"pool": pool, "selector": {"app": "x"}, "ports": [{"name": "web", "targetPort": 8080, "protocol": "TCP"}]});
+    create_slb(&client, &ns, "pods", spec).await;
+    let pods = |a: &[&str]| -> Vec<std::net::SocketAddr> {
+        a.iter().map(|s| s.parse().expect("address")).collect()
+    };
+    put_endpoints(
+        &client,
+        &ns,
+        "pods",
+        "web",
+        "TCP",
+        &pods(&["10.77.0.10:8080", "10.77.1.11:8080"]),
+    )
+    .await;
+    let s = ready(&client, &ns, "pods", 120).await;
+    let hostname = s
+        .status
+        .and_then(|s| s.load_balancer)
+        .and_then(|l| l.hostname)
+        .expect("an NLB hostname");
+    let want = |a: &[&str]| -> Vec<(String, String)> {
+        a.iter()
+            .map(|t| ("ip".to_string(), t.to_string()))
+            .collect()
+    };
+    eventually(60, "the pods are the NLB's targets", || async {
+        (pod_targets(&hostname).await == want(&["10.77.0.10:8080", "10.77.1.11:8080"]))
+            .then_some(())
+    })
+    .await;
+    put_endpoints(
+        &client,
+        &ns,
+        "pods",
+        "web",
+        "TCP",
+        &pods(&["10.77.1.11:8080", "10.77.0.12:8080"]),
+    )
+    .await;
+    eventually(60, "the targets follow the endpoints", || async {
+        (pod_targets(&hostname).await == want(&["10.77.0.12:8080", "10.77.1.11:8080"]))
+            .then_some(())
+    })
+    .await;
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, &pool).await;
+    let (nlbs, targets) = cloud_of("e2e", Some(&pool)).await;
+    assert!(
+        nlbs.is_empty() && targets.is_empty(),
+        "moto holds nothing of the pool: {nlbs:?} {targets:?}"
+    );
+    op.kill().await;
+}

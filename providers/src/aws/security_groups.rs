@@ -42,7 +42,7 @@ const TAG_ROLE: &str = "sharedlb.dev/security-group";
 const FRONTEND: &str = "frontend";
 const BACKEND: &str = "backend";
 /// The node group's rules that admit the backend group: the node-port range in TCP and UDP, and kube-proxy's
-/// health port (UDP target groups are health-checked there).
+/// health port (UDP target groups are health-checked there); with pod targets, every port in TCP and UDP.
 pub(super) const NODE_ACCESS_RULES: u32 = 3;
 /// Between two attempts to delete a group AWS still holds (`DependencyViolation`).
 const RELEASE_POLL: Duration = Duration::from_secs(5);
@@ -228,26 +228,43 @@ impl AwsProvider {
 
     /// The node group's rules that admit `backend`, described as sharedlb's.
     fn node_access_permissions(&self, backend: &str) -> Vec<IpPermission> {
+        let (lo, hi) = NODE_PORT_RANGE;
+        // pods listen on any port, and are health-checked on the port they serve
+        let rules: &[(&str, u16, u16)] = if self.settings.pod_targets {
+            &[("tcp", 0, u16::MAX), ("udp", 0, u16::MAX)]
+        } else {
+            &[
+                ("tcp", lo, hi),
+                ("udp", lo, hi),
+                ("tcp", KUBE_PROXY_HEALTH_PORT, KUBE_PROXY_HEALTH_PORT),
+            ]
+        };
+        rules
+            .iter()
+            .map(|(proto, from, to)| {
+                self.node_access_permission(backend, proto, i32::from(*from), i32::from(*to))
+            })
+            .collect()
+    }
+
+    /// One rule of the node group that admits `backend`, with sharedlb's description.
+    fn node_access_permission(
+        &self,
+        backend: &str,
+        proto: &str,
+        from: i32,
+        to: i32,
+    ) -> IpPermission {
         let pair = UserIdGroupPair::builder()
             .group_id(backend)
             .description(self.description())
             .build();
-        let (lo, hi) = NODE_PORT_RANGE;
-        [
-            ("tcp", lo, hi),
-            ("udp", lo, hi),
-            ("tcp", KUBE_PROXY_HEALTH_PORT, KUBE_PROXY_HEALTH_PORT),
-        ]
-        .into_iter()
-        .map(|(proto, from, to)| {
-            IpPermission::builder()
-                .ip_protocol(proto)
-                .from_port(i32::from(from))
-                .to_port(i32::from(to))
-                .user_id_group_pairs(pair.clone())
-                .build()
-        })
-        .collect()
+        IpPermission::builder()
+            .ip_protocol(proto)
+            .from_port(from)
+            .to_port(to)
+            .user_id_group_pairs(pair)
+            .build()
     }
 
     /// (protocol, from, to) of the node group's rules whose source is `backend`.
@@ -289,14 +306,22 @@ impl AwsProvider {
             return Ok(());
         }
         let have = self.node_access_rules(node_sg, backend).await?;
-        let missing: Vec<IpPermission> = self
-            .node_access_permissions(backend)
-            .into_iter()
+        let wanted = self.node_access_permissions(backend);
+        let missing: Vec<IpPermission> = wanted
+            .iter()
             .filter(|p| !have.contains(&rule_key(p)))
+            .cloned()
             .collect();
         if !missing.is_empty() {
             self.authorize(node_sg, missing).await?;
         }
+        // what the other kind of targets needed (the pool changed `targets`) goes, after the new rules are in
+        let wanted: BTreeSet<_> = wanted.iter().map(rule_key).collect();
+        let extra: Vec<IpPermission> = have
+            .difference(&wanted)
+            .map(|(proto, from, to)| self.node_access_permission(backend, proto, *from, *to))
+            .collect();
+        self.revoke_from_nodes(node_sg, extra).await?;
         *seen = Some((backend.to_string(), Instant::now()));
         Ok(())
     }
@@ -308,20 +333,28 @@ impl AwsProvider {
         let Some(node_sg) = &self.settings.node_security_group_id else {
             return Ok(());
         };
-        let have = self.node_access_rules(node_sg, backend).await?;
         let present: Vec<IpPermission> = self
-            .node_access_permissions(backend)
-            .into_iter()
-            .filter(|p| have.contains(&rule_key(p)))
+            .node_access_rules(node_sg, backend)
+            .await?
+            .iter()
+            .map(|(proto, from, to)| self.node_access_permission(backend, proto, *from, *to))
             .collect();
-        if present.is_empty() {
+        self.revoke_from_nodes(node_sg, present).await
+    }
+
+    async fn revoke_from_nodes(
+        &self,
+        node_sg: &str,
+        rules: Vec<IpPermission>,
+    ) -> Result<(), ProviderError> {
+        if rules.is_empty() {
             return Ok(());
         }
         crate::gone_is_ok(
             self.ec2
                 .revoke_security_group_ingress()
                 .group_id(node_sg)
-                .set_ip_permissions(Some(present))
+                .set_ip_permissions(Some(rules))
                 .send()
                 .await
                 .map(|_| ())
