@@ -421,6 +421,38 @@ async fn a_pools_provider_identity_is_immutable() {
         "subscriptionId, resourceGroup, location and loadBalancerName cannot change",
     )
     .await;
+    // node groups: fixed once the pool exists, whether changed, added or removed
+    let grouped = |groups: Option<u32>| {
+        let mut p = azure("westeurope");
+        if let Some(g) = groups {
+            p["provider"]["azure"]["nodeGroups"] = json!(g);
+        }
+        p
+    };
+    accepted(
+        "an azure pool of 2 node groups",
+        &pool("imm-groups", grouped(Some(2))),
+    )
+    .await;
+    let fixed = "nodeGroups cannot change";
+    refused(
+        "3 node groups",
+        &pool("imm-groups", grouped(Some(3))),
+        fixed,
+    )
+    .await;
+    refused(
+        "node groups left out",
+        &pool("imm-groups", grouped(None)),
+        fixed,
+    )
+    .await;
+    refused(
+        "node groups added",
+        &pool("imm-azure", grouped(Some(2))),
+        fixed,
+    )
+    .await;
 }
 
 async fn status_is_written_through_the_subresource() {
