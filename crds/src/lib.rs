@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 mod validate;
 pub use validate::{
-    SpecError, local_addresses_in_effect, validate_local_addresses, validate_pool,
+    SpecError, local_addresses_in_effect, validate_drain, validate_local_addresses, validate_pool,
     validate_provider_change, validate_shared_lb,
 };
 
@@ -262,6 +262,23 @@ pub struct LoadBalancerPoolSpec {
     /// The pool for SharedLBs that name none. At most one pool should set it.
     #[serde(default)]
     pub default: bool,
+    /// Load balancers of this pool that take nothing new, by name (`<pool>-<index>`, as the pool's status and the
+    /// SharedLBs' statuses show them): no SharedLB is placed there and none already there gains a port; those on
+    /// it stay until they are deleted, and an emptied one is deleted. The pool's status lists who is still on each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 600), inner(length(min = 1, max = 80)))]
+    pub drain: Vec<String>,
+}
+
+impl LoadBalancerPoolSpec {
+    /// The indices of the load balancers `drain` names; names that are not this pool's are left out
+    /// (`validate_drain` refuses them).
+    pub fn drained(&self, pool: &str) -> std::collections::BTreeSet<u32> {
+        self.drain
+            .iter()
+            .filter_map(|n| validate::drained_index(pool, n))
+            .collect()
+    }
 }
 
 // The messages of the transition rules that keep a pool's cloud objects where they are.
@@ -597,6 +614,12 @@ pub struct PoolLoadBalancer {
     pub hostname: Option<String>,
     pub ports_used: u32,
     pub capacity: u32,
+    /// Listed in `spec.drain`: it takes nothing new.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+    /// Of a draining load balancer: the SharedLBs still on it (`<namespace>/<name>`, at most 50).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_lbs: Vec<String>,
 }
 
 /// Pool totals.

@@ -67,6 +67,10 @@ pub enum SpecError {
         index: usize,
         ports: u32,
     },
+    #[error(
+        "spec.drain: {name:?} is not a load balancer of this pool; names are {pool}-<index>, as the pool's status shows them"
+    )]
+    BadDrain { pool: String, name: String },
 }
 
 impl SpecError {
@@ -86,6 +90,7 @@ impl SpecError {
             SpecError::BadAddress(_) => "InvalidAddress",
             SpecError::ProviderChanged(_) => "ProviderChanged",
             SpecError::AddressInUse { .. } => "AddressInUse",
+            SpecError::BadDrain { .. } => "InvalidDrain",
         }
     }
 }
@@ -349,9 +354,51 @@ pub fn local_addresses_in_effect(
         .collect()
 }
 
+/// Every name `spec.drain` lists is one of the pool's load balancers (`<pool>-<index>`).
+pub fn validate_drain(pool: &str, spec: &LoadBalancerPoolSpec) -> Result<(), SpecError> {
+    match spec.drain.iter().find(|n| drained_index(pool, n).is_none()) {
+        Some(name) => Err(SpecError::BadDrain {
+            pool: pool.to_string(),
+            name: name.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The index of load balancer `name` (`<pool>-<index>`) of `pool`.
+pub fn drained_index(pool: &str, name: &str) -> Option<u32> {
+    let index = name.strip_prefix(pool)?.strip_prefix('-')?;
+    // `pool-01` would name load balancer 1 too: only the form the operator writes counts
+    index.parse::<u32>().ok().filter(|i| i.to_string() == index)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drain_names_are_the_pools_load_balancers_as_written() {
+        use super::{drained_index, validate_drain};
+        assert_eq!(drained_index("web", "web-0"), Some(0));
+        assert_eq!(drained_index("web", "web-12"), Some(12));
+        for other in [
+            "web-01", "web-", "web0", "webs-1", "api-1", "web--1", "web-1x",
+        ] {
+            assert_eq!(drained_index("web", other), None, "{other}");
+        }
+        let spec = |names: &[&str]| -> LoadBalancerPoolSpec {
+            serde_json::from_value(serde_json::json!({"provider": {"memory": {}}, "drain": names}))
+                .expect("spec")
+        };
+        assert!(validate_drain("web", &spec(&["web-0", "web-3"])).is_ok());
+        let e = validate_drain("web", &spec(&["web-0", "api-1"])).expect_err("another pool's");
+        assert_eq!(e.reason(), "InvalidDrain");
+        assert!(e.to_string().contains("\"api-1\""), "{e}");
+        assert_eq!(
+            spec(&["web-0", "web-3", "api-1"]).drained("web"),
+            [0, 3].into_iter().collect()
+        );
+    }
 
     #[test]
     fn a_local_address_that_carries_ports_stays_where_it_is() {
@@ -362,6 +409,7 @@ mod tests {
             hostname: None,
             ports_used: used,
             capacity: 10,
+            ..PoolLoadBalancer::default()
         };
         let rows = [
             row(0, "10.0.0.1", 3),
@@ -501,6 +549,7 @@ mod tests {
             placement: Default::default(),
             namespace_selector: None,
             default: false,
+            drain: Vec::new(),
         }
     }
 

@@ -34,6 +34,7 @@ pub const NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
 /// `node_ports`: whether the pool's Services take node ports (`ServiceKind::has_node_ports`); a passthrough
 /// pool's ports come from the node-port range only when they do.
 pub fn pool_config(
+    pool: &str,
     spec: &LoadBalancerPoolSpec,
     provider: &dyn LoadBalancerProvider,
     node_ports: bool,
@@ -64,6 +65,7 @@ pub fn pool_config(
         },
         port_mode: limits.port_mode,
         lb_groups: limits.lb_groups,
+        draining: spec.drained(pool),
     }
 }
 
@@ -308,7 +310,7 @@ impl PoolAllocator {
         spec: &LoadBalancerPoolSpec,
     ) -> Result<LockedPool<'_>, Error> {
         let node_ports = self.classed().is_none();
-        let config = pool_config(spec, self.provider().as_ref(), node_ports);
+        let config = pool_config(&self.pool, spec, self.provider().as_ref(), node_ports);
         let mut guard = self.state.lock().await;
         match guard.as_mut() {
             None => *guard = Some(self.rebuild(client, spec, config).await?),

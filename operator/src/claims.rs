@@ -157,6 +157,7 @@ mod tests {
             strategy: Strategy::Pack,
             port_mode: PortMode::PerLoadBalancer,
             lb_groups: None,
+            draining: Default::default(),
         })
     }
 

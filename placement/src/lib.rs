@@ -98,6 +98,9 @@ pub struct PoolConfig {
     pub port_mode: PortMode,
     /// Load balancers that share a budget by group; `None`: each has only its own `max_ports_per_lb`.
     pub lb_groups: Option<LbGroups>,
+    /// Load balancers that take nothing new (drained by an operator): no new item goes there, no item there grows,
+    /// and an index not made yet is never made. What is on them stays until it leaves.
+    pub draining: std::collections::BTreeSet<LbIndex>,
 }
 
 /// Load balancer `i` is in group `i % count`, and the load balancers of one group hold at most `max_ports`
@@ -162,6 +165,8 @@ pub enum Refusal {
     NoRoomToGrow { lb: LbIndex, needed: u32, free: u32 },
     /// An update asks for a fixed port that is taken on the item's load balancer.
     PortTakenOnLoadBalancer { lb: LbIndex, port: u16 },
+    /// An update needs more ports on the item's load balancer, which is draining.
+    LoadBalancerDraining { lb: LbIndex, needed: u32 },
 }
 
 impl Refusal {
@@ -174,6 +179,7 @@ impl Refusal {
             Refusal::PoolPortBudget { .. } => "PoolPortBudgetExhausted",
             Refusal::PortRangeExhausted { .. } => "PortRangeExhausted",
             Refusal::NoRoomToGrow { .. } => "NoRoomToGrow",
+            Refusal::LoadBalancerDraining { .. } => "LoadBalancerDraining",
         }
     }
 }
@@ -220,6 +226,10 @@ impl std::fmt::Display for Refusal {
                 f,
                 "port {port} is taken on load balancer {lb}, where this SharedLB lives; placements never move, so the old ports stay"
             ),
+            Refusal::LoadBalancerDraining { lb, needed } => write!(
+                f,
+                "the update needs {needed} more ports on load balancer {lb}, which the pool drains (it takes nothing new); the old ports stay"
+            ),
         }
     }
 }
@@ -256,6 +266,7 @@ pub struct LbSummary {
     pub ports_used: u32,
     pub capacity: u32,
     pub deleting: bool,
+    pub draining: bool,
 }
 
 /// An allocation could not be restored because it contradicts one restored before it.
@@ -327,6 +338,7 @@ impl PoolState {
                 ports_used: s.used,
                 capacity: self.config.max_ports_per_lb,
                 deleting: s.deleting,
+                draining: self.config.draining.contains(i),
             })
             .collect()
     }
@@ -558,7 +570,8 @@ impl PoolState {
         self.by_load.remove(&(s.used, lb));
         self.open.remove(&lb);
         f(&mut s);
-        if !s.deleting && s.used < self.config.max_ports_per_lb {
+        let takes_new = !s.deleting && !self.config.draining.contains(&lb);
+        if takes_new && s.used < self.config.max_ports_per_lb {
             self.open.insert(lb);
             self.by_load.insert((s.used, lb));
         }
@@ -747,12 +760,13 @@ impl PoolState {
                     max_lbs: self.config.max_lbs.unwrap_or(0),
                 }));
         }
-        // the lowest free index whose group has room: past the highest index in use, `count` consecutive free
-        // ones cover every group
-        let span = self.lbs.keys().max().map_or(0, |i| i + 1)
-            + self.config.lb_groups.map_or(1, |g| g.count.max(1));
-        let Some(lb) = (0..span).find(|i| !self.lbs.contains_key(i) && self.group_room(*i) >= need)
-        else {
+        // the lowest free index, not drained, whose group has room: past the highest index in use or drained,
+        // `count` consecutive free ones cover every group
+        let highest = self.lbs.keys().max().max(self.config.draining.last());
+        let span =
+            highest.map_or(0, |i| i + 1) + self.config.lb_groups.map_or(1, |g| g.count.max(1));
+        let free = |i: &LbIndex| !self.lbs.contains_key(i) && !self.config.draining.contains(i);
+        let Some(lb) = (0..span).find(|i| free(i) && self.group_room(*i) >= need) else {
             let free = (0..span).map(|i| self.group_room(i)).max().unwrap_or(0);
             return Err(Refusal::PoolPortBudget {
                 needed: need,
@@ -806,6 +820,12 @@ impl PoolState {
             });
         }
         let grows = (kept.len() + wanted.len()).saturating_sub(old.ports.len()) as u32;
+        if grows > 0 && self.config.draining.contains(&old.lb) {
+            return Err(Refusal::LoadBalancerDraining {
+                lb: old.lb,
+                needed: grows,
+            });
+        }
         if grows > 0 {
             self.budget_allows(grows)?;
             let free = self.group_room(old.lb);

@@ -14,6 +14,7 @@ fn cfg(cap: u32, max_lbs: Option<u32>) -> PoolConfig {
         strategy: Strategy::Pack,
         port_mode: PortMode::PerLoadBalancer,
         lb_groups: None,
+        draining: BTreeSet::new(),
     }
 }
 
@@ -511,9 +512,10 @@ fn strategy_config() -> impl Gen<Value = PoolConfig> {
         8u16..200,
         prop::option::of(1u32..30),
         prop::option::of((1u32..4, 1u32..12)),
+        prop::collection::btree_set(0u32..4, 0..2),
     )
         .prop_map(
-            |(cap, max_lbs, spread, wide, width, budget, groups)| PoolConfig {
+            |(cap, max_lbs, spread, wide, width, budget, groups, draining)| PoolConfig {
                 max_ports_per_lb: cap,
                 max_lbs,
                 max_ports_total: budget,
@@ -529,6 +531,7 @@ fn strategy_config() -> impl Gen<Value = PoolConfig> {
                     PortMode::PerLoadBalancer
                 },
                 lb_groups: groups.map(|(count, max_ports)| LbGroups { count, max_ports }),
+                draining,
             },
         )
 }
@@ -543,8 +546,16 @@ proptest! {
         config in strategy_config(),
         batches in prop::collection::vec(prop::collection::vec(op_strategy(), 1..8), 1..12),
     ) {
+        // the drained load balancers are drained after the first batch, when some of them hold items
+        let mut config = config;
+        let mut drain_later = Some(std::mem::take(&mut config.draining));
         let mut s = PoolState::new(config);
-        for batch in batches {
+        for (i, batch) in batches.into_iter().enumerate() {
+            if i == 1 && let Some(draining) = drain_later.take() {
+                let mut c = s.config().clone();
+                c.draining = draining;
+                s.set_config(c);
+            }
             let mut changes = Vec::new();
             let mut seen = BTreeSet::new();
             for op in batch {
@@ -564,14 +575,16 @@ proptest! {
                     Change::Remove { key } => prop_assert!(s.allocation(key).is_none()),
                     Change::Upsert { key, ports } => {
                         let refused = plan.refused.iter().any(|(k, _)| k == key);
+                        let drained = |a: &Allocation| s.config().draining.contains(&a.lb);
                         match (s.allocation(key), before.get(key)) {
                             (Some(now), Some(old)) => {
                                 prop_assert_eq!(now.lb, old.lb, "an allocation moved");
                                 if refused { prop_assert_eq!(now, old); }
+                                prop_assert!(!drained(now) || now.ports.len() <= old.ports.len(), "grew on a draining lb");
                             }
                             (None, None) => prop_assert!(refused, "neither placed nor refused"),
                             (None, Some(_)) => prop_assert!(false, "an upsert dropped an allocation"),
-                            (Some(_), None) => prop_assert!(!refused),
+                            (Some(now), None) => prop_assert!(!refused && !drained(now), "refused yet placed, or placed on a draining lb"),
                         }
                         if let (Some(now), false) = (s.allocation(key), refused) {
                             let mut want: Vec<(String, Protocol)> =
@@ -676,5 +689,45 @@ fn grouped_load_balancers_share_their_groups_budget() {
     plan_apply(&mut s, &[Change::Remove { key: "i0".into() }]);
     let p = plan_apply(&mut s, &[up("again", vec![tcp("p", None)])]);
     assert_eq!(p.placed[0].1.lb % 2, 0, "{p:?}");
+    assert_eq!(check_invariants(&s), Ok(()));
+}
+
+/// A draining load balancer takes nothing new: new items go elsewhere (a drained index not made yet is skipped),
+/// an item on it may not grow there, what is on it stays, and once emptied it is deleted as any empty one.
+#[test]
+fn a_draining_load_balancer_takes_nothing_new() {
+    let mut s = PoolState::new(cfg(2, None));
+    for k in ["a", "b", "c"] {
+        plan_apply(&mut s, &[up(k, vec![tcp("p", None)])]);
+    }
+    let lb_of = |s: &PoolState, k: &str| s.allocation(k).map(|a| a.lb);
+    assert_eq!(
+        (lb_of(&s, "a"), lb_of(&s, "b"), lb_of(&s, "c")),
+        (Some(0), Some(0), Some(1))
+    );
+    plan_apply(&mut s, &[Change::Remove { key: "b".into() }]);
+    let mut c = s.config().clone();
+    c.draining = BTreeSet::from([0, 2]);
+    s.set_config(c);
+    let p = plan_apply(&mut s, &[up("d", vec![tcp("p", None)])]);
+    assert_eq!(p.placed[0].1.lb, 1, "lb 0 has room but drains: {p:?}");
+    let p = plan_apply(&mut s, &[up("e", vec![tcp("p", None)])]);
+    assert_eq!(
+        p.placed[0].1.lb, 3,
+        "index 2 is drained before it exists: {p:?}"
+    );
+    let grow = s.plan(&[up("a", vec![tcp("p", None), tcp("q", None)])]);
+    assert_eq!(
+        grow.refused[0].1.reason(),
+        "LoadBalancerDraining",
+        "{grow:?}"
+    );
+    assert!(s.load_balancers().iter().any(|l| l.lb == 0 && l.draining));
+    assert_eq!(lb_of(&s, "a"), Some(0), "what is on it stays");
+    let p = plan_apply(&mut s, &[Change::Remove { key: "a".into() }]);
+    assert!(
+        p.actions.contains(&Action::DeleteLoadBalancer { lb: 0 }),
+        "{p:?}"
+    );
     assert_eq!(check_invariants(&s), Ok(()));
 }

@@ -1562,3 +1562,107 @@ async fn each_load_balancer_targets_its_few_nodes_of_each_zone() {
     delete_nodes(&client, &refs).await;
     op.kill().await;
 }
+
+/// `spec.drain`: a drained load balancer takes nothing new, though it has room; an index not made yet is never
+/// made; a SharedLB on it may not grow there (Ready says why, the old port serves on); the pool's status marks it
+/// and names who is still on it; an invalid name is the pool's condition; emptied, it is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_load_balancer_takes_nothing_new_and_shows_who_is_left() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-drain", &[]).await;
+    create_pool(
+        &client,
+        "drn",
+        json!({"provider": {"memory": {}}, "capacity": {"maxPortsPerLoadBalancer": 2}}),
+    )
+    .await;
+    for n in ["a", "b", "c"] {
+        create_slb(&client, &ns, n, spec("drn", vec![tcp("web", None)])).await;
+        ready(&client, &ns, n, 30).await;
+    }
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    let lb_of = |s: &SharedLB| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .map(|l| l.name.clone())
+            .unwrap_or_default()
+    };
+    let b = api.get("b").await.expect("b");
+    assert_eq!(lb_of(&b), "drn-0");
+    let a_ip = endpoints(&api.get("a").await.expect("a"))[0].0.clone();
+    let listeners_at = |ip: &str| {
+        cloud_pool(&cloud, "drn")
+            .into_values()
+            .find(|(at, _)| at == ip)
+            .map(|(_, l)| l.len())
+    };
+    api.delete("b", &DeleteParams::default())
+        .await
+        .expect("delete b");
+    let pools: Api<LoadBalancerPool> = Api::all(client.clone());
+    let patch = |drain: serde_json::Value| {
+        let pools = pools.clone();
+        async move {
+            pools
+                .patch(
+                    "drn",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"drain": drain}})),
+                )
+                .await
+                .expect("patch drain")
+        }
+    };
+    patch(json!(["drn-0", "drn-2"])).await;
+    eventually(60, "the pool shows drn-0 draining with a on it", || async {
+        let st = pools.get("drn").await.ok()?.status?;
+        let row = st.load_balancers.iter().find(|l| l.name == "drn-0")?;
+        (row.draining && row.shared_lbs == vec![format!("{ns}/a")]).then_some(())
+    })
+    .await;
+    // drn-0 has room for one more, drn-1 too: d goes to drn-1, e to drn-3 (drn-2 is drained before it exists)
+    create_slb(&client, &ns, "d", spec("drn", vec![tcp("web", None)])).await;
+    assert_eq!(lb_of(&ready(&client, &ns, "d", 30).await), "drn-1");
+    create_slb(&client, &ns, "e", spec("drn", vec![tcp("web", None)])).await;
+    assert_eq!(lb_of(&ready(&client, &ns, "e", 30).await), "drn-3");
+    // a may not grow on drn-0: refused with the reason, its port still served
+    api.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"ports": [tcp("web", None), tcp("admin", None)]}})),
+    )
+    .await
+    .expect("grow a");
+    let why = refused(&client, &ns, "a", "LoadBalancerDraining").await;
+    assert!(why.contains("drains"), "{why}");
+    assert_eq!(listeners_at(&a_ip), Some(1), "a's one port is still served");
+
+    patch(json!(["drn-0", "other-1"])).await;
+    eventually(
+        30,
+        "a name of another pool is the pool's condition",
+        || async {
+            let (reason, message) = pool_not_ready(&client, "drn").await;
+            (reason == "InvalidDrain" && message.contains("other-1")).then_some(())
+        },
+    )
+    .await;
+    patch(json!(["drn-0"])).await;
+    api.delete("a", &DeleteParams::default())
+        .await
+        .expect("delete a");
+    eventually(
+        30,
+        "the emptied drained load balancer is deleted",
+        || async { listeners_at(&a_ip).is_none().then_some(()) },
+    )
+    .await;
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "drn").await;
+    op.kill().await;
+}

@@ -14,7 +14,7 @@ async fn allocator_on(cloud: &Arc<MemoryCloud>) -> PoolAllocator {
         Faults::default(),
     ));
     let alloc = PoolAllocator::new("p", "pool-uid", "c", provider, spec.provider.clone());
-    let config = pool_config(&spec, alloc.provider().as_ref(), true);
+    let config = pool_config(&alloc.pool, &spec, alloc.provider().as_ref(), true);
     *alloc.state.lock().await = Some(PoolState::new(config));
     alloc
 }

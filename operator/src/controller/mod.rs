@@ -1,7 +1,7 @@
 //! The two controllers — SharedLB and LoadBalancerPool — and what they share.
 
-use std::collections::BTreeMap;
 use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -167,6 +167,29 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
+    /// `<namespace>/<name>` of the SharedLBs with these UIDs, found through the backing Services they own (the
+    /// store this replica already holds), sorted, at most `max`; a SharedLB whose Service is not there yet shows
+    /// as its UID.
+    fn shared_lb_names(&self, uids: &[String], max: usize) -> Vec<String> {
+        let wanted: BTreeSet<&str> = uids.iter().map(String::as_str).collect();
+        let mut found: BTreeMap<String, String> = BTreeMap::new();
+        for svc in self.services.state() {
+            for owner in svc.owner_references() {
+                if owner.kind == "SharedLB" && wanted.contains(owner.uid.as_str()) {
+                    let ns = svc.namespace().unwrap_or_default();
+                    found.insert(owner.uid.clone(), format!("{ns}/{}", owner.name));
+                }
+            }
+        }
+        let mut names: Vec<String> = uids
+            .iter()
+            .map(|u| found.get(u).cloned().unwrap_or_else(|| u.clone()))
+            .collect();
+        names.sort();
+        names.truncate(max);
+        names
+    }
+
     /// The allocator of a pool, made on first use (and again if the pool was deleted and made anew).
     async fn allocator(&self, pool: &LoadBalancerPool) -> Result<Arc<PoolAllocator>, Error> {
         let uid = pool.uid().unwrap_or_default();

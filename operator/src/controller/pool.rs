@@ -1,7 +1,7 @@
 //! Reconciling a LoadBalancerPool: validate it, build its allocator (the rebuild), retry deletions of empty
 //! load balancers, and show one row per load balancer in its status.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +12,10 @@ use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use sharedlb_crds::{
     LoadBalancerPool, LoadBalancerPoolStatus, POOL_FINALIZER, PoolLoadBalancer, PoolTotals,
-    SharedLB, SpecError, validate_local_addresses, validate_pool, validate_provider_change,
+    SharedLB, SpecError, validate_drain, validate_local_addresses, validate_pool,
+    validate_provider_change,
 };
+use sharedlb_placement::{LbIndex, PoolState};
 use tracing::warn;
 
 use super::Context;
@@ -136,7 +138,9 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
     let mut st = old.clone();
     st.observed_generation = generation;
 
-    let valid = validate_pool(&pool.spec).and(provider_unchanged(&ctx, &pool, &old).await);
+    let valid = validate_pool(&pool.spec)
+        .and(validate_drain(&pool.name_any(), &pool.spec))
+        .and(provider_unchanged(&ctx, &pool, &old).await);
     if valid.is_ok() {
         st.provider = pool.spec.provider.kind().map(str::to_string);
     }
@@ -157,10 +161,11 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
         let alloc = ctx.allocator(&pool).await?;
         let state = alloc.lock(&ctx.client, &pool.spec).await?;
         let rows = (state.load_balancers(), state.deleting());
+        let on_draining = holders_of_draining(&state);
         drop(state);
-        Ok::<_, Error>((alloc, rows))
+        Ok::<_, Error>((alloc, rows, on_draining))
     };
-    let (alloc, (rows, deleting)) = match built.await {
+    let (alloc, (rows, deleting), mut on_draining) = match built.await {
         Ok(b) => b,
         Err(Error::Provider(e)) => {
             status::set(
@@ -197,6 +202,11 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
                 hostname: info.as_ref().and_then(|i| i.hostname.clone()),
                 ports_used: l.ports_used,
                 capacity: l.capacity,
+                draining: l.draining,
+                shared_lbs: on_draining
+                    .remove(&l.lb)
+                    .map(|uids| ctx.shared_lb_names(&uids, DRAINING_NAMES_SHOWN))
+                    .unwrap_or_default(),
             }
         })
         .collect();
@@ -241,6 +251,21 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
         Duration::from_secs(60)
     };
     finish(&ctx, &pool, &old, st, Action::requeue(next)).await
+}
+
+/// SharedLBs a draining load balancer's status row names, at most (the pool's status stays small).
+const DRAINING_NAMES_SHOWN: usize = 50;
+
+/// The UIDs of the items on each draining load balancer.
+fn holders_of_draining(state: &PoolState) -> BTreeMap<LbIndex, Vec<String>> {
+    let draining = &state.config().draining;
+    let mut out: BTreeMap<LbIndex, Vec<String>> = BTreeMap::new();
+    for (uid, a) in state.allocations() {
+        if draining.contains(&a.lb) && !uid.starts_with(crate::allocator::STRAY_KEY_PREFIX) {
+            out.entry(a.lb).or_default().push(uid.clone());
+        }
+    }
+    out
 }
 
 /// `CloudInSync`: False while listeners no allocation accounts for could not be removed (their ports stay taken

@@ -58,6 +58,7 @@ fn config() -> PoolConfig {
         strategy: Strategy::Pack,
         port_mode: PortMode::PerLoadBalancer,
         lb_groups: None,
+        draining: Default::default(),
     }
 }
 
