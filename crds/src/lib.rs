@@ -240,6 +240,7 @@ pub struct Condition {
     printcolumn = r#"{"name":"Ports-Used","type":"integer","jsonPath":".status.totals.portsUsed"}"#,
     printcolumn = r#"{"name":"Capacity","type":"integer","jsonPath":".status.totals.portsCapacity"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Draining","type":"string","priority":1,"jsonPath":".spec.drain"}"#,
     doc = "A pool of cloud load balancers that the operator owns and packs SharedLBs onto."
 )]
 #[serde(rename_all = "camelCase")]
@@ -618,7 +619,7 @@ pub struct PoolLoadBalancer {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
     /// Of a draining load balancer: the SharedLBs still on it (`<namespace>/<name>`, at most 50).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, rename = "sharedLBs", skip_serializing_if = "Vec::is_empty")]
     pub shared_lbs: Vec<String>,
 }
 

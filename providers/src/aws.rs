@@ -1,5 +1,7 @@
 //! AWS: each load balancer of a pool is a Network Load Balancer the operator creates and owns; each allocated
-//! port is a target group (instance targets on the node port) and a listener forwarding to it.
+//! port is a target group and a listener forwarding to it. The target group holds a few nodes per zone on the
+//! node port (instance targets), or with `pod_targets` the ready pods' IPs and ports (`ip` targets, fed from the
+//! backing Service's EndpointSlices through `ListenerSpec::backends`), so no node port and no second hop.
 //!
 //! Firewall (`security_groups`): each NLB has its own ("frontend") security group that opens exactly its listener
 //! ports to `sourceRanges`, and all NLBs of the pool share one "backend" group, which the nodes' security group
