@@ -1637,10 +1637,26 @@ impl AwsProvider {
             Some(t) => t,
             None => self.registered(tg_arn).await?,
         };
+        self.retarget(tg_arn, &want, &have).await?;
+        self.pod_targets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tg_arn.to_string(), (want, std::time::Instant::now()));
+        Ok(())
+    }
+
+    /// Takes a target group from the (id, port) targets it `have`s to those it should: the missing registered
+    /// first, then the gone deregistered, so it is never emptier than both; at most one call each.
+    async fn retarget(
+        &self,
+        tg_arn: &str,
+        want: &BTreeSet<(String, i32)>,
+        have: &BTreeSet<(String, i32)>,
+    ) -> Result<(), ProviderError> {
         let target =
-            |(ip, port): &(String, i32)| TargetDescription::builder().id(ip).port(*port).build();
-        let add: Vec<_> = want.difference(&have).map(target).collect();
-        let gone: Vec<_> = have.difference(&want).map(target).collect();
+            |(id, port): &(String, i32)| TargetDescription::builder().id(id).port(*port).build();
+        let add: Vec<_> = want.difference(have).map(target).collect();
+        let gone: Vec<_> = have.difference(want).map(target).collect();
         if !add.is_empty() {
             self.elb
                 .register_targets()
@@ -1659,10 +1675,6 @@ impl AwsProvider {
                 .await
                 .map_err(|e| classify("deregister_targets", e))?;
         }
-        self.pod_targets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(tg_arn.to_string(), (want, std::time::Instant::now()));
         Ok(())
     }
 
@@ -1710,45 +1722,10 @@ impl AwsProvider {
             if !moved {
                 continue;
             }
-            let health = self
-                .elb
-                .describe_target_health()
-                .target_group_arn(&g.arn)
-                .send()
-                .await
-                .map_err(|e| classify("describe_target_health", e))?;
-            let have: BTreeSet<String> = health
-                .target_health_descriptions
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|d| d.target?.id)
-                .collect();
-            let target = |id: &String| {
-                TargetDescription::builder()
-                    .id(id)
-                    .port(g.target_port)
-                    .build()
-            };
-            let add: Vec<_> = want.difference(&have).map(target).collect();
-            let gone: Vec<_> = have.difference(&want).map(target).collect();
-            if !add.is_empty() {
-                self.elb
-                    .register_targets()
-                    .target_group_arn(&g.arn)
-                    .set_targets(Some(add))
-                    .send()
-                    .await
-                    .map_err(|e| classify("register_targets", e))?;
-            }
-            if !gone.is_empty() {
-                self.elb
-                    .deregister_targets()
-                    .target_group_arn(&g.arn)
-                    .set_targets(Some(gone))
-                    .send()
-                    .await
-                    .map_err(|e| classify("deregister_targets", e))?;
-            }
+            let want: BTreeSet<(String, i32)> =
+                want.into_iter().map(|id| (id, g.target_port)).collect();
+            let have = self.registered(&g.arn).await?;
+            self.retarget(&g.arn, &want, &have).await?;
         }
         Ok(())
     }

@@ -237,38 +237,8 @@ async fn a_missing_vpc_subnet_or_security_group_is_a_configuration_error_before_
 
 /// The (instance, port) targets of the target group whose name ends with `suffix`.
 async fn targets(elb: &aws_sdk_elasticloadbalancingv2::Client, suffix: &str) -> Vec<(String, i32)> {
-    let tgs = elb
-        .describe_target_groups()
-        .send()
-        .await
-        .expect("tgs")
-        .target_groups
-        .unwrap_or_default();
-    let tg = tgs
-        .into_iter()
-        .find(|t| t.target_group_name().is_some_and(|n| n.ends_with(suffix)))
-        .expect("the port's target group");
-    assert_eq!(
-        tg.port(),
-        Some(31000),
-        "the target group is on the node port"
-    );
-    let h = elb
-        .describe_target_health()
-        .target_group_arn(tg.target_group_arn().expect("arn"))
-        .send()
-        .await
-        .expect("health");
-    let mut ids: Vec<(String, i32)> = h
-        .target_health_descriptions
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|d| {
-            d.target
-                .map(|t| (t.id.unwrap_or_default(), t.port.unwrap_or_default()))
-        })
-        .collect();
-    ids.sort();
+    let (_, port, ids) = group_targets(elb, suffix).await;
+    assert_eq!(port, Some(31000), "the target group is on the node port");
     ids
 }
 
@@ -1556,11 +1526,12 @@ async fn the_pools_deletion_removes_what_a_crashed_nlb_deletion_left() {
         .expect("nothing left is success");
 }
 
-/// The target group whose name ends with `suffix`: its target type and registered (id, port) pairs.
+/// The target group whose name ends with `suffix`: its target type, its port, and its registered (id, port)
+/// pairs, sorted.
 async fn group_targets(
     elb: &aws_sdk_elasticloadbalancingv2::Client,
     suffix: &str,
-) -> (String, Vec<(String, i32)>) {
+) -> (String, Option<i32>, Vec<(String, i32)>) {
     let tg = elb
         .describe_target_groups()
         .send()
@@ -1586,7 +1557,7 @@ async fn group_targets(
         .collect();
     ids.sort();
     let kind = tg.target_type().map(|t| t.as_str().to_string());
-    (kind.unwrap_or_default(), ids)
+    (kind.unwrap_or_default(), tg.port(), ids)
 }
 
 fn backends(addrs: &[&str]) -> Vec<std::net::SocketAddr> {
@@ -1640,10 +1611,11 @@ async fn pod_targets_hold_the_ready_pods_and_follow_their_endpoints() {
     p.ensure_listener(&key, &l).await.expect("pod listener");
     let elb = elb().await;
     let prefix = p.name_prefix().to_string();
+    let (kind, _, ids) = group_targets(&elb, &format!("{prefix}0-4000t-ip")).await;
     assert_eq!(
-        group_targets(&elb, &format!("{prefix}0-4000t-ip")).await,
+        (kind.as_str(), ids),
         (
-            "ip".to_string(),
+            "ip",
             vec![("10.42.0.10".into(), 8080), ("10.42.1.11".into(), 8080)]
         )
     );
@@ -1670,7 +1642,7 @@ async fn pod_targets_hold_the_ready_pods_and_follow_their_endpoints() {
     l.backends = backends(&["10.42.1.11:8080", "10.42.0.12:8080"]);
     p.ensure_listener(&key, &l).await.expect("moved endpoints");
     assert_eq!(
-        group_targets(&elb, &format!("{prefix}0-4000t-ip")).await.1,
+        group_targets(&elb, &format!("{prefix}0-4000t-ip")).await.2,
         vec![("10.42.0.12".into(), 8080), ("10.42.1.11".into(), 8080)]
     );
     assert_eq!(

@@ -148,8 +148,8 @@ async fn ingress(sg: &str) -> Vec<(String, i32, String)> {
 
 /// Listeners of the NLBs whose name starts with nothing in particular but whose DNS name is `hostname`:
 /// (port, protocol, target group port).
-async fn nlb_listeners(hostname: &str) -> Vec<(i32, String, i32)> {
-    let c = elb::Client::new(&conf().await);
+/// The ARN of the NLB whose DNS name is `hostname`, and its target groups.
+async fn nlb_and_groups(c: &elb::Client, hostname: &str) -> (String, Vec<elb::types::TargetGroup>) {
     let lb = c
         .describe_load_balancers()
         .send()
@@ -160,17 +160,24 @@ async fn nlb_listeners(hostname: &str) -> Vec<(i32, String, i32)> {
         .into_iter()
         .find(|l| l.dns_name() == Some(hostname))
         .expect("the SharedLB's NLB");
+    let arn = lb.load_balancer_arn().unwrap_or_default().to_string();
     let tgs = c
         .describe_target_groups()
-        .load_balancer_arn(lb.load_balancer_arn().unwrap_or_default())
+        .load_balancer_arn(&arn)
         .send()
         .await
         .expect("tgs")
         .target_groups
         .unwrap_or_default();
+    (arn, tgs)
+}
+
+async fn nlb_listeners(hostname: &str) -> Vec<(i32, String, i32)> {
+    let c = elb::Client::new(&conf().await);
+    let (lb_arn, tgs) = nlb_and_groups(&c, hostname).await;
     let mut out: Vec<(i32, String, i32)> = c
         .describe_listeners()
-        .load_balancer_arn(lb.load_balancer_arn().unwrap_or_default())
+        .load_balancer_arn(&lb_arn)
         .send()
         .await
         .expect("listeners")
@@ -602,24 +609,7 @@ async fn no_credentials_is_the_pools_condition() {
 /// The pod targets behind the NLB of the SharedLB whose status names `hostname`: (target type, id:port).
 async fn pod_targets(hostname: &str) -> Vec<(String, String)> {
     let c = elb::Client::new(&conf().await);
-    let lb = c
-        .describe_load_balancers()
-        .send()
-        .await
-        .expect("lbs")
-        .load_balancers
-        .unwrap_or_default()
-        .into_iter()
-        .find(|l| l.dns_name() == Some(hostname))
-        .expect("the SharedLB's NLB");
-    let tgs = c
-        .describe_target_groups()
-        .load_balancer_arn(lb.load_balancer_arn().unwrap_or_default())
-        .send()
-        .await
-        .expect("tgs")
-        .target_groups
-        .unwrap_or_default();
+    let (_, tgs) = nlb_and_groups(&c, hostname).await;
     let mut out = Vec::new();
     for tg in tgs {
         let kind = tg.target_type().map(|t| t.as_str().to_string());
