@@ -536,21 +536,6 @@ fn pod_pool_name(index: u32, port: u16, protocol: Protocol) -> String {
     format!("pods-{index}-{port}-{}", proto_letter(protocol))
 }
 
-/// Pod pools no rule sends to any more go (with their rules, in the same write).
-fn drop_unused_pod_pools(lb: &mut LoadBalancer) {
-    let used: BTreeSet<String> = lb
-        .properties
-        .rules
-        .iter()
-        .filter_map(|r| r.properties.backend_pool.as_ref())
-        .filter_map(|p| p.id.rsplit('/').next())
-        .map(str::to_lowercase)
-        .collect();
-    lb.properties
-        .backend_pools
-        .retain(|b| !b.name.starts_with("pods-") || used.contains(&b.name.to_lowercase()));
-}
-
 /// Node group `group`'s backend pool.
 fn backend_pool_name(group: u32) -> String {
     match group {
@@ -571,20 +556,26 @@ fn frontend_uses(f: &Child<FrontendProperties>, ip_id: &str) -> bool {
         .is_some_and(|p| p.id.eq_ignore_ascii_case(ip_id))
 }
 
-/// Probes no rule refers to are dropped.
-fn drop_unused_probes(lb: &mut LoadBalancer) {
-    // a rule names its probe by id; the probe's name is the id's last segment
-    let used: BTreeSet<String> = lb
-        .properties
-        .rules
-        .iter()
-        .filter_map(|r| r.properties.probe.as_ref())
-        .filter_map(|p| p.id.rsplit('/').next())
-        .map(str::to_lowercase)
-        .collect();
+/// What no rule refers to any more goes, in the same write as the rules: sharedlb's probes (`probe-*`) and pod
+/// pools (`pods-*`). A rule names them by id, whose last segment is the name (ARM names compare without case).
+fn drop_unreferenced(lb: &mut LoadBalancer) {
+    let referenced = |pick: fn(&RuleProperties) -> Option<&SubResource>| -> BTreeSet<String> {
+        lb.properties
+            .rules
+            .iter()
+            .filter_map(|r| pick(&r.properties))
+            .filter_map(|p| p.id.rsplit('/').next())
+            .map(str::to_lowercase)
+            .collect()
+    };
+    let probes = referenced(|r| r.probe.as_ref());
+    let pools = referenced(|r| r.backend_pool.as_ref());
     lb.properties
         .probes
-        .retain(|p| !p.name.starts_with("probe-") || used.contains(&p.name.to_lowercase()));
+        .retain(|p| !p.name.starts_with("probe-") || probes.contains(&p.name.to_lowercase()));
+    lb.properties
+        .backend_pools
+        .retain(|b| !b.name.starts_with("pods-") || pools.contains(&b.name.to_lowercase()));
 }
 
 /// Where one load-balancing rule sends: a backend pool, the port on its members, the health probe (name and
@@ -1260,7 +1251,8 @@ impl LoadBalancerProvider for AzureProvider {
             max_lbs: Some(MAX_FRONTENDS_PER_LB),
             max_ports_total: Some(total),
             port_mode: PortMode::PerLoadBalancer,
-            lb_groups: Some(crate::LbGroups {
+            // one group's budget is the pool's own (`total`): no group bookkeeping for the planner then
+            lb_groups: (self.node_groups > 1).then_some(crate::LbGroups {
                 count: self.node_groups,
                 max_ports: MAX_RULES_PER_NIC,
             }),
@@ -1383,8 +1375,7 @@ impl LoadBalancerProvider for AzureProvider {
                 }
                 None => doc.properties.rules.push(Child::new(name, props)),
             }
-            drop_unused_probes(doc);
-            drop_unused_pod_pools(doc);
+            drop_unreferenced(doc);
             Ok(())
         })
         .await?;
@@ -1411,8 +1402,7 @@ impl LoadBalancerProvider for AzureProvider {
         let name = format!("{}{owner_uid}", rule_prefix(lb.index, port, protocol));
         self.edit_lb(false, Ok(()), move |doc| {
             doc.properties.rules.retain(|r| r.name != name);
-            drop_unused_probes(doc);
-            drop_unused_pod_pools(doc);
+            drop_unreferenced(doc);
             Ok(())
         })
         .await?;
@@ -1427,8 +1417,7 @@ impl LoadBalancerProvider for AzureProvider {
                 .rules
                 .retain(|r| parse_rule_name(&r.name).is_none_or(|(i, ..)| i != index));
             doc.properties.frontends.retain(|f| f.name != fe);
-            drop_unused_probes(doc);
-            drop_unused_pod_pools(doc);
+            drop_unreferenced(doc);
             Ok(())
         })
         .await?;
