@@ -14,6 +14,8 @@
 //!
 //! Persistent maps (`imbl`) make cloning the state O(1), so `plan` can work on a scratch copy.
 
+use std::collections::BTreeMap;
+
 use imbl::{OrdMap, OrdSet};
 
 mod subset;
@@ -269,6 +271,16 @@ pub struct LbSummary {
     pub draining: bool,
 }
 
+/// One-port items with an auto-assigned port that still fit (`PoolState::headroom`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Headroom {
+    /// On the load balancers made now.
+    pub on_existing: u64,
+    /// In all, counting the load balancers the pool may still make; `None`: no limit (the pool may make load
+    /// balancers without bound and nothing pool-wide caps it).
+    pub total: Option<u64>,
+}
+
 /// An allocation could not be restored because it contradicts one restored before it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RestoreConflict {
@@ -420,6 +432,78 @@ impl PoolState {
             .map(|(_, s)| s.used)
             .sum();
         g.max_ports.saturating_sub(used)
+    }
+
+    /// How many more one-port items with an auto-assigned port the pool takes: on the load balancers it has, and
+    /// in all. Counted under every rule `plan` applies (capacity, the range, draining, group budgets, the pool-wide
+    /// budget and `max_lbs`), so placing one such item at a time succeeds exactly `total` times.
+    pub fn headroom(&self) -> Headroom {
+        let (lo, hi) = self.config.port_range;
+        let range_len = u64::from(hi.saturating_sub(lo)) + 1;
+        let cap = u64::from(self.config.max_ports_per_lb);
+        let mut group_left: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut take = |lb: LbIndex, room: u64| -> u64 {
+            let Some(g) = self.config.lb_groups else {
+                return room;
+            };
+            let left = group_left
+                .entry(lb % g.count.max(1))
+                .or_insert_with(|| u64::from(self.group_room(lb)));
+            let t = room.min(*left);
+            *left -= t;
+            t
+        };
+        let mut on_existing = 0;
+        for lb in &self.open {
+            let Some(s) = self.lbs.get(lb) else { continue };
+            let in_range = s.owners.range(lo..=hi).count() as u64;
+            let room = cap
+                .saturating_sub(u64::from(s.used))
+                .min(range_len.saturating_sub(in_range));
+            on_existing += take(*lb, room);
+        }
+        // new load balancers get the lowest indices not in use and not drained whose group has room
+        let makeable = self
+            .config
+            .max_lbs
+            .map(|m| u64::from(m).saturating_sub(self.lbs.len() as u64));
+        let more = match (makeable, self.config.lb_groups) {
+            (None, None) => None,
+            (Some(n), None) => Some(n * cap.min(range_len)),
+            // each load balancer made takes at least one port of a group's budget: the walk ends
+            (makeable, Some(g)) => {
+                let (mut made, mut more, mut index, mut idle) = (0u64, 0u64, 0 as LbIndex, 0);
+                while makeable.is_none_or(|m| made < m) && idle < g.count.max(1) {
+                    if !self.lbs.contains_key(&index) && !self.config.draining.contains(&index) {
+                        match take(index, cap.min(range_len)) {
+                            0 => idle += 1,
+                            t => (made, more, idle) = (made + 1, more + t, 0),
+                        }
+                    }
+                    index = index.saturating_add(1);
+                }
+                Some(more)
+            }
+        };
+        let mut limits = vec![
+            self.config
+                .max_ports_total
+                .map(|b| u64::from(b.saturating_sub(self.total_used))),
+        ];
+        if self.config.port_mode == PortMode::PoolWide {
+            limits.push(Some(
+                range_len.saturating_sub(self.pool_ports.range(lo..=hi).count() as u64),
+            ));
+        }
+        let bound = limits.into_iter().flatten().min();
+        let total = match (more, bound) {
+            (Some(m), b) => Some((on_existing + m).min(b.unwrap_or(u64::MAX))),
+            (None, b) => b,
+        };
+        Headroom {
+            on_existing: on_existing.min(bound.unwrap_or(u64::MAX)),
+            total,
+        }
     }
 
     /// `PortMode::PoolWide`: a port something outside the pool holds (on GCP, another Service's node port), so

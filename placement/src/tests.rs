@@ -614,6 +614,46 @@ proptest! {
         }
     }
 
+    /// After a random workload, one-port items placed one at a time succeed exactly `headroom().total` times
+    /// (or at least 300 times when it says there is no limit); packed, the first `on_existing` of them go to load
+    /// balancers that were already there.
+    #[test]
+    fn headroom_counts_what_still_fits(
+        config in strategy_config(),
+        ops in prop::collection::vec(op_strategy(), 0..30),
+    ) {
+        let mut s = PoolState::new(config);
+        for (i, op) in ops.into_iter().enumerate() {
+            let change = match op {
+                Op::Create(k, p) | Op::Update(k, p) => up(&format!("k{k}"), requests(&p)),
+                Op::Delete(k) => Change::Remove { key: format!("k{k}") },
+            };
+            plan_apply(&mut s, &[change]);
+            if i == 3 { s.block_port(4001); }
+        }
+        let room = s.headroom();
+        let had: BTreeSet<LbIndex> = s.load_balancers().iter().map(|l| l.lb).collect();
+        let limit = room.total.unwrap_or(300).min(300);
+        let mut on_existing = 0;
+        for i in 0..=limit {
+            let p = plan_apply(&mut s, &[up(&format!("h{i}"), vec![tcp("p", None)])]);
+            match p.placed.first() {
+                Some((_, a)) => {
+                    prop_assert!(i < limit || room.total.is_none(), "placed past the headroom {room:?}");
+                    on_existing += u64::from(had.contains(&a.lb));
+                }
+                None => {
+                    prop_assert_eq!(Some(i), room.total, "refused {:?} before the headroom", p.refused);
+                    break;
+                }
+            }
+        }
+        // Pack fills what is there before opening more (Spread may open new ones first)
+        if s.config().strategy == Strategy::Pack {
+            prop_assert_eq!(on_existing.min(room.on_existing), room.on_existing, "fewer on existing than said");
+        }
+    }
+
     /// Create-only single-port workloads use exactly ceil(n / capacity) load balancers, whether the items come
     /// in one batch or one at a time (the controller's case).
     #[test]
