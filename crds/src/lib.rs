@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 
 mod validate;
 pub use validate::{
-    SpecError, local_addresses_in_effect, validate_drain, validate_local_addresses, validate_pool,
-    validate_provider_change, validate_shared_lb,
+    SpecError, load_balancer_index, local_addresses_in_effect, validate_drain,
+    validate_local_addresses, validate_pool, validate_provider_change, validate_shared_lb,
 };
 
 pub const GROUP: &str = "sharedlb.dev";
@@ -240,6 +240,8 @@ pub struct Condition {
     printcolumn = r#"{"name":"Ports-Used","type":"integer","jsonPath":".status.totals.portsUsed"}"#,
     printcolumn = r#"{"name":"Capacity","type":"integer","jsonPath":".status.totals.portsCapacity"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Headroom","type":"string","priority":1,"jsonPath":".status.totals.headroom"}"#,
+    printcolumn = r#"{"name":"Cost/h","type":"string","priority":1,"jsonPath":".status.totals.hourlyCost"}"#,
     printcolumn = r#"{"name":"Draining","type":"string","priority":1,"jsonPath":".spec.drain"}"#,
     doc = "A pool of cloud load balancers that the operator owns and packs SharedLBs onto."
 )]
@@ -277,7 +279,7 @@ impl LoadBalancerPoolSpec {
     pub fn drained(&self, pool: &str) -> std::collections::BTreeSet<u32> {
         self.drain
             .iter()
-            .filter_map(|n| validate::drained_index(pool, n))
+            .filter_map(|n| validate::load_balancer_index(pool, n))
             .collect()
     }
 }
@@ -596,9 +598,38 @@ pub struct LoadBalancerPoolStatus {
     pub load_balancers: Vec<PoolLoadBalancer>,
     #[serde(default)]
     pub totals: PoolTotals,
+    /// The limits the operator places under: the provider's hard limits (some learnt from the cloud) capped by
+    /// the spec. `sharedlb plan` plans with these, so its answer is the operator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<PoolLimits>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// What the placement of a pool is bound by.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolLimits {
+    /// Port/protocol pairs one load balancer holds.
+    pub max_ports_per_load_balancer: u32,
+    /// Load balancers the pool may have; omitted: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_load_balancers: Option<u32>,
+    /// Port/protocol pairs the whole pool may hold (a budget all its load balancers share, such as firewall rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ports_total: Option<u32>,
+    /// Where auto-assigned ports come from.
+    pub port_range: PortRange,
+    /// A port is unique across the pool, not per load balancer (the external port is the node port).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ports_unique_across_pool: bool,
+    /// Load balancer `i` is in group `i mod groups`, and one group's load balancers hold at most
+    /// `portsPerGroup` together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports_per_group: Option<u32>,
 }
 
 /// One load balancer of a pool.
@@ -630,6 +661,14 @@ pub struct PoolTotals {
     pub load_balancers: u32,
     pub ports_used: u32,
     pub ports_capacity: u32,
+    /// One-port SharedLBs (auto-assigned port) that still fit, counting the load balancers the pool may still
+    /// make: `37`, or `37+` when nothing limits new load balancers (37 fit on the ones made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headroom: Option<String>,
+    /// What the pool's load balancers cost per hour, estimated from the price table (`sharedlb plan` prints it;
+    /// the operator's `--prices` overrides it), e.g. `0.0450 USD`. Traffic charges are not in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hourly_cost: Option<String>,
 }
 
 /// Kubernetes knows the integer formats `int32` and `int64` only; schemars writes `uint32` for a `u32`, which a

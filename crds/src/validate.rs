@@ -356,7 +356,11 @@ pub fn local_addresses_in_effect(
 
 /// Every name `spec.drain` lists is one of the pool's load balancers (`<pool>-<index>`).
 pub fn validate_drain(pool: &str, spec: &LoadBalancerPoolSpec) -> Result<(), SpecError> {
-    match spec.drain.iter().find(|n| drained_index(pool, n).is_none()) {
+    match spec
+        .drain
+        .iter()
+        .find(|n| load_balancer_index(pool, n).is_none())
+    {
         Some(name) => Err(SpecError::BadDrain {
             pool: pool.to_string(),
             name: name.clone(),
@@ -366,7 +370,7 @@ pub fn validate_drain(pool: &str, spec: &LoadBalancerPoolSpec) -> Result<(), Spe
 }
 
 /// The index of load balancer `name` (`<pool>-<index>`) of `pool`.
-pub fn drained_index(pool: &str, name: &str) -> Option<u32> {
+pub fn load_balancer_index(pool: &str, name: &str) -> Option<u32> {
     let index = name.strip_prefix(pool)?.strip_prefix('-')?;
     // `pool-01` would name load balancer 1 too: only the form the operator writes counts
     index.parse::<u32>().ok().filter(|i| i.to_string() == index)
@@ -378,13 +382,13 @@ mod tests {
 
     #[test]
     fn drain_names_are_the_pools_load_balancers_as_written() {
-        use super::{drained_index, validate_drain};
-        assert_eq!(drained_index("web", "web-0"), Some(0));
-        assert_eq!(drained_index("web", "web-12"), Some(12));
+        use super::{load_balancer_index, validate_drain};
+        assert_eq!(load_balancer_index("web", "web-0"), Some(0));
+        assert_eq!(load_balancer_index("web", "web-12"), Some(12));
         for other in [
             "web-01", "web-", "web0", "webs-1", "api-1", "web--1", "web-1x",
         ] {
-            assert_eq!(drained_index("web", other), None, "{other}");
+            assert_eq!(load_balancer_index("web", other), None, "{other}");
         }
         let spec = |names: &[&str]| -> LoadBalancerPoolSpec {
             serde_json::from_value(serde_json::json!({"provider": {"memory": {}}, "drain": names}))

@@ -97,6 +97,28 @@ pub fn allocation_from_status(status: &SharedLBStatus, pool: &str) -> Option<All
     Some(Allocation { lb, ports })
 }
 
+/// A SharedLB's status read as a claim on ports of `pool` (none when it records no allocation there).
+pub fn claim_of(slb: &SharedLB, pool: &str) -> Option<Claim> {
+    let allocation = allocation_from_status(slb.status.as_ref()?, pool)?;
+    Some(Claim {
+        uid: slb.uid()?,
+        shared_lb: format!("{}/{}", slb.namespace().unwrap_or_default(), slb.name_any()),
+        created: slb
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
+        allocation,
+        spec_ports: slb
+            .spec
+            .ports
+            .iter()
+            .map(|p| (p.name.clone(), protocol_to_placement(p.protocol)))
+            .collect(),
+    })
+}
+
 #[derive(Debug)]
 pub struct PoolAllocator {
     pub pool: String,
@@ -417,7 +439,7 @@ impl PoolAllocator {
                 if slb.metadata.deletion_timestamp.is_some() {
                     continue; // being deleted: its ports are on their way out
                 }
-                let Some(claim) = self.claim_of(slb) else {
+                let Some(claim) = claim_of(slb, &self.pool) else {
                     continue;
                 };
                 let ns = slb.namespace().unwrap_or_default();
@@ -432,27 +454,6 @@ impl PoolAllocator {
             }
         }
         Ok((admitted, not_admitted))
-    }
-
-    fn claim_of(&self, slb: &SharedLB) -> Option<Claim> {
-        let allocation = allocation_from_status(slb.status.as_ref()?, &self.pool)?;
-        Some(Claim {
-            uid: slb.uid()?,
-            shared_lb: format!("{}/{}", slb.namespace().unwrap_or_default(), slb.name_any()),
-            created: slb
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0.to_string())
-                .unwrap_or_default(),
-            allocation,
-            spec_ports: slb
-                .spec
-                .ports
-                .iter()
-                .map(|p| (p.name.clone(), protocol_to_placement(p.protocol)))
-                .collect(),
-        })
     }
 
     /// Which namespaces the pool admits (None: all), read once per rebuild (one LIST, only when the pool has a

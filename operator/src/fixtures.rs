@@ -4,7 +4,10 @@
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::ObjectMeta;
-use sharedlb_crds::{Cidr, Protocol, SharedLB, SharedLBPort, SharedLBSpec};
+use sharedlb_crds::{
+    Cidr, LoadBalancerRef, PortStatus, Protocol, SharedLB, SharedLBPort, SharedLBSpec,
+    SharedLBStatus,
+};
 use sharedlb_placement::{AllocatedPort, Allocation};
 
 /// A SharedLB in namespace `team-a`, uid `uid-<name>`, selecting `app=<name>`, with no ports until added.
@@ -50,6 +53,34 @@ impl SharedLBBuilder {
             .source_ranges
             .get_or_insert_with(Vec::new)
             .push(Cidr(cidr.into()));
+        self
+    }
+
+    /// Names another pool (or, with `None`, the default one).
+    pub fn pool(mut self, pool: Option<&str>) -> Self {
+        self.slb.spec.pool = pool.map(str::to_string);
+        self
+    }
+
+    /// A status that records these ports on load balancer `<pool>-<lb>`.
+    pub fn placed(mut self, pool: &str, lb: u32, ports: &[(&str, u16, Protocol)]) -> Self {
+        self.slb.status = Some(SharedLBStatus {
+            pool: Some(pool.into()),
+            load_balancer: Some(LoadBalancerRef {
+                name: format!("{pool}-{lb}"),
+                ..LoadBalancerRef::default()
+            }),
+            ports: ports
+                .iter()
+                .map(|(name, port, protocol)| PortStatus {
+                    name: name.to_string(),
+                    port: i32::from(*port),
+                    node_port: None,
+                    protocol: *protocol,
+                })
+                .collect(),
+            ..SharedLBStatus::default()
+        });
         self
     }
 

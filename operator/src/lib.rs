@@ -7,6 +7,7 @@
 pub mod allocator;
 pub mod claims;
 pub mod controller;
+pub mod cost;
 pub mod endpoints;
 pub mod error;
 pub mod fence;
@@ -14,6 +15,7 @@ pub mod fence;
 mod fixtures;
 pub mod model;
 pub mod pacer;
+pub mod plan;
 pub mod providers;
 pub mod telemetry;
 

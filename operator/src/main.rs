@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use sharedlb::cost::PriceTable;
+use sharedlb::plan;
 use sharedlb::{BackingService, BuiltinProviders, LeaderElection, Settings};
 
 #[derive(Parser, Debug)]
@@ -55,9 +57,36 @@ enum Command {
         /// `node-port` and `load-balancer-class` choose one for every cluster.
         #[arg(long, env = "SHAREDLB_BACKING_SERVICE", value_enum, default_value_t = ServiceChoice::Auto)]
         backing_service: ServiceChoice,
+        /// Prices laid over the built-in table for the pools' cost estimate: YAML or JSON such as
+        /// `{currency: EUR, aws: {loadBalancerHour: 0.025}}`, or `@file`.
+        #[arg(long, env = "SHAREDLB_PRICES", value_parser = PriceTable::with_overrides)]
+        prices: Option<PriceTable>,
+    },
+    /// Where SharedLBs would go, or why not, and what each pool would then hold and cost. Reads the cluster
+    /// (list only) and changes nothing. Installed as `kubectl-sharedlb`, it is `kubectl sharedlb plan`.
+    Plan {
+        /// SharedLB manifests to plan, in the order they would be applied (`-` reads standard input). Without
+        /// any, only the pools are shown.
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<String>,
+        /// The namespace of manifests that name none (default: the kubeconfig context's).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Prices laid over the built-in table (as for `run`).
+        #[arg(long, env = "SHAREDLB_PRICES", value_parser = PriceTable::with_overrides)]
+        prices: Option<PriceTable>,
     },
     /// Print the CRDs' YAML (the same as `crdgen`).
     Crds,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -82,6 +111,26 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     sharedlb::install_crypto_provider();
     match cli.command {
+        Command::Plan {
+            files,
+            namespace,
+            output,
+            prices,
+        } => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+            let mut inputs = plan::load::from_cluster(&client).await?;
+            inputs.proposed = plan::load::read_manifests(&files, &namespace)?;
+            let report = plan::plan(&inputs, &prices.unwrap_or_default());
+            match output {
+                Output::Table => print!("{}", plan::render::table(&report)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Yaml => print!("{}", serde_yaml::to_string(&report)?),
+            }
+            Ok(())
+        }
         Command::Crds => {
             print!("{}", sharedlb_crds::crds_yaml()?);
             Ok(())
@@ -98,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
             lease_duration,
             lease_grace,
             backing_service,
+            prices,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
@@ -130,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
                 metrics_addr,
                 leader_election,
                 backing_service: backing_service.into(),
+                prices: prices.unwrap_or_default(),
                 ..Settings::default()
             };
             let shutdown = async {

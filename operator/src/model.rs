@@ -6,15 +6,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use sharedlb_crds::{
-    LoadBalancerRef, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_LABEL, PortStatus, SharedLB,
-    SharedLBStatus, port_summary, service_name,
+    LoadBalancerPool, LoadBalancerRef, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_LABEL, PortStatus,
+    SharedLB, SharedLBSpec, SharedLBStatus, port_summary, service_name, validate_pool,
 };
-use sharedlb_placement::{AllocatedPort, Allocation, PortMode, Protocol};
+use sharedlb_placement::{AllocatedPort, Allocation, PortMode, PortRequest, Protocol};
 use sharedlb_providers::{ListenerSpec, LoadBalancerInfo, Owner};
 
 /// The CRD's protocol as the placement core names it.
@@ -73,6 +74,72 @@ pub fn wanted_listeners(slb: &SharedLB, allocation: &Allocation) -> BTreeSet<Lis
             protocol: p.protocol,
         })
         .collect()
+}
+
+/// What a SharedLB asks its pool for.
+pub fn port_requests(spec: &SharedLBSpec) -> Vec<PortRequest> {
+    spec.ports
+        .iter()
+        .map(|p| PortRequest {
+            name: p.name.clone(),
+            port: p.port.and_then(|x| u16::try_from(x).ok()),
+            protocol: protocol_to_placement(p.protocol),
+        })
+        .collect()
+}
+
+/// Why a SharedLB has no pool to use: a condition's reason and message.
+pub type NoPool = (&'static str, String);
+
+/// The pool a SharedLB names, or else the one default pool, among `pools`; or why it has none it can use.
+pub fn choose_pool<'a>(
+    named: Option<&str>,
+    pools: &'a [Arc<LoadBalancerPool>],
+) -> Result<&'a Arc<LoadBalancerPool>, NoPool> {
+    let pool = match named {
+        Some(n) => pools.iter().find(|p| p.name_any() == n).ok_or_else(|| {
+            (
+                "PoolNotFound",
+                format!("LoadBalancerPool {n:?} does not exist"),
+            )
+        })?,
+        None => {
+            let mut defaults: Vec<_> = pools.iter().filter(|p| p.spec.default).collect();
+            defaults.sort_by_key(|p| p.name_any());
+            match defaults[..] {
+                [] => {
+                    return Err((
+                        "NoDefaultPool",
+                        "spec.pool is empty and no LoadBalancerPool is marked default".into(),
+                    ));
+                }
+                [one] => one,
+                _ => {
+                    let names: Vec<String> = defaults.iter().map(|p| p.name_any()).collect();
+                    return Err((
+                        "AmbiguousDefaultPool",
+                        format!(
+                            "spec.pool is empty and several pools are marked default: {}",
+                            names.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    if pool.metadata.deletion_timestamp.is_some() {
+        return Err((
+            "PoolDeleting",
+            format!("LoadBalancerPool {:?} is being deleted", pool.name_any()),
+        ));
+    }
+    if let Err(e) = validate_pool(&pool.spec) {
+        return Err((
+            "PoolInvalid",
+            format!("LoadBalancerPool {:?}: {e}", pool.name_any()),
+        ));
+    }
+    Ok(pool)
 }
 
 /// A label selector, as the apiserver evaluates it.

@@ -35,7 +35,7 @@ use crate::{Error, ProviderFactory};
 use sharedlb_providers::{LoadBalancerProvider, NodeTarget, ProviderError};
 
 mod backoff;
-mod pool;
+pub(crate) mod pool;
 mod shared_lb;
 pub(crate) mod status;
 pub(crate) mod written;
@@ -55,6 +55,8 @@ pub struct Settings {
     pub leader_election: Option<LeaderElection>,
     /// Which kind of backing Service to make where the cloud needs no node port.
     pub backing_service: BackingService,
+    /// Prices for the pools' cost estimate (their status's `hourlyCost`).
+    pub prices: crate::cost::PriceTable,
 }
 
 /// The backing Services' kind where the cloud needs no node port (`LoadBalancerProvider::needs_node_ports`).
@@ -112,6 +114,7 @@ impl Default for Settings {
             metrics_addr: None,
             leader_election: None,
             backing_service: BackingService::Auto,
+            prices: crate::cost::PriceTable::default(),
         }
     }
 }

@@ -11,17 +11,18 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, Resource, ResourceExt};
 use sharedlb_crds::{
-    LoadBalancerPool, LoadBalancerPoolStatus, POOL_FINALIZER, PoolLoadBalancer, PoolTotals,
-    SharedLB, SpecError, validate_drain, validate_local_addresses, validate_pool,
-    validate_provider_change,
+    LoadBalancerPool, LoadBalancerPoolStatus, POOL_FINALIZER, PoolLimits, PoolLoadBalancer,
+    PoolTotals, PortRange, SharedLB, SpecError, validate_drain, validate_local_addresses,
+    validate_pool, validate_provider_change,
 };
-use sharedlb_placement::{LbIndex, PoolState};
+use sharedlb_placement::{Headroom, LbIndex, PoolConfig, PoolState, PortMode};
 use tracing::warn;
 
 use super::Context;
 use super::status::{self, READY};
 use crate::Error;
 use crate::allocator::StrayListener;
+use crate::cost::PriceTable;
 use crate::telemetry::PoolLabels;
 
 pub async fn reconcile(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -162,10 +163,11 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
         let state = alloc.lock(&ctx.client, &pool.spec).await?;
         let rows = (state.load_balancers(), state.deleting());
         let on_draining = holders_of_draining(&state);
+        let bounds = (pool_limits(state.config()), state.headroom());
         drop(state);
-        Ok::<_, Error>((alloc, rows, on_draining))
+        Ok::<_, Error>((alloc, rows, on_draining, bounds))
     };
-    let (alloc, (rows, deleting), mut on_draining) = match built.await {
+    let (alloc, (rows, deleting), mut on_draining, (limits, headroom)) = match built.await {
         Ok(b) => b,
         Err(Error::Provider(e)) => {
             status::set(
@@ -210,11 +212,13 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
             }
         })
         .collect();
-    st.totals = PoolTotals {
-        load_balancers: st.load_balancers.len() as u32,
-        ports_used: st.load_balancers.iter().map(|l| l.ports_used).sum(),
-        ports_capacity: st.load_balancers.iter().map(|l| l.capacity).sum(),
-    };
+    st.totals = pool_totals(
+        &st.load_balancers,
+        headroom,
+        &ctx.settings.prices,
+        &kind_of(&pool),
+    );
+    st.limits = Some(limits);
     let labels = PoolLabels {
         pool: pool.name_any(),
     };
@@ -251,6 +255,49 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
         Duration::from_secs(60)
     };
     finish(&ctx, &pool, &old, st, Action::requeue(next)).await
+}
+
+fn kind_of(pool: &LoadBalancerPool) -> String {
+    pool.spec.provider.kind().unwrap_or_default().to_string()
+}
+
+/// The pool's totals for people: its load balancers, ports, headroom (`37`, or `37+` when new load balancers
+/// are not limited) and hourly cost.
+pub fn pool_totals(
+    rows: &[PoolLoadBalancer],
+    headroom: Headroom,
+    prices: &PriceTable,
+    kind: &str,
+) -> PoolTotals {
+    let load_balancers = rows.len() as u32;
+    let ports_used = rows.iter().map(|l| l.ports_used).sum();
+    let headroom = match headroom.total {
+        Some(n) => n.to_string(),
+        None => format!("{}+", headroom.on_existing),
+    };
+    PoolTotals {
+        load_balancers,
+        ports_used,
+        ports_capacity: rows.iter().map(|l| l.capacity).sum(),
+        headroom: Some(headroom),
+        hourly_cost: Some(prices.format(prices.hourly(kind, load_balancers, ports_used))),
+    }
+}
+
+/// What the planner places under, for the status (and `sharedlb plan`).
+pub fn pool_limits(c: &PoolConfig) -> PoolLimits {
+    PoolLimits {
+        max_ports_per_load_balancer: c.max_ports_per_lb,
+        max_load_balancers: c.max_lbs,
+        max_ports_total: c.max_ports_total,
+        port_range: PortRange {
+            min: i32::from(c.port_range.0),
+            max: i32::from(c.port_range.1),
+        },
+        ports_unique_across_pool: c.port_mode == PortMode::PoolWide,
+        groups: c.lb_groups.map(|g| g.count),
+        ports_per_group: c.lb_groups.map(|g| g.max_ports),
+    }
 }
 
 /// SharedLBs a draining load balancer's status row names, at most (the pool's status stays small).
@@ -340,6 +387,7 @@ async fn finish(
         && old.provider == new.provider
         && old.load_balancers == new.load_balancers
         && old.totals == new.totals
+        && old.limits == new.limits
         && status::same_conditions(&old.conditions, &new.conditions);
     if same {
         return Ok(action);

@@ -79,6 +79,7 @@ pub const POOL_STATUS_KEYS: &[&str] = &[
     "provider",
     "loadBalancers",
     "totals",
+    "limits",
     "conditions",
 ];
 

@@ -25,16 +25,7 @@ pub(super) async fn allocate(
     pool: &LoadBalancerPool,
 ) -> Result<Placement, Error> {
     let uid = slb.uid().unwrap_or_default();
-    let requests: Vec<PortRequest> = slb
-        .spec
-        .ports
-        .iter()
-        .map(|p| PortRequest {
-            name: p.name.clone(),
-            port: p.port.and_then(|x| u16::try_from(x).ok()),
-            protocol: protocol_to_placement(p.protocol),
-        })
-        .collect();
+    let requests = model::port_requests(&slb.spec);
     let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
     if alloc.is_closed() {
         let msg = format!("LoadBalancerPool {:?} is being deleted", pool.name_any());

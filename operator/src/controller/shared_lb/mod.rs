@@ -15,9 +15,9 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use sharedlb_crds::{
     FINALIZER, LoadBalancerPool, POOL_FINALIZER, SharedLB, SharedLBStatus, service_name,
-    validate_pool, validate_shared_lb,
+    validate_shared_lb,
 };
-use sharedlb_placement::{Action as PlanAction, Allocation, Change, PortRequest};
+use sharedlb_placement::{Action as PlanAction, Allocation, Change};
 use sharedlb_providers::{LoadBalancerInfo, ProviderError};
 use tracing::{info, instrument, warn};
 
@@ -26,7 +26,7 @@ use super::status::{self, ALLOCATED, PROGRAMMED, READY};
 use super::written::Seen;
 use crate::Error;
 use crate::allocator::{PoolAllocator, allocation_from_status};
-use crate::model::{self, ListenerId, ServiceKind, protocol_to_placement};
+use crate::model::{self, ListenerId, ServiceKind};
 use crate::telemetry::PoolLabels;
 
 mod allocate;

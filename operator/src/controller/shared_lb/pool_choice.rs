@@ -7,58 +7,9 @@ pub(super) fn resolve_pool(
     ctx: &Context,
     slb: &SharedLB,
 ) -> Result<Arc<LoadBalancerPool>, Refusal> {
-    let pool = match &slb.spec.pool {
-        Some(n) => match ctx.pools.get(&ObjectRef::new(n)) {
-            Some(p) => p,
-            None => {
-                return Err(Refusal::new(
-                    "PoolNotFound",
-                    format!("LoadBalancerPool {n:?} does not exist"),
-                ));
-            }
-        },
-        None => {
-            let mut defaults: Vec<_> = ctx
-                .pools
-                .state()
-                .into_iter()
-                .filter(|p| p.spec.default)
-                .collect();
-            defaults.sort_by_key(|p| p.name_any());
-            match defaults.len() {
-                0 => {
-                    return Err(Refusal::new(
-                        "NoDefaultPool",
-                        "spec.pool is empty and no LoadBalancerPool is marked default",
-                    ));
-                }
-                1 => defaults.remove(0),
-                _ => {
-                    let names: Vec<String> = defaults.iter().map(|p| p.name_any()).collect();
-                    return Err(Refusal::new(
-                        "AmbiguousDefaultPool",
-                        format!(
-                            "spec.pool is empty and several pools are marked default: {}",
-                            names.join(", ")
-                        ),
-                    ));
-                }
-            }
-        }
-    };
-    if pool.metadata.deletion_timestamp.is_some() {
-        return Err(Refusal::new(
-            "PoolDeleting",
-            format!("LoadBalancerPool {:?} is being deleted", pool.name_any()),
-        ));
-    }
-    if let Err(e) = validate_pool(&pool.spec) {
-        return Err(Refusal::new(
-            "PoolInvalid",
-            format!("LoadBalancerPool {:?}: {e}", pool.name_any()),
-        ));
-    }
-    Ok(pool)
+    model::choose_pool(slb.spec.pool.as_deref(), &ctx.pools.state())
+        .cloned()
+        .map_err(|(reason, message)| Refusal::new(reason, message))
 }
 
 /// Whether the pool admits the SharedLB's namespace (its `namespaceSelector` on the Namespace's labels).
