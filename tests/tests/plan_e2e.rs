@@ -27,14 +27,11 @@ fn manifest(name: &str, ports: &[Value]) -> Value {
            "spec": spec(name, ports)})
 }
 
-/// Runs the binary (`sharedlb plan ...`), or `kubectl` with it on PATH as the `kubectl-sharedlb` plugin.
-async fn run(program: &std::path::Path, args: &[&str], path: Option<&std::path::Path>) -> String {
+/// Runs the binary (`sharedlb plan ...`), or `kubectl` with it on PATH as the `kubectl-sharedlb` plugin, with
+/// these environment variables.
+async fn run(program: &std::path::Path, args: &[&str], env: &[(&str, String)]) -> String {
     let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args);
-    if let Some(dir) = path {
-        let old = std::env::var("PATH").unwrap_or_default();
-        cmd.env("PATH", format!("{}:{old}", dir.display()));
-    }
+    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
     let out = cmd.output().await.expect("run plan");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -83,6 +80,54 @@ fn shown(slb: &SharedLB) -> (String, Vec<String>) {
     ports.sort();
     let lb = st.load_balancer.map(|l| l.name).unwrap_or_default();
     (lb, ports)
+}
+
+/// The chart's planner role bound to user `planner-<ns>`, and a kubeconfig that acts as that user (impersonation).
+async fn planner_kubeconfig(ns: &str) -> String {
+    let user = format!("planner-{ns}");
+    let binding = format!("planners=[{{\"kind\":\"User\",\"name\":\"{user}\"}}]");
+    let (ok, rendered, err) = run_tool(
+        "helm",
+        &[
+            "template",
+            ns,
+            &harness_chart(),
+            "--set",
+            "pool.provider.kind=memory",
+            "--set-json",
+            &binding,
+            "--show-only",
+            "templates/rbac.yaml",
+        ],
+        None,
+    )
+    .await;
+    assert!(ok, "helm template: {err}");
+    let planner: Vec<String> = yaml_docs(&rendered)
+        .into_iter()
+        .filter(|d| {
+            d["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.ends_with("-planner"))
+        })
+        .map(|d| serde_json::to_string(&d).expect("json"))
+        .collect();
+    assert_eq!(
+        planner.len(),
+        2,
+        "the chart's planner role and its binding: {rendered}"
+    );
+    let (ok, _, err) = run_tool("kubectl", &["apply", "-f", "-"], Some(&planner.join("\n"))).await;
+    assert!(ok, "kubectl apply: {err}");
+    let own = std::env::var("KUBECONFIG").expect("KUBECONFIG");
+    let mut config: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(own).expect("kubeconfig")).expect("yaml");
+    for u in config["users"].as_array_mut().expect("users") {
+        u["user"]["as"] = json!(user);
+    }
+    let path = std::env::temp_dir().join(format!("{ns}-planner.kubeconfig"));
+    std::fs::write(&path, serde_yaml::to_string(&config).expect("yaml")).expect("write kubeconfig");
+    path.to_string_lossy().into_owned()
 }
 
 #[tokio::test]
@@ -150,12 +195,8 @@ async fn applying_the_planned_shared_lbs_in_order_gives_what_the_plan_said() {
     std::fs::write(&file, docs.join("---\n")).expect("write manifests");
     let file = file.to_string_lossy().into_owned();
 
-    let json_out = run(
-        &sharedlb_bin(),
-        &["plan", "-n", &ns, "-f", &file, "-o", "json"],
-        None,
-    )
-    .await;
+    let args = ["plan", "-n", &ns, "-f", &file, "-o", "json"];
+    let json_out = run(&sharedlb_bin(), &args, &[]).await;
     let report: Value = serde_json::from_str(&json_out).expect("plan json");
     let said = said(&report);
     let expect = |name: &str| {
@@ -187,17 +228,31 @@ async fn applying_the_planned_shared_lbs_in_order_gives_what_the_plan_said() {
     let plugin = plugin_dir.join("kubectl-sharedlb");
     let _ = std::fs::remove_file(&plugin);
     std::os::unix::fs::symlink(sharedlb_bin(), &plugin).expect("symlink plugin");
-    let via_kubectl = run(
-        &tool("kubectl"),
-        &["sharedlb", "plan", "-n", &ns, "-f", &file, "-o", "json"],
-        Some(&plugin_dir),
-    )
-    .await;
+    let path = format!(
+        "{}:{}",
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut kubectl_args = vec!["sharedlb"];
+    kubectl_args.extend(args);
+    let via_kubectl = run(&tool("kubectl"), &kubectl_args, &[("PATH", path)]).await;
     assert_eq!(
         serde_json::from_str::<Value>(&via_kubectl).expect("json"),
         report
     );
-    let table = run(&sharedlb_bin(), &["plan", "-n", &ns, "-f", &file], None).await;
+    // as a user who holds only the chart's planner role (list pools, SharedLBs, namespaces)
+    let as_planner = planner_kubeconfig(&ns).await;
+    let planned = run(
+        &sharedlb_bin(),
+        &args,
+        &[("KUBECONFIG", as_planner.clone())],
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&planned).expect("json"),
+        report
+    );
+    let table = run(&sharedlb_bin(), &["plan", "-n", &ns, "-f", &file], &[]).await;
     assert!(
         table.contains("OUTCOME") && table.contains("PoolFull") && table.contains("1 -> 3"),
         "{table}"
@@ -261,6 +316,7 @@ async fn applying_the_planned_shared_lbs_in_order_gives_what_the_plan_said() {
     .await;
 
     let _ = std::fs::remove_dir_all(&plugin_dir);
+    let _ = std::fs::remove_file(&as_planner);
     let _ = std::fs::remove_file(&file);
     delete_namespace(&client, &ns).await;
     delete_pool(&client, "pln").await;
