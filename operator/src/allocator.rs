@@ -21,9 +21,14 @@ use tracing::{info, warn};
 
 use crate::Error;
 use crate::claims::{self, Claim, CloudOwners, Rejected};
+use crate::drift::{self, Drift};
 use crate::model::{
     ClassedServices, ListenerId, ServiceKind, protocol_to_placement, selector_matches,
 };
+
+/// How long the drift audit waits before its second look when the first differs from the allocations: a
+/// reconcile in flight makes or removes its listeners within this.
+pub const AUDIT_SETTLE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Auto-assigned ports when the pool sets no `portRange`.
 pub const DEFAULT_PORT_RANGE: (u16, u16) = (10000, 19999);
@@ -142,6 +147,9 @@ pub struct PoolAllocator {
     closed: AtomicBool,
     /// Held while empty load balancers are deleted (see `delete_marked`).
     deletions: Mutex<()>,
+    /// When the drift audit last ran, and what the last one that found drift mended (cleared by one that finds
+    /// none).
+    audited: SyncMutex<(Option<std::time::Instant>, Option<String>)>,
     /// Whether and how the cluster makes `LoadBalancer` Services of a class without node ports (see
     /// `service_kind`).
     classed_services: Option<ClassedServices>,
@@ -189,6 +197,7 @@ impl PoolAllocator {
             rejected: SyncMutex::new(BTreeMap::new()),
             closed: AtomicBool::new(false),
             deletions: Mutex::new(()),
+            audited: SyncMutex::new((None, None)),
             classed_services: None,
         }
     }
@@ -379,7 +388,7 @@ impl PoolAllocator {
             rejected.into_iter().map(|r| (r.uid, r.reason)).collect();
         // The audit: a listener in the cloud that no allocation accounts for is removed (a crash between the
         // status write of a freed port and the cloud call leaves one).
-        let mut strays = Vec::new();
+        let mut unaccounted = Vec::new();
         let mut ledger: BTreeMap<String, BTreeSet<ListenerId>> = BTreeMap::new();
         for lb in &inventory.load_balancers {
             for l in &lb.listeners {
@@ -389,37 +398,134 @@ impl PoolAllocator {
                             .iter()
                             .any(|p| p.port == l.port && p.protocol == l.protocol)
                 });
+                let id = ListenerId {
+                    lb: lb.index,
+                    port: l.port,
+                    protocol: l.protocol,
+                };
                 if accounted {
-                    let id = ListenerId {
-                        lb: lb.index,
-                        port: l.port,
-                        protocol: l.protocol,
-                    };
                     ledger.entry(l.owner_uid.clone()).or_default().insert(id);
                 } else {
-                    info!(pool = %self.pool, lb = lb.index, port = l.port, owner = %l.owner_uid, "removing a stray listener");
-                    let removed = self
-                        .provider()
-                        .remove_listener(&self.key(lb.index), l.port, l.protocol, &l.owner_uid)
-                        .await;
-                    if let Err(e) = removed {
-                        warn!(pool = %self.pool, lb = lb.index, port = l.port, error = %e, "a stray listener could not be removed; its port stays taken");
-                        strays.push(StrayListener {
-                            lb: lb.index,
-                            port: l.port,
-                            protocol: l.protocol,
-                            owner_uid: l.owner_uid.clone(),
-                            error: e.to_string(),
-                        });
-                    }
+                    unaccounted.push((l.owner_uid.clone(), id));
                 }
             }
         }
+        let strays = self.remove_strays(unaccounted).await;
         hold_stray_ports(&mut st, &strays);
         *self.strays.lock().unwrap_or_else(|e| e.into_inner()) = strays;
         *self.ledger.lock().unwrap_or_else(|e| e.into_inner()) = ledger;
         info!(pool = %self.pool, restored, load_balancers = inventory.load_balancers.len(), "allocator rebuilt");
         Ok(st)
+    }
+
+    /// Removes listeners no allocation accounts for (each removal checked against the owner the cloud records);
+    /// returns the ones that could not be removed.
+    async fn remove_strays(
+        &self,
+        found: impl IntoIterator<Item = (String, ListenerId)>,
+    ) -> Vec<StrayListener> {
+        let mut kept = Vec::new();
+        for (owner, id) in found {
+            info!(pool = %self.pool, lb = id.lb, port = id.port, owner = %owner, "removing a stray listener");
+            let removed = self
+                .provider()
+                .remove_listener(&self.key(id.lb), id.port, id.protocol, &owner)
+                .await;
+            if let Err(e) = removed {
+                warn!(pool = %self.pool, lb = id.lb, port = id.port, error = %e, "a stray listener could not be removed; its port stays taken");
+                kept.push(StrayListener {
+                    lb: id.lb,
+                    port: id.port,
+                    protocol: id.protocol,
+                    owner_uid: owner,
+                    error: e.to_string(),
+                });
+            }
+        }
+        kept
+    }
+
+    /// One drift audit (see `drift`): the inventory against the allocations and the addresses last seen, taken
+    /// again after `AUDIT_SETTLE` when they differ, so what a reconcile in flight is making or removing is not
+    /// taken for drift. Strays are removed here (one that cannot be is held like the rebuild's), moved addresses
+    /// remembered; returns what was found and the SharedLBs whose reconcile mends the rest. None: the pool's state
+    /// is not built yet (nothing to compare with).
+    pub async fn audit(&self) -> Result<Option<(Drift, BTreeSet<String>)>, Error> {
+        let Some(first) = self.find_drift().await? else {
+            return Ok(None);
+        };
+        if first.is_empty() {
+            self.note_repairs(&first);
+            return Ok(Some((first, BTreeSet::new())));
+        }
+        tokio::time::sleep(AUDIT_SETTLE).await;
+        let Some(later) = self.find_drift().await? else {
+            return Ok(None);
+        };
+        let drift = first.also_in(&later);
+        self.note_repairs(&drift);
+        let kept = self.remove_strays(drift.strays.iter().cloned()).await;
+        for (lb, info) in &drift.moved {
+            self.remember(*lb, info.clone());
+        }
+        let mut guard = self.state.lock().await;
+        let Some(st) = guard.as_mut() else {
+            return Ok(None);
+        };
+        if !kept.is_empty() {
+            hold_stray_ports(st, &kept);
+            let mut strays = self.strays.lock().unwrap_or_else(|e| e.into_inner());
+            for k in kept {
+                if !strays.contains(&k) {
+                    strays.push(k);
+                }
+            }
+        }
+        let owners = drift.owners_to_reconcile(
+            st.allocations()
+                .filter(|(k, _)| !k.starts_with(STRAY_KEY_PREFIX)),
+        );
+        Ok(Some((drift, owners)))
+    }
+
+    /// True (and the clock restarts) when the last audit is `every` old or there was none.
+    pub fn audit_due(&self, every: std::time::Duration) -> bool {
+        let mut audited = self.audited.lock().unwrap_or_else(|e| e.into_inner());
+        let due = audited.0.is_none_or(|at| at.elapsed() >= every);
+        if due {
+            audited.0 = Some(std::time::Instant::now());
+        }
+        due
+    }
+
+    /// What the last audit that found drift mended, until one finds none.
+    pub fn last_repairs(&self) -> Option<String> {
+        self.audited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    fn note_repairs(&self, drift: &Drift) {
+        let summary = (!drift.is_empty()).then(|| drift.summary());
+        self.audited.lock().unwrap_or_else(|e| e.into_inner()).1 = summary;
+    }
+
+    async fn find_drift(&self) -> Result<Option<Drift>, Error> {
+        let inventory = self.provider().inventory().await?;
+        let guard = self.state.lock().await;
+        let Some(st) = guard.as_ref() else {
+            return Ok(None);
+        };
+        let seen = self.infos.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let is_owner = |k: &str| !k.starts_with(STRAY_KEY_PREFIX);
+        Ok(Some(drift::find(
+            st.allocations(),
+            &inventory,
+            &seen,
+            is_owner,
+        )))
     }
 
     /// Every SharedLB status that names this pool, as claims: (from admitted namespaces, from others). A

@@ -8,6 +8,7 @@ pub mod allocator;
 pub mod claims;
 pub mod controller;
 pub mod cost;
+pub mod drift;
 pub mod endpoints;
 pub mod error;
 pub mod fence;

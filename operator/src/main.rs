@@ -61,6 +61,10 @@ enum Command {
         /// `{currency: EUR, aws: {loadBalancerHour: 0.025}}`, or `@file`.
         #[arg(long, env = "SHAREDLB_PRICES", value_parser = PriceTable::with_overrides)]
         prices: Option<PriceTable>,
+        /// Seconds between drift audits: each pool's cloud inventory against its allocations; what differs is
+        /// mended, counted (sharedlb_drift_repairs_total) and told in an Event.
+        #[arg(long, env = "SHAREDLB_AUDIT_INTERVAL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+        audit_interval: u64,
     },
     /// Where SharedLBs would go, or why not, and what each pool would then hold and cost. Reads the cluster
     /// (list only) and changes nothing. Installed as `kubectl-sharedlb`, it is `kubectl sharedlb plan`.
@@ -148,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
             lease_grace,
             backing_service,
             prices,
+            audit_interval,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
@@ -181,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
                 leader_election,
                 backing_service: backing_service.into(),
                 prices: prices.unwrap_or_default(),
+                audit_interval: std::time::Duration::from_secs(audit_interval),
                 ..Settings::default()
             };
             let shutdown = async {

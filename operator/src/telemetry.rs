@@ -53,6 +53,13 @@ pub struct PoolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    pub pool: String,
+    /// `missing_listener`, `stray_listener`, `missing_load_balancer` or `address_changed`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiCallLabels {
     pub pool: String,
     pub provider: &'static str,
@@ -96,6 +103,7 @@ pub struct Metrics {
     pub pool_ports_used: Family<PoolLabels, Gauge>,
     pub pool_ports_free: Family<PoolLabels, Gauge>,
     pub pool_stray_listeners: Family<PoolLabels, Gauge>,
+    pub drift_repairs: Family<DriftLabels, Counter>,
     pub leader: Gauge,
     pub listeners: ListenerMetrics,
     ready: AtomicBool,
@@ -122,6 +130,7 @@ impl Metrics {
         let pool_ports_used = Family::<PoolLabels, Gauge>::default();
         let pool_ports_free = Family::<PoolLabels, Gauge>::default();
         let pool_stray_listeners = Family::<PoolLabels, Gauge>::default();
+        let drift_repairs = Family::<DriftLabels, Counter>::default();
         let leader = Gauge::default();
         registry.register(
             "reconciles",
@@ -167,6 +176,11 @@ impl Metrics {
             "pool_stray_listeners",
             "Listeners in the cloud that no allocation accounts for and that could not be removed yet (their ports stay taken)",
             pool_stray_listeners.clone(),
+        );
+        registry.register(
+            "drift_repairs",
+            "Differences between the cloud and the allocations that the drift audit found and mended, by kind",
+            drift_repairs.clone(),
         );
         registry.register(
             "leader",
@@ -216,6 +230,7 @@ impl Metrics {
             pool_ports_used,
             pool_ports_free,
             pool_stray_listeners,
+            drift_repairs,
             leader,
             ready: AtomicBool::new(false),
         }

@@ -1574,15 +1574,26 @@ impl LoadBalancerProvider for AwsProvider {
         let groups = self.target_groups_named(&self.prefix).await?;
         let mut out = Vec::new();
         for (index, l) in lbs {
+            // a group serves only while a listener forwards to it: one read of the NLB's listeners each
+            let lb_arn = l.load_balancer_arn().unwrap_or_default();
+            let forwarded: BTreeSet<String> = self
+                .listeners(lb_arn)
+                .await?
+                .iter()
+                .flat_map(|x| x.default_actions().iter())
+                .filter_map(|a| a.target_group_arn().map(str::to_string))
+                .collect();
             let mut listeners: Vec<InventoryListener> = groups
                 .iter()
                 .filter(|g| g.index == index)
                 .flat_map(|g| {
-                    g.wire.protocols().iter().map(|p| InventoryListener {
+                    let serving = forwarded.contains(&g.arn);
+                    g.wire.protocols().iter().map(move |p| InventoryListener {
                         port: g.port,
                         protocol: *p,
                         node_port: g.node_port,
                         owner_uid: g.owner_uid.clone(),
+                        serving,
                     })
                 })
                 .collect();

@@ -1029,6 +1029,7 @@ impl LoadBalancerProvider for GcpProvider {
                     protocol,
                     node_port,
                     owner_uid: owner,
+                    serving: true,
                 });
             }
         }

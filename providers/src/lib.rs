@@ -267,6 +267,10 @@ pub struct InventoryListener {
     pub protocol: Protocol,
     pub node_port: u16,
     pub owner_uid: String,
+    /// False when the cloud holds only part of it, which serves nothing (on AWS, a target group no listener
+    /// forwards to, as a listener deleted behind the operator's back leaves): it is made whole again when wanted,
+    /// removed when not.
+    pub serving: bool,
 }
 
 /// Hard limits the planner must respect; capacity is the minimum over all of them.

@@ -515,6 +515,7 @@ impl LoadBalancerProvider for MemoryProvider {
                         protocol: *protocol,
                         node_port: x.node_port,
                         owner_uid: x.owner_uid.clone(),
+                        serving: true,
                     })
                     .collect(),
             });

@@ -8,7 +8,7 @@ use aws_sdk_elasticloadbalancingv2 as elb;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-use sharedlb_e2e::aws::{cloud, cloud_of, conf, network};
+use sharedlb_e2e::aws::{cloud, cloud_of, conf, network, provider_of};
 use sharedlb_e2e::*;
 use sharedlb_providers::memory::MemoryCloud;
 
@@ -702,5 +702,119 @@ async fn a_pod_target_pool_sends_to_the_ready_pods_and_follows_their_endpoints()
         nlbs.is_empty() && targets.is_empty(),
         "moto holds nothing of the pool: {nlbs:?} {targets:?}"
     );
+    op.kill().await;
+}
+
+/// The drift audit against moto (every 2 s here): an NLB listener deleted behind the operator's back (its target
+/// group left) and a stray listener (a whole one, as a crashed operator leaves for an owner that is gone) are
+/// both found by one audit and mended: the listener forwards again, the stray and its target group are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drift_audit_mends_a_deleted_nlb_listener_and_removes_a_stray_one() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let (vpc, subnets) = network().await;
+    add_node(&client, "aws-d1", "us-east-1a", "i-00000000000000d01").await;
+    let settings = sharedlb::Settings {
+        cluster_id: "e2e".into(),
+        audit_interval: std::time::Duration::from_secs(2),
+        ..sharedlb::Settings::default()
+    };
+    let op = Operator::start_with(&client, &MemoryCloud::new(), settings);
+    let ns = namespace(&client, "aws-drift", &[]).await;
+    let pool = format!("aws-{}", fastrand::u32(..100_000));
+    create_pool(
+        &client,
+        &pool,
+        json!({"provider": {"aws": {"region": "us-east-1", "vpcId": vpc, "subnetIds": subnets}},
+        "portRange": {"min": 4000, "max": 4999}}),
+    )
+    .await;
+    let ports = json!([{"name": "a", "targetPort": 80}, {"name": "b", "targetPort": 81}]);
+    create_slb(
+        &client,
+        &ns,
+        "d",
+        json!({"pool": pool, "selector": {"app": "d"}, "ports": ports}),
+    )
+    .await;
+    let d = ready(&client, &ns, "d", 180).await;
+    let hostname = d
+        .status
+        .and_then(|s| s.load_balancer)
+        .and_then(|l| l.hostname)
+        .expect("an NLB's DNS name");
+    let c = elb::Client::new(&conf().await);
+    let (lb_arn, _) = nlb_and_groups(&c, &hostname).await;
+    let listeners = || {
+        let (c, lb_arn) = (c.clone(), lb_arn.clone());
+        async move {
+            let mut ports: Vec<i32> = c
+                .describe_listeners()
+                .load_balancer_arn(&lb_arn)
+                .send()
+                .await
+                .expect("listeners")
+                .listeners
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|l| l.port())
+                .collect();
+            ports.sort();
+            ports
+        }
+    };
+    assert_eq!(listeners().await, [4000, 4001]);
+    let second = c
+        .describe_listeners()
+        .load_balancer_arn(&lb_arn)
+        .send()
+        .await
+        .expect("listeners")
+        .listeners
+        .unwrap_or_default()
+        .into_iter()
+        .find(|l| l.port() == Some(4001))
+        .expect("the listener on 4001");
+    c.delete_listener()
+        .listener_arn(second.listener_arn().unwrap_or_default())
+        .send()
+        .await
+        .expect("delete a listener behind the operator's back");
+    let provider = provider_of(&client, "e2e", &pool).await;
+    let key = sharedlb_providers::LoadBalancerKey {
+        cluster_id: "e2e".into(),
+        pool: pool.clone(),
+        index: 0,
+    };
+    let stray = sharedlb_providers::ListenerSpec {
+        port: 4050,
+        protocol: sharedlb_providers::Protocol::Tcp,
+        node_port: 30999,
+        owner: sharedlb_providers::Owner {
+            uid: "gone-owner".into(),
+            namespace: ns.clone(),
+            name: "gone".into(),
+        },
+        source_ranges: Vec::new(),
+        backends: Vec::new(),
+    };
+    provider
+        .ensure_listener(&key, &stray)
+        .await
+        .expect("plant a stray listener");
+    eventually(60, "4001 forwards again and the stray is gone", || async {
+        (listeners().await == [4000, 4001]).then_some(())
+    })
+    .await;
+    let (_, groups) = nlb_and_groups(&c, &hostname).await;
+    let group_ports: BTreeSet<i32> = groups.iter().filter_map(|g| g.port()).collect();
+    assert_eq!(
+        groups.len(),
+        2,
+        "the stray's target group went with it: {group_ports:?}"
+    );
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, &pool).await;
     op.kill().await;
 }

@@ -783,7 +783,7 @@ async fn a_slow_cloud_delays_no_other_pool() {
 
 /// A listener in the cloud that no allocation accounts for (a crash leaves one) and that the cloud refuses to
 /// remove used to fail every rebuild of its pool, so the pool placed nothing at all. Now its port stays taken,
-/// everything else is placed, the pool says so (CloudInSync=False, the metric), and once the cloud lets go the
+/// everything else is placed, the pool says so (InSync=False, the metric), and once the cloud lets go the
 /// pool removes it and frees the port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stray_listener_that_cannot_be_removed_blocks_its_port_not_the_pool() {
@@ -837,10 +837,7 @@ async fn a_stray_listener_that_cannot_be_removed_blocks_its_port_not_the_pool() 
         let pools = pools.clone();
         async move {
             let st = pools.get("strays").await.ok()?.status?;
-            let c = st
-                .conditions
-                .into_iter()
-                .find(|c| c.type_ == "CloudInSync")?;
+            let c = st.conditions.into_iter().find(|c| c.type_ == "InSync")?;
             (c.status == want).then_some(c.message)
         }
     };
@@ -1664,5 +1661,95 @@ async fn a_drained_load_balancer_takes_nothing_new_and_shows_who_is_left() {
 
     delete_namespace(&client, &ns).await;
     delete_pool(&client, "drn").await;
+    op.kill().await;
+}
+
+/// The drift audit (every 2 s here): a listener deleted and another planted behind the operator's back, and a
+/// load balancer whose address changed, are each found by one audit and mended — the listener made again, the
+/// stray removed, the new address in the statuses — counted on /metrics, told in an Event, and the pool's InSync
+/// condition says what was mended.
+#[tokio::test]
+async fn the_drift_audit_mends_a_deleted_listener_a_planted_one_and_a_new_address() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let metrics_port = free_port();
+    let settings = sharedlb::Settings {
+        cluster_id: "e2e".into(),
+        audit_interval: std::time::Duration::from_secs(2),
+        metrics_addr: Some(([127, 0, 0, 1], metrics_port).into()),
+        ..sharedlb::Settings::default()
+    };
+    let op = Operator::start_with(&client, &cloud, settings);
+    let ns = namespace(&client, "e2e-audit", &[]).await;
+    create_pool(&client, "aud", json!({"provider": {"memory": {}}})).await;
+    create_slb(
+        &client,
+        &ns,
+        "a",
+        spec("aud", vec![tcp("web", None), tcp("api", None)]),
+    )
+    .await;
+    let a = ready(&client, &ns, "a", 30).await;
+    let uid = a.uid().unwrap_or_default();
+    let (lb, (ip, listeners)) = cloud_pool(&cloud, "aud")
+        .into_iter()
+        .next()
+        .expect("one load balancer");
+    assert_eq!(listeners.len(), 2);
+    use sharedlb_providers::Protocol::Tcp;
+    cloud.drop_listener(&lb, 10001, Tcp);
+    cloud.plant_listener(&lb, 10050, Tcp, "someone-else");
+    eventually(
+        30,
+        "the deleted listener is back and the planted one gone",
+        || async {
+            let (_, ls) = cloud_pool(&cloud, "aud").remove(&lb)?;
+            let ports: BTreeSet<(u16, String)> = ls.into_iter().map(|(p, _, o)| (p, o)).collect();
+            (ports == BTreeSet::from([(10000, uid.clone()), (10001, uid.clone())])).then_some(())
+        },
+    )
+    .await;
+    let count = |m: &std::collections::BTreeMap<String, f64>, kind: &str| {
+        m.get(&format!(
+            "sharedlb_drift_repairs_total{{pool=\"aud\",kind=\"{kind}\"}}"
+        ))
+        .copied()
+    };
+    eventually(30, "both repairs counted", || async {
+        let m = sharedlb_e2e::replica::scrape(metrics_port).await?;
+        (count(&m, "missing_listener") == Some(1.0) && count(&m, "stray_listener") == Some(1.0))
+            .then_some(())
+    })
+    .await;
+    event_recorded(&client, "kube-system", "aud", "DriftRepaired", 30).await;
+    let pools: Api<LoadBalancerPool> = Api::all(client.clone());
+    eventually(30, "InSync says what the audit mended", || async {
+        let st = pools.get("aud").await.ok()?.status?;
+        let c = st.conditions.iter().find(|c| c.type_ == "InSync")?;
+        (c.status == "True" && c.reason == "Repaired" && c.message.contains("stray")).then_some(())
+    })
+    .await;
+
+    // the load balancer gets another address: the status shows it after one audit
+    let moved: std::net::Ipv4Addr = "203.0.113.77".parse().expect("ip");
+    assert_ne!(ip, moved.to_string());
+    cloud.set_address(&lb, moved);
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    eventually(30, "a's status shows the new address", || async {
+        let now = api.get("a").await.ok()?;
+        endpoints(&now)
+            .iter()
+            .all(|(at, _)| *at == moved.to_string())
+            .then_some(())
+    })
+    .await;
+    let m = sharedlb_e2e::replica::scrape(metrics_port)
+        .await
+        .expect("metrics");
+    assert_eq!(count(&m, "address_changed"), Some(1.0));
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "aud").await;
     op.kill().await;
 }

@@ -40,6 +40,9 @@ mod shared_lb;
 pub(crate) mod status;
 pub(crate) mod written;
 
+/// Where Events about cluster-scoped objects (pools) are written.
+pub const CLUSTER_EVENTS_NAMESPACE: &str = "kube-system";
+
 /// How the operator runs.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -57,6 +60,8 @@ pub struct Settings {
     pub backing_service: BackingService,
     /// Prices for the pools' cost estimate (their status's `hourlyCost`).
     pub prices: crate::cost::PriceTable,
+    /// How often each pool's cloud inventory is compared with its allocations (the drift audit).
+    pub audit_interval: Duration,
 }
 
 /// The backing Services' kind where the cloud needs no node port (`LoadBalancerProvider::needs_node_ports`).
@@ -115,6 +120,7 @@ impl Default for Settings {
             leader_election: None,
             backing_service: BackingService::Auto,
             prices: crate::cost::PriceTable::default(),
+            audit_interval: Duration::from_secs(300),
         }
     }
 }
@@ -142,6 +148,8 @@ pub struct Context {
     fence: Fence,
     /// Backing Services are `ServiceKind::Classed` where the cloud needs no node port (`BackingService`).
     classed_services: Option<ClassedServices>,
+    /// SharedLBs to reconcile now (the drift audit's repairs).
+    resync: futures::channel::mpsc::UnboundedSender<ObjectRef<SharedLB>>,
 }
 
 /// A pool object's allocator, made once by the first reconcile that needs it (the others of that pool wait for
@@ -174,23 +182,42 @@ impl Context {
     /// store this replica already holds), sorted, at most `max`; a SharedLB whose Service is not there yet shows
     /// as its UID.
     fn shared_lb_names(&self, uids: &[String], max: usize) -> Vec<String> {
-        let wanted: BTreeSet<&str> = uids.iter().map(String::as_str).collect();
-        let mut found: BTreeMap<String, String> = BTreeMap::new();
-        for svc in self.services.state() {
-            for owner in svc.owner_references() {
-                if owner.kind == "SharedLB" && wanted.contains(owner.uid.as_str()) {
-                    let ns = svc.namespace().unwrap_or_default();
-                    found.insert(owner.uid.clone(), format!("{ns}/{}", owner.name));
-                }
-            }
-        }
+        let found = self.shared_lb_refs(uids.iter());
         let mut names: Vec<String> = uids
             .iter()
-            .map(|u| found.get(u).cloned().unwrap_or_else(|| u.clone()))
+            .map(|u| match found.get(u) {
+                Some(r) => format!("{}/{}", r.namespace.clone().unwrap_or_default(), r.name),
+                None => u.clone(),
+            })
             .collect();
         names.sort();
         names.truncate(max);
         names
+    }
+
+    /// The SharedLBs of these uids, found through their backing Services' owner references (no API call).
+    fn shared_lb_refs<'a>(
+        &self,
+        uids: impl Iterator<Item = &'a String>,
+    ) -> BTreeMap<String, ObjectRef<SharedLB>> {
+        let wanted: BTreeSet<&str> = uids.map(String::as_str).collect();
+        let mut found = BTreeMap::new();
+        for svc in self.services.state() {
+            for owner in svc.owner_references() {
+                if owner.kind == "SharedLB" && wanted.contains(owner.uid.as_str()) {
+                    let ns = svc.namespace().unwrap_or_default();
+                    found.insert(owner.uid.clone(), ObjectRef::new(&owner.name).within(&ns));
+                }
+            }
+        }
+        found
+    }
+
+    /// Has these SharedLBs reconciled now (the cloud call each makes mends what the audit found).
+    fn reconcile_now(&self, uids: &BTreeSet<String>) {
+        for r in self.shared_lb_refs(uids.iter()).into_values() {
+            let _ = self.resync.unbounded_send(r);
+        }
     }
 
     /// The allocator of a pool, made on first use (and again if the pool was deleted and made anew).
@@ -307,9 +334,55 @@ impl Context {
             action: reason.to_string(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+        let reference = obj.object_ref(&());
+        let published = match reference.namespace {
+            Some(_) => self.recorder.publish(&ev, &reference).await,
+            None => self.publish_cluster_scoped(&ev, reference).await,
+        };
+        if let Err(e) = published {
             warn!(error = %e, reason, "could not publish an Event");
         }
+    }
+
+    /// An Event about a cluster-scoped object (a pool) goes to kube-system: apiservers before 1.22 refuse a new-style
+    /// Event about one anywhere else (the Recorder's choice, `default`, is refused there), and later ones take it.
+    /// `kubectl describe lbpool` finds it, since it looks in every namespace for a cluster-scoped object.
+    async fn publish_cluster_scoped(
+        &self,
+        ev: &Event,
+        regarding: k8s_openapi::api::core::v1::ObjectReference,
+    ) -> Result<(), kube::Error> {
+        use k8s_openapi::api::events::v1::Event as K8sEvent;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let controller = self.settings.controller_name.clone();
+        let event = K8sEvent {
+            action: Some(ev.action.clone()),
+            reason: Some(ev.reason.clone()),
+            note: ev.note.clone(),
+            event_time: Some(MicroTime(now)),
+            metadata: kube::api::ObjectMeta {
+                namespace: Some(CLUSTER_EVENTS_NAMESPACE.into()),
+                name: Some(format!(
+                    "{}.{:x}",
+                    regarding.name.clone().unwrap_or_default(),
+                    now.as_nanosecond()
+                )),
+                ..Default::default()
+            },
+            regarding: Some(regarding),
+            reporting_controller: Some(controller.clone()),
+            reporting_instance: Some(controller),
+            type_: Some(match ev.type_ {
+                EventType::Normal => "Normal".into(),
+                EventType::Warning => "Warning".into(),
+            }),
+            ..Default::default()
+        };
+        Api::<K8sEvent>::namespaced(self.client.clone(), CLUSTER_EVENTS_NAMESPACE)
+            .create(&kube::api::PostParams::default(), &event)
+            .await
+            .map(|_| ())
     }
 }
 
@@ -741,6 +814,7 @@ async fn run_controllers(
         controller: settings.controller_name.clone(),
         instance: None,
     };
+    let (resync, resync_rx) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(Context {
         client: client.clone(),
         metrics: metrics.clone(),
@@ -756,6 +830,7 @@ async fn run_controllers(
         settings: settings.clone(),
         fence,
         classed_services,
+        resync,
     });
     let shutdown = shutdown.shared();
     let config = ControllerConfig::default().concurrency(settings.concurrency);
@@ -772,6 +847,7 @@ async fn run_controllers(
         Controller::for_stream(slb_stream, slb_store.clone()).with_config(config.clone());
     let slbs_by_namespace = slb_store.clone();
     let (slice_tx, slice_owners) = futures::channel::mpsc::unbounded();
+    let audit_owners = resync_rx;
     let slice_watch = tokio::spawn(follow_slices(ctx.clone(), slice_tx));
     let slbs = slb_controller
         .owns_stream(owned_services)
@@ -809,7 +885,8 @@ async fn run_controllers(
             },
         )
         // endpoints changed: providers that forward to endpoints (local) update their listeners in place
-        .reconcile_on(slice_owners)
+        // and the drift audit's repairs
+        .reconcile_on(futures::stream::select(slice_owners, audit_owners))
         .graceful_shutdown_on(shutdown.clone())
         .run(
             |obj, ctx: Arc<Context>| async move {

@@ -21,9 +21,9 @@ use tracing::warn;
 use super::Context;
 use super::status::{self, READY};
 use crate::Error;
-use crate::allocator::StrayListener;
+use crate::allocator::{PoolAllocator, StrayListener};
 use crate::cost::PriceTable;
-use crate::telemetry::PoolLabels;
+use crate::telemetry::{DriftLabels, PoolLabels};
 
 pub async fn reconcile(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let api: Api<LoadBalancerPool> = Api::all(ctx.client.clone());
@@ -184,6 +184,9 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
         Err(e) => return Err(e),
     };
     alloc.retry_strays().await;
+    if alloc.audit_due(ctx.settings.audit_interval) {
+        audit(&ctx, &pool, &alloc).await?;
+    }
     let strays = alloc.strays();
     let retry_soon = !deleting.is_empty();
     if let Err(e) = alloc.delete_marked(deleting).await {
@@ -237,7 +240,7 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
     m.pool_stray_listeners
         .get_or_create(&labels)
         .set(strays.len() as i64);
-    set_in_sync(&mut st, &strays, generation);
+    set_in_sync(&mut st, &strays, alloc.last_repairs(), generation);
     let kind = st.provider.clone().unwrap_or_default();
     status::set(
         &mut st.conditions,
@@ -254,6 +257,7 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
     } else {
         Duration::from_secs(60)
     };
+    let next = next.min(ctx.settings.audit_interval);
     finish(&ctx, &pool, &old, st, Action::requeue(next)).await
 }
 
@@ -315,14 +319,62 @@ fn holders_of_draining(state: &PoolState) -> BTreeMap<LbIndex, Vec<String>> {
     out
 }
 
-/// `CloudInSync`: False while listeners no allocation accounts for could not be removed (their ports stay taken
-/// and every reconcile of the pool tries again), each named with the cloud's error.
-fn set_in_sync(st: &mut LoadBalancerPoolStatus, strays: &[StrayListener], generation: Option<i64>) {
-    let (ok, reason, message) = match strays {
-        [] => (
+/// The drift audit: the cloud's inventory against the allocations. Strays are removed by the audit itself; the
+/// SharedLBs with a missing listener, or on a load balancer that is missing or has a new address, are reconciled
+/// now, which makes what is missing and writes the address. Each kind is counted and the pool gets an Event.
+async fn audit(ctx: &Context, pool: &LoadBalancerPool, alloc: &PoolAllocator) -> Result<(), Error> {
+    ctx.fence.check()?;
+    let Some((drift, owners)) = alloc.audit().await? else {
+        return Ok(());
+    };
+    if drift.is_empty() {
+        return Ok(());
+    }
+    let counts = [
+        ("missing_listener", drift.missing.len()),
+        ("stray_listener", drift.strays.len()),
+        ("missing_load_balancer", drift.missing_load_balancers.len()),
+        ("address_changed", drift.moved.len()),
+    ];
+    for (kind, n) in counts.into_iter().filter(|(_, n)| *n > 0) {
+        let labels = DriftLabels {
+            pool: pool.name_any(),
+            kind,
+        };
+        ctx.metrics
+            .drift_repairs
+            .get_or_create(&labels)
+            .inc_by(n as u64);
+    }
+    let summary = drift.summary();
+    warn!(pool = %pool.name_any(), %summary, "the cloud differed from the allocations");
+    ctx.reconcile_now(&owners);
+    let note = format!("the cloud differed from the allocations: {summary}");
+    ctx.event(pool, EventType::Warning, "DriftRepaired", note)
+        .await;
+    Ok(())
+}
+
+/// `InSync`: False while listeners no allocation accounts for could not be removed (their ports stay taken and
+/// every reconcile of the pool tries again), each named with the cloud's error; True otherwise, saying what the
+/// last drift audit mended when it mended something.
+fn set_in_sync(
+    st: &mut LoadBalancerPoolStatus,
+    strays: &[StrayListener],
+    repairs: Option<String>,
+    generation: Option<i64>,
+) {
+    let (ok, reason, message) = match (strays, repairs) {
+        ([], None) => (
             true,
             "InSync",
-            "every listener in the cloud belongs to an allocation".to_string(),
+            "every listener in the cloud belongs to an allocation and every allocation's listener is there"
+                .to_string(),
+        ),
+        ([], Some(mended)) => (
+            true,
+            "Repaired",
+            format!("the last drift audit found the cloud differing and mended it: {mended}"),
         ),
         _ => {
             let each: Vec<String> = strays
@@ -347,7 +399,7 @@ fn set_in_sync(st: &mut LoadBalancerPoolStatus, strays: &[StrayListener], genera
     };
     status::set(
         &mut st.conditions,
-        CLOUD_IN_SYNC,
+        IN_SYNC,
         ok,
         reason,
         &message,
@@ -355,7 +407,7 @@ fn set_in_sync(st: &mut LoadBalancerPoolStatus, strays: &[StrayListener], genera
     );
 }
 
-const CLOUD_IN_SYNC: &str = "CloudInSync";
+const IN_SYNC: &str = "InSync";
 
 /// Apiservers with CEL refuse a change of a pool's provider (the CRD's transition rules); without CEL the
 /// operator refuses it itself: against the settings its provider was made with, and after a restart against the

@@ -1200,6 +1200,7 @@ impl AzureProvider {
                     protocol,
                     node_port: r.properties.backend_port,
                     owner_uid,
+                    serving: true,
                 });
             }
         }

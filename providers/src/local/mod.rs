@@ -299,6 +299,7 @@ impl LoadBalancerProvider for LocalProvider {
                             protocol: *protocol,
                             node_port: r.node_port,
                             owner_uid: r.owner_uid.clone(),
+                            serving: true,
                         })
                         .collect(),
                 })
