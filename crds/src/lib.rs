@@ -513,6 +513,10 @@ pub struct MemorySettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 60000))]
     pub latency_ms: Option<u32>,
+    /// Added to the making of a load balancer, in milliseconds, as a cloud takes minutes to provision one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 600000))]
+    pub provisioning_ms: Option<u32>,
     /// Share of mutating calls that fail with a server error, 0 to 1000 per mille.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1000))]
@@ -562,6 +566,12 @@ pub struct Capacity {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_load_balancers: Option<u32>,
+    /// Empty load balancers kept made ahead of need (warm spares), within `maxLoadBalancers`: a SharedLB that
+    /// needs a new load balancer lands on one at once instead of waiting while the cloud makes one (an NLB takes
+    /// minutes); another spare is then made. Each is paid for while it waits. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 20))]
+    pub warm_load_balancers: Option<u32>,
 }
 
 /// An inclusive range of ports.

@@ -71,6 +71,7 @@ pub fn pool_config(
         port_mode: limits.port_mode,
         lb_groups: limits.lb_groups,
         draining: spec.drained(pool),
+        warm: spec.capacity.warm_load_balancers.unwrap_or(0),
     }
 }
 
@@ -486,6 +487,48 @@ impl PoolAllocator {
                 .filter(|(k, _)| !k.starts_with(STRAY_KEY_PREFIX)),
         );
         Ok(Some((drift, owners)))
+    }
+
+    /// Keeps the pool's warm spares: extra empty load balancers are marked for deletion, and the spares the
+    /// state wants (`PoolState::spares_wanted`) are made, each recorded in the state first, so placement may use
+    /// it while the cloud makes it. Returns how many it made or marked. One the cloud refuses is given up (marked
+    /// for deletion, as an emptied one is) and the error returned; the next reconcile of the pool tries again.
+    pub async fn make_spares(&self) -> Result<usize, ProviderError> {
+        let trimmed;
+        let wanted = {
+            let mut guard = self.state.lock().await;
+            let Some(st) = guard.as_mut() else {
+                return Ok(0);
+            };
+            // fewer spares asked for than there are: the extra ones are marked for deletion (a plan of nothing
+            // changes no placement, it only collects empty load balancers beyond the warm ones)
+            let trim = st.plan(&[]);
+            st.apply(&trim);
+            trimmed = trim.actions.len();
+            let wanted = st.spares_wanted();
+            for lb in &wanted {
+                st.restore_load_balancer(*lb);
+            }
+            wanted
+        };
+        for lb in &wanted {
+            match self.provider().ensure_load_balancer(&self.key(*lb)).await {
+                Ok(info) => self.remember(*lb, info),
+                Err(e) => {
+                    if let Some(st) = self.state.lock().await.as_mut() {
+                        let give_up = sharedlb_placement::Plan {
+                            actions: vec![sharedlb_placement::Action::DeleteLoadBalancer {
+                                lb: *lb,
+                            }],
+                            ..Default::default()
+                        };
+                        st.apply(&give_up);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(wanted.len() + trimmed)
     }
 
     /// True (and the clock restarts) when the last audit is `every` old or there was none.

@@ -158,6 +158,7 @@ mod tests {
             port_mode: PortMode::PerLoadBalancer,
             lb_groups: None,
             draining: Default::default(),
+            warm: 0,
         })
     }
 

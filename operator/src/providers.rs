@@ -112,6 +112,7 @@ impl ProviderFactory for BuiltinProviders {
         if let Some(m) = &spec.provider.memory {
             let faults = Faults {
                 latency: Duration::from_millis(u64::from(m.latency_ms.unwrap_or(0))),
+                provisioning: Duration::from_millis(u64::from(m.provisioning_ms.unwrap_or(0))),
                 error_per_mille: m.error_per_mille.unwrap_or(0),
                 throttle_per_mille: m.throttle_per_mille.unwrap_or(0),
                 load_balancer_quota: m.load_balancer_quota,

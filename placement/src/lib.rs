@@ -103,6 +103,10 @@ pub struct PoolConfig {
     /// Load balancers that take nothing new (drained by an operator): no new item goes there, no item there grows,
     /// and an index not made yet is never made. What is on them stays until it leaves.
     pub draining: std::collections::BTreeSet<LbIndex>,
+    /// Empty load balancers kept made ahead of need (warm spares): a plan deletes an emptied one only beyond
+    /// these, and `spares_wanted` names the ones to make. A new item that fits nowhere else lands on one at once
+    /// instead of waiting for a load balancer to be made.
+    pub warm: u32,
 }
 
 /// Load balancer `i` is in group `i % count`, and the load balancers of one group hold at most `max_ports`
@@ -364,6 +368,32 @@ impl PoolState {
             .collect()
     }
 
+    /// The load balancers to make now so that `warm` empty ones take new items: the lowest indices not in use,
+    /// not drained, whose group has room, within `max_lbs`. The shell records each (`restore_load_balancer`)
+    /// before making it in the cloud, so placement may use it at once.
+    pub fn spares_wanted(&self) -> Vec<LbIndex> {
+        let ready = self
+            .lbs
+            .iter()
+            .filter(|(i, s)| s.used == 0 && !s.deleting && !self.config.draining.contains(i))
+            .count() as u32;
+        let room = self
+            .config
+            .max_lbs
+            .map_or(u32::MAX, |m| m.saturating_sub(self.lbs.len() as u32));
+        let want = self.config.warm.saturating_sub(ready).min(room) as usize;
+        let free = |i: &LbIndex| {
+            !self.lbs.contains_key(i)
+                && !self.config.draining.contains(i)
+                && self.group_room(*i) > 0
+        };
+        // past the highest index in use or drained, `count` consecutive indices cover every group
+        let highest = self.lbs.keys().max().max(self.config.draining.last());
+        let groups = self.config.lb_groups.map_or(1, |g| g.count.max(1));
+        let span = highest.map_or(0, |i| i + 1) + groups * self.config.warm.max(1);
+        (0..span).filter(free).take(want).collect()
+    }
+
     /// Records a load balancer found in the cloud inventory at rebuild.
     pub fn restore_load_balancer(&mut self, lb: LbIndex) {
         if !self.lbs.contains_key(&lb) {
@@ -436,7 +466,8 @@ impl PoolState {
 
     /// How many more one-port items with an auto-assigned port the pool takes: on the load balancers it has, and
     /// in all. Counted under every rule `plan` applies (capacity, the range, draining, group budgets, the pool-wide
-    /// budget and `max_lbs`), so placing one such item at a time succeeds exactly `total` times.
+    /// budget and `max_lbs`), so placing one such item at a time succeeds exactly `total` times. With `Spread` and
+    /// budget groups it is an upper bound: spreading may open load balancers in a group that is nearly spent.
     pub fn headroom(&self) -> Headroom {
         let (lo, hi) = self.config.port_range;
         let range_len = u64::from(hi.saturating_sub(lo)) + 1;
@@ -606,9 +637,15 @@ impl PoolState {
                 Err(r) => plan.refused.push((key.clone(), r)),
             }
         }
-        // Empty load balancers go: ones this plan emptied, and ones found empty (e.g. from the inventory).
+        // Empty load balancers go: ones this plan emptied, and ones found empty (e.g. from the inventory), but
+        // for the lowest-numbered `warm` of those that take new items, kept as spares.
+        let mut spares = scratch.config.warm;
         for (i, s) in scratch.lbs.iter() {
             if s.used == 0 && !s.deleting {
+                if spares > 0 && !scratch.config.draining.contains(i) {
+                    spares -= 1;
+                    continue;
+                }
                 plan.actions.push(Action::DeleteLoadBalancer { lb: *i });
             }
         }

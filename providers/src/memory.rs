@@ -24,6 +24,8 @@ pub const MAX_LISTENERS_PER_LB: u32 = 1000;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Faults {
     pub latency: Duration,
+    /// Added to the making of a load balancer (a real NLB takes minutes to provision).
+    pub provisioning: Duration,
     /// Mutating calls failing with a server error, per mille.
     pub error_per_mille: u32,
     /// Mutating calls throttled, per mille.
@@ -352,6 +354,9 @@ impl LoadBalancerProvider for MemoryProvider {
             return Ok(Self::info(l));
         }
         self.call("create_load_balancer").await?;
+        if !self.faults.provisioning.is_zero() {
+            tokio::time::sleep(self.faults.provisioning).await;
+        }
         let mut acc = self.cloud.lock();
         if let Some(l) = acc.lbs.get(&name) {
             return Ok(Self::info(l));

@@ -1753,3 +1753,76 @@ async fn the_drift_audit_mends_a_deleted_listener_a_planted_one_and_a_new_addres
     delete_pool(&client, "aud").await;
     op.kill().await;
 }
+
+/// Warm spares: in a pool whose load balancers take 3 s to make, `warmLoadBalancers: 1` keeps one made ahead. A
+/// SharedLB that needs a new load balancer lands on it (made before the SharedLB was), Ready sooner than its twin
+/// in a pool without a spare, which waits the 3 s; the next spare is then made, and once the pool empties, one
+/// spare is all that stays.
+#[tokio::test]
+async fn a_warm_spare_takes_a_shared_lb_that_needs_a_new_load_balancer_at_once() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-warm", &[]).await;
+    let slow = json!({"memory": {"provisioningMs": 3000}});
+    create_pool(
+        &client,
+        "warm",
+        json!({"provider": slow, "capacity": {"maxPortsPerLoadBalancer": 1, "warmLoadBalancers": 1}}),
+    )
+    .await;
+    create_pool(
+        &client,
+        "cold",
+        json!({"provider": slow, "capacity": {"maxPortsPerLoadBalancer": 1}}),
+    )
+    .await;
+    eventually(30, "the spare is made", || async {
+        (cloud_pool(&cloud, "warm").len() == 1).then_some(())
+    })
+    .await;
+    let lb_of = |s: &SharedLB| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .map(|l| l.name.clone())
+            .unwrap_or_default()
+    };
+    let started = std::time::Instant::now();
+    create_slb(&client, &ns, "a", spec("warm", vec![tcp("web", None)])).await;
+    let a = ready(&client, &ns, "a", 30).await;
+    let on_spare = started.elapsed();
+    assert_eq!(lb_of(&a), "warm-0", "a is on the spare made before it");
+    eventually(30, "the next spare is made", || async {
+        (cloud_pool(&cloud, "warm").len() == 2).then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    create_slb(&client, &ns, "b", spec("cold", vec![tcp("web", None)])).await;
+    ready(&client, &ns, "b", 30).await;
+    let made_for_it = started.elapsed();
+    eprintln!(
+        "Ready on a warm spare: {on_spare:?}; with a load balancer made for it: {made_for_it:?}"
+    );
+    assert!(
+        made_for_it >= std::time::Duration::from_secs(3),
+        "{made_for_it:?}"
+    );
+    assert!(on_spare < made_for_it, "{on_spare:?} vs {made_for_it:?}");
+
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    api.delete("a", &DeleteParams::default())
+        .await
+        .expect("delete a");
+    eventually(
+        30,
+        "one spare stays of the two empty load balancers",
+        || async { (cloud_pool(&cloud, "warm").len() == 1).then_some(()) },
+    )
+    .await;
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "warm").await;
+    delete_pool(&client, "cold").await;
+    op.kill().await;
+}

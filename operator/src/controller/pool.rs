@@ -188,7 +188,23 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
         audit(&ctx, &pool, &alloc).await?;
     }
     let strays = alloc.strays();
-    let retry_soon = !deleting.is_empty();
+    ctx.fence.check()?;
+    let spares_changed = match alloc.make_spares().await {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, pool = %pool.name_any(), "a warm spare could not be made; retrying");
+            ctx.event(
+                &*pool,
+                EventType::Warning,
+                e.reason(),
+                format!("a warm spare load balancer could not be made: {e}"),
+            )
+            .await;
+            0
+        }
+    };
+    // spares made or marked now show in the rows of the next pass, soon
+    let retry_soon = !deleting.is_empty() || spares_changed > 0;
     if let Err(e) = alloc.delete_marked(deleting).await {
         warn!(error = %e, pool = %pool.name_any(), "deleting an empty load balancer failed; retrying");
     }

@@ -238,6 +238,7 @@ fn config_of(l: &PoolLimits, pool: &LoadBalancerPool) -> PoolConfig {
             .zip(l.ports_per_group)
             .map(|(count, max_ports)| LbGroups { count, max_ports }),
         draining: pool.spec.drained(&pool.name_any()),
+        warm: pool.spec.capacity.warm_load_balancers.unwrap_or(0),
     }
 }
 

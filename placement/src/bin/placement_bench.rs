@@ -59,6 +59,7 @@ fn config() -> PoolConfig {
         port_mode: PortMode::PerLoadBalancer,
         lb_groups: None,
         draining: Default::default(),
+        warm: 0,
     }
 }
 
