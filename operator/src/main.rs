@@ -71,8 +71,12 @@ enum Command {
     Plan {
         /// SharedLB manifests to plan, in the order they would be applied (`-` reads standard input). Without
         /// any, only the pools are shown.
-        #[arg(short = 'f', long = "filename")]
+        #[arg(short = 'f', long = "filename", conflicts_with = "compact")]
         files: Vec<String>,
+        /// Instead: the moves that would bring each pool to fewer load balancers (the emptiest emptied first, each
+        /// only when all it holds fits on the others), and the load balancers they empty.
+        #[arg(long)]
+        compact: bool,
         /// The namespace of manifests that name none (default: the kubeconfig context's).
         #[arg(short = 'n', long)]
         namespace: Option<String>,
@@ -110,6 +114,20 @@ impl From<ServiceChoice> for BackingService {
     }
 }
 
+/// A report as a table, JSON or YAML.
+fn print_report<R: serde::Serialize>(
+    output: Output,
+    report: &R,
+    table: fn(&R) -> String,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Table => print!("{}", table(report)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(report)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(report)?),
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -117,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Plan {
             files,
+            compact,
             namespace,
             output,
             prices,
@@ -126,14 +145,14 @@ async fn main() -> anyhow::Result<()> {
                 .context("connecting to the Kubernetes API")?;
             let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_string());
             let mut inputs = plan::load::from_cluster(&client).await?;
-            inputs.proposed = plan::load::read_manifests(&files, &namespace)?;
-            let report = plan::plan(&inputs, &prices.unwrap_or_default());
-            match output {
-                Output::Table => print!("{}", plan::render::table(&report)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-                Output::Yaml => print!("{}", serde_yaml::to_string(&report)?),
+            let prices = prices.unwrap_or_default();
+            if compact {
+                let report = plan::compact(&inputs, &prices);
+                return print_report(output, &report, plan::render::compaction);
             }
-            Ok(())
+            inputs.proposed = plan::load::read_manifests(&files, &namespace)?;
+            let report = plan::plan(&inputs, &prices);
+            print_report(output, &report, plan::render::table)
         }
         Command::Crds => {
             print!("{}", sharedlb_crds::crds_yaml()?);

@@ -285,6 +285,26 @@ pub struct Headroom {
     pub total: Option<u64>,
 }
 
+/// What `PoolState::compaction` finds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compaction {
+    /// Load balancers holding something, now and after the moves.
+    pub before: u32,
+    pub after: u32,
+    /// In the order to make them.
+    pub moves: Vec<Move>,
+    /// The load balancers the moves empty (drain these, then move their items).
+    pub emptied: Vec<LbIndex>,
+}
+
+/// One item to another load balancer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Move {
+    pub key: ItemKey,
+    pub from: Allocation,
+    pub to: Allocation,
+}
+
 /// An allocation could not be restored because it contradicts one restored before it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RestoreConflict {
@@ -534,6 +554,86 @@ impl PoolState {
         Headroom {
             on_existing: on_existing.min(bound.unwrap_or(u64::MAX)),
             total,
+        }
+    }
+
+    /// Moves that would empty load balancers: the emptiest first, each emptied only when every item on it fits
+    /// on the load balancers that stay (none made, none draining, none emptied before it), honouring its fixed
+    /// ports; auto-assigned ports may change, as its address does. `requests` are the items' port requests; an
+    /// item without one (a held stray) is never moved, so its load balancer stays. Pure: nothing here changes.
+    pub fn compaction(&self, requests: &BTreeMap<ItemKey, Vec<PortRequest>>) -> Compaction {
+        let base = self.config.clone();
+        let mut now = self.clone();
+        let mut moves = Vec::new();
+        let mut emptied = Vec::new();
+        let mut candidates: Vec<(u32, LbIndex)> = self
+            .lbs
+            .iter()
+            .filter(|(_, s)| !s.deleting && s.used > 0)
+            .map(|(i, s)| (s.used, *i))
+            .collect();
+        // the emptiest first; of two as empty, the higher index (Pack fills low indices first)
+        candidates.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        for (_, lb) in candidates {
+            let mut trial = now.clone();
+            // targets are the load balancers that hold something and stay: moving onto an empty one (a spare)
+            // empties nothing
+            let mut config = trial.config.clone();
+            config.draining.insert(lb);
+            config.draining.extend(
+                trial
+                    .lbs
+                    .iter()
+                    .filter(|(_, s)| s.used == 0)
+                    .map(|(i, _)| *i),
+            );
+            config.max_lbs = Some(trial.lbs.len() as u32);
+            trial.set_config(config);
+            let mut on_lb: Vec<(ItemKey, Allocation)> = trial
+                .allocations
+                .iter()
+                .filter(|(_, a)| a.lb == lb)
+                .map(|(k, a)| (k.clone(), a.clone()))
+                .collect();
+            on_lb.sort_by(|a, b| b.1.ports.len().cmp(&a.1.ports.len()).then(a.0.cmp(&b.0)));
+            let mut moved = Vec::new();
+            let mut all_fit = true;
+            for (key, from) in on_lb {
+                let Some(ports) = requests.get(&key) else {
+                    all_fit = false;
+                    break;
+                };
+                trial.release(&key);
+                match trial.plan_new(ports) {
+                    Ok((to, false)) => {
+                        trial.occupy(key.clone(), to.clone());
+                        moved.push(Move { key, from, to });
+                    }
+                    _ => {
+                        all_fit = false;
+                        break;
+                    }
+                }
+            }
+            if all_fit {
+                let mut config = base.clone();
+                config.draining.extend(emptied.iter().copied().chain([lb]));
+                trial.set_config(config);
+                now = trial;
+                // kept in the order found, even when an item moves twice (onto a load balancer emptied later):
+                // where ports are unique across the pool, a port one move frees is what a later one takes, so
+                // only this order is sure to apply without a clash
+                moves.extend(moved);
+                emptied.push(lb);
+            }
+        }
+        let in_use =
+            |s: &PoolState| s.lbs.values().filter(|l| !l.deleting && l.used > 0).count() as u32;
+        Compaction {
+            before: in_use(self),
+            after: in_use(&now),
+            moves,
+            emptied,
         }
     }
 

@@ -663,6 +663,51 @@ proptest! {
         }
     }
 
+    /// Compaction after a random workload: applying its moves in order (each a restore, which refuses a port
+    /// clash) keeps every rule, leaves the emptied load balancers empty, keeps each moved item's fixed ports and
+    /// leaves nothing on a load balancer that is emptied, and ends with `after` load balancers in use.
+    #[test]
+    fn compaction_moves_keep_every_rule(
+        config in strategy_config(),
+        ops in prop::collection::vec(op_strategy(), 1..40),
+    ) {
+        let mut s = PoolState::new(config);
+        let mut asked: BTreeMap<ItemKey, Vec<PortRequest>> = BTreeMap::new();
+        for op in ops {
+            let (key, change) = match op {
+                Op::Create(k, p) | Op::Update(k, p) => (format!("k{k}"), up(&format!("k{k}"), requests(&p))),
+                Op::Delete(k) => (format!("k{k}"), Change::Remove { key: format!("k{k}") }),
+            };
+            let plan = plan_apply(&mut s, std::slice::from_ref(&change));
+            match (&change, plan.refused.is_empty()) {
+                (Change::Upsert { ports, .. }, true) => { asked.insert(key, ports.clone()); }
+                (Change::Remove { .. }, _) => { asked.remove(&key); }
+                _ => {}
+            }
+        }
+        let c = s.compaction(&asked);
+        prop_assert!(c.after <= c.before);
+        prop_assert_eq!(c.after as usize, c.before as usize - c.emptied.len());
+        let mut after = s.clone();
+        for (i, m) in c.moves.iter().enumerate() {
+            let moves_on = c.moves[i + 1..].iter().any(|later| later.key == m.key);
+            prop_assert!(!c.emptied.contains(&m.to.lb) || moves_on, "left on an emptied load balancer: {m:?}");
+            prop_assert_eq!(after.allocation(&m.key), Some(&m.from));
+            prop_assert!(after.restore(m.key.clone(), m.to.clone()).is_ok(), "a move clashes: {m:?}");
+            for r in &asked[&m.key] {
+                if let Some(fixed) = r.port {
+                    prop_assert!(m.to.ports.iter().any(|p| p.name == r.name && p.port == fixed));
+                }
+            }
+        }
+        prop_assert_eq!(check_invariants(&after), Ok(()));
+        for lb in &c.emptied {
+            prop_assert!(after.allocations().all(|(_, a)| a.lb != *lb), "lb {lb} still holds something");
+        }
+        let in_use = after.load_balancers().iter().filter(|l| l.ports_used > 0).count();
+        prop_assert_eq!(in_use, c.after as usize);
+    }
+
     /// Create-only single-port workloads use exactly ceil(n / capacity) load balancers, whether the items come
     /// in one batch or one at a time (the controller's case).
     #[test]
@@ -835,4 +880,27 @@ fn warm_spares_are_kept_made_and_used_first() {
         .collect();
     assert_eq!(deleted, [3], "0 and 2 stay as spares: {p:?}");
     assert_eq!(check_invariants(&s), Ok(()));
+}
+
+/// After deletes leave four load balancers with one item each (capacity 2), compaction empties two of them, the
+/// highest-numbered, by moving their items onto the two that stay.
+#[test]
+fn compaction_empties_the_load_balancers_deletes_left_half_full() {
+    let mut s = PoolState::new(cfg(2, None));
+    for k in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+        plan_apply(&mut s, &[up(k, vec![tcp("p", None)])]);
+    }
+    for k in ["b", "d", "f", "h"] {
+        plan_apply(&mut s, &[Change::Remove { key: k.into() }]);
+    }
+    let asked: BTreeMap<ItemKey, Vec<PortRequest>> = ["a", "c", "e", "g"]
+        .iter()
+        .map(|k| (k.to_string(), vec![tcp("p", None)]))
+        .collect();
+    let c = s.compaction(&asked);
+    assert_eq!((c.before, c.after), (4, 2));
+    assert_eq!(c.emptied, [3, 2]);
+    let moved: Vec<(&str, LbIndex)> = c.moves.iter().map(|m| (m.key.as_str(), m.to.lb)).collect();
+    assert_eq!(moved, [("g", 0), ("e", 1)]);
+    assert_eq!(lower_bound(4, 2), u64::from(c.after));
 }

@@ -816,5 +816,6 @@ async fn the_drift_audit_mends_a_deleted_nlb_listener_and_removes_a_stray_one() 
 
     delete_namespace(&client, &ns).await;
     delete_pool(&client, &pool).await;
+    delete_nodes(&client, &["aws-d1"]).await;
     op.kill().await;
 }

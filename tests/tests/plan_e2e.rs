@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use kube::Api;
 use kube::api::ListParams;
+use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use sharedlb_crds::{LoadBalancerPool, SharedLB};
 use sharedlb_e2e::*;
@@ -314,6 +314,54 @@ async fn applying_the_planned_shared_lbs_in_order_gives_what_the_plan_said() {
         (now == want).then_some(())
     })
     .await;
+
+    // b and c leave: pln-0 and pln-1 hold one port each; --compact moves f (the higher one's) onto pln-0
+    for gone in ["b", "c"] {
+        api.delete(gone, &Default::default()).await.expect("delete");
+    }
+    eventually(60, "b and c are gone", || async {
+        let names: Vec<String> = api
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .iter()
+            .map(|s| s.name_any())
+            .collect();
+        (!names.contains(&"b".to_string()) && !names.contains(&"c".to_string())).then_some(())
+    })
+    .await;
+    let compact: Value = serde_json::from_str(
+        &run(&sharedlb_bin(), &["plan", "--compact", "-o", "json"], &[]).await,
+    )
+    .expect("compaction json");
+    let pln = compact["pools"]
+        .as_array()
+        .expect("pools")
+        .iter()
+        .find(|p| p["name"] == "pln")
+        .expect("pln")
+        .clone();
+    assert_eq!(pln["drain"], json!(["pln-1"]), "{pln}");
+    assert_eq!(
+        (
+            pln["loadBalancersNow"].as_u64(),
+            pln["loadBalancersAfter"].as_u64(),
+            pln["lowerBound"].as_u64()
+        ),
+        (Some(3), Some(2), Some(2)),
+        "{pln}"
+    );
+    let moves = pln["moves"].as_array().expect("moves");
+    assert_eq!(moves.len(), 1, "{pln}");
+    assert_eq!(
+        (
+            moves[0]["sharedLb"].clone(),
+            moves[0]["from"].clone(),
+            moves[0]["to"].clone()
+        ),
+        (json!(format!("{ns}/f")), json!("pln-1"), json!("pln-0"))
+    );
 
     let _ = std::fs::remove_dir_all(&plugin_dir);
     let _ = std::fs::remove_file(&as_planner);

@@ -141,6 +141,120 @@ pub fn plan(inputs: &Inputs, prices: &PriceTable) -> Report {
     Report { shared_lbs, pools }
 }
 
+/// `plan --compact`: per pool, the moves that would empty load balancers (see `PoolState::compaction`).
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CompactionReport {
+    pub pools: Vec<PoolCompaction>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolCompaction {
+    pub name: String,
+    /// Load balancers holding something, now and after the moves, and the fewest any placement could use.
+    pub load_balancers_now: u32,
+    pub load_balancers_after: u32,
+    pub lower_bound: u64,
+    pub hourly_cost_now: String,
+    pub hourly_cost_after: String,
+    /// The load balancers the moves empty: drain these.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drain: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<PlannedMove>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// One SharedLB to another load balancer (its address changes, and auto-assigned ports may).
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedMove {
+    pub shared_lb: String,
+    pub from: String,
+    pub to: String,
+    pub ports: Vec<PlannedPort>,
+}
+
+/// The moves that would bring each pool to fewer load balancers, from the pools as they are.
+pub fn compact(inputs: &Inputs, prices: &PriceTable) -> CompactionReport {
+    let pools = inputs
+        .pools
+        .iter()
+        .map(|p| compact_pool(p, &inputs.live, prices))
+        .collect();
+    CompactionReport { pools }
+}
+
+fn compact_pool(
+    pool: &Arc<LoadBalancerPool>,
+    live: &[SharedLB],
+    prices: &PriceTable,
+) -> PoolCompaction {
+    let name = pool.name_any();
+    let m = PoolModel::rebuild(pool, live);
+    let mut out = PoolCompaction {
+        name: name.clone(),
+        load_balancers_now: 0,
+        load_balancers_after: 0,
+        lower_bound: 0,
+        hourly_cost_now: String::new(),
+        hourly_cost_after: String::new(),
+        drain: Vec::new(),
+        moves: Vec::new(),
+        problem: m.problem.clone(),
+    };
+    let Some(st) = &m.state else {
+        return out;
+    };
+    let of_pool: BTreeMap<String, &SharedLB> = live
+        .iter()
+        .filter_map(|s| Some((s.uid()?, s)))
+        .filter(|(uid, _)| st.allocation(uid).is_some())
+        .collect();
+    let asked = of_pool
+        .iter()
+        .map(|(uid, s)| (uid.clone(), model::port_requests(&s.spec)))
+        .collect();
+    let c = st.compaction(&asked);
+    let ports: u32 = st.allocations().map(|(_, a)| a.ports.len() as u32).sum();
+    let cost = |lbs: u32| prices.format(prices.hourly(&m.kind, lbs, ports));
+    let lb = |i: u32| format!("{name}-{i}");
+    out.load_balancers_now = c.before;
+    out.load_balancers_after = c.after;
+    out.lower_bound =
+        sharedlb_placement::lower_bound(u64::from(ports), st.config().max_ports_per_lb);
+    out.hourly_cost_now = cost(c.before);
+    out.hourly_cost_after = cost(c.after);
+    out.drain = c.emptied.iter().map(|i| lb(*i)).collect();
+    out.moves = c
+        .moves
+        .iter()
+        .map(|mv| PlannedMove {
+            shared_lb: of_pool
+                .get(&mv.key)
+                .map(|s| format!("{}/{}", s.namespace().unwrap_or_default(), s.name_any()))
+                .unwrap_or_else(|| mv.key.clone()),
+            from: lb(mv.from.lb),
+            to: lb(mv.to.lb),
+            ports: planned_ports(&mv.to),
+        })
+        .collect();
+    out
+}
+
+fn planned_ports(a: &sharedlb_placement::Allocation) -> Vec<PlannedPort> {
+    a.ports
+        .iter()
+        .map(|p| PlannedPort {
+            name: p.name.clone(),
+            port: p.port,
+            protocol: p.protocol.as_str().to_string(),
+        })
+        .collect()
+}
+
 /// One pool as the operator would see it.
 struct PoolModel {
     pool: Arc<LoadBalancerPool>,
@@ -316,18 +430,7 @@ fn plan_one(
         namespace: ns.clone(),
         name: name.clone(),
         load_balancer: now.map(|a| format!("{chosen}-{}", a.lb)),
-        ports: now
-            .map(|a| {
-                a.ports
-                    .iter()
-                    .map(|p| PlannedPort {
-                        name: p.name.clone(),
-                        port: p.port,
-                        protocol: p.protocol.as_str().to_string(),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        ports: now.map(planned_ports).unwrap_or_default(),
         reason: refusal.map(|r| r.reason().to_string()),
         message: refusal.map(|r| r.to_string()),
         pool: Some(chosen),

@@ -1,6 +1,6 @@
 //! The plan as a table for people (`-o json` and `-o yaml` serialize the `Report` itself).
 
-use super::{Outcome, PoolFigures, Report};
+use super::{CompactionReport, Outcome, PoolFigures, Report};
 
 /// Two tables: the SharedLBs, then the pools before -> after.
 pub fn table(r: &Report) -> String {
@@ -64,6 +64,50 @@ pub fn table(r: &Report) -> String {
                 Some(why) => why.clone(),
                 None => p.new_load_balancers.join(","),
             },
+        ]));
+    }
+    out.push_str(&columns(&rows));
+    out
+}
+
+/// The moves, then each pool now -> after and what to drain.
+pub fn compaction(r: &CompactionReport) -> String {
+    let mut out = String::new();
+    let mut moves = vec![row(&["SHAREDLB", "FROM", "TO", "PORTS"])];
+    for p in &r.pools {
+        for m in &p.moves {
+            let ports: Vec<String> = m
+                .ports
+                .iter()
+                .map(|x| format!("{}:{}/{}", x.name, x.port, x.protocol))
+                .collect();
+            moves.push(row(&[&m.shared_lb, &m.from, &m.to, &ports.join(",")]));
+        }
+    }
+    if moves.len() > 1 {
+        out.push_str(&columns(&moves));
+        out.push('\n');
+    }
+    let mut rows = vec![row(&[
+        "POOL",
+        "LBS",
+        "LOWER-BOUND",
+        "MOVES",
+        "COST/H",
+        "DRAIN",
+    ])];
+    for p in &r.pools {
+        let last = match &p.problem {
+            Some(why) => why.clone(),
+            None => p.drain.join(","),
+        };
+        rows.push(row(&[
+            &p.name,
+            &format!("{} -> {}", p.load_balancers_now, p.load_balancers_after),
+            &p.lower_bound.to_string(),
+            &p.moves.len().to_string(),
+            &format!("{} -> {}", p.hourly_cost_now, p.hourly_cost_after),
+            &last,
         ]));
     }
     out.push_str(&columns(&rows));

@@ -233,3 +233,46 @@ items:
     let err = load::shared_lbs(pool, "p.yaml", "x").expect_err("a pool is not planned");
     assert!(err.to_string().contains("apply pools"), "{err}");
 }
+
+/// `--compact`: three load balancers each holding one port of two: moving the SharedLB off the highest one onto
+/// the lowest brings the pool to two, its lower bound, and says which load balancer to drain.
+#[test]
+fn compaction_names_the_moves_and_the_load_balancers_they_empty() {
+    let i = Inputs {
+        pools: vec![pool("web", &[0, 1, 2])],
+        live: vec![
+            slb("a")
+                .port("http", None, Tcp)
+                .placed("web", 0, &[("http", 10000, Tcp)])
+                .build(),
+            slb("b")
+                .port("http", None, Tcp)
+                .placed("web", 1, &[("http", 10000, Tcp)])
+                .build(),
+            slb("c")
+                .port("dns", Some(53), Udp)
+                .placed("web", 2, &[("dns", 53, Udp)])
+                .build(),
+        ],
+        ..Inputs::default()
+    };
+    let r = compact(&i, &PriceTable::default());
+    let web = &r.pools[0];
+    assert_eq!(
+        (
+            web.load_balancers_now,
+            web.load_balancers_after,
+            web.lower_bound
+        ),
+        (3, 2, 2)
+    );
+    assert_eq!(web.drain, ["web-2"]);
+    let moves: Vec<_> = web
+        .moves
+        .iter()
+        .map(|m| (m.shared_lb.as_str(), m.from.as_str(), m.to.as_str()))
+        .collect();
+    assert_eq!(moves, [("team-a/c", "web-2", "web-0")]);
+    assert_eq!(web.moves[0].ports[0].port, 53, "a fixed port stays");
+    assert!(render::compaction(&r).contains("web-2"));
+}

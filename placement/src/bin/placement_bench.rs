@@ -99,5 +99,60 @@ fn main() {
         inc.load_balancers().len(),
         inc_s * 1e6 / ITEMS as f64
     );
-    println!("placement items={ITEMS} lbs={batch_lbs} lower_bound={bound} seconds={batch_s:.3}");
+    let (before, after_deletes, deleted_bound, compacted, moves, compact_s) = compaction(&changes);
+    println!(
+        "compaction: {COMPACTED} items one at a time use {before} load balancers; after deleting half at random {after_deletes} (lower bound {deleted_bound}); the compaction plan brings them to {compacted} with {moves} moves, {compact_s:.3} s"
+    );
+    println!(
+        "placement items={ITEMS} lbs={batch_lbs} lower_bound={bound} seconds={batch_s:.3} compact_before={after_deletes} compact_after={compacted} compact_bound={deleted_bound} compact_moves={moves}"
+    );
+}
+
+/// Items in the compaction pass: the first of the workload, placed one at a time.
+const COMPACTED: usize = 10_000;
+
+/// Places the first `COMPACTED` items one at a time, deletes a random half, and plans the compaction: (load
+/// balancers before the deletes, after them, the lower bound then, after the compaction, moves, seconds).
+fn compaction(changes: &[Change]) -> (usize, usize, u64, u32, usize, f64) {
+    let mut s = PoolState::new(config());
+    let mut asked = std::collections::BTreeMap::new();
+    for c in &changes[..COMPACTED] {
+        let p = s.plan(std::slice::from_ref(c));
+        s.apply(&p);
+        if let (Change::Upsert { key, ports }, true) = (c, p.refused.is_empty()) {
+            asked.insert(key.clone(), ports.clone());
+        }
+    }
+    let before = s.load_balancers().len();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let gone: Vec<Change> = asked
+        .keys()
+        .filter(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.is_multiple_of(2)
+        })
+        .map(|key| Change::Remove { key: key.clone() })
+        .collect();
+    for c in &gone {
+        if let Change::Remove { key } = c {
+            asked.remove(key);
+        }
+    }
+    let p = s.plan(&gone);
+    s.apply(&p);
+    let after_deletes = s.load_balancers().iter().filter(|l| !l.deleting).count();
+    let left: u64 = asked.values().map(|p| p.len() as u64).sum();
+    let t = Instant::now();
+    let c = s.compaction(&asked);
+    let secs = t.elapsed().as_secs_f64();
+    (
+        before,
+        after_deletes,
+        lower_bound(left, CAPACITY),
+        c.after,
+        c.moves.len(),
+        secs,
+    )
 }
