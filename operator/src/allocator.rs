@@ -399,11 +399,7 @@ impl PoolAllocator {
                             .iter()
                             .any(|p| p.port == l.port && p.protocol == l.protocol)
                 });
-                let id = ListenerId {
-                    lb: lb.index,
-                    port: l.port,
-                    protocol: l.protocol,
-                };
+                let id = ListenerId::listed(lb.index, l);
                 if accounted {
                     ledger.entry(l.owner_uid.clone()).or_default().insert(id);
                 } else {
@@ -722,14 +718,9 @@ fn cloud_owners(inventory: &Inventory) -> CloudOwners {
         .load_balancers
         .iter()
         .flat_map(|lb| {
-            lb.listeners.iter().map(|l| {
-                let id = ListenerId {
-                    lb: lb.index,
-                    port: l.port,
-                    protocol: l.protocol,
-                };
-                (id, l.owner_uid.clone())
-            })
+            lb.listeners
+                .iter()
+                .map(|l| (ListenerId::listed(lb.index, l), l.owner_uid.clone()))
         })
         .collect()
 }

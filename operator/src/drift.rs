@@ -101,11 +101,7 @@ pub fn find<'a>(
     for lb in &inventory.load_balancers {
         present.insert(lb.index);
         for l in &lb.listeners {
-            let id = ListenerId {
-                lb: lb.index,
-                port: l.port,
-                protocol: l.protocol,
-            };
+            let id = ListenerId::listed(lb.index, l);
             cloud.insert(id, &l.owner_uid);
             if l.serving {
                 serving.insert(id);
@@ -122,11 +118,7 @@ pub fn find<'a>(
             drift.missing_load_balancers.insert(a.lb);
         }
         for p in &a.ports {
-            let id = ListenerId {
-                lb: a.lb,
-                port: p.port,
-                protocol: p.protocol,
-            };
+            let id = ListenerId::of(a.lb, p);
             wanted.insert(id, uid);
             let served = cloud.get(&id) == Some(&uid.as_str()) && serving.contains(&id);
             if present.contains(&a.lb) && !served {

@@ -42,6 +42,26 @@ pub struct ListenerId {
     pub protocol: Protocol,
 }
 
+impl ListenerId {
+    /// An allocated port's listener on load balancer `lb`.
+    pub fn of(lb: u32, p: &AllocatedPort) -> Self {
+        ListenerId {
+            lb,
+            port: p.port,
+            protocol: p.protocol,
+        }
+    }
+
+    /// A listener the cloud's inventory lists on load balancer `lb`.
+    pub fn listed(lb: u32, l: &sharedlb_providers::InventoryListener) -> Self {
+        ListenerId {
+            lb,
+            port: l.port,
+            protocol: l.protocol,
+        }
+    }
+}
+
 /// Ready endpoints by (port name, protocol), for providers that forward to them directly.
 pub type Endpoints = BTreeMap<(String, String), Vec<SocketAddr>>;
 
@@ -68,11 +88,7 @@ pub fn served_ports<'a>(slb: &SharedLB, allocation: &'a Allocation) -> Vec<&'a A
 pub fn wanted_listeners(slb: &SharedLB, allocation: &Allocation) -> BTreeSet<ListenerId> {
     served_ports(slb, allocation)
         .into_iter()
-        .map(|p| ListenerId {
-            lb: allocation.lb,
-            port: p.port,
-            protocol: p.protocol,
-        })
+        .map(|p| ListenerId::of(allocation.lb, p))
         .collect()
 }
 

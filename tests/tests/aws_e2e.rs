@@ -16,6 +16,15 @@ async fn add_node(client: &Client, name: &str, zone: &str, instance: &str) {
     add_ready_node(client, name, &format!("aws:///{zone}/{instance}")).await;
 }
 
+/// A pool of NLBs in this VPC, with ports from 4000-4999, under a fresh name.
+async fn aws_pool(client: &Client, vpc: &str, subnets: &[String]) -> String {
+    let pool = format!("aws-{}", fastrand::u32(..100_000));
+    let aws = json!({"region": "us-east-1", "vpcId": vpc, "subnetIds": subnets});
+    let spec = json!({"provider": {"aws": aws}, "portRange": {"min": 4000, "max": 4999}});
+    create_pool(client, &pool, spec).await;
+    pool
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_sharedlbs_make_two_nlbs_follow_nodes_and_leave_nothing_behind() {
     let _turn = SERIAL.lock().await;
@@ -25,14 +34,7 @@ async fn sixty_sharedlbs_make_two_nlbs_follow_nodes_and_leave_nothing_behind() {
     add_node(&client, "aws-n2", "us-east-1b", "i-00000000000000b02").await;
     let op = Operator::start(&client, &MemoryCloud::new());
     let ns = namespace(&client, "aws", &[]).await;
-    let pool = format!("aws-{}", fastrand::u32(..100_000));
-    create_pool(
-        &client,
-        &pool,
-        json!({"provider": {"aws": {"region": "us-east-1", "vpcId": vpc, "subnetIds": subnets}},
-        "portRange": {"min": 4000, "max": 4999}}),
-    )
-    .await;
+    let pool = aws_pool(&client, &vpc, &subnets).await;
     for i in 0..60 {
         let protocol = if i % 3 == 0 { "UDP" } else { "TCP" };
         let spec = json!({"pool": pool, "selector": {"app": "x"}, "ports": [{"name": "p", "targetPort": 80, "protocol": protocol}]});
@@ -172,17 +174,22 @@ async fn nlb_and_groups(c: &elb::Client, hostname: &str) -> (String, Vec<elb::ty
     (arn, tgs)
 }
 
-async fn nlb_listeners(hostname: &str) -> Vec<(i32, String, i32)> {
-    let c = elb::Client::new(&conf().await);
-    let (lb_arn, tgs) = nlb_and_groups(&c, hostname).await;
-    let mut out: Vec<(i32, String, i32)> = c
-        .describe_listeners()
-        .load_balancer_arn(&lb_arn)
+/// The NLB's listeners as moto holds them.
+async fn listeners_of(c: &elb::Client, lb_arn: &str) -> Vec<elb::types::Listener> {
+    c.describe_listeners()
+        .load_balancer_arn(lb_arn)
         .send()
         .await
         .expect("listeners")
         .listeners
         .unwrap_or_default()
+}
+
+async fn nlb_listeners(hostname: &str) -> Vec<(i32, String, i32)> {
+    let c = elb::Client::new(&conf().await);
+    let (lb_arn, tgs) = nlb_and_groups(&c, hostname).await;
+    let mut out: Vec<(i32, String, i32)> = listeners_of(&c, &lb_arn)
+        .await
         .iter()
         .map(|l| {
             let tg = l
@@ -721,14 +728,7 @@ async fn the_drift_audit_mends_a_deleted_nlb_listener_and_removes_a_stray_one() 
     };
     let op = Operator::start_with(&client, &MemoryCloud::new(), settings);
     let ns = namespace(&client, "aws-drift", &[]).await;
-    let pool = format!("aws-{}", fastrand::u32(..100_000));
-    create_pool(
-        &client,
-        &pool,
-        json!({"provider": {"aws": {"region": "us-east-1", "vpcId": vpc, "subnetIds": subnets}},
-        "portRange": {"min": 4000, "max": 4999}}),
-    )
-    .await;
+    let pool = aws_pool(&client, &vpc, &subnets).await;
     let ports = json!([{"name": "a", "targetPort": 80}, {"name": "b", "targetPort": 81}]);
     create_slb(
         &client,
@@ -748,14 +748,8 @@ async fn the_drift_audit_mends_a_deleted_nlb_listener_and_removes_a_stray_one() 
     let listeners = || {
         let (c, lb_arn) = (c.clone(), lb_arn.clone());
         async move {
-            let mut ports: Vec<i32> = c
-                .describe_listeners()
-                .load_balancer_arn(&lb_arn)
-                .send()
+            let mut ports: Vec<i32> = listeners_of(&c, &lb_arn)
                 .await
-                .expect("listeners")
-                .listeners
-                .unwrap_or_default()
                 .iter()
                 .filter_map(|l| l.port())
                 .collect();
@@ -764,14 +758,8 @@ async fn the_drift_audit_mends_a_deleted_nlb_listener_and_removes_a_stray_one() 
         }
     };
     assert_eq!(listeners().await, [4000, 4001]);
-    let second = c
-        .describe_listeners()
-        .load_balancer_arn(&lb_arn)
-        .send()
+    let second = listeners_of(&c, &lb_arn)
         .await
-        .expect("listeners")
-        .listeners
-        .unwrap_or_default()
         .into_iter()
         .find(|l| l.port() == Some(4001))
         .expect("the listener on 4001");

@@ -69,6 +69,15 @@ fn said(report: &Value) -> Said {
         .collect()
 }
 
+/// The pool of this name in a report.
+fn pool_named(report: &Value, name: &str) -> Value {
+    let pools = report["pools"].as_array().expect("pools");
+    let found = pools.iter().find(|p| p["name"] == name);
+    found
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} is not in {report}"))
+}
+
 /// What the cluster shows for one SharedLB, in the plan's terms.
 fn shown(slb: &SharedLB) -> (String, Vec<String>) {
     let st = slb.status.clone().unwrap_or_default();
@@ -209,13 +218,7 @@ async fn applying_the_planned_shared_lbs_in_order_gives_what_the_plan_said() {
     assert_eq!(expect("a").3, "NoRoomToGrow");
     assert_eq!(expect("e").3, "TooManyPorts");
     assert_eq!(expect("g").3, "PoolFull");
-    let pln = report["pools"]
-        .as_array()
-        .expect("pools")
-        .iter()
-        .find(|p| p["name"] == "pln")
-        .expect("pln")
-        .clone();
+    let pln = pool_named(&report, "pln");
     assert_eq!(
         pln["newLoadBalancers"],
         json!(["pln-1", "pln-2"]),
@@ -335,13 +338,7 @@ async fn applying_the_planned_shared_lbs_in_order_gives_what_the_plan_said() {
         &run(&sharedlb_bin(), &["plan", "--compact", "-o", "json"], &[]).await,
     )
     .expect("compaction json");
-    let pln = compact["pools"]
-        .as_array()
-        .expect("pools")
-        .iter()
-        .find(|p| p["name"] == "pln")
-        .expect("pln")
-        .clone();
+    let pln = pool_named(&compact, "pln");
     assert_eq!(pln["drain"], json!(["pln-1"]), "{pln}");
     assert_eq!(
         (

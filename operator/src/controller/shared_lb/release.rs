@@ -86,11 +86,6 @@ pub(super) fn note_recorded_listeners(alloc: &PoolAllocator, slb: &SharedLB) {
 
 pub(super) fn note_listeners(alloc: &PoolAllocator, uid: &str, a: &Allocation) {
     for p in &a.ports {
-        let id = ListenerId {
-            lb: a.lb,
-            port: p.port,
-            protocol: p.protocol,
-        };
-        alloc.note_listener(uid, id);
+        alloc.note_listener(uid, ListenerId::of(a.lb, p));
     }
 }
