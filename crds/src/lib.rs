@@ -85,6 +85,34 @@ pub struct SharedLBSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub source_ranges: Option<Vec<Cidr>>,
+    /// Whether the operator may move this SharedLB to another load balancer of its pool. A move changes its
+    /// address (its ports stay), so only its owner can allow it. Omitted: it never moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
+}
+
+/// Moves, make-before-break: the new listeners and firewall openings are made first, the status then shows the
+/// new address (with an Event), and the old listeners serve for `gracePeriodSeconds` more, so clients can switch.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Migration {
+    /// Moved when it cannot grow where it is (`NoRoomToGrow`) or its load balancer drains.
+    #[serde(default)]
+    pub allowed: bool,
+    /// How long the old address keeps serving after a move. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub grace_period_seconds: Option<u32>,
+}
+
+impl SharedLBSpec {
+    /// The grace period of a move, when moves are allowed.
+    pub fn move_grace(&self) -> Option<std::time::Duration> {
+        let m = self.migration.as_ref().filter(|m| m.allowed)?;
+        Some(std::time::Duration::from_secs(u64::from(
+            m.grace_period_seconds.unwrap_or(300),
+        )))
+    }
 }
 
 /// One exposed port.
@@ -176,6 +204,20 @@ pub struct SharedLBStatus {
     /// The ports for humans, e.g. `4001/TCP,4002/UDP`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_summary: Option<String>,
+    /// Where a moved SharedLB was: its old listeners serve until `releaseAfter`, then go. Durable like the
+    /// allocation: written together with the new one, before any cloud call, and held again after a restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<PreviousPlacement>,
+}
+
+/// The load balancer and ports a SharedLB moved off.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviousPlacement {
+    pub load_balancer: LoadBalancerRef,
+    pub ports: Vec<PortStatus>,
+    /// RFC 3339: when the old listeners go.
+    pub release_after: String,
 }
 
 /// Where a SharedLB is reachable.

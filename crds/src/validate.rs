@@ -477,6 +477,7 @@ mod tests {
             }],
             pool: None,
             source_ranges: None,
+            migration: None,
         }
     }
 

@@ -77,19 +77,31 @@ pub fn pool_config(
 
 /// The allocation a status records for `pool`, if any.
 pub fn allocation_from_status(status: &SharedLBStatus, pool: &str) -> Option<Allocation> {
-    if status.pool.as_deref() != Some(pool) || status.ports.is_empty() {
+    if status.pool.as_deref() != Some(pool) {
         return None;
     }
-    let lb = status
-        .load_balancer
-        .as_ref()?
-        .name
-        .strip_prefix(pool)?
-        .strip_prefix('-')?
-        .parse()
-        .ok()?;
-    let mut ports: Vec<AllocatedPort> = status
-        .ports
+    allocation_of(status.load_balancer.as_ref()?, &status.ports, pool)
+}
+
+/// The old place a moved SharedLB's status records for `pool`, while its grace lasts.
+pub fn previous_from_status(status: &SharedLBStatus, pool: &str) -> Option<Allocation> {
+    if status.pool.as_deref() != Some(pool) {
+        return None;
+    }
+    let previous = status.previous.as_ref()?;
+    allocation_of(&previous.load_balancer, &previous.ports, pool)
+}
+
+fn allocation_of(
+    lb: &sharedlb_crds::LoadBalancerRef,
+    ports: &[sharedlb_crds::PortStatus],
+    pool: &str,
+) -> Option<Allocation> {
+    if ports.is_empty() {
+        return None;
+    }
+    let lb = sharedlb_crds::load_balancer_index(pool, &lb.name)?;
+    let mut ports: Vec<AllocatedPort> = ports
         .iter()
         .filter_map(|p| {
             Some(AllocatedPort {
@@ -101,6 +113,41 @@ pub fn allocation_from_status(status: &SharedLBStatus, pool: &str) -> Option<All
         .collect();
     ports.sort();
     Some(Allocation { lb, ports })
+}
+
+/// The start of the keys that hold a moved SharedLB's old place in a pool's state until its grace is over.
+pub const HELD_KEY_PREFIX: &str = "moving:";
+
+/// The key that holds the old place of the SharedLB `uid` while it moves.
+pub fn held_key(uid: &str) -> String {
+    format!("{HELD_KEY_PREFIX}{uid}")
+}
+
+/// The SharedLB a key of a pool's state stands for: its uid (also for the old place it holds while it moves);
+/// None for a stray listener's key.
+pub fn owner_of(key: &str) -> Option<&str> {
+    match key.starts_with(STRAY_KEY_PREFIX) {
+        true => None,
+        false => Some(key.strip_prefix(HELD_KEY_PREFIX).unwrap_or(key)),
+    }
+}
+
+/// A SharedLB's status read as claims on ports of `pool`: its allocation, and the old place it holds while it
+/// moves (under `held_key`).
+pub fn claims_of(slb: &SharedLB, pool: &str) -> Vec<Claim> {
+    let Some(status) = slb.status.as_ref() else {
+        return Vec::new();
+    };
+    let mut out: Vec<Claim> = claim_of(slb, pool).into_iter().collect();
+    if let (Some(previous), Some(own)) = (previous_from_status(status, pool), out.first().cloned())
+    {
+        out.push(Claim {
+            uid: held_key(&own.uid),
+            allocation: previous,
+            ..own
+        });
+    }
+    out
 }
 
 /// A SharedLB's status read as a claim on ports of `pool` (none when it records no allocation there).
@@ -393,12 +440,15 @@ impl PoolAllocator {
         let mut ledger: BTreeMap<String, BTreeSet<ListenerId>> = BTreeMap::new();
         for lb in &inventory.load_balancers {
             for l in &lb.listeners {
-                let accounted = st.allocation(&l.owner_uid).is_some_and(|a| {
+                // its own, or the old place a moving SharedLB still serves
+                let holds = |a: &Allocation| {
                     a.lb == lb.index
                         && a.ports
                             .iter()
                             .any(|p| p.port == l.port && p.protocol == l.protocol)
-                });
+                };
+                let accounted = st.allocation(&l.owner_uid).is_some_and(holds)
+                    || st.allocation(&held_key(&l.owner_uid)).is_some_and(holds);
                 let id = ListenerId::listed(lb.index, l);
                 if accounted {
                     ledger.entry(l.owner_uid.clone()).or_default().insert(id);
@@ -478,10 +528,7 @@ impl PoolAllocator {
                 }
             }
         }
-        let owners = drift.owners_to_reconcile(
-            st.allocations()
-                .filter(|(k, _)| !k.starts_with(STRAY_KEY_PREFIX)),
-        );
+        let owners = drift.owners_to_reconcile(st.allocations(), owner_of);
         Ok(Some((drift, owners)))
     }
 
@@ -558,12 +605,11 @@ impl PoolAllocator {
             return Ok(None);
         };
         let seen = self.infos.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let is_owner = |k: &str| !k.starts_with(STRAY_KEY_PREFIX);
         Ok(Some(drift::find(
             st.allocations(),
             &inventory,
             &seen,
-            is_owner,
+            owner_of,
         )))
     }
 
@@ -584,13 +630,12 @@ impl PoolAllocator {
                 if slb.metadata.deletion_timestamp.is_some() {
                     continue; // being deleted: its ports are on their way out
                 }
-                let Some(claim) = claim_of(slb, &self.pool) else {
-                    continue;
-                };
                 let ns = slb.namespace().unwrap_or_default();
-                match admits.as_ref().is_none_or(|a| a.contains(&ns)) {
-                    true => admitted.push(claim),
-                    false => not_admitted.push(claim),
+                for claim in claims_of(slb, &self.pool) {
+                    match admits.as_ref().is_none_or(|a| a.contains(&ns)) {
+                        true => admitted.push(claim),
+                        false => not_admitted.push(claim),
+                    }
                 }
             }
             match page.metadata.continue_.filter(|c| !c.is_empty()) {

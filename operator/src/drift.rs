@@ -54,11 +54,14 @@ impl Drift {
     pub fn owners_to_reconcile<'a>(
         &self,
         allocations: impl Iterator<Item = (&'a String, &'a Allocation)>,
+        owner_of: impl Fn(&str) -> Option<&str>,
     ) -> BTreeSet<String> {
         let mut owners: BTreeSet<String> = self.missing.iter().map(|(o, _)| o.clone()).collect();
-        for (uid, a) in allocations {
-            if self.missing_load_balancers.contains(&a.lb) || self.moved.contains_key(&a.lb) {
-                owners.insert(uid.clone());
+        for (key, a) in allocations {
+            let affected =
+                self.missing_load_balancers.contains(&a.lb) || self.moved.contains_key(&a.lb);
+            if let Some(uid) = owner_of(key).filter(|_| affected) {
+                owners.insert(uid.to_string());
             }
         }
         owners
@@ -86,13 +89,14 @@ impl Drift {
     }
 }
 
-/// Compares the inventory with the allocations (keys that are not SharedLB uids, such as held strays, are
-/// skipped) and with the addresses last seen.
+/// Compares the inventory with the allocations and with the addresses last seen. `owner_of` names the SharedLB
+/// a state key stands for (for a move's held old place, the SharedLB that moved); keys of none, such as held
+/// strays, are skipped.
 pub fn find<'a>(
     allocations: impl Iterator<Item = (&'a String, &'a Allocation)>,
     inventory: &Inventory,
     seen: &BTreeMap<u32, LoadBalancerInfo>,
-    is_owner: impl Fn(&str) -> bool,
+    owner_of: impl Fn(&str) -> Option<&str>,
 ) -> Drift {
     let mut cloud: BTreeMap<ListenerId, &str> = BTreeMap::new();
     let mut serving: BTreeSet<ListenerId> = BTreeSet::new();
@@ -113,16 +117,16 @@ pub fn find<'a>(
         }
     }
     let mut wanted: BTreeMap<ListenerId, &str> = BTreeMap::new();
-    for (uid, a) in allocations.filter(|(uid, _)| is_owner(uid)) {
+    for (uid, a) in allocations.filter_map(|(k, a)| Some((owner_of(k)?, a))) {
         if !present.contains(&a.lb) {
             drift.missing_load_balancers.insert(a.lb);
         }
         for p in &a.ports {
             let id = ListenerId::of(a.lb, p);
             wanted.insert(id, uid);
-            let served = cloud.get(&id) == Some(&uid.as_str()) && serving.contains(&id);
+            let served = cloud.get(&id) == Some(&uid) && serving.contains(&id);
             if present.contains(&a.lb) && !served {
-                drift.missing.insert((uid.clone(), id));
+                drift.missing.insert((uid.to_string(), id));
             }
         }
     }
@@ -140,6 +144,7 @@ mod tests {
     use sharedlb_providers::{InventoryListener, InventoryLoadBalancer};
 
     use super::*;
+    use crate::allocator::owner_of;
     use crate::fixtures::allocation;
 
     fn lb(index: u32, ip: &str, listeners: &[(u16, &str)]) -> InventoryLoadBalancer {
@@ -197,9 +202,7 @@ mod tests {
                 ..LoadBalancerInfo::default()
             },
         )]);
-        let d = find(allocs.iter(), &inventory, &seen, |k| {
-            !k.starts_with("stray:")
-        });
+        let d = find(allocs.iter(), &inventory, &seen, owner_of);
         assert_eq!(d.missing, BTreeSet::from([("a".to_string(), id(0, 10001))]));
         assert_eq!(
             d.strays,
@@ -211,7 +214,7 @@ mod tests {
         );
         assert_eq!(d.missing_load_balancers, BTreeSet::from([1]));
         assert_eq!(d.moved.keys().copied().collect::<Vec<_>>(), [0]);
-        let owners = d.owners_to_reconcile(allocs.iter().filter(|(k, _)| !k.starts_with("stray:")));
+        let owners = d.owners_to_reconcile(allocs.iter(), owner_of);
         assert_eq!(owners, BTreeSet::from(["a".to_string(), "b".to_string()]));
 
         // what a reconcile in flight made meanwhile is not drift
@@ -232,7 +235,7 @@ mod tests {
                 lb(2, "203.0.113.2", &[]),
             ],
         };
-        let d = find(allocs.iter(), &inventory, &BTreeMap::new(), |_| true);
+        let d = find(allocs.iter(), &inventory, &BTreeMap::new(), owner_of);
         assert!(d.is_empty(), "{d:?}");
     }
 }

@@ -23,6 +23,7 @@ pub fn shared_lb(name: &str) -> SharedLBBuilder {
             ports: Vec::new(),
             pool: Some("default".into()),
             source_ranges: None,
+            migration: None,
         },
     );
     slb.metadata = ObjectMeta {

@@ -104,6 +104,25 @@ pub fn port_requests(spec: &SharedLBSpec) -> Vec<PortRequest> {
         .collect()
 }
 
+/// The requests of a move: the port numbers it has, so nothing in front of it changes but the address (the
+/// backing Service keeps its ports, and both load balancers reach the same node ports); a port it does not have
+/// yet as the spec asks.
+pub fn move_requests(spec: &SharedLBSpec, old: &Allocation) -> Vec<PortRequest> {
+    port_requests(spec)
+        .into_iter()
+        .map(|r| {
+            let had = old
+                .ports
+                .iter()
+                .find(|p| p.name == r.name && p.protocol == r.protocol);
+            PortRequest {
+                port: had.map(|p| p.port).or(r.port),
+                ..r
+            }
+        })
+        .collect()
+}
+
 /// Why a SharedLB has no pool to use: a condition's reason and message.
 pub type NoPool = (&'static str, String);
 

@@ -753,6 +753,44 @@ impl PoolState {
         plan
     }
 
+    /// A move, make-before-break: the item goes to another load balancer (never its own, never a draining one)
+    /// with `ports`, while its old allocation stays held under `held` until the shell releases it (the old
+    /// listeners serve meanwhile, so the old ports stay taken). The shell asks for the port numbers the item
+    /// has, so only its address changes. Refused when no load balancer may take it; None when it holds nothing.
+    pub fn plan_move(
+        &self,
+        key: &str,
+        held: &str,
+        ports: &[PortRequest],
+    ) -> Option<Result<Plan, Refusal>> {
+        let old = self.allocations.get(key)?.clone();
+        let mut scratch = self.clone();
+        scratch.release(key);
+        scratch.occupy(held.to_string(), old.clone());
+        let mut config = scratch.config.clone();
+        config.draining.insert(old.lb);
+        scratch.set_config(config);
+        let (new, created) = match scratch.plan_new(ports) {
+            Ok(found) => found,
+            Err(r) => return Some(Err(r)),
+        };
+        let mut plan = Plan::default();
+        if created {
+            plan.actions.push(Action::CreateLoadBalancer { lb: new.lb });
+        }
+        for p in &new.ports {
+            plan.actions.push(Action::AddListener {
+                lb: new.lb,
+                port: p.port,
+                protocol: p.protocol,
+                owner: key.to_string(),
+            });
+        }
+        // in this order: `apply` frees the old place of `key`, then holds it again under `held`
+        plan.placed = vec![(key.to_string(), new), (held.to_string(), old)];
+        Some(Ok(plan))
+    }
+
     /// Commits a plan made by `plan` on this same state.
     pub fn apply(&mut self, plan: &Plan) {
         for a in &plan.actions {

@@ -904,3 +904,61 @@ fn compaction_empties_the_load_balancers_deletes_left_half_full() {
     assert_eq!(moved, [("g", 0), ("e", 1)]);
     assert_eq!(lower_bound(4, 2), u64::from(c.after));
 }
+
+/// A move keeps the old place held (under another key) while the item is placed on another load balancer with
+/// the same port numbers: never on its own or a draining one, and refused when none has room.
+#[test]
+fn a_move_holds_the_old_place_and_takes_the_same_ports_elsewhere() {
+    let mut s = PoolState::new(cfg(2, Some(3)));
+    plan_apply(&mut s, &[up("a", vec![tcp("web", Some(7000))])]);
+    plan_apply(&mut s, &[up("b", vec![tcp("web", None)])]);
+    let same = vec![tcp("web", Some(7000)), tcp("admin", None)];
+    let p = s
+        .plan_move("a", "moving:a", &same)
+        .expect("a holds a place")
+        .expect("room elsewhere");
+    assert!(
+        p.actions.contains(&Action::CreateLoadBalancer { lb: 1 }),
+        "{p:?}"
+    );
+    s.apply(&p);
+    let a = s.allocation("a").expect("a").clone();
+    assert_eq!(a.lb, 1);
+    assert!(a.ports.iter().any(|x| x.name == "web" && x.port == 7000));
+    assert_eq!(
+        s.allocation("moving:a").map(|x| x.lb),
+        Some(0),
+        "the old place is held"
+    );
+    assert_eq!(check_invariants(&s), Ok(()));
+    // b cannot move with a third port: lb 1 is full now, lb 2 may be made
+    let p = s
+        .plan_move("b", "moving:b", &[tcp("web", Some(10000))])
+        .expect("b")
+        .expect("lb 2");
+    s.apply(&p);
+    assert_eq!(s.allocation("b").map(|x| x.lb), Some(2));
+    // releasing the held places frees the old load balancer
+    let p = plan_apply(
+        &mut s,
+        &[
+            Change::Remove {
+                key: "moving:a".into(),
+            },
+            Change::Remove {
+                key: "moving:b".into(),
+            },
+        ],
+    );
+    assert!(
+        p.actions.contains(&Action::DeleteLoadBalancer { lb: 0 }),
+        "{p:?}"
+    );
+    let full = s.plan_move(
+        "a",
+        "moving:a",
+        &[tcp("web", Some(7000)), tcp("x", None), tcp("y", None)],
+    );
+    assert!(matches!(full, Some(Err(_))), "{full:?}");
+    assert!(s.plan_move("nobody", "moving:nobody", &[]).is_none());
+}

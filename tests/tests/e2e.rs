@@ -1826,3 +1826,141 @@ async fn a_warm_spare_takes_a_shared_lb_that_needs_a_new_load_balancer_at_once()
     delete_pool(&client, "cold").await;
     op.kill().await;
 }
+
+/// Make-before-break moves. `a` allows moves (grace 8 s) and asks for a second port on a full load balancer: it
+/// moves to a new one with the port number it had, the status shows the new place and keeps the old one as
+/// `previous`, an Event says so, and both load balancers serve it until the grace is over — across a restart of
+/// the operator — when the old listener goes. `b`, which does not allow moves, stays. Draining `a`'s new load
+/// balancer moves it off again.
+#[tokio::test]
+async fn a_shared_lb_that_allows_moves_moves_make_before_break() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let cloud = MemoryCloud::new();
+    let op = Operator::start(&client, &cloud);
+    let ns = namespace(&client, "e2e-move", &[]).await;
+    create_pool(
+        &client,
+        "mig",
+        json!({"provider": {"memory": {}}, "capacity": {"maxPortsPerLoadBalancer": 2}}),
+    )
+    .await;
+    let movable = |ports: Vec<serde_json::Value>| {
+        let mut s = spec("mig", ports);
+        s["migration"] = json!({"allowed": true, "gracePeriodSeconds": 8});
+        s
+    };
+    create_slb(&client, &ns, "a", movable(vec![tcp("web", None)])).await;
+    let a = ready(&client, &ns, "a", 30).await;
+    create_slb(&client, &ns, "b", spec("mig", vec![tcp("web", None)])).await;
+    ready(&client, &ns, "b", 30).await;
+    let a_uid = a.uid().unwrap_or_default();
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    let lb_of = |s: &SharedLB| {
+        let st = s.status.clone().unwrap_or_default();
+        let now = st.load_balancer.map(|l| l.name).unwrap_or_default();
+        let before = st.previous.map(|p| p.load_balancer.name);
+        (now, before)
+    };
+    assert_eq!(lb_of(&a), ("mig-0".to_string(), None));
+    // a's listeners by load balancer name (the memory cloud's names carry the pool's index last)
+    let a_ports_on = |index: &str| {
+        let mut ports: Vec<u16> = cloud_pool(&cloud, "mig")
+            .into_iter()
+            .filter(|(name, _)| name.ends_with(&format!("-{index}")))
+            .flat_map(|(_, (_, ls))| ls)
+            .filter(|(_, _, owner)| *owner == a_uid)
+            .map(|(p, _, _)| p)
+            .collect();
+        ports.sort();
+        ports
+    };
+
+    api.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"ports": [tcp("web", None), tcp("admin", None)]}})),
+    )
+    .await
+    .expect("grow a");
+    let moved = eventually(30, "a moved to mig-1 and is Ready there", || async {
+        let s = api.get("a").await.ok()?;
+        let ready = condition(&s, "Ready")?.0 == "True";
+        (ready && lb_of(&s) == ("mig-1".to_string(), Some("mig-0".to_string()))).then_some(s)
+    })
+    .await;
+    let web = |s: &SharedLB| {
+        let st = s.status.clone().unwrap_or_default();
+        st.ports.iter().find(|p| p.name == "web").map(|p| p.port)
+    };
+    assert_eq!(
+        web(&moved),
+        web(&a),
+        "the port number stays; only the address changes"
+    );
+    assert_eq!(
+        a_ports_on("1"),
+        [10000, 10001],
+        "the new place serves both ports"
+    );
+    assert_eq!(
+        a_ports_on("0"),
+        [10000],
+        "the old place still serves during the grace"
+    );
+    event_recorded(&client, &ns, "a", "Moved", 10).await;
+    assert_eq!(
+        lb_of(&api.get("b").await.expect("b")).0,
+        "mig-0",
+        "b does not move"
+    );
+
+    // a restart during the grace holds the old place again from the status: its rebuild (a moment after the
+    // start) finds the old listener accounted for, not a stray
+    op.kill().await;
+    let op = Operator::start(&client, &cloud);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        a_ports_on("0"),
+        [10000],
+        "the old place serves after a restart"
+    );
+    eventually(30, "after the grace the old listener is gone", || async {
+        let s = api.get("a").await.ok()?;
+        (a_ports_on("0").is_empty() && lb_of(&s).1.is_none()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        cloud_pool(&cloud, "mig").len(),
+        2,
+        "b's load balancer stays"
+    );
+
+    // drain a's load balancer: it moves off (to a new one: b's has one port free, a needs two)
+    let pools: Api<LoadBalancerPool> = Api::all(client.clone());
+    pools
+        .patch(
+            "mig",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"drain": ["mig-1"]}})),
+        )
+        .await
+        .expect("drain mig-1");
+    eventually(30, "a moved off the drained load balancer", || async {
+        let s = api.get("a").await.ok()?;
+        (lb_of(&s) == ("mig-2".to_string(), Some("mig-1".to_string()))).then_some(())
+    })
+    .await;
+    eventually(
+        30,
+        "the drained load balancer is emptied and deleted after the grace",
+        || async {
+            (cloud_pool(&cloud, "mig").len() == 2 && a_ports_on("1").is_empty()).then_some(())
+        },
+    )
+    .await;
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "mig").await;
+    op.kill().await;
+}

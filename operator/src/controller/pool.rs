@@ -21,7 +21,7 @@ use tracing::warn;
 use super::Context;
 use super::status::{self, READY};
 use crate::Error;
-use crate::allocator::{PoolAllocator, StrayListener};
+use crate::allocator::{PoolAllocator, StrayListener, owner_of};
 use crate::cost::PriceTable;
 use crate::telemetry::{DriftLabels, PoolLabels};
 
@@ -57,8 +57,7 @@ async fn cleanup(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Actio
     let state = alloc.lock(&ctx.client, &pool.spec).await?;
     let holders: BTreeSet<String> = state
         .allocations()
-        .map(|(key, _)| key.clone())
-        .filter(|key| !key.starts_with(crate::allocator::STRAY_KEY_PREFIX))
+        .filter_map(|(key, _)| owner_of(key).map(str::to_string))
         .collect();
     if holders.is_empty() {
         alloc.close();
@@ -184,6 +183,11 @@ async fn apply(pool: Arc<LoadBalancerPool>, ctx: Arc<Context>) -> Result<Action,
         Err(e) => return Err(e),
     };
     alloc.retry_strays().await;
+    // a drain just asked for: those on a draining load balancer that allow it move off (their reconcile moves)
+    if old.observed_generation != generation {
+        let on_draining: BTreeSet<String> = on_draining.values().flatten().cloned().collect();
+        ctx.reconcile_now(&on_draining);
+    }
     if alloc.audit_due(ctx.settings.audit_interval) {
         audit(&ctx, &pool, &alloc).await?;
     }
@@ -327,9 +331,9 @@ const DRAINING_NAMES_SHOWN: usize = 50;
 fn holders_of_draining(state: &PoolState) -> BTreeMap<LbIndex, Vec<String>> {
     let draining = &state.config().draining;
     let mut out: BTreeMap<LbIndex, Vec<String>> = BTreeMap::new();
-    for (uid, a) in state.allocations() {
-        if draining.contains(&a.lb) && !uid.starts_with(crate::allocator::STRAY_KEY_PREFIX) {
-            out.entry(a.lb).or_default().push(uid.clone());
+    for (key, a) in state.allocations() {
+        if let Some(uid) = owner_of(key).filter(|_| draining.contains(&a.lb)) {
+            out.entry(a.lb).or_default().push(uid.to_string());
         }
     }
     out

@@ -14,7 +14,7 @@ use serde::Serialize;
 use sharedlb_crds::{LoadBalancerPool, PoolLimits, SharedLB, validate_shared_lb};
 use sharedlb_placement::{Change, LbGroups, PoolConfig, PoolState, PortMode, Strategy};
 
-use crate::allocator::claim_of;
+use crate::allocator::{claims_of, held_key};
 use crate::claims::{self, CloudOwners};
 use crate::controller::pool::{pool_limits, pool_totals};
 use crate::cost::PriceTable;
@@ -70,6 +70,8 @@ pub enum Outcome {
     Update,
     /// Already placed as asked.
     Unchanged,
+    /// Placed, and moves to another load balancer (it allows moves and cannot stay as it is).
+    Move,
     /// Not placed (a new one), or its change is not made (a placed one keeps its ports).
     Refused,
 }
@@ -294,7 +296,7 @@ impl PoolModel {
         let claims: Vec<_> = live
             .iter()
             .filter(|s| s.metadata.deletion_timestamp.is_none())
-            .filter_map(|s| claim_of(s, &name))
+            .flat_map(|s| claims_of(s, &name))
             .collect();
         claims::settle(&mut st, claims, &CloudOwners::new());
         PoolModel {
@@ -411,7 +413,25 @@ fn plan_one(
         key: key.clone(),
         ports: model::port_requests(&slb.spec),
     };
-    let p = st.plan(std::slice::from_ref(&change));
+    let mut p = st.plan(std::slice::from_ref(&change));
+    // as the operator does: one that allows moves and cannot stay as it is moves
+    let stuck = p
+        .refused
+        .first()
+        .is_some_and(|(_, r)| matches!(r.reason(), "NoRoomToGrow" | "LoadBalancerDraining"))
+        || (p.placed.is_empty()
+            && placed_before
+                .as_ref()
+                .is_some_and(|a| st.config().draining.contains(&a.lb)));
+    let movable = slb.spec.move_grace().is_some() && st.allocation(&held_key(&key)).is_none();
+    let mut moved = false;
+    if let (true, true, Some(old)) = (stuck, movable, &placed_before)
+        && let Some(Ok(mv)) =
+            st.plan_move(&key, &held_key(&key), &model::move_requests(&slb.spec, old))
+    {
+        p = mv;
+        moved = true;
+    }
     st.apply(&p);
     for a in &p.actions {
         if let sharedlb_placement::Action::CreateLoadBalancer { lb } = a {
@@ -420,6 +440,7 @@ fn plan_one(
     }
     let refusal = p.refused.first().map(|(_, r)| r);
     let outcome = match (refusal, &placed_before, p.placed.is_empty()) {
+        _ if moved => Outcome::Move,
         (Some(_), _, _) => Outcome::Refused,
         (None, None, _) => Outcome::Place,
         (None, Some(_), false) => Outcome::Update,

@@ -119,6 +119,7 @@ fn outcome(o: Outcome) -> &'static str {
         Outcome::Place => "Place",
         Outcome::Update => "Update",
         Outcome::Unchanged => "Unchanged",
+        Outcome::Move => "Move",
         Outcome::Refused => "Refused",
     }
 }

@@ -276,3 +276,36 @@ fn compaction_names_the_moves_and_the_load_balancers_they_empty() {
     assert_eq!(web.moves[0].ports[0].port, 53, "a fixed port stays");
     assert!(render::compaction(&r).contains("web-2"));
 }
+
+/// A SharedLB that allows moves and cannot grow where it is is planned as the operator moves it: onto another
+/// load balancer with the port number it has.
+#[test]
+fn a_movable_shared_lb_that_cannot_grow_is_planned_as_a_move() {
+    let mut i = inputs();
+    i.live.push(
+        slb("b")
+            .port("http", None, Tcp)
+            .placed("web", 0, &[("http", 10001, Tcp)])
+            .build(),
+    );
+    let mut grown = slb("a")
+        .port("http", None, Tcp)
+        .port("admin", None, Tcp)
+        .build();
+    grown.spec.migration = Some(sharedlb_crds::Migration {
+        allowed: true,
+        grace_period_seconds: None,
+    });
+    i.proposed = vec![grown];
+    let r = plan(&i, &PriceTable::default());
+    let a = &r.shared_lbs[0];
+    assert_eq!(
+        (a.outcome, a.load_balancer.as_deref()),
+        (Outcome::Move, Some("web-1"))
+    );
+    assert_eq!(
+        ports(a),
+        [("admin".to_string(), 10001), ("http".to_string(), 10000)]
+    );
+    assert_eq!(r.pools[0].new_load_balancers, ["web-1"]);
+}

@@ -36,6 +36,11 @@ pub(super) async fn allocate(
         ports: requests,
     }]);
     if let Some((_, r)) = plan.refused.first() {
+        // it cannot grow where it is: one that allows it moves to where it can
+        let stuck = matches!(r.reason(), "NoRoomToGrow" | "LoadBalancerDraining");
+        if stuck && let Some(moved) = moving::move_off(ctx, slb, alloc, &mut state).await? {
+            return Ok(moved);
+        }
         let refusal = Refusal::new(r.reason(), r.to_string()).retry(RETRY_REFUSED);
         return Ok(match state.allocation(&uid) {
             Some(a) => Placement::Held {
@@ -56,6 +61,14 @@ pub(super) async fn allocate(
             "an upsert of {uid} was neither placed nor refused"
         )));
     };
+    // its load balancer drains: one that allows it moves off
+    let draining = state.config().draining.contains(&allocation.lb);
+    if draining
+        && plan.placed.is_empty()
+        && let Some(moved) = moving::move_off(ctx, slb, alloc, &mut state).await?
+    {
+        return Ok(moved);
+    }
     let recorded = slb
         .status
         .as_ref()

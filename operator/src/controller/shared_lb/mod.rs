@@ -30,14 +30,15 @@ use crate::model::{self, ListenerId, ServiceKind};
 use crate::telemetry::PoolLabels;
 
 mod allocate;
+mod moving;
 mod pool_choice;
 mod release;
 mod report;
 mod service;
 
-use allocate::{Placement, allocate};
+use allocate::{Placement, allocate, delete_in_background};
 use pool_choice::{namespace_admitted, not_admitted, resolve_pool};
-use release::{note_listeners, note_recorded_listeners, place_again_around, release};
+use release::{both_places, note_held, note_recorded_listeners, place_again_around, release};
 use report::{
     Precondition, Refusal, cloud_failed, is_ready, ready_reason_changed, refuse, send_status,
     write_status_if_changed,
@@ -161,7 +162,7 @@ struct Deploy {
 async fn program(
     ctx: &Context,
     slb: &SharedLB,
-    alloc: &PoolAllocator,
+    alloc: &Arc<PoolAllocator>,
     pool: &LoadBalancerPool,
     deploy: Deploy,
 ) -> Result<Action, Error> {
@@ -172,8 +173,24 @@ async fn program(
     } = deploy;
     let allocation = &allocation;
     let uid = slb.uid().unwrap_or_default();
+    // a move's old place serves until its grace is over, then goes
+    let ended;
+    let slb = match moving::still_serving(slb, &alloc.pool) {
+        Some((_, until)) if until <= k8s_openapi::jiff::Timestamp::now() => {
+            ended = moving::end_move(ctx, slb, alloc, pool).await?;
+            &ended
+        }
+        _ => slb,
+    };
+    let mut wanted = model::wanted_listeners(slb, allocation);
+    let mut next = RESYNC;
+    if let Some((old, until)) = moving::still_serving(slb, &alloc.pool) {
+        wanted.extend(old);
+        let left = k8s_openapi::jiff::Timestamp::now().duration_until(until);
+        next = next.min(Duration::try_from(left).unwrap_or_default() + Duration::from_secs(1));
+    }
     // a freed port is closed first, whatever else fails after
-    if let Err(e) = withdraw_stale(alloc, &uid, &model::wanted_listeners(slb, allocation)).await {
+    if let Err(e) = withdraw_stale(alloc, &uid, &wanted).await {
         return cloud_failed(ctx, slb, e).await;
     }
     // The Service before the cloud: the apiserver is the last judge of the input (a foreign Service of that
@@ -196,7 +213,7 @@ async fn program(
         }
     };
     if converged {
-        return Ok(Action::requeue(RESYNC));
+        return Ok(Action::requeue(next));
     }
     let key = alloc.key(allocation.lb);
     let info = match alloc.provider().ensure_load_balancer(&key).await {
@@ -253,7 +270,7 @@ async fn program(
             ctx.event(slb, EventType::Warning, &r.reason, r.message.clone())
                 .await;
         }
-        return Ok(Action::requeue(RETRY_REFUSED));
+        return Ok(Action::requeue(RETRY_REFUSED.min(next)));
     }
     if !status::is_ready(slb) {
         let ready = status::get(&st.conditions, READY).map(|c| c.message.clone());
@@ -265,7 +282,7 @@ async fn program(
                 .await;
         }
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(next))
 }
 
 /// The status reports a failed cloud call (`cloud_failed` wrote it, with a Warning Event).
@@ -315,23 +332,18 @@ async fn cleanup(slb: Arc<SharedLB>, ctx: Arc<Context>) -> Result<Action, Error>
     // The listeners first, each only if this SharedLB owns it; then the ports; a crash in between converges:
     // removal is idempotent and the rebuild skips objects being deleted. Removed: what the allocation holds,
     // what the status records, and whatever else the cloud may hold for it (a removal that failed before).
-    let state = alloc.lock(&ctx.client, &pool.spec).await?;
-    let held = state.allocation(&uid).cloned();
-    drop(state);
-    if let Some(a) = &held {
-        note_listeners(&alloc, &uid, a);
-    }
+    let held = note_held(&*alloc.lock(&ctx.client, &pool.spec).await?, &alloc, &uid);
     note_recorded_listeners(&alloc, &slb);
     if let Err(e) = withdraw_stale(&alloc, &uid, &BTreeSet::new()).await {
         return cloud_failed(&ctx, &slb, e).await;
     }
     let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
-    let plan = state.plan(&[Change::Remove { key: uid }]);
+    let plan = state.plan(&both_places(&uid));
     state.apply(&plan);
     let doomed: Vec<u32> = state.deleting();
     drop(state);
     // no Event: the object is on its way out, and nobody reads the Events of a deleted object
-    if held.is_some() || !status.ports.is_empty() {
+    if held || !status.ports.is_empty() {
         info!(pool = %pool_name, "ports released");
     }
     if let Err(e) = alloc.delete_marked(doomed).await {

@@ -1,6 +1,8 @@
 //! Taking a SharedLB out of its pool: listeners withdrawn, Service deleted, then its ports freed.
 
 use super::*;
+use crate::allocator::held_key;
+use sharedlb_placement::PoolState;
 
 /// On a passthrough cloud another Service holds a node port this SharedLB was given, before it ever served:
 /// the ports are blocked in the pool, the placement released, and the next reconcile places it again around them.
@@ -35,14 +37,7 @@ pub(super) async fn release(
     let uid = slb.uid().unwrap_or_default();
     // what it holds goes first, the ports last: a port is never free while something of this SharedLB still
     // answers on it; a failure stops here (the status still names the place) and the next reconcile goes on
-    let held = alloc
-        .lock(&ctx.client, &pool.spec)
-        .await?
-        .allocation(&uid)
-        .cloned();
-    if let Some(a) = &held {
-        note_listeners(alloc, &uid, a);
-    }
+    note_held(&*alloc.lock(&ctx.client, &pool.spec).await?, alloc, &uid);
     note_recorded_listeners(alloc, slb);
     withdraw_stale(alloc, &uid, &BTreeSet::new()).await?;
     let ns = slb.namespace().unwrap_or_default();
@@ -58,7 +53,7 @@ pub(super) async fn release(
             .map_err(Error::from_kube)?;
     }
     let mut state = alloc.lock(&ctx.client, &pool.spec).await?;
-    let plan = state.plan(&[Change::Remove { key: uid.clone() }]);
+    let plan = state.plan(&both_places(&uid));
     state.apply(&plan);
     for p in block {
         state.block_port(*p);
@@ -71,20 +66,41 @@ pub(super) async fn release(
     Ok(())
 }
 
-/// The listeners the SharedLB's status records go into the ledger: the cloud may hold them (written before a
+/// The listeners the SharedLB's status records (with a move's old place) go into the ledger: the cloud may hold them (written before a
 /// restart) even where this process never made them.
 pub(super) fn note_recorded_listeners(alloc: &PoolAllocator, slb: &SharedLB) {
     let uid = slb.uid().unwrap_or_default();
-    let recorded = slb
-        .status
-        .as_ref()
-        .and_then(|s| allocation_from_status(s, &alloc.pool));
-    if let Some(a) = &recorded {
+    let Some(status) = slb.status.as_ref() else {
+        return;
+    };
+    let recorded = allocation_from_status(status, &alloc.pool);
+    let previous = crate::allocator::previous_from_status(status, &alloc.pool);
+    for a in recorded.iter().chain(previous.iter()) {
         note_listeners(alloc, &uid, a);
     }
 }
 
-pub(super) fn note_listeners(alloc: &PoolAllocator, uid: &str, a: &Allocation) {
+/// Notes in the ledger the listeners of what the SharedLB holds: its place, and the old one while it moves.
+/// Returns whether it holds anything.
+pub(super) fn note_held(state: &PoolState, alloc: &PoolAllocator, uid: &str) -> bool {
+    let places = [state.allocation(uid), state.allocation(&held_key(uid))];
+    for a in places.iter().flatten() {
+        note_listeners(alloc, uid, a);
+    }
+    places.iter().any(Option::is_some)
+}
+
+/// Frees both places of a SharedLB: its own, and the old one it holds while it moves.
+pub(super) fn both_places(uid: &str) -> [Change; 2] {
+    [
+        Change::Remove {
+            key: uid.to_string(),
+        },
+        Change::Remove { key: held_key(uid) },
+    ]
+}
+
+fn note_listeners(alloc: &PoolAllocator, uid: &str, a: &Allocation) {
     for p in &a.ports {
         alloc.note_listener(uid, ListenerId::of(a.lb, p));
     }
