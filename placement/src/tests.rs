@@ -708,6 +708,44 @@ proptest! {
         prop_assert_eq!(in_use, c.after as usize);
     }
 
+    /// Moves after a random workload: each item moved with the port numbers it has (as the shell asks) lands on
+    /// another load balancer that does not drain, keeps its ports, and every rule holds while the old place is held
+    /// beside it and after the old place is let go.
+    #[test]
+    fn moves_hold_both_places_under_every_rule(
+        config in strategy_config(),
+        ops in prop::collection::vec(op_strategy(), 1..30),
+    ) {
+        let mut s = PoolState::new(config);
+        for op in ops {
+            let change = match op {
+                Op::Create(k, p) | Op::Update(k, p) => up(&format!("k{k}"), requests(&p)),
+                Op::Delete(k) => Change::Remove { key: format!("k{k}") },
+            };
+            plan_apply(&mut s, &[change]);
+        }
+        let keys: Vec<ItemKey> = s.allocations().map(|(k, _)| k.clone()).collect();
+        for key in keys {
+            let Some(old) = s.allocation(&key).cloned() else { continue };
+            let same: Vec<PortRequest> = old
+                .ports
+                .iter()
+                .map(|p| PortRequest { name: p.name.clone(), port: Some(p.port), protocol: p.protocol })
+                .collect();
+            let held = format!("moving:{key}");
+            let Some(Ok(plan)) = s.plan_move(&key, &held, &same) else { continue };
+            s.apply(&plan);
+            let new = s.allocation(&key).cloned().expect("moved");
+            prop_assert_ne!(new.lb, old.lb);
+            prop_assert!(!s.config().draining.contains(&new.lb));
+            prop_assert_eq!(&new.ports, &old.ports, "the same ports");
+            prop_assert_eq!(s.allocation(&held), Some(&old), "the old place is held");
+            prop_assert_eq!(check_invariants(&s), Ok(()));
+            plan_apply(&mut s, &[Change::Remove { key: held }]);
+            prop_assert_eq!(check_invariants(&s), Ok(()));
+        }
+    }
+
     /// Create-only single-port workloads use exactly ceil(n / capacity) load balancers, whether the items come
     /// in one batch or one at a time (the controller's case).
     #[test]
