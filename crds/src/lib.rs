@@ -95,6 +95,7 @@ pub struct SharedLBSpec {
 /// new address (with an Event), and the old listeners serve for `gracePeriodSeconds` more, so clients can switch.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_integer_formats)]
 pub struct Migration {
     /// Moved when it cannot grow where it is (`NoRoomToGrow`) or its load balancer drains.
     #[serde(default)]
@@ -204,10 +205,23 @@ pub struct SharedLBStatus {
     /// The ports for humans, e.g. `4001/TCP,4002/UDP`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_summary: Option<String>,
+    /// A move under way: the place it moves to, recorded before any cloud call while `loadBalancer` and `ports`
+    /// still show where it is served. Once the new listeners are made, they become `loadBalancer` and `ports`,
+    /// and the old place becomes `previous`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_to: Option<MovingTo>,
     /// Where a moved SharedLB was: its old listeners serve until `releaseAfter`, then go. Durable like the
-    /// allocation: written together with the new one, before any cloud call, and held again after a restart.
+    /// allocation, and held again after a restart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous: Option<PreviousPlacement>,
+}
+
+/// The load balancer and ports a SharedLB is moving to.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MovingTo {
+    pub load_balancer: String,
+    pub ports: Vec<PortStatus>,
 }
 
 /// The load balancer and ports a SharedLB moved off.

@@ -75,32 +75,35 @@ pub fn pool_config(
     }
 }
 
-/// The allocation a status records for `pool`, if any.
+/// The allocation a status records for `pool`, if any: during a move, the place it moves to.
 pub fn allocation_from_status(status: &SharedLBStatus, pool: &str) -> Option<Allocation> {
     if status.pool.as_deref() != Some(pool) {
         return None;
     }
-    allocation_of(status.load_balancer.as_ref()?, &status.ports, pool)
+    match &status.moving_to {
+        Some(to) => allocation_of(&to.load_balancer, &to.ports, pool),
+        None => allocation_of(&status.load_balancer.as_ref()?.name, &status.ports, pool),
+    }
 }
 
-/// The old place a moved SharedLB's status records for `pool`, while its grace lasts.
+/// The old place of a moving SharedLB that a status records for `pool`: where it is still served while it
+/// moves, and after the move until the grace is over.
 pub fn previous_from_status(status: &SharedLBStatus, pool: &str) -> Option<Allocation> {
     if status.pool.as_deref() != Some(pool) {
         return None;
     }
-    let previous = status.previous.as_ref()?;
-    allocation_of(&previous.load_balancer, &previous.ports, pool)
+    match (&status.moving_to, &status.previous) {
+        (Some(_), _) => allocation_of(&status.load_balancer.as_ref()?.name, &status.ports, pool),
+        (None, Some(p)) => allocation_of(&p.load_balancer.name, &p.ports, pool),
+        (None, None) => None,
+    }
 }
 
-fn allocation_of(
-    lb: &sharedlb_crds::LoadBalancerRef,
-    ports: &[sharedlb_crds::PortStatus],
-    pool: &str,
-) -> Option<Allocation> {
+fn allocation_of(lb: &str, ports: &[sharedlb_crds::PortStatus], pool: &str) -> Option<Allocation> {
     if ports.is_empty() {
         return None;
     }
-    let lb = sharedlb_crds::load_balancer_index(pool, &lb.name)?;
+    let lb = sharedlb_crds::load_balancer_index(pool, lb)?;
     let mut ports: Vec<AllocatedPort> = ports
         .iter()
         .filter_map(|p| {

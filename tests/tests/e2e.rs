@@ -1828,8 +1828,8 @@ async fn a_warm_spare_takes_a_shared_lb_that_needs_a_new_load_balancer_at_once()
 }
 
 /// Make-before-break moves. `a` allows moves (grace 8 s) and asks for a second port on a full load balancer: it
-/// moves to a new one with the port number it had, the status shows the new place and keeps the old one as
-/// `previous`, an Event says so, and both load balancers serve it until the grace is over — across a restart of
+/// moves to a new one with the port number it had, the status shows the new place only once it serves (load
+/// balancers take 1.5 s to make here) and keeps the old one as `previous`, an Event says so, and both load balancers serve it until the grace is over — across a restart of
 /// the operator — when the old listener goes. `b`, which does not allow moves, stays. Draining `a`'s new load
 /// balancer moves it off again.
 #[tokio::test]
@@ -1839,10 +1839,11 @@ async fn a_shared_lb_that_allows_moves_moves_make_before_break() {
     let cloud = MemoryCloud::new();
     let op = Operator::start(&client, &cloud);
     let ns = namespace(&client, "e2e-move", &[]).await;
+    // load balancers take 1.5 s to make: long enough to see the status wait for the new listeners
     create_pool(
         &client,
         "mig",
-        json!({"provider": {"memory": {}}, "capacity": {"maxPortsPerLoadBalancer": 2}}),
+        json!({"provider": {"memory": {"provisioningMs": 1500}}, "capacity": {"maxPortsPerLoadBalancer": 2}}),
     )
     .await;
     let movable = |ports: Vec<serde_json::Value>| {
@@ -1885,6 +1886,14 @@ async fn a_shared_lb_that_allows_moves_moves_make_before_break() {
     .expect("grow a");
     let moved = eventually(30, "a moved to mig-1 and is Ready there", || async {
         let s = api.get("a").await.ok()?;
+        // make-before-break: the status never names the new place before it serves
+        if lb_of(&s).0 == "mig-1" {
+            assert_eq!(
+                a_ports_on("1"),
+                [10000, 10001],
+                "the status showed mig-1 before it served"
+            );
+        }
         let ready = condition(&s, "Ready")?.0 == "True";
         (ready && lb_of(&s) == ("mig-1".to_string(), Some("mig-0".to_string()))).then_some(s)
     })

@@ -73,6 +73,7 @@ pub const SHARED_LB_STATUS_KEYS: &[&str] = &[
     "ports",
     "serviceName",
     "portSummary",
+    "movingTo",
     "previous",
 ];
 pub const POOL_STATUS_KEYS: &[&str] = &[

@@ -175,8 +175,9 @@ async fn program(
     let uid = slb.uid().unwrap_or_default();
     // a move's old place serves until its grace is over, then goes
     let ended;
+    let now = k8s_openapi::jiff::Timestamp::now();
     let slb = match moving::still_serving(slb, &alloc.pool) {
-        Some((_, until)) if until <= k8s_openapi::jiff::Timestamp::now() => {
+        Some((_, Some(until))) if until <= now => {
             ended = moving::end_move(ctx, slb, alloc, pool).await?;
             &ended
         }
@@ -186,8 +187,10 @@ async fn program(
     let mut next = RESYNC;
     if let Some((old, until)) = moving::still_serving(slb, &alloc.pool) {
         wanted.extend(old);
-        let left = k8s_openapi::jiff::Timestamp::now().duration_until(until);
-        next = next.min(Duration::try_from(left).unwrap_or_default() + Duration::from_secs(1));
+        if let Some(until) = until {
+            let left = Duration::try_from(now.duration_until(until)).unwrap_or_default();
+            next = next.min(left + Duration::from_secs(1));
+        }
     }
     // a freed port is closed first, whatever else fails after
     if let Err(e) = withdraw_stale(alloc, &uid, &wanted).await {
@@ -255,7 +258,7 @@ async fn program(
     let refused_why = refused
         .as_ref()
         .map(|r| (r.reason.as_str(), r.message.as_str()));
-    let st = model::programmed_status(
+    let mut st = model::programmed_status(
         &old,
         &served,
         &listeners,
@@ -263,7 +266,13 @@ async fn program(
         slb.meta().generation,
         refused_why,
     );
+    // a move's new listeners are made: the status shows the new address now, the old one for the grace
+    let switched = moving::switch(slb, &mut st);
     write_status_if_changed(ctx, slb, &old, &st).await?;
+    if let Some((grace, note)) = switched {
+        ctx.event(slb, EventType::Normal, "Moved", note).await;
+        next = next.min(grace + Duration::from_secs(1));
+    }
     if let Some(r) = refused {
         if ready_reason_changed(&old, &r) {
             warn!(reason = %r.reason, message = %r.message, "update refused; the current allocation stays served");

@@ -73,6 +73,8 @@ pub(super) fn status_equal(a: &SharedLBStatus, b: &SharedLBStatus) -> bool {
         && a.ports == b.ports
         && a.service_name == b.service_name
         && a.port_summary == b.port_summary
+        && a.moving_to == b.moving_to
+        && a.previous == b.previous
         && status::same_conditions(&a.conditions, &b.conditions)
 }
 
