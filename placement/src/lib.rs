@@ -521,14 +521,19 @@ impl PoolState {
         let more = match (makeable, self.config.lb_groups) {
             (None, None) => None,
             (Some(n), None) => Some(n * cap.min(range_len)),
-            // each load balancer made takes at least one port of a group's budget: the walk ends
+            // each load balancer made takes at least one port of its group's budget, and a spent group stays
+            // spent: the walk ends once every group is
             (makeable, Some(g)) => {
-                let (mut made, mut more, mut index, mut idle) = (0u64, 0u64, 0 as LbIndex, 0);
-                while makeable.is_none_or(|m| made < m) && idle < g.count.max(1) {
+                let count = g.count.max(1);
+                let (mut made, mut more, mut index) = (0u64, 0u64, 0 as LbIndex);
+                let mut spent = std::collections::BTreeSet::new();
+                while makeable.is_none_or(|m| made < m) && (spent.len() as u32) < count {
                     if !self.lbs.contains_key(&index) && !self.config.draining.contains(&index) {
                         match take(index, cap.min(range_len)) {
-                            0 => idle += 1,
-                            t => (made, more, idle) = (made + 1, more + t, 0),
+                            0 => {
+                                spent.insert(index % count);
+                            }
+                            t => (made, more) = (made + 1, more + t),
                         }
                     }
                     index = index.saturating_add(1);
