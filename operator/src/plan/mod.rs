@@ -215,9 +215,13 @@ fn compact_pool(
         .filter_map(|s| Some((s.uid()?, s)))
         .filter(|(uid, _)| st.allocation(uid).is_some())
         .collect();
+    // as a move asks: the port numbers each has (a move changes only the address)
     let asked = of_pool
         .iter()
-        .map(|(uid, s)| (uid.clone(), model::port_requests(&s.spec)))
+        .filter_map(|(uid, s)| {
+            let now = st.allocation(uid)?;
+            Some((uid.clone(), model::move_requests(&s.spec, now)))
+        })
         .collect();
     let c = st.compaction(&asked);
     let ports: u32 = st.allocations().map(|(_, a)| a.ports.len() as u32).sum();

@@ -2,6 +2,7 @@
 //! the lower bound. Two passes: one batch (first-fit decreasing), and one plan per item as the controller does it
 //! (plan + apply per reconcile). The last line is the machine-readable summary.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use sharedlb_placement::{
@@ -99,23 +100,43 @@ fn main() {
         inc.load_balancers().len(),
         inc_s * 1e6 / ITEMS as f64
     );
-    let (before, after_deletes, deleted_bound, compacted, moves, compact_s) = compaction(&changes);
+    let c = compaction(&changes);
     println!(
-        "compaction: {COMPACTED} items one at a time use {before} load balancers; after deleting half at random {after_deletes} (lower bound {deleted_bound}); the compaction plan brings them to {compacted} with {moves} moves, {compact_s:.3} s"
+        "compaction: {COMPACTED} items one at a time use {} load balancers; after deleting half at random {} (lower bound {}); compaction brings them to {} with {} moves when ports may change ({:.3} s), to {} with {} moves keeping each one's ports (as migration moves)",
+        c.before,
+        c.after_deletes,
+        c.bound,
+        c.any_ports.0,
+        c.any_ports.1,
+        c.secs,
+        c.same_ports.0,
+        c.same_ports.1
     );
     println!(
-        "placement items={ITEMS} lbs={batch_lbs} lower_bound={bound} seconds={batch_s:.3} compact_before={after_deletes} compact_after={compacted} compact_bound={deleted_bound} compact_moves={moves}"
+        "placement items={ITEMS} lbs={batch_lbs} lower_bound={bound} seconds={batch_s:.3} compact_before={} compact_bound={} compact_after={} compact_moves={} compact_same_ports_after={} compact_same_ports_moves={}",
+        c.after_deletes, c.bound, c.any_ports.0, c.any_ports.1, c.same_ports.0, c.same_ports.1
     );
 }
 
 /// Items in the compaction pass: the first of the workload, placed one at a time.
 const COMPACTED: usize = 10_000;
 
-/// Places the first `COMPACTED` items one at a time, deletes a random half, and plans the compaction: (load
-/// balancers before the deletes, after them, the lower bound then, after the compaction, moves, seconds).
-fn compaction(changes: &[Change]) -> (usize, usize, u64, u32, usize, f64) {
+/// What `compaction` found.
+struct Compacted {
+    before: usize,
+    after_deletes: usize,
+    bound: u64,
+    /// (load balancers after, moves) when moves may change auto-assigned ports, and when they keep them.
+    any_ports: (u32, usize),
+    same_ports: (u32, usize),
+    secs: f64,
+}
+
+/// Places the first `COMPACTED` items one at a time, deletes a random half, and plans the compaction twice:
+/// with moves that may change auto-assigned ports, and with moves that keep them (as migration does).
+fn compaction(changes: &[Change]) -> Compacted {
     let mut s = PoolState::new(config());
-    let mut asked = std::collections::BTreeMap::new();
+    let mut asked = BTreeMap::new();
     for c in &changes[..COMPACTED] {
         let p = s.plan(std::slice::from_ref(c));
         s.apply(&p);
@@ -145,14 +166,31 @@ fn compaction(changes: &[Change]) -> (usize, usize, u64, u32, usize, f64) {
     let after_deletes = s.load_balancers().iter().filter(|l| !l.deleting).count();
     let left: u64 = asked.values().map(|p| p.len() as u64).sum();
     let t = Instant::now();
-    let c = s.compaction(&asked);
+    let any = s.compaction(&asked);
     let secs = t.elapsed().as_secs_f64();
-    (
+    // as a move asks (sharedlb plan --compact): the port numbers each has
+    let same: BTreeMap<String, Vec<PortRequest>> = s
+        .allocations()
+        .map(|(k, a)| {
+            let ports = a
+                .ports
+                .iter()
+                .map(|p| PortRequest {
+                    name: p.name.clone(),
+                    port: Some(p.port),
+                    protocol: p.protocol,
+                })
+                .collect();
+            (k.clone(), ports)
+        })
+        .collect();
+    let kept = s.compaction(&same);
+    Compacted {
         before,
         after_deletes,
-        lower_bound(left, CAPACITY),
-        c.after,
-        c.moves.len(),
+        bound: lower_bound(left, CAPACITY),
+        any_ports: (any.after, any.moves.len()),
+        same_ports: (kept.after, kept.moves.len()),
         secs,
-    )
+    }
 }
