@@ -686,14 +686,7 @@ impl PoolState {
 
         for key in removes {
             if let Some(old) = scratch.release(key) {
-                for p in &old.ports {
-                    plan.actions.push(Action::RemoveListener {
-                        lb: old.lb,
-                        port: p.port,
-                        protocol: p.protocol,
-                        owner: key.clone(),
-                    });
-                }
+                plan.actions.extend(listeners(&old, key, false));
                 plan.released.push(key.clone());
             }
         }
@@ -728,14 +721,7 @@ impl PoolState {
                             .push(Action::CreateLoadBalancer { lb: alloc.lb });
                         scratch.add_lb(alloc.lb);
                     }
-                    for p in &alloc.ports {
-                        plan.actions.push(Action::AddListener {
-                            lb: alloc.lb,
-                            port: p.port,
-                            protocol: p.protocol,
-                            owner: key.clone(),
-                        });
-                    }
+                    plan.actions.extend(listeners(&alloc, key, true));
                     scratch.occupy(key.clone(), alloc.clone());
                     plan.placed.push((key.clone(), alloc));
                 }
@@ -783,14 +769,7 @@ impl PoolState {
         if created {
             plan.actions.push(Action::CreateLoadBalancer { lb: new.lb });
         }
-        for p in &new.ports {
-            plan.actions.push(Action::AddListener {
-                lb: new.lb,
-                port: p.port,
-                protocol: p.protocol,
-                owner: key.to_string(),
-            });
-        }
+        plan.actions.extend(listeners(&new, key, true));
         // in this order: `apply` frees the old place of `key`, then holds it again under `held`
         plan.placed = vec![(key.to_string(), new), (held.to_string(), old)];
         Some(Ok(plan))
@@ -1138,6 +1117,27 @@ impl PoolState {
         self.occupy(key.clone(), new.clone());
         Ok(Some((old, new)))
     }
+}
+
+/// An `AddListener` (`add`) or `RemoveListener` per port of an allocation, owned by `key`.
+fn listeners<'a>(a: &'a Allocation, key: &'a str, add: bool) -> impl Iterator<Item = Action> + 'a {
+    a.ports.iter().map(move |p| {
+        let (lb, port, protocol, owner) = (a.lb, p.port, p.protocol, key.to_string());
+        match add {
+            true => Action::AddListener {
+                lb,
+                port,
+                protocol,
+                owner,
+            },
+            false => Action::RemoveListener {
+                lb,
+                port,
+                protocol,
+                owner,
+            },
+        }
+    })
 }
 
 fn sorted(mut p: Vec<AllocatedPort>) -> Vec<AllocatedPort> {
