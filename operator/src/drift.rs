@@ -67,24 +67,40 @@ impl Drift {
         owners
     }
 
-    /// One line per kind, for the Event and the condition.
+    /// Each kind with its metric label, how many were found, and what mending them did.
+    pub fn kinds(&self) -> [(&'static str, usize, &'static str); 4] {
+        [
+            (
+                "missing_listener",
+                self.missing.len(),
+                "missing listener(s) made again",
+            ),
+            (
+                "stray_listener",
+                self.strays.len(),
+                "stray listener(s) removed",
+            ),
+            (
+                "missing_load_balancer",
+                self.missing_load_balancers.len(),
+                "missing load balancer(s) made again",
+            ),
+            (
+                "address_changed",
+                self.moved.len(),
+                "changed address(es) written to the statuses",
+            ),
+        ]
+    }
+
+    /// One line of the kinds found, for the Event and the condition.
     pub fn summary(&self) -> String {
-        let mut parts = Vec::new();
-        let mut say = |n: usize, what: &str| {
-            if n > 0 {
-                parts.push(format!("{n} {what}"));
-            }
-        };
-        say(self.missing.len(), "missing listener(s) made again");
-        say(self.strays.len(), "stray listener(s) removed");
-        say(
-            self.missing_load_balancers.len(),
-            "missing load balancer(s) made again",
-        );
-        say(
-            self.moved.len(),
-            "changed address(es) written to the statuses",
-        );
+        let parts: Vec<String> = self
+            .kinds()
+            .iter()
+            .filter(|(_, n, _)| *n > 0)
+            .map(|(_, n, what)| format!("{n} {what}"))
+            .collect();
         parts.join(", ")
     }
 }

@@ -350,13 +350,7 @@ async fn audit(ctx: &Context, pool: &LoadBalancerPool, alloc: &PoolAllocator) ->
     if drift.is_empty() {
         return Ok(());
     }
-    let counts = [
-        ("missing_listener", drift.missing.len()),
-        ("stray_listener", drift.strays.len()),
-        ("missing_load_balancer", drift.missing_load_balancers.len()),
-        ("address_changed", drift.moved.len()),
-    ];
-    for (kind, n) in counts.into_iter().filter(|(_, n)| *n > 0) {
+    for (kind, n, _) in drift.kinds().into_iter().filter(|(_, n, _)| *n > 0) {
         let labels = DriftLabels {
             pool: pool.name_any(),
             kind,
