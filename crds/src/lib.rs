@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 
 mod validate;
 pub use validate::{
-    SpecError, load_balancer_index, local_addresses_in_effect, validate_drain,
-    validate_local_addresses, validate_pool, validate_provider_change, validate_shared_lb,
+    SpecError, is_concrete_unicast, load_balancer_index, local_addresses_in_effect, validate_drain,
+    validate_local_addresses, validate_local_fixed_ports, validate_pool, validate_provider_change,
+    validate_shared_lb,
 };
 
 pub const GROUP: &str = "sharedlb.dev";
@@ -542,13 +543,31 @@ pub struct AzureSettings {
 #[serde(rename_all = "camelCase")]
 pub struct LocalSettings {
     /// One address of this machine per load balancer, e.g. `127.0.0.10`; the pool has as many load balancers
-    /// as addresses. Each a concrete IP address (not `0.0.0.0` or `::`).
+    /// as addresses. Each a concrete unicast address: not unspecified (`0.0.0.0`, `::`), multicast, broadcast or
+    /// link-local.
     #[schemars(length(min = 1, max = 1024), inner(length(max = 45)))]
     #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self.all(a, isIP(a) && !ip(a).isUnspecified())",
-        "message": "each address must be a concrete IPv4 or IPv6 address, not 0.0.0.0 or ::",
+        "rule": "self.all(a, isIP(a) && (ip(a).isLoopback() || ip(a).isGlobalUnicast()))",
+        "message": "each address must be a concrete unicast IPv4 or IPv6 address: not 0.0.0.0 or ::, multicast, broadcast or link-local",
     }]))]
     pub addresses: Vec<String>,
+    /// Ranges a SharedLB's fixed `port` may also come from, besides `portRange`. The forwarder binds on this
+    /// machine, so the pool decides which ports tenants may take: a fixed port outside `portRange` and these
+    /// ranges is refused (`PortNotAllowed`), a port below 1024 included. The operator's own ports never are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub fixed_port_ranges: Vec<PortRange>,
+    /// Managers (the `endpointslice.kubernetes.io/managed-by` label) whose EndpointSlices of a backing Service
+    /// the forwarder trusts, besides the EndpointSlice controller (`endpointslice-controller.k8s.io`). Slices
+    /// of other managers are refused: whoever can write an EndpointSlice could otherwise aim a listener anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 63)))]
+    pub endpoint_slice_managers: Vec<String>,
+    /// Forward to endpoints on loopback addresses, for a single machine without pods (the demo, tests). Never
+    /// on a cluster: a tenant's listener would reach the services of the machine the forwarder runs on.
+    /// Link-local and cloud metadata addresses are refused whatever this says. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_loopback_endpoints: bool,
     /// A TCP connection with no byte either way, or a UDP session with no datagram, for this long is closed.
     /// Default 300.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -2,6 +2,7 @@
 //! ignore the CEL rules. Every refusal carries a reason a program can branch on and a message for a person.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -51,9 +52,17 @@ pub enum SpecError {
     #[error("spec.portRange: min {min} and max {max} must satisfy 1 <= min <= max <= 65535")]
     BadPortRange { min: i32, max: i32 },
     #[error(
-        "spec.provider.local.addresses: {0:?} is not a concrete IP address (0.0.0.0 and :: are refused)"
+        "spec.provider.local.addresses: {0:?} is not a concrete unicast IP address (unspecified, multicast, broadcast and link-local addresses are refused)"
     )]
     BadAddress(String),
+    #[error(
+        "port {name:?}: {port} is not a port this pool lets SharedLBs fix; it allows {allowed} (the pool's portRange and spec.provider.local.fixedPortRanges), or omit `port` to have one assigned"
+    )]
+    PortNotAllowed {
+        name: String,
+        port: i32,
+        allowed: String,
+    },
     #[error(
         "spec.provider: {0} cannot change, since the pool's load balancers live there; make a new pool instead"
     )]
@@ -88,6 +97,7 @@ impl SpecError {
             SpecError::BadCapacity(_) => "InvalidCapacity",
             SpecError::BadPortRange { .. } => "InvalidPortRange",
             SpecError::BadAddress(_) => "InvalidAddress",
+            SpecError::PortNotAllowed { .. } => "PortNotAllowed",
             SpecError::ProviderChanged(_) => "ProviderChanged",
             SpecError::AddressInUse { .. } => "AddressInUse",
             SpecError::BadDrain { .. } => "InvalidDrain",
@@ -235,9 +245,64 @@ pub fn validate_pool(spec: &LoadBalancerPoolSpec) -> Result<(), SpecError> {
         });
     }
     for a in spec.provider.local.iter().flat_map(|l| &l.addresses) {
-        match a.parse::<std::net::IpAddr>() {
-            Ok(ip) if !ip.is_unspecified() => {}
+        match a.parse::<IpAddr>() {
+            Ok(ip) if is_concrete_unicast(ip) => {}
             _ => return Err(SpecError::BadAddress(a.clone())),
+        }
+    }
+    for r in spec
+        .provider
+        .local
+        .iter()
+        .flat_map(|l| &l.fixed_port_ranges)
+    {
+        if r.min < 1 || r.max > 65535 || r.min > r.max {
+            return Err(SpecError::BadPortRange {
+                min: r.min,
+                max: r.max,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An address one host can own and serve from: loopback or global unicast (as CEL's `isGlobalUnicast` and Go's
+/// `net.IP.IsGlobalUnicast` say), so not unspecified, multicast, broadcast or link-local.
+pub fn is_concrete_unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast() || v4.is_link_local())
+        }
+        IpAddr::V6(v6) => {
+            let v6 = match v6.to_ipv4_mapped() {
+                Some(v4) => return is_concrete_unicast(IpAddr::V4(v4)),
+                None => v6,
+            };
+            !(v6.is_unspecified() || v6.is_multicast() || v6.is_unicast_link_local())
+        }
+    }
+}
+
+/// On a local pool, each fixed port must lie in the pool's port range (`range`, as the operator places under it)
+/// or in one of its `fixedPortRanges`: the forwarder binds it on the pool's addresses, on a machine the platform
+/// runs, so a tenant takes only ports the pool hands out (a port below 1024 included).
+pub fn validate_local_fixed_ports(
+    spec: &SharedLBSpec,
+    local: &crate::LocalSettings,
+    range: (u16, u16),
+) -> Result<(), SpecError> {
+    let ranges: Vec<(i32, i32)> = std::iter::once((i32::from(range.0), i32::from(range.1)))
+        .chain(local.fixed_port_ranges.iter().map(|r| (r.min, r.max)))
+        .collect();
+    for p in &spec.ports {
+        let Some(port) = p.port else { continue };
+        if !ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&port)) {
+            let allowed: Vec<String> = ranges.iter().map(|(lo, hi)| format!("{lo}-{hi}")).collect();
+            return Err(SpecError::PortNotAllowed {
+                name: p.name.clone(),
+                port,
+                allowed: allowed.join(", "),
+            });
         }
     }
     Ok(())
@@ -559,9 +624,59 @@ mod tests {
     }
 
     #[test]
+    fn a_local_pool_lets_fixed_ports_come_from_its_ranges_only() {
+        let mut local = crate::LocalSettings {
+            addresses: vec!["127.0.0.10".into()],
+            ..Default::default()
+        };
+        let spec_with = |ports: &[i32]| SharedLBSpec {
+            ports: ports
+                .iter()
+                .enumerate()
+                .map(|(i, p)| SharedLBPort {
+                    name: format!("p{i}"),
+                    port: Some(*p),
+                    target_port: IntOrString::Int(80),
+                    protocol: Protocol::Tcp,
+                })
+                .collect(),
+            ..spec()
+        };
+        let range = (10000, 19999);
+        let check = |s: &SharedLBSpec, l: &crate::LocalSettings| {
+            validate_local_fixed_ports(s, l, range).map_err(|e| e.reason())
+        };
+        assert_eq!(check(&spec_with(&[10000, 19999]), &local), Ok(()));
+        for refused in [9999, 20000, 80, 443, 22] {
+            assert_eq!(
+                check(&spec_with(&[10000, refused]), &local),
+                Err("PortNotAllowed"),
+                "{refused}"
+            );
+        }
+        local.fixed_port_ranges = vec![crate::PortRange { min: 443, max: 443 }];
+        assert_eq!(check(&spec_with(&[443, 10001]), &local), Ok(()));
+        assert_eq!(check(&spec_with(&[80]), &local), Err("PortNotAllowed"));
+        let e = validate_local_fixed_ports(&spec_with(&[80]), &local, range).expect_err("80");
+        assert!(e.to_string().contains("10000-19999, 443-443"), "{e}");
+    }
+
+    #[test]
     fn local_addresses_must_be_concrete_ip_addresses() {
-        assert_eq!(validate_pool(&local_pool(&["127.0.0.10", "::1"])), Ok(()));
-        for bad in ["0.0.0.0", "::", "localhost", "10.0.0.1/32"] {
+        let good = ["127.0.0.10", "::1", "192.0.2.10", "2001:db8::10"];
+        assert_eq!(validate_pool(&local_pool(&good)), Ok(()));
+        for bad in [
+            "0.0.0.0",
+            "::",
+            "localhost",
+            "10.0.0.1/32",
+            "224.0.0.1",
+            "255.255.255.255",
+            "169.254.169.254",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:169.254.1.1",
+        ] {
             assert_eq!(
                 validate_pool(&local_pool(&[bad])).map_err(|e| e.reason()),
                 Err("InvalidAddress"),

@@ -56,8 +56,7 @@ pub fn pool_config(
     };
     let port_range = match (limits.port_mode, &spec.port_range) {
         (PortMode::PoolWide, None) if node_ports => NODE_PORT_RANGE,
-        (_, Some(r)) => (r.min.clamp(1, 65535) as u16, r.max.clamp(1, 65535) as u16),
-        (_, None) => DEFAULT_PORT_RANGE,
+        _ => spec_port_range(spec),
     };
     PoolConfig {
         max_ports_per_lb: max_ports,
@@ -73,6 +72,13 @@ pub fn pool_config(
         draining: spec.drained(pool),
         warm: spec.capacity.warm_load_balancers.unwrap_or(0),
     }
+}
+
+/// The pool's `portRange`, or the default where it sets none (a pool-wide node-port pool aside: `pool_config`).
+pub fn spec_port_range(spec: &LoadBalancerPoolSpec) -> (u16, u16) {
+    spec.port_range.as_ref().map_or(DEFAULT_PORT_RANGE, |r| {
+        (r.min.clamp(1, 65535) as u16, r.max.clamp(1, 65535) as u16)
+    })
 }
 
 /// The allocation a status records for `pool`, if any: during a move, the place it moves to.

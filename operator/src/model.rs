@@ -12,8 +12,9 @@ use k8s_openapi::api::core::v1::{LoadBalancerIngress, Service, ServicePort, Serv
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 use sharedlb_crds::{
-    LoadBalancerPool, LoadBalancerRef, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_LABEL, PortStatus,
-    SharedLB, SharedLBSpec, SharedLBStatus, port_summary, service_name, validate_pool,
+    LoadBalancerPool, LoadBalancerRef, LocalSettings, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+    OWNER_LABEL, PortStatus, SharedLB, SharedLBSpec, SharedLBStatus, port_summary, service_name,
+    validate_local_fixed_ports, validate_pool,
 };
 use sharedlb_placement::{AllocatedPort, Allocation, PortMode, PortRequest, Protocol};
 use sharedlb_providers::{ListenerSpec, LoadBalancerInfo, Owner};
@@ -175,6 +176,33 @@ pub fn choose_pool<'a>(
         ));
     }
     Ok(pool)
+}
+
+/// Why a SharedLB may not take its fixed ports on a local pool (reason, message), if it may not: each must lie
+/// in the pool's range or its `fixedPortRanges`, and none may be a port the operator itself listens on (`own`:
+/// port and what serves there). An assigned port that is one cannot be bound either: the bind fails and says so.
+pub fn local_port_refusal(
+    spec: &SharedLBSpec,
+    local: &LocalSettings,
+    range: (u16, u16),
+    own: &[(u16, &str)],
+) -> Option<(&'static str, String)> {
+    let taken = spec.ports.iter().find_map(|p| {
+        let port = u16::try_from(p.port?).ok()?;
+        let (_, what) = own.iter().find(|(o, _)| *o == port)?;
+        Some((p, what))
+    });
+    if let Some((p, what)) = taken {
+        let message = format!(
+            "port {:?}: {} is the operator's own {what} port; choose another, or omit `port` to have one assigned",
+            p.name,
+            p.port.unwrap_or_default()
+        );
+        return Some(("PortNotAllowed", message));
+    }
+    validate_local_fixed_ports(spec, local, range)
+        .err()
+        .map(|e| (e.reason(), e.to_string()))
 }
 
 /// A label selector, as the apiserver evaluates it.

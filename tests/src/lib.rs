@@ -384,9 +384,20 @@ pub fn cloud_pool(
         .collect()
 }
 
+/// The manager of the EndpointSlices tests write (the test apiserver runs no EndpointSlice controller): local
+/// test pools name it in `endpointSliceManagers`.
+pub const E2E_SLICE_MANAGER: &str = "sharedlb-e2e";
+
+/// The `local` provider of a test pool on these loopback addresses: it trusts the tests' slices and, having no
+/// pods, forwards to echo backends on loopback.
+pub fn local_provider(addresses: &[String]) -> serde_json::Value {
+    json!({"local": {"addresses": addresses, "endpointSliceManagers": [E2E_SLICE_MANAGER],
+                     "allowLoopbackEndpoints": true}})
+}
+
 /// An EndpointSlice for the backing Service of SharedLB `slb`, as the cluster's EndpointSlice controller would
-/// write it: one port (`port_name`, `protocol`, `port`) on `addresses`. Served as discovery.k8s.io/v1beta1 by
-/// the 1.20 test apiserver.
+/// write it (managed by `E2E_SLICE_MANAGER`): one port (`port_name`, `protocol`, `port`) on `addresses`. Served
+/// as discovery.k8s.io/v1beta1 by the 1.20 test apiserver.
 pub async fn put_endpoints(
     client: &Client,
     ns: &str,
@@ -395,12 +406,32 @@ pub async fn put_endpoints(
     protocol: &str,
     addresses: &[SocketAddr],
 ) {
+    put_endpoints_as(
+        E2E_SLICE_MANAGER,
+        client,
+        ns,
+        slb,
+        (port_name, protocol),
+        addresses,
+    )
+    .await
+}
+
+/// `put_endpoints` with another manager label.
+pub async fn put_endpoints_as(
+    manager: &str,
+    client: &Client,
+    ns: &str,
+    slb: &str,
+    (port_name, protocol): (&str, &str),
+    addresses: &[SocketAddr],
+) {
     let slices = sharedlb::endpoints::EndpointSlices::discover(client)
         .await
         .expect("discover");
     let api: Api<kube::api::DynamicObject> =
         Api::namespaced_with(client.clone(), ns, slices.resource());
-    let name = format!("{slb}-{port_name}-{}", protocol.to_lowercase());
+    let name = format!("{slb}-{port_name}-{}-{manager}", protocol.to_lowercase());
     let endpoints: Vec<serde_json::Value> = addresses
         .iter()
         .map(|a| json!({"addresses": [a.ip().to_string()], "conditions": {"ready": true}}))
@@ -410,7 +441,7 @@ pub async fn put_endpoints(
         "apiVersion": slices.resource().api_version, "kind": "EndpointSlice",
         "metadata": {"name": name, "namespace": ns, "labels": {
             "kubernetes.io/service-name": format!("{slb}-sharedlb"),
-            "endpointslice.kubernetes.io/managed-by": "sharedlb-e2e",
+            "endpointslice.kubernetes.io/managed-by": manager,
         }},
         "addressType": "IPv4",
         "endpoints": endpoints,

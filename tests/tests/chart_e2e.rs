@@ -223,7 +223,7 @@ async fn the_operator_runs_with_only_the_charts_rbac() {
     create_pool(
         &admin,
         &pool_name,
-        json!({"provider": {"local": {"addresses": [format!("127.0.10.{}", fastrand::u8(10..250))]}}, "portRange": {"min": 4000, "max": 4999},
+        json!({"provider": local_provider(&[format!("127.0.10.{}", fastrand::u8(10..250))]), "portRange": {"min": 4000, "max": 4999},
                "namespaceSelector": {"matchLabels": {"sharedlb": "allowed"}}}),
     )
     .await;

@@ -307,7 +307,7 @@ async fn pool_rules_refuse_what_they_must() {
         &pool("cel-local", local(json!(["127.0.0.10", "::1"]))),
     )
     .await;
-    let concrete = "each address must be a concrete IPv4 or IPv6 address";
+    let concrete = "each address must be a concrete unicast IPv4 or IPv6 address";
     refused(
         "0.0.0.0",
         &pool("any4", local(json!(["0.0.0.0"]))),
@@ -315,6 +315,23 @@ async fn pool_rules_refuse_what_they_must() {
     )
     .await;
     refused("::", &pool("any6", local(json!(["::"]))), concrete).await;
+    for (what, address) in [
+        ("multicast", "224.0.0.1"),
+        ("broadcast", "255.255.255.255"),
+        ("link-local (metadata)", "169.254.169.254"),
+        ("IPv6 link-local", "fe80::1"),
+    ] {
+        refused(what, &pool("lane", local(json!([address]))), concrete).await;
+    }
+    accepted(
+        "a local pool's fixed port ranges",
+        &pool(
+            "cel-fixed",
+            json!({"provider": {"local": {"addresses": ["192.0.2.10"], "fixedPortRanges": [{"min": 443, "max": 443}],
+                "endpointSliceManagers": ["metallb"], "allowLoopbackEndpoints": false}}}),
+        ),
+    )
+    .await;
     refused(
         "a host name",
         &pool("host", local(json!(["localhost"]))),

@@ -28,7 +28,7 @@ async fn leader_killed_mid_burst_the_follower_finishes_without_duplicates() {
     create_pool(
         &client,
         "ha",
-        json!({"provider": {"local": {"addresses": ["127.0.8.10", "127.0.8.11", "127.0.8.12", "127.0.8.13", "127.0.8.14"]}},
+        json!({"provider": local_provider(&(10..15).map(|i| format!("127.0.8.{i}")).collect::<Vec<_>>()),
                "capacity": {"maxPortsPerLoadBalancer": 5}, "portRange": {"min": 4000, "max": 4999}}),
     )
     .await;

@@ -19,7 +19,7 @@ fn addresses(block: u8, n: u8) -> Vec<String> {
 
 fn local_pool(block: u8, n: u8, capacity: u32) -> serde_json::Value {
     json!({
-        "provider": {"local": {"addresses": addresses(block, n)}},
+        "provider": local_provider(&addresses(block, n)),
         "capacity": {"maxPortsPerLoadBalancer": capacity},
         "portRange": {"min": 4000, "max": 4999},
     })
@@ -554,5 +554,135 @@ async fn a_classed_service_takes_no_node_port_and_names_the_shared_address() {
 
     delete_namespace(&client, &ns).await;
     delete_pool(&client, "local-classed").await;
+    op.kill().await;
+}
+
+/// The `EndpointsAccepted` condition once it is False: its message.
+async fn endpoints_refused(client: &kube::Client, ns: &str, name: &str, naming: &str) -> String {
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), ns);
+    eventually(
+        20,
+        &format!("{ns}/{name}: endpoints refused, naming {naming}"),
+        || async {
+            let (st, reason, message) = condition(&api.get(name).await.ok()?, "EndpointsAccepted")?;
+            (st == "False" && reason == "EndpointRefused" && message.contains(naming))
+                .then_some(message)
+        },
+    )
+    .await
+}
+
+/// A connection through `addr` reaches no backend: it is accepted, then closed without a reply.
+async fn reaches_no_backend(addr: SocketAddr) -> bool {
+    echo::tcp_ask(addr, "x").await.is_err()
+}
+
+/// A local pool keeps tenants to what it hands out: fixed ports only from its ranges and never the operator's
+/// own; backends only from trusted slices and never metadata, link-local or (unless allowed) loopback addresses.
+/// Each refusal is a condition and an Event; narrowing the pool withdraws a listener it no longer allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_pool_keeps_tenants_in_their_lane() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let settings = sharedlb::Settings {
+        cluster_id: "e2e".into(),
+        metrics_addr: Some(metrics),
+        ..sharedlb::Settings::default()
+    };
+    let op = Operator::start_with(&client, &MemoryCloud::new(), settings);
+    let ns = namespace(&client, "local-lane", &[]).await;
+    create_pool(&client, "local-lane", local_pool(12, 1, 5)).await;
+    let backend = echo::tcp("lane", 0).await.expect("backend");
+
+    // a fixed port outside the pool's range, and the operator's own port
+    create_slb(
+        &client,
+        &ns,
+        "fixed",
+        one_port("local-lane", "tcp", "TCP", Some(3999)),
+    )
+    .await;
+    put_endpoints(&client, &ns, "fixed", "tcp", "TCP", &[backend]).await;
+    let message = refused(&client, &ns, "fixed", "PortNotAllowed").await;
+    assert!(message.contains("4000-4999"), "{message}");
+    event_recorded(&client, &ns, "fixed", "PortNotAllowed", 10).await;
+    create_slb(
+        &client,
+        &ns,
+        "own",
+        one_port("local-lane", "tcp", "TCP", Some(metrics.port())),
+    )
+    .await;
+    let message = refused(&client, &ns, "own", "PortNotAllowed").await;
+    assert!(message.contains("operator's own"), "{message}");
+
+    // the pool lets 3999 be fixed: served; it takes it back: withdrawn
+    let pools: &Api<sharedlb_crds::LoadBalancerPool> = &Api::all(client.clone());
+    let allow = |ranges: serde_json::Value| json!({"spec": {"provider": {"local": {"fixedPortRanges": ranges}}}});
+    let merge = |v: serde_json::Value| async move {
+        pools
+            .patch("local-lane", &PatchParams::default(), &Patch::Merge(&v))
+            .await
+            .expect("patch the pool");
+    };
+    merge(allow(json!([{"min": 3999, "max": 3999}]))).await;
+    let addr = external(&ready(&client, &ns, "fixed", 30).await);
+    assert_eq!(addr.port(), 3999);
+    let reply = eventually(10, "3999 answers", || async {
+        echo::tcp_ask(addr, "f").await.ok()
+    })
+    .await;
+    assert_eq!(reply, "lane:f");
+    merge(allow(json!(null))).await;
+    refused(&client, &ns, "fixed", "PortNotAllowed").await;
+    eventually(15, "3999 is closed once the pool takes it back", || async {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+
+    // backends: an untrusted manager's slice and a metadata address are refused, the trusted pod address kept
+    create_slb(
+        &client,
+        &ns,
+        "aimed",
+        one_port("local-lane", "tcp", "TCP", None),
+    )
+    .await;
+    put_endpoints_as("forger", &client, &ns, "aimed", ("tcp", "TCP"), &[backend]).await;
+    let addr = external(&ready(&client, &ns, "aimed", 30).await);
+    let message = endpoints_refused(&client, &ns, "aimed", "managed by \"forger\"").await;
+    event_recorded(&client, &ns, "aimed", "EndpointRefused", 10).await;
+    assert!(
+        reaches_no_backend(addr).await,
+        "the forged slice is not followed: {message}"
+    );
+    // one slice, one port: the metadata address on the backend's port
+    let metadata: SocketAddr = ([169, 254, 169, 254], backend.port()).into();
+    put_endpoints(&client, &ns, "aimed", "tcp", "TCP", &[metadata, backend]).await;
+    let message = endpoints_refused(&client, &ns, "aimed", "169.254.169.254 (link-local").await;
+    assert!(
+        message.contains("forger"),
+        "both refusals are named: {message}"
+    );
+    let reply = eventually(10, "the trusted endpoint answers", || async {
+        echo::tcp_ask(addr, "a").await.ok()
+    })
+    .await;
+    assert_eq!(reply, "lane:a");
+
+    // a pool that does not allow loopback endpoints refuses the echo backend on 127.0.0.1 as well
+    merge(json!({"spec": {"provider": {"local": {"allowLoopbackEndpoints": false}}}})).await;
+    endpoints_refused(&client, &ns, "aimed", "127.0.0.1 (loopback").await;
+    eventually(10, "nothing is forwarded to loopback", || async {
+        reaches_no_backend(addr).await.then_some(())
+    })
+    .await;
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "local-lane").await;
     op.kill().await;
 }

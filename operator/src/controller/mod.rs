@@ -64,6 +64,16 @@ pub struct Settings {
     pub audit_interval: Duration,
 }
 
+impl Settings {
+    /// The ports this process listens on, and what serves there: a local pool never hands them to a SharedLB.
+    pub fn own_ports(&self) -> Vec<(u16, &'static str)> {
+        self.metrics_addr
+            .iter()
+            .map(|a| (a.port(), "metrics and health"))
+            .collect()
+    }
+}
+
 /// The backing Services' kind where the cloud needs no node port (`LoadBalancerProvider::needs_node_ports`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackingService {
@@ -860,11 +870,19 @@ async fn run_controllers(
                 .predicate_filter(pool_settings, Default::default()),
             move |pool: LoadBalancerPool| {
                 let name = pool.name_any();
+                // a local pool's spec also says what its placed SharedLBs may keep (fixed ports, endpoints)
+                let local = pool.spec.provider.local.is_some();
+                let placed_here = move |s: &SharedLB| {
+                    s.status.as_ref().and_then(|st| st.pool.as_ref()) == Some(&name)
+                };
+                let name = pool.name_any();
                 slb_store
                     .state()
                     .into_iter()
                     .filter(|s| {
-                        !status::is_ready(s) && s.spec.pool.as_ref().is_none_or(|p| *p == name)
+                        let waiting =
+                            !status::is_ready(s) && s.spec.pool.as_ref().is_none_or(|p| *p == name);
+                        waiting || (local && placed_here(s))
                     })
                     .map(|s| ObjectRef::from_obj(&*s))
                     .collect::<Vec<_>>()

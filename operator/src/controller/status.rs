@@ -7,6 +7,9 @@ use sharedlb_crds::{Condition, SharedLB};
 pub const READY: &str = "Ready";
 pub const ALLOCATED: &str = "Allocated";
 pub const PROGRAMMED: &str = "Programmed";
+/// Of SharedLBs whose listeners forward to endpoints (local pools): whether every endpoint slice and address of
+/// the backing Service was taken, or which were refused.
+pub const ENDPOINTS_ACCEPTED: &str = "EndpointsAccepted";
 
 pub fn is_ready(slb: &SharedLB) -> bool {
     slb.status

@@ -404,3 +404,32 @@ fn an_allocation_record_keeps_what_did_not_move() {
     let st = allocated_status(&old, "default", "default-2", None, &elsewhere, Some(2));
     assert_eq!(st.load_balancer.expect("a load balancer").ip, None);
 }
+
+#[test]
+fn a_local_pool_keeps_fixed_ports_in_its_ranges_and_off_the_operators_own() {
+    let local = LocalSettings {
+        addresses: vec!["127.0.0.10".into()],
+        ..Default::default()
+    };
+    let own = [(9090, "metrics and health")];
+    let refusal = |ports: &[Option<i32>]| {
+        let slb = ports
+            .iter()
+            .enumerate()
+            .fold(shared_lb("web"), |b, (i, p)| {
+                b.port(&format!("p{i}"), *p, Tcp)
+            })
+            .build();
+        local_port_refusal(&slb.spec, &local, (9000, 9999), &own)
+    };
+    assert_eq!(refusal(&[Some(9000), None]), None);
+    let (reason, message) = refusal(&[Some(9090)]).expect("the metrics port");
+    assert_eq!(reason, "PortNotAllowed");
+    assert!(
+        message.contains("operator's own metrics and health port"),
+        "{message}"
+    );
+    let (reason, message) = refusal(&[None, Some(80)]).expect("below the range");
+    assert_eq!(reason, "PortNotAllowed");
+    assert!(message.contains("\"p1\": 80"), "{message}");
+}

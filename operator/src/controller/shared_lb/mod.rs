@@ -22,10 +22,11 @@ use sharedlb_providers::{LoadBalancerInfo, ProviderError};
 use tracing::{info, instrument, warn};
 
 use super::Context;
-use super::status::{self, ALLOCATED, PROGRAMMED, READY};
+use super::status::{self, ALLOCATED, ENDPOINTS_ACCEPTED, PROGRAMMED, READY};
 use super::written::Seen;
 use crate::Error;
-use crate::allocator::{PoolAllocator, allocation_from_status};
+use crate::allocator::{PoolAllocator, allocation_from_status, spec_port_range};
+use crate::endpoints::{Backends, EndpointPolicy};
 use crate::model::{self, ListenerId, ServiceKind};
 use crate::telemetry::PoolLabels;
 
@@ -37,7 +38,7 @@ mod report;
 mod service;
 
 use allocate::{Placement, allocate, delete_in_background};
-use pool_choice::{namespace_admitted, not_admitted, resolve_pool};
+use pool_choice::{in_lane, namespace_admitted, not_admitted, resolve_pool, withdraw};
 use release::{both_places, note_held, note_recorded_listeners, place_again_around, release};
 use report::{
     Precondition, Refusal, cloud_failed, is_ready, ready_reason_changed, refuse, send_status,
@@ -101,6 +102,9 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>, seen: Seen) -> Result<Acti
     }
     if !namespace_admitted(&ctx, &pool, &slb).await? {
         return not_admitted(&ctx, &slb, &pool).await;
+    }
+    if let Err(r) = in_lane(&ctx, &pool, &slb) {
+        return withdraw(&ctx, &slb, &pool, r).await;
     }
     let alloc = match ctx.allocator(&pool).await {
         Ok(a) => a,
@@ -215,7 +219,9 @@ async fn program(
             return refuse(ctx, slb, r).await;
         }
     };
-    if converged {
+    // A forwarder's endpoints live outside the SharedLB: a slice or pool change whose reconcile coalesced with
+    // the echo must still reach the listeners (and the local provider's calls cost no cloud API call).
+    if converged && !alloc.provider().forwards_to_endpoints() {
         return Ok(Action::requeue(next));
     }
     let key = alloc.key(allocation.lb);
@@ -224,15 +230,22 @@ async fn program(
         Err(e) => return cloud_failed(ctx, slb, e).await,
     };
     alloc.remember(allocation.lb, info.clone());
-    let endpoints = if alloc.provider().forwards_to_endpoints() {
+    let forwards = alloc.provider().forwards_to_endpoints();
+    let backends = if forwards {
         let ns = slb.namespace().unwrap_or_default();
+        let policy = pool.spec.provider.local.as_ref().map(EndpointPolicy::of);
         ctx.slices
-            .ready_endpoints(&ctx.client, &ns, &service_name(&slb.name_any()))
+            .ready_endpoints(
+                &ctx.client,
+                &ns,
+                &service_name(&slb.name_any()),
+                &policy.unwrap_or_default(),
+            )
             .await?
     } else {
-        model::Endpoints::new()
+        Backends::default()
     };
-    let listeners = model::desired_listeners(slb, allocation, &arrival_ports, &endpoints)?;
+    let listeners = model::desired_listeners(slb, allocation, &arrival_ports, &backends.ready)?;
     for l in &listeners {
         let id = ListenerId {
             lb: allocation.lb,
@@ -266,9 +279,16 @@ async fn program(
         slb.meta().generation,
         refused_why,
     );
+    if forwards {
+        report::endpoints_accepted(&mut st, &backends.refused, slb.meta().generation);
+    }
     // a move's new listeners are made: the status shows the new address now, the old one for the grace
     let switched = moving::switch(slb, &mut st);
     write_status_if_changed(ctx, slb, &old, &st).await?;
+    if let Some(c) = report::endpoints_newly_refused(&old, &st) {
+        ctx.event(slb, EventType::Warning, &c.reason, c.message)
+            .await;
+    }
     if let Some((grace, note)) = switched {
         ctx.event(slb, EventType::Normal, "Moved", note).await;
         next = next.min(grace + Duration::from_secs(1));

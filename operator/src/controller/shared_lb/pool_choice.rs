@@ -60,14 +60,54 @@ pub(super) async fn not_admitted(
         }
         return refuse(ctx, slb, Refusal::new("NamespaceNotAllowed", msg)).await;
     }
-    let alloc = ctx.allocator(pool).await?;
-    release(ctx, slb, &alloc, pool, &[]).await?;
     let message = format!(
         "{msg}: its listeners are withdrawn and its ports released; it is placed again once the namespace is admitted"
     );
+    withdraw(ctx, slb, pool, Refusal::new("NamespaceNotAllowed", message)).await
+}
+
+/// Whether the SharedLB keeps to what a local pool lets tenants take: fixed ports from the pool's ranges and
+/// never the operator's own ports (the forwarder binds them on a machine the platform runs). Cloud pools: Ok.
+pub(super) fn in_lane(
+    ctx: &Context,
+    pool: &LoadBalancerPool,
+    slb: &SharedLB,
+) -> Result<(), Refusal> {
+    let Some(local) = &pool.spec.provider.local else {
+        return Ok(());
+    };
+    model::local_port_refusal(
+        &slb.spec,
+        local,
+        spec_port_range(&pool.spec),
+        &ctx.settings.own_ports(),
+    )
+    .map_or(Ok(()), |(reason, message)| {
+        Err(Refusal::new(reason, message))
+    })
+}
+
+/// Refuses a SharedLB that may hold a place in `pool`: the place is released first (listeners withdrawn,
+/// ports freed), so nothing keeps serving what the pool no longer allows; it is placed again, as new, once the
+/// refusal no longer holds.
+pub(super) async fn withdraw(
+    ctx: &Context,
+    slb: &SharedLB,
+    pool: &LoadBalancerPool,
+    refusal: Refusal,
+) -> Result<Action, Error> {
+    let placed_here = slb
+        .status
+        .as_ref()
+        .is_some_and(|s| s.pool.as_deref() == Some(pool.name_any().as_str()));
+    if !placed_here {
+        return refuse(ctx, slb, refusal.retry(RETRY_REFUSED)).await;
+    }
+    let alloc = ctx.allocator(pool).await?;
+    release(ctx, slb, &alloc, pool, &[]).await?;
     let r = Refusal {
         released: true,
-        ..Refusal::new("NamespaceNotAllowed", message).retry(RETRY_REFUSED)
+        ..refusal.retry(RETRY_REFUSED)
     };
     refuse(ctx, slb, r).await
 }

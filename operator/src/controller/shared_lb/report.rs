@@ -183,3 +183,59 @@ pub(super) fn is_ready(slb: &SharedLB) -> bool {
         .and_then(|s| status::get(&s.conditions, READY))
         .is_some_and(|c| c.status == "True")
 }
+
+/// Endpoints named in a refusal, at most: the condition stays short however many a slice lists.
+const REFUSED_ENDPOINTS_SHOWN: usize = 8;
+
+/// Sets `EndpointsAccepted`: True, or False with the slices and addresses the pool's policy refused.
+pub(super) fn endpoints_accepted(
+    st: &mut SharedLBStatus,
+    refused: &std::collections::BTreeSet<String>,
+    generation: Option<i64>,
+) {
+    if refused.is_empty() {
+        let message = "every endpoint of the backing Service is forwarded to";
+        status::set(
+            &mut st.conditions,
+            ENDPOINTS_ACCEPTED,
+            true,
+            "Accepted",
+            message,
+            generation,
+        );
+        return;
+    }
+    let shown: Vec<&str> = refused
+        .iter()
+        .take(REFUSED_ENDPOINTS_SHOWN)
+        .map(String::as_str)
+        .collect();
+    let more = refused.len().saturating_sub(shown.len());
+    let tail = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    let message = format!(
+        "not forwarded to: {}{tail}; a local pool's listeners send only to pod addresses from the EndpointSlice controller's slices (or a manager the pool names)",
+        shown.join(", ")
+    );
+    status::set(
+        &mut st.conditions,
+        ENDPOINTS_ACCEPTED,
+        false,
+        "EndpointRefused",
+        &message,
+        generation,
+    );
+}
+
+/// The `EndpointsAccepted` refusal `new` holds when `old` did not hold it (or held another): worth an Event.
+pub(super) fn endpoints_newly_refused(
+    old: &SharedLBStatus,
+    new: &SharedLBStatus,
+) -> Option<sharedlb_crds::Condition> {
+    let now = status::get(&new.conditions, ENDPOINTS_ACCEPTED).filter(|c| c.status == "False")?;
+    let before = status::get(&old.conditions, ENDPOINTS_ACCEPTED);
+    (before.map(|c| &c.message) != Some(&now.message)).then(|| now.clone())
+}
