@@ -83,57 +83,65 @@ impl EndpointSlices {
             .list(&ListParams::default().labels(&format!("{SERVICE_NAME_LABEL}={service}")))
             .await
             .map_err(Error::from_kube)?;
-        let mut out = Backends::default();
-        for obj in list.items {
-            let manager = obj
-                .labels()
-                .get(MANAGED_BY_LABEL)
-                .cloned()
-                .unwrap_or_default();
-            if !policy.trusts(&manager) {
-                out.refused.insert(format!(
-                    "EndpointSlice {} (managed by {manager:?}, not a manager the pool trusts)",
-                    obj.name_any()
-                ));
-                continue;
+        Ok(backends_from(&list.items, policy))
+    }
+}
+
+/// The backends `slices` (of one Service) give under `policy`.
+pub fn backends_from<'a>(
+    slices: impl IntoIterator<Item = &'a DynamicObject>,
+    policy: &EndpointPolicy,
+) -> Backends {
+    let mut out = Backends::default();
+    for obj in slices {
+        let manager = obj
+            .labels()
+            .get(MANAGED_BY_LABEL)
+            .cloned()
+            .unwrap_or_default();
+        if !policy.trusts(&manager) {
+            out.refused.insert(format!(
+                "EndpointSlice {} (managed by {manager:?}, not a manager the pool trusts)",
+                obj.name_any()
+            ));
+            continue;
+        }
+        let Ok(slice) = Slice::deserialize(&obj.data) else {
+            continue;
+        };
+        let mut ready: Vec<IpAddr> = Vec::new();
+        let addresses = slice
+            .endpoints
+            .iter()
+            .filter(|e| e.conditions.ready != Some(false))
+            .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()));
+        for ip in addresses {
+            match policy.refuses(ip) {
+                Some(why) => {
+                    out.refused.insert(format!("{ip} ({why})"));
+                }
+                None => ready.push(ip),
             }
-            let Ok(slice) = serde_json::from_value::<Slice>(obj.data) else {
+        }
+        for p in &slice.ports {
+            let (Some(port), name) = (
+                p.port.and_then(|x| u16::try_from(x).ok()),
+                p.name.clone().unwrap_or_default(),
+            ) else {
                 continue;
             };
-            let mut ready: Vec<IpAddr> = Vec::new();
-            let addresses = slice
-                .endpoints
-                .iter()
-                .filter(|e| e.conditions.ready != Some(false))
-                .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse().ok()));
-            for ip in addresses {
-                match policy.refuses(ip) {
-                    Some(why) => {
-                        out.refused.insert(format!("{ip} ({why})"));
-                    }
-                    None => ready.push(ip),
-                }
-            }
-            for p in &slice.ports {
-                let (Some(port), name) = (
-                    p.port.and_then(|x| u16::try_from(x).ok()),
-                    p.name.clone().unwrap_or_default(),
-                ) else {
-                    continue;
-                };
-                let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
-                out.ready
-                    .entry((name, protocol))
-                    .or_default()
-                    .extend(ready.iter().map(|ip| SocketAddr::new(*ip, port)));
-            }
+            let protocol = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+            out.ready
+                .entry((name, protocol))
+                .or_default()
+                .extend(ready.iter().map(|ip| SocketAddr::new(*ip, port)));
         }
-        for v in out.ready.values_mut() {
-            v.sort();
-            v.dedup();
-        }
-        Ok(out)
     }
+    for v in out.ready.values_mut() {
+        v.sort();
+        v.dedup();
+    }
+    out
 }
 
 /// What the forwarder may send to, read from the backing Service's EndpointSlices.

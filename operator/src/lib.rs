@@ -14,6 +14,7 @@ pub mod error;
 pub mod fence;
 #[cfg(test)]
 mod fixtures;
+pub mod forward;
 pub mod model;
 pub mod pacer;
 pub mod plan;

@@ -86,8 +86,38 @@ enum Command {
         #[arg(long, env = "SHAREDLB_PRICES", value_parser = PriceTable::with_overrides)]
         prices: Option<PriceTable>,
     },
+    /// Serve the local pools' listeners that the SharedLBs' statuses describe, and nothing else: no leader
+    /// election, no writes. For a DaemonSet on the nodes that hold the pools' addresses; every `run` replica
+    /// does the same while it waits for the lease.
+    Forward {
+        #[arg(long, env = "SHAREDLB_LOG_JSON")]
+        log_json: bool,
+        /// Where to serve /metrics (the listeners' counters), /healthz and /readyz.
+        #[arg(long, env = "SHAREDLB_METRICS_ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
     /// Print the CRDs' YAML (the same as `crdgen`).
     Crds,
+}
+
+/// Logs to stdout: JSON for collectors, colour only for a person at a terminal.
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    if json { fmt.json().init() } else { fmt.init() }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -154,6 +184,25 @@ async fn main() -> anyhow::Result<()> {
             let report = plan::plan(&inputs, &prices);
             print_report(output, &report, plan::render::table)
         }
+        Command::Forward {
+            log_json,
+            metrics_addr,
+        } => {
+            init_logging(log_json);
+            sharedlb::install_crypto_provider();
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?;
+            let metrics = Arc::new(sharedlb::telemetry::Metrics::new());
+            if let Some(addr) = metrics_addr {
+                let serve = sharedlb::telemetry::serve(addr, metrics.clone(), shutdown_signal());
+                tokio::spawn(serve);
+            }
+            metrics.set_ready(true);
+            let forwarder = sharedlb_providers::local::Forwarder::new();
+            sharedlb::forward::follow(client, forwarder, metrics, shutdown_signal()).await?;
+            Ok(())
+        }
         Command::Crds => {
             print!("{}", sharedlb_crds::crds_yaml()?);
             Ok(())
@@ -173,17 +222,7 @@ async fn main() -> anyhow::Result<()> {
             prices,
             audit_interval,
         } => {
-            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-            // colour only for a person at a terminal: a pod's log is read by collectors
-            let fmt = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-            if log_json {
-                fmt.json().init()
-            } else {
-                fmt.init()
-            }
+            init_logging(log_json);
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API")?;
@@ -208,15 +247,7 @@ async fn main() -> anyhow::Result<()> {
                 audit_interval: std::time::Duration::from_secs(audit_interval),
                 ..Settings::default()
             };
-            let shutdown = async {
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                        .expect("installing a SIGTERM handler");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {},
-                    _ = term.recv() => {},
-                }
-            };
+            let shutdown = shutdown_signal();
             let providers = BuiltinProviders::default()
                 .with_gcp_endpoint(std::env::var("SHAREDLB_GCP_ENDPOINT").ok());
             #[cfg(feature = "azure")]

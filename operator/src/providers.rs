@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sharedlb_crds::{LoadBalancerPoolSpec, target_nodes_per_zone};
-use sharedlb_providers::local::{LocalProvider, Tuning};
+use sharedlb_providers::local::{Forwarder, LocalProvider, Tuning};
 use sharedlb_providers::memory::{Faults, MemoryCloud, MemoryProvider, RateLimit};
 use sharedlb_providers::{DEFAULT_TARGET_NODES_PER_ZONE, LoadBalancerProvider, ProviderError};
 
@@ -17,6 +17,12 @@ pub trait ProviderFactory: Send + Sync + std::fmt::Debug {
         pool: &str,
         spec: &LoadBalancerPoolSpec,
     ) -> Result<Arc<dyn LoadBalancerProvider>, ProviderError>;
+
+    /// Where this process's local pools keep their listeners, which a replica that does not lead serves from
+    /// the SharedLBs' statuses (`forward::follow`). None: no local pools.
+    fn forwarder(&self) -> Option<Arc<Forwarder>> {
+        None
+    }
 }
 
 /// The providers this binary was built with.
@@ -59,10 +65,26 @@ impl AzureAccess {
     }
 }
 
+/// A local pool's forwarder settings.
+pub fn local_tuning(l: &sharedlb_crds::LocalSettings) -> Tuning {
+    let defaults = Tuning::default();
+    Tuning {
+        idle_timeout: l
+            .idle_timeout_seconds
+            .map_or(defaults.idle_timeout, |s| Duration::from_secs(s.into())),
+        max_connections: l
+            .max_connections_per_listener
+            .map_or(defaults.max_connections, |m| m as usize),
+        ..defaults
+    }
+}
+
 /// The providers built into this binary.
 #[derive(Debug, Clone)]
 pub struct BuiltinProviders {
     memory: Arc<MemoryCloud>,
+    /// The listeners of every local pool of this process, shared with standby forwarding (`forward`).
+    forwarder: Arc<Forwarder>,
     /// Another Compute Engine endpoint than Google's (`SHAREDLB_GCP_ENDPOINT`; the tests' fake).
     gcp_endpoint: Option<String>,
     #[cfg(feature = "azure")]
@@ -74,6 +96,7 @@ impl BuiltinProviders {
     pub fn new(memory: Arc<MemoryCloud>) -> Self {
         BuiltinProviders {
             memory,
+            forwarder: Forwarder::new(),
             gcp_endpoint: None,
             #[cfg(feature = "azure")]
             azure: AzureAccess::default(),
@@ -103,6 +126,10 @@ impl Default for BuiltinProviders {
 
 #[async_trait::async_trait]
 impl ProviderFactory for BuiltinProviders {
+    fn forwarder(&self) -> Option<Arc<Forwarder>> {
+        Some(self.forwarder.clone())
+    }
+
     async fn make(
         &self,
         cluster_id: &str,
@@ -129,17 +156,9 @@ impl ProviderFactory for BuiltinProviders {
             ));
         }
         if let Some(l) = &spec.provider.local {
-            let defaults = Tuning::default();
-            let tuning = Tuning {
-                idle_timeout: l
-                    .idle_timeout_seconds
-                    .map_or(defaults.idle_timeout, |s| Duration::from_secs(s.into())),
-                max_connections: l
-                    .max_connections_per_listener
-                    .map_or(defaults.max_connections, |m| m as usize),
-                ..defaults
-            };
-            return Ok(Arc::new(LocalProvider::new(pool, &l.addresses, tuning)?));
+            let forwarder = self.forwarder.clone();
+            let provider = LocalProvider::new(pool, &l.addresses, local_tuning(l), forwarder)?;
+            return Ok(Arc::new(provider));
         }
         #[cfg(feature = "aws")]
         if let Some(a) = &spec.provider.aws {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use sharedlb_providers::conformance::listener_spec;
-use sharedlb_providers::local::{LocalProvider, Tuning};
+use sharedlb_providers::local::{Forwarder, LocalProvider, Tuning};
 use sharedlb_providers::{
     ListenerSpec, LoadBalancerKey, LoadBalancerProvider, Protocol, ProviderError,
 };
@@ -106,7 +106,7 @@ async fn udp_roundtrip(addr: SocketAddr, msg: &str) -> String {
 
 /// A provider with one address and its load balancer 0 made: the provider and the address.
 async fn one_load_balancer(tuning: Tuning) -> (LocalProvider, std::net::IpAddr) {
-    let p = LocalProvider::new("p", &addresses(1), tuning).expect("provider");
+    let p = LocalProvider::new("p", &addresses(1), tuning, Forwarder::new()).expect("provider");
     let info = p.ensure_load_balancer(&key(0)).await.expect("lb");
     let ip = info.ip.expect("ip").parse().expect("an IP address");
     (p, ip)
@@ -116,15 +116,18 @@ async fn one_load_balancer(tuning: Tuning) -> (LocalProvider, std::net::IpAddr) 
 async fn local_provider_is_conformant() {
     sharedlb_providers::conformance::run(|pool| async move {
         // the suite uses load balancer indexes up to 7
-        Arc::new(LocalProvider::new(&pool, &addresses(8), Tuning::default()).expect("provider"))
-            as Arc<dyn LoadBalancerProvider>
+        Arc::new(
+            LocalProvider::new(&pool, &addresses(8), Tuning::default(), Forwarder::new())
+                .expect("provider"),
+        ) as Arc<dyn LoadBalancerProvider>
     })
     .await;
 }
 
 #[tokio::test]
 async fn tcp_and_udp_bytes_reach_the_right_backend_and_come_back() {
-    let p = LocalProvider::new("p", &addresses(1), Tuning::default()).expect("provider");
+    let p = LocalProvider::new("p", &addresses(1), Tuning::default(), Forwarder::new())
+        .expect("provider");
     let info = p.ensure_load_balancer(&key(0)).await.expect("lb");
     let ip: std::net::IpAddr = info.ip.expect("ip").parse().expect("ip");
     let (a, b) = (tcp_backend("a").await, tcp_backend("b").await);
@@ -256,7 +259,7 @@ async fn a_port_held_by_another_process_is_an_error_not_a_panic() {
     let squatter = TcpListener::bind((addrs[0].parse::<std::net::IpAddr>().expect("ip"), 4400))
         .await
         .expect("squat");
-    let p = LocalProvider::new("p", &addrs, Tuning::default()).expect("provider");
+    let p = LocalProvider::new("p", &addrs, Tuning::default(), Forwarder::new()).expect("provider");
     p.ensure_load_balancer(&key(0)).await.expect("lb");
     let e = p
         .ensure_listener(&key(0), &spec(4400, Protocol::Tcp, "Q", vec![]))

@@ -110,3 +110,35 @@ pub async fn leads(port: u16, secs: u64) {
     })
     .await
 }
+
+/// Which of `pids` holds the accepted end of the TCP connection from `client` to `listener` (IPv4): read from
+/// /proc/net/tcp (the socket's inode) and each process's open files, as `ss -p` does.
+pub fn tcp_carrier(
+    listener: std::net::SocketAddr,
+    client: std::net::SocketAddr,
+    pids: &[u32],
+) -> Option<u32> {
+    let hex = |a: std::net::SocketAddr| match a {
+        std::net::SocketAddr::V4(v4) => Some(format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        )),
+        std::net::SocketAddr::V6(_) => None,
+    };
+    let (local, remote) = (hex(listener)?, hex(client)?);
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let inode = table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&local.as_str()) && f.get(2) == Some(&remote.as_str()))
+            .then(|| f.get(9).map(|i| format!("socket:[{i}]")))
+            .flatten()
+    })?;
+    pids.iter().copied().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy() == inode))
+    })
+}

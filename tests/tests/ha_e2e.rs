@@ -7,8 +7,9 @@ use std::collections::BTreeSet;
 use kube::Api;
 use serde_json::json;
 use sharedlb_crds::SharedLB;
-use sharedlb_e2e::replica::{leads, scrape, start_replica, sum, which_leads};
+use sharedlb_e2e::replica::{leads, scrape, start_replica, sum, tcp_carrier, which_leads};
 use sharedlb_e2e::*;
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_mid_burst_the_follower_finishes_without_duplicates() {
@@ -155,4 +156,164 @@ async fn leader_killed_mid_burst_the_follower_finishes_without_duplicates() {
     let _ = survivor.start_kill();
     let _ = survivor.wait().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Traffic does not wait for the lease: the replica that does not lead serves the listeners the statuses describe
+/// (SO_REUSEPORT lets both replicas serve one address). With a long TCP transfer through that replica, a UDP
+/// exchange and a new connection every 100 ms, kill -9 the leader: the transfer goes on, through the lease
+/// handover and the new leader taking the listeners over in place; the exchange and the new connections keep
+/// being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_survives_the_leader_through_the_replica_that_stays() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let dir = std::env::temp_dir().join(format!("sharedlb-fwd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("log dir");
+    let lease = format!("fwd-{:06x}", fastrand::u32(..0xff_ffff));
+    let (ma, mb) = (free_port(), free_port());
+    let mut a = start_replica("fwd-a", &lease, "fwd", ma, &dir.join("a.log"));
+    let mut b = start_replica("fwd-b", &lease, "fwd", mb, &dir.join("b.log"));
+    let (leader_port, follower_port) = which_leads(ma, mb).await;
+    let (leader, follower) = if leader_port == ma {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    let follower_pid = follower.id().expect("the follower runs");
+    let pids = [leader.id().expect("the leader runs"), follower_pid];
+
+    let ns = namespace(&client, "fwd", &[]).await;
+    let pool = json!({"provider": local_provider(&["127.0.18.10".to_string()]),
+                      "capacity": {"maxPortsPerLoadBalancer": 5}, "portRange": {"min": 4000, "max": 4999}});
+    create_pool(&client, "fwd", pool).await;
+    let (stream_backend, dgram_backend) = (
+        echo::tcp("stream", 0).await.expect("tcp backend"),
+        echo::udp("dgram", 0).await.expect("udp backend"),
+    );
+    let spec = |proto: &str| json!({"pool": "fwd", "selector": {"app": "x"}, "ports": [{"name": "p", "targetPort": 8080, "protocol": proto}]});
+    create_slb(&client, &ns, "stream", spec("TCP")).await;
+    create_slb(&client, &ns, "dgram", spec("UDP")).await;
+    put_endpoints(&client, &ns, "stream", "p", "TCP", &[stream_backend]).await;
+    put_endpoints(&client, &ns, "dgram", "p", "UDP", &[dgram_backend]).await;
+    let tcp_addr = external_addr(&ready(&client, &ns, "stream", 30).await, None);
+    let udp_addr = external_addr(&ready(&client, &ns, "dgram", 30).await, None);
+
+    // a connection the follower carries: the kernel spreads connections over both replicas' sockets
+    let mut held = eventually(30, "a connection through the follower", || async {
+        let mut s = tokio::net::TcpStream::connect(tcp_addr).await.ok()?;
+        s.write_all(b"0").await.ok()?;
+        (echo::read_reply(&mut s, "0").await.ok()? == "stream:0").then_some(())?;
+        let carrier = tcp_carrier(tcp_addr, s.local_addr().ok()?, &pids)?;
+        (carrier == follower_pid).then_some(s)
+    })
+    .await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probes = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let (mut asked, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                asked += 1;
+                if echo::tcp_ask(tcp_addr, "n").await.ok().as_deref() != Some("stream:n") {
+                    failed.push(asked);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            (asked, failed)
+        }
+    });
+    let exchange = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let s = tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("udp client");
+            let (mut answered, mut longest_gap) = (0u32, std::time::Duration::ZERO);
+            let mut last = std::time::Instant::now();
+            let mut buf = [0u8; 256];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = s.send_to(b"u", udp_addr).await;
+                let wait = std::time::Duration::from_millis(200);
+                if let Ok(Ok(n)) = tokio::time::timeout(wait, s.recv(&mut buf)).await
+                    && &buf[..n] == b"dgram:u"
+                {
+                    answered += 1;
+                    longest_gap = longest_gap.max(last.elapsed());
+                    last = std::time::Instant::now();
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            (answered, longest_gap.max(last.elapsed()))
+        }
+    });
+    for i in 1..=10 {
+        transfer(&mut held, i).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    leader.start_kill().expect("SIGKILL");
+    leader.wait().await.expect("reaped");
+    let killed = std::time::Instant::now();
+    let mut i = 10;
+    // through the lease's expiry (6 s), the follower leading and taking the listeners over, and a while after
+    let mut led_at = None;
+    while led_at.is_none_or(|t: std::time::Instant| t.elapsed() < std::time::Duration::from_secs(4))
+    {
+        i += 1;
+        transfer(&mut held, i).await;
+        if led_at.is_none()
+            && scrape(follower_port)
+                .await
+                .and_then(|m| m.get("sharedlb_leader").copied())
+                == Some(1.0)
+        {
+            led_at = Some(std::time::Instant::now());
+        }
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(60),
+            "the follower never led"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (asked, failed) = probes.await.expect("probes");
+    let (answered, longest_gap) = exchange.await.expect("exchange");
+    eprintln!(
+        "forwarding: {i} messages on the held connection, {asked} new connections ({} failed), {answered} datagrams answered (longest gap {longest_gap:?}); the follower led {:?} after the kill",
+        failed.len(),
+        led_at.map(|t| t - killed)
+    );
+    // the one connection in flight when the leader died may be lost with it; none after
+    assert!(
+        failed.len() <= 1,
+        "new connections failed during the handover: {failed:?} of {asked}"
+    );
+    assert!(
+        longest_gap < std::time::Duration::from_secs(2),
+        "the UDP exchange stalled for {longest_gap:?}"
+    );
+    let st = ready(&client, &ns, "stream", 30).await;
+    assert_eq!(
+        external_addr(&st, None),
+        tcp_addr,
+        "the new leader kept the allocation"
+    );
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "fwd").await;
+    let _ = follower.start_kill();
+    let _ = follower.wait().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One message of the long transfer on `held`, answered by the backend through the same connection.
+async fn transfer(held: &mut tokio::net::TcpStream, i: u32) {
+    let msg = format!("t{i}");
+    held.write_all(msg.as_bytes())
+        .await
+        .expect("the held connection takes data");
+    let reply = echo::read_reply(held, &msg)
+        .await
+        .expect("the held connection answers");
+    assert_eq!(reply, format!("stream:{msg}"));
 }

@@ -399,7 +399,7 @@ impl Context {
 /// The pool's settings to make its provider with. For a local pool, the addresses that carry ports keep their
 /// positions even when an edit (refused, see the pool's AddressInUse) asks otherwise, so that starting with
 /// such an edit in place moves nothing; when no address list can honour both, the provider is not made.
-fn local_in_effect(pool: &LoadBalancerPool) -> Result<LoadBalancerPoolSpec, Error> {
+pub(crate) fn local_in_effect(pool: &LoadBalancerPool) -> Result<LoadBalancerPoolSpec, Error> {
     let mut spec = pool.spec.clone();
     let Some(local) = spec.provider.local.as_mut() else {
         return Ok(spec);
@@ -712,8 +712,9 @@ pub async fn run(
         .await
         .map_err(|e| Error::Lease(e.to_string()))?;
     let (mut leading, lease_task) = manager.watch().await;
-    // a replica standing by is healthy and ready: it is doing its job
+    // a replica standing by is healthy and ready: it is doing its job, forwarding included
     metrics.set_ready(true);
+    let standby = standby_forwarding(&client, factory.as_ref(), &metrics);
     info!(lease = %le.lease_name, identity = %le.identity, "waiting for the leader lease");
     while !*leading.borrow_and_update() {
         tokio::select! {
@@ -722,6 +723,11 @@ pub async fn run(
             },
             _ = shutdown.clone() => return Ok(()),
         }
+    }
+    // the providers drive the listeners from now on: standby forwarding stops first, leaving them bound
+    if let Some((stop, task)) = standby {
+        let _ = stop.send(());
+        let _ = task.await;
     }
     info!(identity = %le.identity, "holding the leader lease: rebuilding and reconciling");
     metrics.leader.set(1);
@@ -760,6 +766,31 @@ pub async fn run(
         return Err(Error::LostLeadership);
     }
     result
+}
+
+type StandbyTask = tokio::task::JoinHandle<Result<(), Error>>;
+
+/// Serves the local pools' listeners from the statuses while this replica waits for the lease (`forward`);
+/// the sender stops it.
+fn standby_forwarding(
+    client: &Client,
+    factory: &dyn ProviderFactory,
+    metrics: &Arc<Metrics>,
+) -> Option<(tokio::sync::oneshot::Sender<()>, StandbyTask)> {
+    let forwarder = factory.forwarder()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let follow = crate::forward::follow(
+        client.clone(),
+        forwarder,
+        metrics.clone(),
+        stopped.map(|_| ()),
+    );
+    let task = tokio::spawn(follow.inspect(|r| {
+        if let Err(e) = r {
+            warn!(error = %e, "standby forwarding stopped; the listeners wait for the lease");
+        }
+    }));
+    Some((stop, task))
 }
 
 async fn run_controllers(

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sharedlb_providers::local::{LocalProvider, Tuning};
+use sharedlb_providers::local::{Forwarder, LocalProvider, Tuning};
 use sharedlb_providers::{ListenerSpec, LoadBalancerKey, LoadBalancerProvider, Owner, Protocol};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -109,8 +109,13 @@ async fn datagrams(addr: SocketAddr) -> f64 {
 async fn main() {
     let (tcp, udp) = (tcp_backend().await, udp_backend().await);
     let p = Arc::new(
-        LocalProvider::new("bench", &["127.0.9.10".to_string()], Tuning::default())
-            .expect("provider"),
+        LocalProvider::new(
+            "bench",
+            &["127.0.9.10".to_string()],
+            Tuning::default(),
+            Forwarder::new(),
+        )
+        .expect("provider"),
     );
     let key = LoadBalancerKey {
         cluster_id: "bench".into(),

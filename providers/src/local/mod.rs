@@ -6,66 +6,35 @@
 //! Its state lives in the process: after a restart the inventory is empty and the operator, rebuilding from the
 //! SharedLB statuses, binds every allocated listener again.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Mutex;
-use tokio::task::JoinHandle;
-use tracing::info;
 
 use crate::{
     Inventory, InventoryListener, InventoryLoadBalancer, Limits, ListenerSpec, ListenerStatsRow,
     LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, PortMode, Protocol, ProviderError,
 };
 
+mod forwarder;
 mod shared;
 mod tcp;
 mod udp;
 
-use shared::Shared;
+pub use forwarder::{BoundListener, Forwarder, WantedListener};
 pub use shared::{StatsSnapshot, Tuning};
 
 /// Listeners per address: a port space holds 65,535; this keeps one process's sockets reasonable.
 pub const MAX_LISTENERS_PER_ADDRESS: u32 = 4096;
 
-struct Running {
-    owner_uid: String,
-    node_port: u16,
-    shared: Arc<Shared>,
-    task: Option<JoinHandle<()>>,
-}
-
-impl Running {
-    /// Closes the socket and every connection on it, and returns only once they are closed, so that a connect
-    /// right after is refused rather than queued and reset.
-    async fn stop(mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-            let _ = t.await;
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(t) = &self.task {
-            t.abort();
-        }
-    }
-}
-
-struct LocalLb {
-    ip: IpAddr,
-    listeners: BTreeMap<(u16, Protocol), Running>,
-}
-
 pub struct LocalProvider {
     pool: String,
     addresses: Vec<IpAddr>,
     tuning: Tuning,
-    lbs: Mutex<BTreeMap<u32, LocalLb>>,
+    /// The load balancers made (ensured and not deleted); the listeners live in the process's `Forwarder`.
+    made: Mutex<BTreeSet<u32>>,
+    forwarder: Arc<Forwarder>,
 }
 
 impl std::fmt::Debug for LocalProvider {
@@ -78,8 +47,14 @@ impl std::fmt::Debug for LocalProvider {
 }
 
 impl LocalProvider {
-    /// `addresses` must be addresses of this machine; each is one load balancer of the pool.
-    pub fn new(pool: &str, addresses: &[String], tuning: Tuning) -> Result<Self, ProviderError> {
+    /// `addresses` are this machine's (or, bound with IP_FREEBIND, ones it may come to hold); each is one load
+    /// balancer of the pool. The listeners live in `forwarder`, which every local pool of the process shares.
+    pub fn new(
+        pool: &str,
+        addresses: &[String],
+        tuning: Tuning,
+        forwarder: Arc<Forwarder>,
+    ) -> Result<Self, ProviderError> {
         let addresses = addresses
             .iter()
             .map(|a| {
@@ -97,7 +72,8 @@ impl LocalProvider {
             pool: pool.to_string(),
             addresses,
             tuning,
-            lbs: Mutex::new(BTreeMap::new()),
+            made: Mutex::new(BTreeSet::new()),
+            forwarder,
         })
     }
 
@@ -129,48 +105,6 @@ impl LocalProvider {
     }
 }
 
-impl LocalProvider {
-    async fn collect_stats(&self) -> Vec<ListenerStatsRow> {
-        let lbs = self.lbs.lock().await;
-        lbs.values()
-            .flat_map(|lb| {
-                lb.listeners
-                    .iter()
-                    .map(move |((port, protocol), r)| ListenerStatsRow {
-                        address: SocketAddr::new(lb.ip, *port),
-                        protocol: *protocol,
-                        stats: r.shared.stats.snapshot(),
-                    })
-            })
-            .collect()
-    }
-
-    async fn bind(
-        &self,
-        ip: IpAddr,
-        l: &ListenerSpec,
-        shared: Arc<Shared>,
-    ) -> Result<JoinHandle<()>, ProviderError> {
-        let addr = SocketAddr::new(ip, l.port);
-        let in_use = |e: std::io::Error| {
-            ProviderError::AlreadyExists(format!(
-                "local: cannot listen on {addr}/{}: {e} (another process holds the port?)",
-                l.protocol.as_str()
-            ))
-        };
-        Ok(match l.protocol {
-            Protocol::Tcp => {
-                let listener = TcpListener::bind(addr).await.map_err(in_use)?;
-                tokio::spawn(tcp::serve(listener, shared))
-            }
-            Protocol::Udp => {
-                let socket = UdpSocket::bind(addr).await.map_err(in_use)?;
-                tokio::spawn(udp::serve(socket, shared))
-            }
-        })
-    }
-}
-
 #[async_trait::async_trait]
 impl LoadBalancerProvider for LocalProvider {
     fn kind(&self) -> &'static str {
@@ -196,7 +130,11 @@ impl LoadBalancerProvider for LocalProvider {
     }
 
     async fn listener_stats(&self) -> Vec<ListenerStatsRow> {
-        self.collect_stats().await
+        let rows = self.forwarder.stats().await;
+        rows.into_iter()
+            .filter(|(pool, _)| *pool == self.pool)
+            .map(|(_, row)| row)
+            .collect()
     }
 
     async fn ensure_load_balancer(
@@ -204,11 +142,7 @@ impl LoadBalancerProvider for LocalProvider {
         lb: &LoadBalancerKey,
     ) -> Result<LoadBalancerInfo, ProviderError> {
         let ip = self.address(lb)?;
-        let mut lbs = self.lbs.lock().await;
-        lbs.entry(lb.index).or_insert_with(|| LocalLb {
-            ip,
-            listeners: BTreeMap::new(),
-        });
+        self.made.lock().await.insert(lb.index);
         Ok(Self::info(ip))
     }
 
@@ -217,42 +151,11 @@ impl LoadBalancerProvider for LocalProvider {
         lb: &LoadBalancerKey,
         l: &ListenerSpec,
     ) -> Result<(), ProviderError> {
-        let mut lbs = self.lbs.lock().await;
-        let entry = lbs
-            .get_mut(&lb.index)
-            .ok_or_else(|| ProviderError::NotFound(format!("local: {}", lb.name())))?;
-        let key = (l.port, l.protocol);
-        if let Some(r) = entry
-            .listeners
-            .get_mut(&key)
-            .filter(|r| r.owner_uid == l.owner.uid)
-        {
-            // in place: established connections keep flowing
-            r.shared.upstreams.set(l.backends.clone());
-            r.shared.filter.set(&l.source_ranges);
-            r.node_port = l.node_port;
-            return Ok(());
+        if !self.made.lock().await.contains(&lb.index) {
+            return Err(ProviderError::NotFound(format!("local: {}", lb.name())));
         }
-        if let Some(old) = entry.listeners.remove(&key) {
-            // another owner's stale listener: close it before binding the port again
-            old.stop().await;
-        }
-        let shared = Shared::new(self.tuning);
-        shared.upstreams.set(l.backends.clone());
-        shared.filter.set(&l.source_ranges);
-        let ip = entry.ip;
-        let task = self.bind(ip, l, shared.clone()).await?;
-        info!(pool = %self.pool, address = %SocketAddr::new(ip, l.port), protocol = l.protocol.as_str(), "listening");
-        entry.listeners.insert(
-            key,
-            Running {
-                owner_uid: l.owner.uid.clone(),
-                node_port: l.node_port,
-                shared,
-                task: Some(task),
-            },
-        );
-        Ok(())
+        let ip = self.address(lb)?;
+        self.forwarder.ensure(&self.pool, ip, l, self.tuning).await
     }
 
     async fn remove_listener(
@@ -262,48 +165,49 @@ impl LoadBalancerProvider for LocalProvider {
         protocol: Protocol,
         owner_uid: &str,
     ) -> Result<(), ProviderError> {
-        let mut lbs = self.lbs.lock().await;
-        if let Some(entry) = lbs.get_mut(&lb.index)
-            && entry
-                .listeners
-                .get(&(port, protocol))
-                .is_some_and(|r| r.owner_uid == owner_uid)
-            && let Some(r) = entry.listeners.remove(&(port, protocol))
-        {
-            r.stop().await;
+        if let Ok(ip) = self.address(lb) {
+            let address = std::net::SocketAddr::new(ip, port);
+            self.forwarder.remove(address, protocol, owner_uid).await;
         }
         Ok(())
     }
 
     async fn delete_load_balancer(&self, lb: &LoadBalancerKey) -> Result<(), ProviderError> {
-        let removed = self.lbs.lock().await.remove(&lb.index);
-        for (_, r) in removed.map(|lb| lb.listeners).unwrap_or_default() {
-            r.stop().await;
+        self.made.lock().await.remove(&lb.index);
+        if let Ok(ip) = self.address(lb) {
+            self.forwarder.remove_all_on(ip).await;
         }
         Ok(())
     }
 
+    /// The load balancers made, and those whose address carries listeners (bound while this replica stood by,
+    /// before it led: they are the pool's and are taken over).
     async fn inventory(&self) -> Result<Inventory, ProviderError> {
-        let lbs = self.lbs.lock().await;
-        Ok(Inventory {
-            load_balancers: lbs
-                .iter()
-                .map(|(index, lb)| InventoryLoadBalancer {
-                    index: *index,
-                    info: Self::info(lb.ip),
-                    listeners: lb
-                        .listeners
-                        .iter()
-                        .map(|((port, protocol), r)| InventoryListener {
-                            port: *port,
-                            protocol: *protocol,
-                            node_port: r.node_port,
-                            owner_uid: r.owner_uid.clone(),
-                            serving: true,
-                        })
-                        .collect(),
+        let made = self.made.lock().await.clone();
+        let mut load_balancers = Vec::new();
+        for (index, ip) in self.addresses.iter().enumerate() {
+            let index = index as u32;
+            let listeners: Vec<InventoryListener> = self
+                .forwarder
+                .on(&self.pool, *ip)
+                .await
+                .into_iter()
+                .map(|b| InventoryListener {
+                    port: b.address.port(),
+                    protocol: b.protocol,
+                    node_port: b.node_port,
+                    owner_uid: b.owner_uid,
+                    serving: true,
                 })
-                .collect(),
-        })
+                .collect();
+            if made.contains(&index) || !listeners.is_empty() {
+                load_balancers.push(InventoryLoadBalancer {
+                    index,
+                    info: Self::info(*ip),
+                    listeners,
+                });
+            }
+        }
+        Ok(Inventory { load_balancers })
     }
 }
