@@ -164,7 +164,11 @@ pub async fn follow(
         tokio::select! {
             _ = &mut stop => return Ok(()),
             Some(()) = changes.next() => dirty = true,
-            _ = sample.tick() => metrics.set_listeners(&forwarder.stats().await),
+            _ = sample.tick() => {
+                metrics.set_listeners(&forwarder.stats().await);
+                let (limits, now) = forwarder.budget();
+                metrics.set_forwarder(limits, now);
+            }
             _ = tick.tick() => {
                 if !dirty && last.elapsed() < RETRY {
                     continue;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use sharedlb::cost::PriceTable;
 use sharedlb::plan;
 use sharedlb::{BackingService, BuiltinProviders, LeaderElection, Settings};
+use sharedlb_providers::local::BudgetLimits;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,6 +66,8 @@ enum Command {
         /// mended, counted (sharedlb_drift_repairs_total) and told in an Event.
         #[arg(long, env = "SHAREDLB_AUDIT_INTERVAL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
         audit_interval: u64,
+        #[command(flatten)]
+        budget: ForwardBudget,
     },
     /// Where SharedLBs would go, or why not, and what each pool would then hold and cost. Reads the cluster
     /// (list only) and changes nothing. Installed as `kubectl-sharedlb`, it is `kubectl sharedlb plan`.
@@ -95,6 +98,8 @@ enum Command {
         /// Where to serve /metrics (the listeners' counters), /healthz and /readyz.
         #[arg(long, env = "SHAREDLB_METRICS_ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        budget: ForwardBudget,
     },
     /// Print the CRDs' YAML (the same as `crdgen`).
     Crds,
@@ -117,6 +122,39 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = term.recv() => {},
+    }
+}
+
+/// The local forwarder's budget across all its listeners: connections and sessions past it are refused and
+/// counted (`sharedlb_forwarder_budget_refused`), so its memory stays bounded.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct ForwardBudget {
+    /// Open TCP connections and live UDP sessions, all listeners together.
+    #[arg(
+        long,
+        env = "SHAREDLB_FORWARD_MAX_CONNECTIONS",
+        default_value_t = 16384
+    )]
+    forward_max_connections: usize,
+    /// MiB of copy buffers (64 KiB per TCP connection, 64 KiB per UDP session), all listeners together.
+    #[arg(long, env = "SHAREDLB_FORWARD_MAX_BUFFER_MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1048576))]
+    forward_max_buffer_mib: u64,
+    /// Live UDP sessions one client IP may hold on one listener (sources can be spoofed).
+    #[arg(
+        long,
+        env = "SHAREDLB_FORWARD_UDP_SESSIONS_PER_SOURCE",
+        default_value_t = 64
+    )]
+    forward_udp_sessions_per_source: usize,
+}
+
+impl From<ForwardBudget> for BudgetLimits {
+    fn from(b: ForwardBudget) -> Self {
+        BudgetLimits {
+            max_connections: b.forward_max_connections,
+            max_buffer_bytes: usize::try_from(b.forward_max_buffer_mib << 20).unwrap_or(usize::MAX),
+            max_udp_sessions_per_source: b.forward_udp_sessions_per_source,
+        }
     }
 }
 
@@ -187,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Forward {
             log_json,
             metrics_addr,
+            budget,
         } => {
             init_logging(log_json);
             sharedlb::install_crypto_provider();
@@ -199,7 +238,7 @@ async fn main() -> anyhow::Result<()> {
                 tokio::spawn(serve);
             }
             metrics.set_ready(true);
-            let forwarder = sharedlb_providers::local::Forwarder::new();
+            let forwarder = sharedlb_providers::local::Forwarder::with_budget(budget.into());
             sharedlb::forward::follow(client, forwarder, metrics, shutdown_signal()).await?;
             Ok(())
         }
@@ -221,6 +260,7 @@ async fn main() -> anyhow::Result<()> {
             backing_service,
             prices,
             audit_interval,
+            budget,
         } => {
             init_logging(log_json);
             let client = kube::Client::try_default()
@@ -249,6 +289,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let shutdown = shutdown_signal();
             let providers = BuiltinProviders::default()
+                .with_forward_budget(budget.into())
                 .with_gcp_endpoint(std::env::var("SHAREDLB_GCP_ENDPOINT").ok());
             #[cfg(feature = "azure")]
             let providers = providers.with_azure(sharedlb::AzureAccess::from_env()?);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sharedlb_crds::{LoadBalancerPoolSpec, target_nodes_per_zone};
-use sharedlb_providers::local::{Forwarder, LocalProvider, Tuning};
+use sharedlb_providers::local::{BudgetLimits, Forwarder, LocalProvider, Tuning};
 use sharedlb_providers::memory::{Faults, MemoryCloud, MemoryProvider, RateLimit};
 use sharedlb_providers::{DEFAULT_TARGET_NODES_PER_ZONE, LoadBalancerProvider, ProviderError};
 
@@ -101,6 +101,13 @@ impl BuiltinProviders {
             #[cfg(feature = "azure")]
             azure: AzureAccess::default(),
         }
+    }
+
+    /// The budget every local pool's listeners share in this process (the forwarder is made anew: call this
+    /// before any provider is made).
+    pub fn with_forward_budget(mut self, limits: BudgetLimits) -> Self {
+        self.forwarder = Forwarder::with_budget(limits);
+        self
     }
 
     /// Sends gcp pools' Compute Engine calls to `endpoint` (a fake, in tests). Only a loopback endpoint is

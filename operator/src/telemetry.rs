@@ -20,6 +20,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use sharedlb_providers::local::{BudgetLimits, BudgetSnapshot};
 use sharedlb_providers::{
     ApiCalls, Inventory, Limits, ListenerSpec, ListenerStatsRow, LoadBalancerInfo, LoadBalancerKey,
     LoadBalancerProvider, NodeTarget, Protocol, ProviderError,
@@ -86,6 +87,20 @@ pub struct ListenerMetrics {
     pub api_calls: Family<ApiCallLabels, Gauge>,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    /// `connections` or `buffer_bytes`; for refusals also `udp_sessions_per_source`.
+    pub resource: &'static str,
+}
+
+/// The process-wide budget of the local forwarder (sampled).
+#[derive(Debug, Default)]
+pub struct ForwarderMetrics {
+    pub used: Family<BudgetLabels, Gauge>,
+    pub limit: Family<BudgetLabels, Gauge>,
+    pub refused: Family<BudgetLabels, Gauge>,
+}
+
 fn reconcile_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
@@ -106,6 +121,7 @@ pub struct Metrics {
     pub drift_repairs: Family<DriftLabels, Counter>,
     pub leader: Gauge,
     pub listeners: ListenerMetrics,
+    pub forwarder: ForwarderMetrics,
     ready: AtomicBool,
 }
 
@@ -213,6 +229,22 @@ impl Metrics {
             "Connections or sessions refused: outside sourceRanges or over the limit (sampled)",
             listeners.refused.clone(),
         );
+        let forwarder = ForwarderMetrics::default();
+        registry.register(
+            "forwarder_budget_used",
+            "What the local forwarder's connections and sessions hold, across all listeners (sampled)",
+            forwarder.used.clone(),
+        );
+        registry.register(
+            "forwarder_budget_limit",
+            "The local forwarder's budget across all listeners (--forward-max-connections, --forward-max-buffer-mib)",
+            forwarder.limit.clone(),
+        );
+        registry.register(
+            "forwarder_budget_refused",
+            "Connections and UDP sessions the local forwarder refused since it started, by the budget that had no room (sampled)",
+            forwarder.refused.clone(),
+        );
         registry.register(
             "cloud_api_calls",
             "Cloud API calls by pool, provider and the cloud's operation name, mutating or not, sampled every 10 s (AWS: every SDK call, by an interceptor; GCP: every Compute Engine call the provider makes)",
@@ -221,6 +253,7 @@ impl Metrics {
         Metrics {
             registry,
             listeners,
+            forwarder,
             reconciles,
             reconcile_seconds,
             in_flight,
@@ -512,7 +545,29 @@ impl Metrics {
             l.bytes_out.get_or_create(&labels).set(g(r.stats.bytes_out));
             l.refused
                 .get_or_create(&labels)
-                .set(g(r.stats.refused_by_source + r.stats.refused_over_limit));
+                .set(g(r.stats.refused_by_source
+                    + r.stats.refused_over_limit
+                    + r.stats.refused_over_budget));
         }
+    }
+
+    /// The forwarder's budget, in use and refused.
+    pub fn set_forwarder(&self, limits: BudgetLimits, now: BudgetSnapshot) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let f = &self.forwarder;
+        let set = |family: &Family<BudgetLabels, Gauge>, resource, v| {
+            family.get_or_create(&BudgetLabels { resource }).set(g(v));
+        };
+        set(&f.used, "connections", now.connections);
+        set(&f.used, "buffer_bytes", now.buffer_bytes);
+        set(&f.limit, "connections", limits.max_connections as u64);
+        set(&f.limit, "buffer_bytes", limits.max_buffer_bytes as u64);
+        set(&f.refused, "connections", now.refused_connections);
+        set(&f.refused, "buffer_bytes", now.refused_buffer_bytes);
+        set(
+            &f.refused,
+            "udp_sessions_per_source",
+            now.refused_udp_per_source,
+        );
     }
 }

@@ -311,3 +311,51 @@ async fn idle_tcp_connections_and_udp_sessions_are_closed() {
         "no live connection or session: {rows:?}"
     );
 }
+
+/// A spoofer varying its source port cannot take every session: one client IP holds a few per listener, the
+/// rest are refused and counted, and another IP is still served.
+#[tokio::test]
+async fn udp_sessions_per_source_are_capped() {
+    let forwarder = Forwarder::with_budget(sharedlb_providers::local::BudgetLimits {
+        max_udp_sessions_per_source: 4,
+        ..Default::default()
+    });
+    let p = LocalProvider::new("p", &addresses(1), Tuning::default(), forwarder.clone())
+        .expect("provider");
+    let ip: std::net::IpAddr = p
+        .ensure_load_balancer(&key(0))
+        .await
+        .expect("lb")
+        .ip
+        .expect("ip")
+        .parse()
+        .expect("ip");
+    let u = udp_backend("u").await;
+    p.ensure_listener(&key(0), &spec(4400, Protocol::Udp, "U", vec![u]))
+        .await
+        .expect("listener");
+    let listener = SocketAddr::new(ip, 4400);
+    let mut answered = 0;
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let s = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        s.send_to(b"x", listener).await.expect("send");
+        let mut buf = [0u8; 64];
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(300), s.recv(&mut buf)).await
+        {
+            answered += 1;
+        }
+        clients.push(s); // each keeps its session alive
+    }
+    assert_eq!(answered, 4, "one source IP holds four sessions");
+    let (_, used) = forwarder.budget();
+    assert_eq!(used.refused_udp_per_source, 6);
+    let other = UdpSocket::bind("127.0.0.2:0").await.expect("bind");
+    other.send_to(b"y", listener).await.expect("send");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), other.recv(&mut buf))
+        .await
+        .expect("another source is answered")
+        .expect("recv");
+    assert_eq!(&buf[..n], b"u:y");
+}

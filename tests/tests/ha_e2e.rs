@@ -298,6 +298,23 @@ async fn traffic_survives_the_leader_through_the_replica_that_stays() {
         tcp_addr,
         "the new leader kept the allocation"
     );
+    // the forwarder's budget on /metrics: the held connection is in it (sampled every 10 s)
+    eventually(25, "the budget in use on /metrics", || async {
+        let m = scrape(follower_port).await?;
+        let used = sum(
+            &m,
+            "sharedlb_forwarder_budget_used",
+            &["resource=\"connections\""],
+        );
+        let limit = sum(
+            &m,
+            "sharedlb_forwarder_budget_limit",
+            &["resource=\"connections\""],
+        );
+        (used >= 1.0 && limit == 16384.0).then_some(())
+    })
+    .await;
+    transfer(&mut held, i + 1).await;
 
     delete_namespace(&client, &ns).await;
     delete_pool(&client, "fwd").await;

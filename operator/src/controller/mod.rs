@@ -1015,6 +1015,10 @@ async fn run_controllers(
                     );
                 }
                 ctx.metrics.set_listeners(&rows);
+                if let Some(f) = ctx.factory.forwarder() {
+                    let (limits, now) = f.budget();
+                    ctx.metrics.set_forwarder(limits, now);
+                }
             }
         })
     };

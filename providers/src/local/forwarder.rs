@@ -20,6 +20,7 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+use super::budget::{Budget, BudgetLimits, BudgetSnapshot};
 use super::shared::{Shared, Tuning};
 use super::{tcp, udp};
 use crate::{ListenerSpec, ListenerStatsRow, Protocol, ProviderError};
@@ -71,9 +72,10 @@ impl Drop for Running {
 
 type Key = (SocketAddr, Protocol);
 
-#[derive(Default)]
 pub struct Forwarder {
     listeners: Mutex<BTreeMap<Key, Running>>,
+    /// What all its listeners may hold together.
+    budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -83,8 +85,21 @@ impl std::fmt::Debug for Forwarder {
 }
 
 impl Forwarder {
+    /// With the default budget.
     pub fn new() -> Arc<Self> {
-        Arc::new(Forwarder::default())
+        Self::with_budget(BudgetLimits::default())
+    }
+
+    pub fn with_budget(limits: BudgetLimits) -> Arc<Self> {
+        Arc::new(Forwarder {
+            listeners: Mutex::new(BTreeMap::new()),
+            budget: Budget::new(limits),
+        })
+    }
+
+    /// The budget in use and what it refused.
+    pub fn budget(&self) -> (BudgetLimits, BudgetSnapshot) {
+        (self.budget.limits(), self.budget.snapshot())
     }
 
     /// Serves `l` on `ip`: updated in place when its owner already serves it there (established connections
@@ -107,7 +122,7 @@ impl Forwarder {
         if let Some(old) = all.remove(&key) {
             old.stop().await;
         }
-        let shared = Shared::new(tuning);
+        let shared = Shared::new(tuning, self.budget.clone());
         shared.upstreams.set(l.backends.clone());
         shared.filter.set(&l.source_ranges);
         let task = bind(key.0, l.protocol, shared.clone())?;

@@ -17,11 +17,13 @@ use crate::{
     LoadBalancerInfo, LoadBalancerKey, LoadBalancerProvider, PortMode, Protocol, ProviderError,
 };
 
+mod budget;
 mod forwarder;
 mod shared;
 mod tcp;
 mod udp;
 
+pub use budget::{BudgetLimits, BudgetSnapshot};
 pub use forwarder::{BoundListener, Forwarder, WantedListener};
 pub use shared::{StatsSnapshot, Tuning};
 

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use tokio::sync::Semaphore;
 
+use super::budget::{Admission, Budget};
+
 /// Ready endpoints, picked round-robin; `in_order` gives every endpoint once, starting at the next one, so a
 /// caller can fail over to the following one when a connect fails.
 #[derive(Debug, Default)]
@@ -73,6 +75,8 @@ pub struct ListenerStats {
     pub bytes_out: AtomicU64,
     pub refused_by_source: AtomicU64,
     pub refused_over_limit: AtomicU64,
+    /// Refused because the process's budget (connections, buffer bytes, UDP sessions per source) had no room.
+    pub refused_over_budget: AtomicU64,
     pub upstream_failures: AtomicU64,
 }
 
@@ -89,6 +93,7 @@ pub struct StatsSnapshot {
     pub bytes_out: u64,
     pub refused_by_source: u64,
     pub refused_over_limit: u64,
+    pub refused_over_budget: u64,
     pub upstream_failures: u64,
 }
 
@@ -102,6 +107,7 @@ impl ListenerStats {
             bytes_out: l(&self.bytes_out),
             refused_by_source: l(&self.refused_by_source),
             refused_over_limit: l(&self.refused_over_limit),
+            refused_over_budget: l(&self.refused_over_budget),
             upstream_failures: l(&self.upstream_failures),
         }
     }
@@ -152,19 +158,34 @@ pub struct Shared {
     pub stats: ListenerStats,
     pub tuning: Tuning,
     pub limit: Arc<Semaphore>,
+    /// Shared by every listener of the process.
+    pub budget: Arc<Budget>,
     epoch: Instant,
 }
 
 impl Shared {
-    pub fn new(tuning: Tuning) -> Arc<Self> {
+    pub fn new(tuning: Tuning, budget: Arc<Budget>) -> Arc<Self> {
         Arc::new(Shared {
             upstreams: Upstreams::default(),
             filter: SourceFilter::default(),
             stats: ListenerStats::default(),
             limit: Arc::new(Semaphore::new(tuning.max_connections)),
             tuning,
+            budget,
             epoch: Instant::now(),
         })
+    }
+
+    /// Room for one more connection or session holding `buffer_bytes`, from the process's budget; a refusal is
+    /// counted on this listener too.
+    pub fn admit(&self, buffer_bytes: usize) -> Option<Admission> {
+        let admitted = self.budget.admit(buffer_bytes);
+        if admitted.is_none() {
+            self.stats
+                .refused_over_budget
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        admitted
     }
 
     /// Milliseconds since the listener started: a cheap clock for "last activity" atomics.

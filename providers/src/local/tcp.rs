@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tracing::debug;
 
+use super::budget::TCP_BUFFER;
 use super::shared::{ActiveGuard, Shared};
 
 /// Runs until aborted; aborting it drops the listening socket and every connection it carries.
@@ -29,9 +30,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                         shared.stats.refused_over_limit.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
+                    let Some(admitted) = shared.admit(2 * TCP_BUFFER) else {
+                        continue;
+                    };
                     let shared = shared.clone();
                     conns.spawn(async move {
-                        let _permit = permit;
+                        let _permit = (permit, admitted);
                         let _active = ActiveGuard::new(shared.clone());
                         if let Err(e) = forward(client, &shared).await {
                             debug!(error = %e, %peer, "connection ended with an error");
@@ -92,7 +96,7 @@ async fn pump(
     counter: &AtomicU64,
 ) -> io::Result<()> {
     let idle = shared.tuning.idle_timeout;
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; TCP_BUFFER];
     loop {
         match tokio::time::timeout(idle, from.read(&mut buf)).await {
             Ok(Ok(0)) => {

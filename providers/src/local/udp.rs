@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
+use super::budget::{Admission, UDP_BUFFER};
 use super::shared::{ActiveGuard, Shared};
 
 struct Session {
@@ -18,6 +19,55 @@ struct Session {
     last: Arc<AtomicU64>,
     dead: Arc<AtomicBool>,
     replies: JoinHandle<()>,
+    /// Its share of the process's budget, given back when the session goes.
+    _admitted: Admission,
+}
+
+/// The live sessions of one listener, by client address, with how many each client IP holds.
+#[derive(Default)]
+struct Sessions {
+    by_peer: HashMap<SocketAddr, Session>,
+    per_source: HashMap<IpAddr, usize>,
+}
+
+impl Sessions {
+    fn insert(&mut self, peer: SocketAddr, s: Session) {
+        if self.by_peer.insert(peer, s).is_none() {
+            *self.per_source.entry(peer.ip()).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, peer: &SocketAddr) {
+        if self.by_peer.remove(peer).is_some() {
+            self.forget(peer.ip());
+        }
+    }
+
+    fn forget(&mut self, ip: IpAddr) {
+        if let Some(n) = self.per_source.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&ip);
+            }
+        }
+    }
+
+    fn of_source(&self, ip: IpAddr) -> usize {
+        self.per_source.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// Drops the sessions `keep` refuses.
+    fn retain(&mut self, mut keep: impl FnMut(&Session) -> bool) {
+        let gone: Vec<SocketAddr> = self
+            .by_peer
+            .iter()
+            .filter(|(_, s)| !keep(s))
+            .map(|(p, _)| *p)
+            .collect();
+        for p in gone {
+            self.remove(&p);
+        }
+    }
 }
 
 impl Drop for Session {
@@ -29,8 +79,8 @@ impl Drop for Session {
 /// Runs until aborted; aborting it closes the socket and every session.
 pub async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
     let socket = Arc::new(socket);
-    let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
-    let mut buf = vec![0u8; 65536];
+    let mut sessions = Sessions::default();
+    let mut buf = vec![0u8; UDP_BUFFER];
     let idle = shared.tuning.idle_timeout;
     let mut sweep = tokio::time::interval((idle / 4).max(std::time::Duration::from_millis(100)));
     loop {
@@ -41,20 +91,26 @@ pub async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
                     shared.stats.refused_by_source.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                if sessions.get(&peer).is_some_and(|s| s.dead.load(Ordering::Relaxed)) {
+                if sessions.by_peer.get(&peer).is_some_and(|s| s.dead.load(Ordering::Relaxed)) {
                     sessions.remove(&peer);
                 }
-                if !sessions.contains_key(&peer) {
-                    if sessions.len() >= shared.tuning.max_connections {
+                if !sessions.by_peer.contains_key(&peer) {
+                    if sessions.by_peer.len() >= shared.tuning.max_connections {
                         shared.stats.refused_over_limit.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    match open(&socket, peer, &shared).await {
-                        Some(s) => { sessions.insert(peer, s); }
+                    if sessions.of_source(peer.ip()) >= shared.budget.limits().max_udp_sessions_per_source {
+                        shared.budget.refuse_udp_per_source();
+                        shared.stats.refused_over_budget.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let Some(admitted) = shared.admit(UDP_BUFFER) else { continue };
+                    match open(&socket, peer, &shared, admitted).await {
+                        Some(s) => sessions.insert(peer, s),
                         None => { shared.stats.upstream_failures.fetch_add(1, Ordering::Relaxed); continue; }
                     }
                 }
-                if let Some(s) = sessions.get(&peer)
+                if let Some(s) = sessions.by_peer.get(&peer)
                     && s.upstream.send(&buf[..n]).await.is_ok() {
                         shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                         s.last.store(shared.now_ms(), Ordering::Relaxed);
@@ -62,7 +118,7 @@ pub async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
             }
             _ = sweep.tick() => {
                 let now = shared.now_ms();
-                sessions.retain(|_, s| {
+                sessions.retain(|s| {
                     !s.dead.load(Ordering::Relaxed)
                         && now.saturating_sub(s.last.load(Ordering::Relaxed)) < idle.as_millis() as u64
                 });
@@ -72,7 +128,12 @@ pub async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
 }
 
 /// A session to the next ready endpoint, or None when there is none.
-async fn open(socket: &Arc<UdpSocket>, peer: SocketAddr, shared: &Arc<Shared>) -> Option<Session> {
+async fn open(
+    socket: &Arc<UdpSocket>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    admitted: Admission,
+) -> Option<Session> {
     let backend = *shared.upstreams.in_order().first()?;
     let local: SocketAddr = match backend.ip() {
         IpAddr::V4(ip) if ip.is_loopback() => (Ipv4Addr::LOCALHOST, 0).into(),
@@ -98,6 +159,7 @@ async fn open(socket: &Arc<UdpSocket>, peer: SocketAddr, shared: &Arc<Shared>) -
         last,
         dead,
         replies,
+        _admitted: admitted,
     })
 }
 
@@ -110,7 +172,7 @@ async fn replies(
     dead: Arc<AtomicBool>,
 ) {
     let _active = ActiveGuard::new(shared.clone());
-    let mut buf = vec![0u8; 65536];
+    let mut buf = vec![0u8; UDP_BUFFER];
     loop {
         match upstream.recv(&mut buf).await {
             Ok(n) => {
