@@ -90,6 +90,24 @@ pub struct SharedLBSpec {
     /// address (its ports stay), so only its owner can allow it. Omitted: it never moves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<Migration>,
+    /// `v2`: each TCP connection reaches the pods behind a PROXY protocol v2 header carrying the client's address
+    /// and port (the pods must expect it). On `local` pools the forwarder writes it; on `aws` pools each TCP
+    /// target group gets `proxy_protocol_v2.enabled`. GCP's passthrough and Azure's load balancers deliver the
+    /// client's own packets, so they refuse it (`ProxyProtocolUnsupported`): there the client address reaches the
+    /// node as it is. UDP ports carry no header. Omitted: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// `v2`: each TCP connection reaches the pods behind a PROXY protocol v2 header carrying the client's address
+/// and port (the pods must expect it). On `local` pools the forwarder writes it; on `aws` pools each TCP target
+/// group gets `proxy_protocol_v2.enabled`. GCP's passthrough and Azure's load balancers deliver the client's own
+/// packets, so they refuse it (`ProxyProtocolUnsupported`). UDP ports carry no header. Omitted: none.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ProxyProtocol {
+    /// Version 2, the binary header (HAProxy's specification), as AWS's target groups send it.
+    #[serde(rename = "v2")]
+    V2,
 }
 
 /// Moves, make-before-break: the new listeners and firewall openings are made first, the status then shows the

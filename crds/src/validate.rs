@@ -543,6 +543,7 @@ mod tests {
             pool: None,
             source_ranges: None,
             migration: None,
+            proxy_protocol: None,
         }
     }
 

@@ -171,6 +171,7 @@ const METADATA_ADDRESSES: [IpAddr; 3] = [
 pub struct EndpointPolicy {
     managers: Vec<String>,
     allow_loopback: bool,
+    any_manager: bool,
 }
 
 impl EndpointPolicy {
@@ -178,11 +179,23 @@ impl EndpointPolicy {
         EndpointPolicy {
             managers: local.endpoint_slice_managers.clone(),
             allow_loopback: local.allow_loopback_endpoints,
+            any_manager: false,
+        }
+    }
+
+    /// For a cloud's pod targets: the cloud checks its targets are its network's addresses, and the pool names
+    /// no managers, so every slice of the Service is read; the addresses are still checked.
+    pub fn cloud() -> Self {
+        EndpointPolicy {
+            any_manager: true,
+            ..EndpointPolicy::default()
         }
     }
 
     pub fn trusts(&self, manager: &str) -> bool {
-        manager == ENDPOINT_SLICE_CONTROLLER || self.managers.iter().any(|m| m == manager)
+        self.any_manager
+            || manager == ENDPOINT_SLICE_CONTROLLER
+            || self.managers.iter().any(|m| m == manager)
     }
 
     /// Why `ip` is no endpoint to forward to, if it is not.

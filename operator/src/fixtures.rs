@@ -24,6 +24,7 @@ pub fn shared_lb(name: &str) -> SharedLBBuilder {
             pool: Some("default".into()),
             source_ranges: None,
             migration: None,
+            proxy_protocol: None,
         },
     );
     slb.metadata = ObjectMeta {

@@ -113,6 +113,7 @@ fn listener(slb: &SharedLB, p: &PortStatus, backends: &model::Endpoints) -> List
             .get(&(p.name.clone(), protocol.as_str().to_string()))
             .cloned()
             .unwrap_or_default(),
+        proxy_protocol: model::proxy_protocol(&slb.spec, protocol),
     }
 }
 

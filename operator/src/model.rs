@@ -496,9 +496,15 @@ pub fn desired_listeners(
                     .get(&(p.name.clone(), p.protocol.as_str().to_string()))
                     .cloned()
                     .unwrap_or_default(),
+                proxy_protocol: proxy_protocol(&slb.spec, p.protocol),
             })
         })
         .collect()
+}
+
+/// Whether a port of this protocol carries a PROXY protocol header: TCP ports of a SharedLB that asks for one.
+pub fn proxy_protocol(spec: &SharedLBSpec, protocol: Protocol) -> bool {
+    spec.proxy_protocol.is_some() && protocol == Protocol::Tcp
 }
 
 /// The status that records a new allocation, written (before any cloud call) as the durable claim on its ports.

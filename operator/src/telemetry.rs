@@ -448,6 +448,10 @@ impl LoadBalancerProvider for GuardedProvider {
         self.inner.forwards_to_endpoints()
     }
 
+    fn supports_proxy_protocol(&self) -> bool {
+        self.inner.supports_proxy_protocol()
+    }
+
     fn needs_node_ports(&self) -> bool {
         self.inner.needs_node_ports()
     }

@@ -58,6 +58,8 @@ pub const SECURITY_GROUP_RELEASE_WAIT: Duration = Duration::from_secs(120);
 const TAG_PORT: &str = "sharedlb.dev/port";
 const TAG_PROTOCOL: &str = "sharedlb.dev/protocol";
 const TAG_NODE_PORT: &str = "sharedlb.dev/node-port";
+/// On a target group whose `proxy_protocol_v2.enabled` the provider turned on: `v2`.
+const TAG_PROXY_PROTOCOL: &str = "sharedlb.dev/proxy-protocol";
 
 /// The pool's AWS settings, as the provider needs them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -326,6 +328,8 @@ struct Group {
     owner_uid: String,
     /// whether its targets are pod IPs (target type `ip`) rather than instances
     pod_targets: bool,
+    /// whether the provider turned its PROXY protocol v2 attribute on (as its tag records)
+    proxy_protocol: bool,
 }
 
 impl Group {
@@ -339,6 +343,7 @@ impl Group {
             node_port: t.get(TAG_NODE_PORT)?.parse().ok()?,
             owner_uid: t.get(tags::OWNER_UID)?.clone(),
             pod_targets: tg.target_type() == Some(&TargetTypeEnum::Ip),
+            proxy_protocol: t.get(TAG_PROXY_PROTOCOL).is_some_and(|v| v == "v2"),
         })
     }
 }
@@ -1029,6 +1034,48 @@ impl AwsProvider {
     /// Finds or creates the target group for one port, protocol(s) and node port, with the nodes registered
     /// when it is new (`update_nodes` keeps existing ones in step); with pod targets, an `ip` group (node port
     /// 0) whose targets `sync_pod_targets` sets.
+    /// Turns the target group's PROXY protocol v2 on or off when it `has` not what is wanted; the tag that
+    /// records it follows the attribute, so a crash in between sets the attribute again next time.
+    async fn set_proxy_protocol(
+        &self,
+        tg_arn: &str,
+        has: bool,
+        wanted: bool,
+    ) -> Result<(), ProviderError> {
+        if has == wanted {
+            return Ok(());
+        }
+        let attribute = elb::types::TargetGroupAttribute::builder()
+            .key("proxy_protocol_v2.enabled")
+            .value(wanted.to_string())
+            .build();
+        self.elb
+            .modify_target_group_attributes()
+            .target_group_arn(tg_arn)
+            .attributes(attribute)
+            .send()
+            .await
+            .map_err(|e| classify("modify_target_group_attributes", e))?;
+        if wanted {
+            self.elb
+                .add_tags()
+                .resource_arns(tg_arn)
+                .tags(tag(TAG_PROXY_PROTOCOL, "v2"))
+                .send()
+                .await
+                .map_err(|e| classify("add_tags", e))?;
+        } else {
+            self.elb
+                .remove_tags()
+                .resource_arns(tg_arn)
+                .tag_keys(TAG_PROXY_PROTOCOL)
+                .send()
+                .await
+                .map_err(|e| classify("remove_tags", e))?;
+        }
+        Ok(())
+    }
+
     async fn ensure_target_group(
         &self,
         index: u32,
@@ -1305,6 +1352,10 @@ impl LoadBalancerProvider for AwsProvider {
         self.settings.pod_targets
     }
 
+    fn supports_proxy_protocol(&self) -> bool {
+        true
+    }
+
     fn needs_node_ports(&self) -> bool {
         !self.settings.pod_targets
     }
@@ -1446,6 +1497,11 @@ impl LoadBalancerProvider for AwsProvider {
             // a TCP_UDP group takes the endpoints of the protocol being ensured: TCP and UDP of one port must
             // reach the same pods on the same port (one NLB listener carries both)
             self.sync_pod_targets(&tg_arn, &l.backends).await?;
+        }
+        if wire == Wire::Tcp {
+            let has = groups.iter().any(|g| g.arn == tg_arn && g.proxy_protocol);
+            self.set_proxy_protocol(&tg_arn, has, l.proxy_protocol)
+                .await?;
         }
         self.open_firewall(&fw, l).await?;
         self.point_listener(&lb_arn, l.port, wire, &tg_arn).await?;

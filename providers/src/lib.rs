@@ -162,6 +162,8 @@ pub struct ListenerSpec {
     /// The ready endpoints behind this port, for providers that forward to them directly (`local`); clouds
     /// forward to `node_port` and ignore this.
     pub backends: Vec<SocketAddr>,
+    /// Each TCP connection reaches the backends behind a PROXY protocol v2 header with the client's address.
+    pub proxy_protocol: bool,
 }
 
 /// A node that receives traffic on node ports.
@@ -350,6 +352,12 @@ pub trait LoadBalancerProvider: Send + Sync + Debug {
     /// True when listeners forward to the Service's endpoints (`ListenerSpec::backends`) rather than to the
     /// nodes' node port: the operator then reads EndpointSlices and re-ensures listeners when they change.
     fn forwards_to_endpoints(&self) -> bool {
+        false
+    }
+
+    /// True when a listener can put a PROXY protocol v2 header in front of each TCP connection
+    /// (`ListenerSpec::proxy_protocol`). Passthrough clouds cannot: they deliver the client's own packets.
+    fn supports_proxy_protocol(&self) -> bool {
         false
     }
 

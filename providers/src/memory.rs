@@ -335,6 +335,11 @@ impl LoadBalancerProvider for MemoryProvider {
         "memory"
     }
 
+    /// As AWS: the header is a setting of the listener's target.
+    fn supports_proxy_protocol(&self) -> bool {
+        true
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             max_ports_per_lb: MAX_LISTENERS_PER_LB,

@@ -1673,3 +1673,70 @@ async fn pod_targets_hold_the_ready_pods_and_follow_their_endpoints() {
     p.delete_load_balancer(&key).await.expect("deleted");
     assert_eq!(node_access(&node_sg).await, vec![]);
 }
+
+/// `proxy_protocol_v2.enabled` of the target group whose name ends with `suffix`.
+async fn proxy_protocol_attribute(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    suffix: &str,
+) -> String {
+    let tgs = elb
+        .describe_target_groups()
+        .send()
+        .await
+        .expect("tgs")
+        .target_groups
+        .unwrap_or_default();
+    let arn = tgs
+        .iter()
+        .find(|t| t.target_group_name().is_some_and(|n| n.ends_with(suffix)))
+        .and_then(|t| t.target_group_arn())
+        .expect("group")
+        .to_string();
+    elb.describe_target_group_attributes()
+        .target_group_arn(arn)
+        .send()
+        .await
+        .expect("attributes")
+        .attributes
+        .unwrap_or_default()
+        .iter()
+        .find(|a| a.key() == Some("proxy_protocol_v2.enabled"))
+        .and_then(|a| a.value())
+        .unwrap_or("unset")
+        .to_string()
+}
+
+/// A SharedLB that asks for PROXY protocol v2 gets it on its TCP target groups, and loses it when it stops
+/// asking; asking again without a change calls nothing.
+#[tokio::test]
+async fn proxy_protocol_is_a_target_group_attribute() {
+    let net = network().await;
+    let p = AwsProvider::new("ppv2", "p1", net).await.expect("provider");
+    p.update_nodes(&[node("n1", "aws:///us-east-1a/i-0000000000000aaaa")])
+        .await
+        .expect("nodes");
+    let key = LoadBalancerKey {
+        cluster_id: "ppv2".into(),
+        pool: "p1".into(),
+        index: 0,
+    };
+    p.ensure_load_balancer(&key).await.expect("nlb");
+    let with = |on: bool| sharedlb_providers::ListenerSpec {
+        proxy_protocol: on,
+        ..spec(4010, Protocol::Tcp, 31010, "pp", &[])
+    };
+    p.ensure_listener(&key, &with(true))
+        .await
+        .expect("listener");
+    let elb = elb().await;
+    assert_eq!(proxy_protocol_attribute(&elb, "4010t-31010").await, "true");
+    let before = mutating(&p);
+    p.ensure_listener(&key, &with(true)).await.expect("again");
+    assert_eq!(
+        diff(&mutating(&p), &before),
+        BTreeMap::new(),
+        "nothing to change, nothing called"
+    );
+    p.ensure_listener(&key, &with(false)).await.expect("off");
+    assert_eq!(proxy_protocol_attribute(&elb, "4010t-31010").await, "false");
+}

@@ -785,6 +785,7 @@ async fn the_drift_audit_mends_a_deleted_nlb_listener_and_removes_a_stray_one() 
         },
         source_ranges: Vec::new(),
         backends: Vec::new(),
+        proxy_protocol: false,
     };
     provider
         .ensure_listener(&key, &stray)

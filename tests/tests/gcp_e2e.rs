@@ -333,6 +333,18 @@ async fn a_fixed_port_outside_the_node_port_range_is_refused_before_the_cloud() 
     let msg = refused(&client, &ns, "web", "ServiceInvalid").await;
     assert!(msg.contains("valid range"), "the apiserver's words: {msg}");
     event_recorded(&client, &ns, "web", "ServiceInvalid", 10).await;
+    // passthrough delivers the client's own packets: a PROXY header is refused, not silently left out
+    create_slb(
+        &client,
+        &ns,
+        "proxied",
+        json!({"pool": pool, "selector": {"app": "web"}, "proxyProtocol": "v2",
+        "ports": [{"name": "http", "targetPort": 80}]}),
+    )
+    .await;
+    let msg = refused(&client, &ns, "proxied", "ProxyProtocolUnsupported").await;
+    assert!(msg.contains("client address reaches the nodes"), "{msg}");
+    event_recorded(&client, &ns, "proxied", "ProxyProtocolUnsupported", 10).await;
     for kind in ["addresses", "forwardingRules", "firewalls"] {
         assert!(
             fake.resources(kind).is_empty(),

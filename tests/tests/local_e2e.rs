@@ -10,7 +10,7 @@ use serde_json::json;
 use sharedlb_crds::SharedLB;
 use sharedlb_e2e::*;
 use sharedlb_providers::memory::MemoryCloud;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// `n` loopback addresses of a block no other test uses.
 fn addresses(block: u8, n: u8) -> Vec<String> {
@@ -684,5 +684,72 @@ async fn a_local_pool_keeps_tenants_in_their_lane() {
 
     delete_namespace(&client, &ns).await;
     delete_pool(&client, "local-lane").await;
+    op.kill().await;
+}
+
+/// `proxyProtocol: v2`: each TCP connection reaches the endpoint behind a PROXY v2 header carrying the client's
+/// address and port; turning it off takes effect in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_lb_asking_for_proxy_protocol_sends_the_client_address() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let op = Operator::start(&client, &MemoryCloud::new());
+    let ns = namespace(&client, "local-pp", &[]).await;
+    create_pool(&client, "local-pp", local_pool(13, 1, 5)).await;
+    let backend = echo::tcp("pp", 0).await.expect("backend");
+    let mut spec = one_port("local-pp", "tcp", "TCP", None);
+    spec["proxyProtocol"] = json!("v2");
+    create_slb(&client, &ns, "pp", spec).await;
+    put_endpoints(&client, &ns, "pp", "tcp", "TCP", &[backend]).await;
+    let addr = external(&ready(&client, &ns, "pp", 30).await);
+    // the raw bytes: the echo sends the header back as it got it, and its bytes are not text
+    let (port, bytes) = eventually(10, "an answer through the listener", || async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let port = s.local_addr().ok()?.port();
+        s.write_all(b"hello").await.ok()?;
+        let mut got = Vec::new();
+        while !got.ends_with(b"hello") {
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(std::time::Duration::from_secs(3), s.read(&mut buf));
+            match read.await.ok()?.ok()? {
+                0 => return None,
+                n => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        Some((port, got))
+    })
+    .await;
+    let at = bytes
+        .windows(12)
+        .position(|w| w == b"\r\n\r\n\0\r\nQUIT\n")
+        .unwrap_or_else(|| panic!("a PROXY v2 signature in {bytes:?}"));
+    let h = &bytes[at..at + 28];
+    assert_eq!(h[12..16], [0x21, 0x11, 0, 12], "v2, PROXY, TCP over IPv4");
+    assert_eq!(h[16..20], [127, 0, 0, 1], "the client's address");
+    assert_eq!(
+        u16::from_be_bytes([h[24], h[25]]),
+        port,
+        "the client's port"
+    );
+    assert_eq!(
+        u16::from_be_bytes([h[26], h[27]]),
+        addr.port(),
+        "the listener's port"
+    );
+
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    let off = json!({"spec": {"proxyProtocol": null}});
+    api.patch("pp", &PatchParams::default(), &Patch::Merge(&off))
+        .await
+        .expect("turn it off");
+    let reply = eventually(15, "no header once it is off", || async {
+        let r = echo::tcp_ask(addr, "plain").await.ok()?;
+        (r == "pp:plain").then_some(r)
+    })
+    .await;
+    assert_eq!(reply, "pp:plain");
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "local-pp").await;
     op.kill().await;
 }

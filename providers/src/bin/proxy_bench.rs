@@ -134,6 +134,7 @@ async fn main() {
         },
         source_ranges: vec![],
         backends: vec![backend],
+        proxy_protocol: false,
     };
     p.ensure_listener(&key, &listener(Protocol::Tcp, tcp))
         .await

@@ -114,8 +114,7 @@ impl Forwarder {
         let mut all = self.listeners.lock().await;
         let key = (SocketAddr::new(ip, l.port), l.protocol);
         if let Some(r) = all.get_mut(&key).filter(|r| r.owner_uid == l.owner.uid) {
-            r.shared.upstreams.set(l.backends.clone());
-            r.shared.filter.set(&l.source_ranges);
+            r.shared.update(l);
             r.node_port = l.node_port;
             return Ok(());
         }
@@ -123,8 +122,7 @@ impl Forwarder {
             old.stop().await;
         }
         let shared = Shared::new(tuning, self.budget.clone());
-        shared.upstreams.set(l.backends.clone());
-        shared.filter.set(&l.source_ranges);
+        shared.update(l);
         let task = bind(key.0, l.protocol, shared.clone())?;
         info!(pool, address = %key.0, protocol = l.protocol.as_str(), "listening");
         all.insert(

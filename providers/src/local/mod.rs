@@ -127,6 +127,10 @@ impl LoadBalancerProvider for LocalProvider {
         true
     }
 
+    fn supports_proxy_protocol(&self) -> bool {
+        true
+    }
+
     fn needs_node_ports(&self) -> bool {
         false
     }

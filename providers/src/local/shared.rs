@@ -2,7 +2,7 @@
 //! so established connections are never dropped for it), the source filter, limits and counters.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -160,6 +160,8 @@ pub struct Shared {
     pub limit: Arc<Semaphore>,
     /// Shared by every listener of the process.
     pub budget: Arc<Budget>,
+    /// Each TCP connection starts with a PROXY protocol v2 header (set in place, like the upstreams).
+    pub proxy_protocol: AtomicBool,
     epoch: Instant,
 }
 
@@ -172,8 +174,17 @@ impl Shared {
             limit: Arc::new(Semaphore::new(tuning.max_connections)),
             tuning,
             budget,
+            proxy_protocol: AtomicBool::new(false),
             epoch: Instant::now(),
         })
+    }
+
+    /// What of a listener changes in place: established connections keep flowing.
+    pub fn update(&self, l: &crate::ListenerSpec) {
+        self.upstreams.set(l.backends.clone());
+        self.filter.set(&l.source_ranges);
+        self.proxy_protocol
+            .store(l.proxy_protocol, Ordering::Relaxed);
     }
 
     /// Room for one more connection or session holding `buffer_bytes`, from the process's budget; a refusal is

@@ -2,6 +2,7 @@
 //! fails), then copy both ways with half-close until both sides are done or the connection sits idle.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -50,6 +51,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// The PROXY protocol v2 header of a TCP connection from `client` to `listener`, as HAProxy's specification
+/// lays it out (IPv4-mapped addresses are written as IPv4, so both ends have one family).
+pub fn proxy_v2_header(client: SocketAddr, listener: SocketAddr) -> io::Result<Vec<u8>> {
+    use ppp::v2::{Builder, Command, Protocol, Version};
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let addresses = (canonical(client), canonical(listener));
+    Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, addresses).build()
+}
+
 async fn connect_any(shared: &Shared) -> Option<TcpStream> {
     for addr in shared.upstreams.in_order() {
         match tokio::time::timeout(shared.tuning.connect_timeout, TcpStream::connect(addr)).await {
@@ -76,6 +86,11 @@ async fn forward(client: TcpStream, shared: &Arc<Shared>) -> io::Result<()> {
         ));
     };
     let _ = client.set_nodelay(true);
+    let mut upstream = upstream;
+    if shared.proxy_protocol.load(Ordering::Relaxed) {
+        let header = proxy_v2_header(client.peer_addr()?, client.local_addr()?)?;
+        upstream.write_all(&header).await?;
+    }
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
     let last = AtomicU64::new(shared.now_ms());
@@ -116,5 +131,24 @@ async fn pump(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_proxy_header_carries_the_client_and_the_listener() {
+        let client: SocketAddr = "203.0.113.7:51000".parse().expect("addr");
+        let listener: SocketAddr = "[::ffff:192.0.2.10]:443".parse().expect("addr");
+        let h = proxy_v2_header(client, listener).expect("header");
+        // the signature, v2 PROXY, TCP over IPv4, 12 address bytes (HAProxy's proxy-protocol.txt, section 2.2)
+        assert_eq!(&h[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(h[12..16], [0x21, 0x11, 0, 12]);
+        assert_eq!(h[16..20], [203, 0, 113, 7]);
+        assert_eq!(h[20..24], [192, 0, 2, 10]);
+        assert_eq!(h[24..28], [0xc7, 0x38, 0x01, 0xbb]);
+        assert_eq!(h.len(), 28);
     }
 }

@@ -120,6 +120,14 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>, seen: Seen) -> Result<Acti
         Err(e) => return Err(e),
     };
 
+    if slb.spec.proxy_protocol.is_some() && !alloc.provider().supports_proxy_protocol() {
+        let message = format!(
+            "spec.proxyProtocol: pool {pool_name:?} ({}) delivers the clients' own packets, so it writes no PROXY header: the client address reaches the nodes as it is; remove proxyProtocol",
+            alloc.provider().kind()
+        );
+        let r = Refusal::new("ProxyProtocolUnsupported", message);
+        return withdraw(&ctx, &slb, &pool, r).await;
+    }
     let placement = allocate(&ctx, &slb, &alloc, &pool).await?;
     if let Some(why) = alloc.take_rejected(&slb.uid().unwrap_or_default()) {
         let message = format!("{why}; it is placed as if new");
@@ -239,7 +247,7 @@ async fn program(
                 &ctx.client,
                 &ns,
                 &service_name(&slb.name_any()),
-                &policy.unwrap_or_default(),
+                &policy.unwrap_or_else(EndpointPolicy::cloud),
             )
             .await?
     } else {
