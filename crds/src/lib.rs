@@ -158,6 +158,12 @@ pub struct SharedLBPort {
     /// TCP or UDP.
     #[serde(default)]
     pub protocol: Protocol,
+    /// The pods' port a `local` pool's forwarder checks each endpoint on, by TCP connect; an endpoint failing two
+    /// checks in a row leaves the rotation until it passes two. Omitted: a TCP port's endpoints are checked on
+    /// their own port, a UDP port's not at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub health_check_port: Option<i32>,
 }
 
 /// The transport protocol of a port.
@@ -279,6 +285,11 @@ pub struct PortStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_port: Option<i32>,
     pub protocol: Protocol,
+    /// Of `local` pools: the endpoints this port forwards to, and how many pass their health checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_endpoints: Option<u32>,
 }
 
 /// A status condition, shaped like `metav1.Condition`.

@@ -539,6 +539,7 @@ mod tests {
                 port: Some(4001),
                 target_port: IntOrString::Int(8080),
                 protocol: Protocol::Tcp,
+                health_check_port: None,
             }],
             pool: None,
             source_ranges: None,
@@ -639,6 +640,7 @@ mod tests {
                     port: Some(*p),
                     target_port: IntOrString::Int(80),
                     protocol: Protocol::Tcp,
+                    health_check_port: None,
                 })
                 .collect(),
             ..spec()

@@ -45,6 +45,7 @@ impl SharedLBBuilder {
             port,
             target_port: IntOrString::Int(port.unwrap_or(8080)),
             protocol,
+            health_check_port: None,
         });
         self
     }
@@ -79,6 +80,8 @@ impl SharedLBBuilder {
                     port: i32::from(*port),
                     node_port: None,
                     protocol: *protocol,
+                    endpoints: None,
+                    healthy_endpoints: None,
                 })
                 .collect(),
             ..SharedLBStatus::default()

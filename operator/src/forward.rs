@@ -114,6 +114,7 @@ fn listener(slb: &SharedLB, p: &PortStatus, backends: &model::Endpoints) -> List
             .cloned()
             .unwrap_or_default(),
         proxy_protocol: model::proxy_protocol(&slb.spec, protocol),
+        health_port: model::health_port(&slb.spec, &p.name),
     }
 }
 

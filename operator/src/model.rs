@@ -497,9 +497,16 @@ pub fn desired_listeners(
                     .cloned()
                     .unwrap_or_default(),
                 proxy_protocol: proxy_protocol(&slb.spec, p.protocol),
+                health_port: health_port(&slb.spec, &p.name),
             })
         })
         .collect()
+}
+
+/// The port the forwarder checks the endpoints of the named port on, if the spec gives one.
+pub fn health_port(spec: &SharedLBSpec, port_name: &str) -> Option<u16> {
+    let p = spec.ports.iter().find(|p| p.name == port_name)?;
+    u16::try_from(p.health_check_port?).ok()
 }
 
 /// Whether a port of this protocol carries a PROXY protocol header: TCP ports of a SharedLB that asks for one.
@@ -542,6 +549,8 @@ pub fn allocated_status(
                 .find(|o| o.name == p.name && o.port == i32::from(p.port))
                 .and_then(|o| o.node_port),
             protocol: protocol_from_placement(p.protocol),
+            endpoints: None,
+            healthy_endpoints: None,
         })
         .collect();
     st.port_summary = Some(port_summary(&st.ports));
@@ -618,6 +627,8 @@ pub fn programmed_status(
                 port: i32::from(l.port),
                 node_port: served.node_ports.then_some(i32::from(l.node_port)),
                 protocol: protocol_from_placement(l.protocol),
+                endpoints: None,
+                healthy_endpoints: None,
             })
         })
         .collect();

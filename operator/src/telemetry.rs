@@ -452,6 +452,15 @@ impl LoadBalancerProvider for GuardedProvider {
         self.inner.supports_proxy_protocol()
     }
 
+    async fn endpoint_health(
+        &self,
+        lb: &LoadBalancerKey,
+        port: u16,
+        protocol: Protocol,
+    ) -> Option<(usize, usize)> {
+        self.inner.endpoint_health(lb, port, protocol).await
+    }
+
     fn needs_node_ports(&self) -> bool {
         self.inner.needs_node_ports()
     }

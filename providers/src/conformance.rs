@@ -55,6 +55,7 @@ pub fn listener_spec(
         source_ranges: ranges.iter().map(|r| r.to_string()).collect(),
         backends: vec![],
         proxy_protocol: false,
+        health_port: None,
     }
 }
 

@@ -164,6 +164,9 @@ pub struct ListenerSpec {
     pub backends: Vec<SocketAddr>,
     /// Each TCP connection reaches the backends behind a PROXY protocol v2 header with the client's address.
     pub proxy_protocol: bool,
+    /// The endpoints' port that forwarders check them on by TCP (`local`); None: a TCP listener checks each
+    /// endpoint's own port, a UDP listener does not check.
+    pub health_port: Option<u16>,
 }
 
 /// A node that receives traffic on node ports.
@@ -359,6 +362,17 @@ pub trait LoadBalancerProvider: Send + Sync + Debug {
     /// (`ListenerSpec::proxy_protocol`). Passthrough clouds cannot: they deliver the client's own packets.
     fn supports_proxy_protocol(&self) -> bool {
         false
+    }
+
+    /// Of providers that check endpoints themselves (`local`): the endpoints of a listener that pass their
+    /// health checks, and all of them. None: not known here (a cloud checks its own targets).
+    async fn endpoint_health(
+        &self,
+        _lb: &LoadBalancerKey,
+        _port: u16,
+        _protocol: Protocol,
+    ) -> Option<(usize, usize)> {
+        None
     }
 
     /// True when the cloud sends a listener's traffic to the nodes' node port (instance targets, NIC backends).

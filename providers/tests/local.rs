@@ -359,3 +359,89 @@ async fn udp_sessions_per_source_are_capped() {
         .expect("recv");
     assert_eq!(&buf[..n], b"u:y");
 }
+
+/// Tuning whose health checks run every 100 ms.
+fn quick_checks() -> Tuning {
+    Tuning {
+        health_interval: Duration::from_millis(100),
+        health_timeout: Duration::from_millis(200),
+        ..Tuning::default()
+    }
+}
+
+/// Waits until the listener on `port` reports (healthy, all) endpoints.
+async fn health_becomes(p: &LocalProvider, port: u16, protocol: Protocol, want: (usize, usize)) {
+    for _ in 0..50 {
+        if p.endpoint_health(&key(0), port, protocol).await == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "health of {port}: {:?}, not {want:?}",
+        p.endpoint_health(&key(0), port, protocol).await
+    );
+}
+
+/// An endpoint that refuses connections leaves the rotation: once its checks fail, no connection is tried on it
+/// (no upstream failure is counted); when it listens again it comes back. A UDP listener is checked only where a
+/// health port is given, on that port.
+#[tokio::test]
+async fn endpoints_failing_their_checks_leave_the_rotation() {
+    let (p, ip) = one_load_balancer(quick_checks()).await;
+    let alive = tcp_backend("alive").await;
+    // nothing listens here yet (a port just freed)
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    p.ensure_listener(&key(0), &spec(4450, Protocol::Tcp, "H", vec![alive, dead]))
+        .await
+        .expect("listener");
+    health_becomes(&p, 4450, Protocol::Tcp, (1, 2)).await;
+    let addr = SocketAddr::new(ip, 4450);
+    let failures = || async { p.stats().await[0].stats.upstream_failures };
+    let before = failures().await;
+    for i in 0..6 {
+        let reply = tcp_roundtrip(addr, &format!("m{i}")).await.expect("reply");
+        assert!(reply.starts_with("alive:"), "{reply}");
+    }
+    assert_eq!(
+        failures().await,
+        before,
+        "the failing endpoint is not tried"
+    );
+
+    // it comes back once it listens
+    let back = TcpListener::bind(dead)
+        .await
+        .expect("listen on the dead endpoint");
+    health_becomes(&p, 4450, Protocol::Tcp, (2, 2)).await;
+    drop(back);
+
+    // UDP: a health port with nothing on it fails the endpoint; without one, nothing is checked
+    let u = udp_backend("u").await;
+    let with_port = |hp: Option<u16>| ListenerSpec {
+        health_port: hp,
+        ..spec(4451, Protocol::Udp, "U", vec![u])
+    };
+    p.ensure_listener(&key(0), &with_port(Some(dead.port())))
+        .await
+        .expect("udp listener");
+    health_becomes(&p, 4451, Protocol::Udp, (0, 1)).await;
+    let checked = TcpListener::bind(dead)
+        .await
+        .expect("the health port listens");
+    health_becomes(&p, 4451, Protocol::Udp, (1, 1)).await;
+    drop(checked);
+    health_becomes(&p, 4451, Protocol::Udp, (0, 1)).await;
+    p.ensure_listener(&key(0), &with_port(None))
+        .await
+        .expect("no health port");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        p.endpoint_health(&key(0), 4451, Protocol::Udp).await,
+        Some((1, 1)),
+        "unchecked: it stays in"
+    );
+}

@@ -786,6 +786,7 @@ async fn the_drift_audit_mends_a_deleted_nlb_listener_and_removes_a_stray_one() 
         source_ranges: Vec::new(),
         backends: Vec::new(),
         proxy_protocol: false,
+        health_port: None,
     };
     provider
         .ensure_listener(&key, &stray)

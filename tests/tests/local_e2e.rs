@@ -753,3 +753,75 @@ async fn a_shared_lb_asking_for_proxy_protocol_sends_the_client_address() {
     delete_pool(&client, "local-pp").await;
     op.kill().await;
 }
+
+/// (endpoints, healthy endpoints) of the SharedLB's first port, as its status says.
+fn port_health(s: &SharedLB) -> Option<(u32, u32)> {
+    let p = s.status.as_ref()?.ports.first()?;
+    Some((p.endpoints?, p.healthy_endpoints?))
+}
+
+/// A TCP echo on `addr` that stops (its port refusing connections) when the handle is aborted.
+async fn stoppable_echo(addr: SocketAddr) -> tokio::task::JoinHandle<()> {
+    let l = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// Endpoints are checked: the status counts them and the healthy ones per port; when none passes, Ready turns
+/// False (`NoHealthyEndpoints`, with an Event) and comes back when one passes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_health_is_in_the_status_and_ready_says_when_none_is_healthy() {
+    let _turn = SERIAL.lock().await;
+    let client = client().await;
+    let op = Operator::start(&client, &MemoryCloud::new());
+    let ns = namespace(&client, "local-health", &[]).await;
+    create_pool(&client, "local-health", local_pool(14, 1, 5)).await;
+    let port = free_port();
+    let (alive, dead): (SocketAddr, SocketAddr) =
+        (([127, 0, 0, 1], port).into(), ([127, 0, 0, 2], port).into());
+    let mut echo = stoppable_echo(alive).await;
+    create_slb(
+        &client,
+        &ns,
+        "checked",
+        one_port("local-health", "tcp", "TCP", None),
+    )
+    .await;
+    put_endpoints(&client, &ns, "checked", "tcp", "TCP", &[alive, dead]).await;
+    let api: Api<SharedLB> = Api::namespaced(client.clone(), &ns);
+    let status_says = |want: (u32, u32), ready: &'static str| {
+        let api = api.clone();
+        async move {
+            eventually(20, &format!("health {want:?}, Ready {ready}"), || async {
+                let s = api.get("checked").await.ok()?;
+                let r = condition(&s, "Ready")?;
+                (port_health(&s) == Some(want) && r.0 == ready).then_some(r)
+            })
+            .await
+        }
+    };
+    status_says((2, 1), "True").await;
+
+    echo.abort();
+    let _ = (&mut echo).await;
+    let (_, reason, message) = status_says((2, 0), "False").await;
+    assert_eq!(reason, "NoHealthyEndpoints", "{message}");
+    event_recorded(&client, &ns, "checked", "NoHealthyEndpoints", 10).await;
+
+    let _back = stoppable_echo(alive).await;
+    status_says((2, 1), "True").await;
+
+    delete_namespace(&client, &ns).await;
+    delete_pool(&client, "local-health").await;
+    op.kill().await;
+}

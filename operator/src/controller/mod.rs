@@ -520,6 +520,19 @@ async fn follow_slices(ctx: Arc<Context>, owners: UnboundedSender<ObjectRef<Shar
     }
 }
 
+/// Each change in the health of a local listener's endpoints starts its owner's reconcile, which writes it.
+async fn follow_health(ctx: Arc<Context>) {
+    let Some(forwarder) = ctx.factory.forwarder() else {
+        return;
+    };
+    let mut changes = forwarder.watch_health();
+    while let Some(owner) = changes.recv().await {
+        let slb = ObjectRef::<SharedLB>::new(&owner.name).within(&owner.namespace);
+        // the controller is gone only when shutting down
+        let _ = ctx.resync.unbounded_send(slb);
+    }
+}
+
 /// Each change of a slice of a backing Service starts its SharedLB's reconcile.
 async fn watch_slices(ctx: Arc<Context>, owners: UnboundedSender<ObjectRef<SharedLB>>) {
     let resource = ctx.slices.resource().clone();
@@ -991,6 +1004,8 @@ async fn run_controllers(
 
     // node changes reach every provider (target registration), checked every few seconds
     let node_sync = tokio::spawn(sync_nodes(ctx.clone()));
+    // an endpoint passing or failing its health checks: its SharedLB's status says so
+    let health_watch = tokio::spawn(follow_health(ctx.clone()));
     // listener traffic counters, for providers that carry traffic themselves
     let sampler = {
         let ctx = ctx.clone();
@@ -1026,6 +1041,7 @@ async fn run_controllers(
     info!(cluster_id = %settings.cluster_id, "sharedlb controllers started");
     futures::join!(slbs, pools_loop);
     sampler.abort();
+    health_watch.abort();
     slice_watch.abort();
     node_sync.abort();
     node_reflector.abort();

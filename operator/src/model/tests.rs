@@ -378,6 +378,8 @@ fn an_allocation_record_keeps_what_did_not_move() {
             port: 80,
             node_port: Some(31080),
             protocol: Tcp,
+            endpoints: None,
+            healthy_endpoints: None,
         }],
         ..SharedLBStatus::default()
     };

@@ -135,6 +135,7 @@ async fn main() {
         source_ranges: vec![],
         backends: vec![backend],
         proxy_protocol: false,
+        health_port: None,
     };
     p.ensure_listener(&key, &listener(Protocol::Tcp, tcp))
         .await

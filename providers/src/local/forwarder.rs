@@ -22,8 +22,9 @@ use tracing::info;
 
 use super::budget::{Budget, BudgetLimits, BudgetSnapshot};
 use super::shared::{Shared, Tuning};
-use super::{tcp, udp};
-use crate::{ListenerSpec, ListenerStatsRow, Protocol, ProviderError};
+use super::{health, tcp, udp};
+use crate::{ListenerSpec, ListenerStatsRow, Owner, Protocol, ProviderError};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 /// A listener, as the inventory reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +77,12 @@ pub struct Forwarder {
     listeners: Mutex<BTreeMap<Key, Running>>,
     /// What all its listeners may hold together.
     budget: Arc<Budget>,
+    /// Told the owner of a listener whose endpoints' health changed (`watch_health`).
+    health_changes: HealthChanges,
 }
+
+/// Where the health checks announce a change: the owner whose listener it was.
+type HealthChanges = Arc<std::sync::Mutex<Option<UnboundedSender<Owner>>>>;
 
 impl std::fmt::Debug for Forwarder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -94,7 +100,25 @@ impl Forwarder {
         Arc::new(Forwarder {
             listeners: Mutex::new(BTreeMap::new()),
             budget: Budget::new(limits),
+            health_changes: HealthChanges::default(),
         })
+    }
+
+    /// From now on, the owner of each listener whose endpoints' health changes (replacing an earlier watcher).
+    pub fn watch_health(&self) -> UnboundedReceiver<Owner> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self
+            .health_changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
+    /// The endpoints of the listener on `address` that pass their health checks, and all of them.
+    pub async fn health(&self, address: SocketAddr, protocol: Protocol) -> Option<(usize, usize)> {
+        let all = self.listeners.lock().await;
+        all.get(&(address, protocol))
+            .map(|r| r.shared.upstreams.health())
     }
 
     /// The budget in use and what it refused.
@@ -121,9 +145,16 @@ impl Forwarder {
         if let Some(old) = all.remove(&key) {
             old.stop().await;
         }
-        let shared = Shared::new(tuning, self.budget.clone());
+        let shared = Shared::new(tuning, self.budget.clone(), l.protocol == Protocol::Udp);
         shared.update(l);
-        let task = bind(key.0, l.protocol, shared.clone())?;
+        let (changes, owner) = (self.health_changes.clone(), l.owner.clone());
+        let announce = move || {
+            let tx = changes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(tx) = tx.as_ref() {
+                let _ = tx.send(owner.clone());
+            }
+        };
+        let task = bind(key.0, l.protocol, shared.clone(), announce)?;
         info!(pool, address = %key.0, protocol = l.protocol.as_str(), "listening");
         all.insert(
             key,
@@ -221,6 +252,7 @@ fn bind(
     address: SocketAddr,
     protocol: Protocol,
     shared: Arc<Shared>,
+    health_changed: impl Fn() + Send + 'static,
 ) -> Result<JoinHandle<()>, ProviderError> {
     let in_use = |e: std::io::Error| {
         ProviderError::AlreadyExists(format!(
@@ -242,15 +274,21 @@ fn bind(
     .map_err(in_use)?;
     socket.set_nonblocking(true).map_err(in_use)?;
     socket.bind(&address.into()).map_err(in_use)?;
+    // serving and checking end together: aborting the task stops both
+    let checks = health::check(shared.clone(), health_changed);
     Ok(match protocol {
         Protocol::Tcp => {
             socket.listen(1024).map_err(in_use)?;
             let listener = TcpListener::from_std(socket.into()).map_err(in_use)?;
-            tokio::spawn(tcp::serve(listener, shared))
+            tokio::spawn(async move {
+                tokio::join!(tcp::serve(listener, shared), checks);
+            })
         }
         Protocol::Udp => {
             let udp = UdpSocket::from_std(socket.into()).map_err(in_use)?;
-            tokio::spawn(udp::serve(udp, shared))
+            tokio::spawn(async move {
+                tokio::join!(udp::serve(udp, shared), checks);
+            })
         }
     })
 }

@@ -19,6 +19,7 @@ use crate::{
 
 mod budget;
 mod forwarder;
+mod health;
 mod shared;
 mod tcp;
 mod udp;
@@ -129,6 +130,18 @@ impl LoadBalancerProvider for LocalProvider {
 
     fn supports_proxy_protocol(&self) -> bool {
         true
+    }
+
+    async fn endpoint_health(
+        &self,
+        lb: &LoadBalancerKey,
+        port: u16,
+        protocol: Protocol,
+    ) -> Option<(usize, usize)> {
+        let ip = self.address(lb).ok()?;
+        self.forwarder
+            .health(std::net::SocketAddr::new(ip, port), protocol)
+            .await
     }
 
     fn needs_node_ports(&self) -> bool {

@@ -1,6 +1,7 @@
 //! What a running listener shares with its connections: the upstreams (updated in place as endpoints change,
 //! so established connections are never dropped for it), the source filter, limits and counters.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -16,6 +17,8 @@ use super::budget::{Admission, Budget};
 #[derive(Debug, Default)]
 pub struct Upstreams {
     addrs: RwLock<Vec<SocketAddr>>,
+    /// Endpoints the health checks took out of the rotation.
+    down: RwLock<BTreeSet<SocketAddr>>,
     next: AtomicUsize,
 }
 
@@ -30,8 +33,36 @@ impl Upstreams {
         self.addrs.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn in_order(&self) -> Vec<SocketAddr> {
+    pub fn down(&self) -> BTreeSet<SocketAddr> {
+        self.down.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_down(&self, down: BTreeSet<SocketAddr>) {
+        *self.down.write().unwrap_or_else(|e| e.into_inner()) = down;
+    }
+
+    /// (healthy, all) endpoints.
+    pub fn health(&self) -> (usize, usize) {
         let all = self.get();
+        let down = self.down();
+        (all.iter().filter(|a| !down.contains(a)).count(), all.len())
+    }
+
+    /// The endpoints in the rotation, starting at the next one. When every endpoint failed its checks, all of
+    /// them (as a cloud's load balancer does): a connect may still succeed, and refusing outright cannot.
+    pub fn in_order(&self) -> Vec<SocketAddr> {
+        let everyone = self.get();
+        let down = self.down();
+        let healthy: Vec<SocketAddr> = everyone
+            .iter()
+            .filter(|a| !down.contains(a))
+            .copied()
+            .collect();
+        let all = if healthy.is_empty() {
+            everyone
+        } else {
+            healthy
+        };
         if all.is_empty() {
             return all;
         }
@@ -139,6 +170,9 @@ pub struct Tuning {
     pub connect_timeout: Duration,
     /// Open TCP connections or UDP sessions per listener; more are refused.
     pub max_connections: usize,
+    /// How often each endpoint is checked, and how long a check may take.
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
 }
 
 impl Default for Tuning {
@@ -147,6 +181,8 @@ impl Default for Tuning {
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(3),
             max_connections: 4096,
+            health_interval: Duration::from_secs(2),
+            health_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -162,11 +198,14 @@ pub struct Shared {
     pub budget: Arc<Budget>,
     /// Each TCP connection starts with a PROXY protocol v2 header (set in place, like the upstreams).
     pub proxy_protocol: AtomicBool,
+    /// The endpoints' port the health checks connect to; 0: each endpoint's own port.
+    health_port: std::sync::atomic::AtomicU16,
+    pub is_udp: bool,
     epoch: Instant,
 }
 
 impl Shared {
-    pub fn new(tuning: Tuning, budget: Arc<Budget>) -> Arc<Self> {
+    pub fn new(tuning: Tuning, budget: Arc<Budget>, is_udp: bool) -> Arc<Self> {
         Arc::new(Shared {
             upstreams: Upstreams::default(),
             filter: SourceFilter::default(),
@@ -175,6 +214,8 @@ impl Shared {
             tuning,
             budget,
             proxy_protocol: AtomicBool::new(false),
+            health_port: std::sync::atomic::AtomicU16::new(0),
+            is_udp,
             epoch: Instant::now(),
         })
     }
@@ -185,6 +226,12 @@ impl Shared {
         self.filter.set(&l.source_ranges);
         self.proxy_protocol
             .store(l.proxy_protocol, Ordering::Relaxed);
+        self.health_port
+            .store(l.health_port.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub fn health_port(&self) -> Option<u16> {
+        Some(self.health_port.load(Ordering::Relaxed)).filter(|p| *p != 0)
     }
 
     /// Room for one more connection or session holding `buffer_bytes`, from the process's budget; a refusal is

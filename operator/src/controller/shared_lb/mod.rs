@@ -289,13 +289,28 @@ async fn program(
     );
     if forwards {
         report::endpoints_accepted(&mut st, &backends.refused, slb.meta().generation);
+        let mut health = report::EndpointHealth::new();
+        for l in &listeners {
+            let protocol = model::protocol_from_placement(l.protocol);
+            if let Some(h) = alloc
+                .provider()
+                .endpoint_health(&key, l.port, l.protocol)
+                .await
+            {
+                health.insert((i32::from(l.port), protocol), h);
+            }
+        }
+        report::endpoint_health(&mut st, &health, slb.meta().generation);
     }
     // a move's new listeners are made: the status shows the new address now, the old one for the grace
     let switched = moving::switch(slb, &mut st);
     write_status_if_changed(ctx, slb, &old, &st).await?;
-    if let Some(c) = report::endpoints_newly_refused(&old, &st) {
-        ctx.event(slb, EventType::Warning, &c.reason, c.message)
-            .await;
+    for type_ in [ENDPOINTS_ACCEPTED, READY] {
+        let c = report::newly_false(&old, &st, type_);
+        if let Some(c) = c.filter(|c| c.reason == "NoHealthyEndpoints" || c.type_ != READY) {
+            ctx.event(slb, EventType::Warning, &c.reason, c.message)
+                .await;
+        }
     }
     if let Some((grace, note)) = switched {
         ctx.event(slb, EventType::Normal, "Moved", note).await;

@@ -50,6 +50,8 @@ pub(super) async fn move_off(
                 port: i32::from(p.port),
                 node_port: None,
                 protocol: model::protocol_from_placement(p.protocol),
+                endpoints: None,
+                healthy_endpoints: None,
             })
             .collect(),
     });

@@ -230,12 +230,52 @@ pub(super) fn endpoints_accepted(
     );
 }
 
-/// The `EndpointsAccepted` refusal `new` holds when `old` did not hold it (or held another): worth an Event.
-pub(super) fn endpoints_newly_refused(
+/// The condition `type_` when `new` holds it False and `old` did not (or with another message): worth an Event.
+pub(super) fn newly_false(
     old: &SharedLBStatus,
     new: &SharedLBStatus,
+    type_: &str,
 ) -> Option<sharedlb_crds::Condition> {
-    let now = status::get(&new.conditions, ENDPOINTS_ACCEPTED).filter(|c| c.status == "False")?;
-    let before = status::get(&old.conditions, ENDPOINTS_ACCEPTED);
+    let now = status::get(&new.conditions, type_).filter(|c| c.status == "False")?;
+    let before = status::get(&old.conditions, type_);
     (before.map(|c| &c.message) != Some(&now.message)).then(|| now.clone())
+}
+
+/// Health of a listener's endpoints: (passing their checks, all), by (port, protocol).
+pub(super) type EndpointHealth = BTreeMap<(i32, sharedlb_crds::Protocol), (usize, usize)>;
+
+/// Writes each port's endpoints and how many pass their health checks; a Ready status turns False
+/// (`NoHealthyEndpoints`) while a port has endpoints and none passes. A port without endpoints stays as it is:
+/// its pods may not exist yet, and its count says so.
+pub(super) fn endpoint_health(
+    st: &mut SharedLBStatus,
+    health: &EndpointHealth,
+    generation: Option<i64>,
+) {
+    let mut failing = Vec::new();
+    for p in &mut st.ports {
+        let Some((healthy, all)) = health.get(&(p.port, p.protocol)) else {
+            continue;
+        };
+        p.endpoints = u32::try_from(*all).ok();
+        p.healthy_endpoints = u32::try_from(*healthy).ok();
+        if *all > 0 && *healthy == 0 {
+            failing.push(format!("{:?} ({all})", p.name));
+        }
+    }
+    let ready = status::get(&st.conditions, READY).is_some_and(|c| c.status == "True");
+    if ready && !failing.is_empty() {
+        let message = format!(
+            "no endpoint passes its health checks on port {}: its listener still accepts and tries each endpoint",
+            failing.join(", ")
+        );
+        status::set(
+            &mut st.conditions,
+            READY,
+            false,
+            "NoHealthyEndpoints",
+            &message,
+            generation,
+        );
+    }
 }
