@@ -693,11 +693,11 @@ async fn tg_names(elb: &aws_sdk_elasticloadbalancingv2::Client, p: &AwsProvider)
     out
 }
 
-/// (protocol, port) of the health check of the target group whose name ends with `suffix`.
-async fn health_check(
+/// The target group whose name ends with `suffix`.
+async fn target_group(
     elb: &aws_sdk_elasticloadbalancingv2::Client,
     suffix: &str,
-) -> (String, String) {
+) -> aws_sdk_elasticloadbalancingv2::types::TargetGroup {
     let tgs = elb
         .describe_target_groups()
         .send()
@@ -705,10 +705,17 @@ async fn health_check(
         .expect("tgs")
         .target_groups
         .unwrap_or_default();
-    let t = tgs
-        .iter()
+    tgs.into_iter()
         .find(|t| t.target_group_name().is_some_and(|n| n.ends_with(suffix)))
-        .expect("group");
+        .expect("group")
+}
+
+/// (protocol, port) of the health check of the target group whose name ends with `suffix`.
+async fn health_check(
+    elb: &aws_sdk_elasticloadbalancingv2::Client,
+    suffix: &str,
+) -> (String, String) {
+    let t = target_group(elb, suffix).await;
     (
         t.health_check_protocol()
             .map(|p| p.as_str().to_string())
@@ -1679,19 +1686,10 @@ async fn proxy_protocol_attribute(
     elb: &aws_sdk_elasticloadbalancingv2::Client,
     suffix: &str,
 ) -> String {
-    let tgs = elb
-        .describe_target_groups()
-        .send()
+    let arn = target_group(elb, suffix)
         .await
-        .expect("tgs")
-        .target_groups
-        .unwrap_or_default();
-    let arn = tgs
-        .iter()
-        .find(|t| t.target_group_name().is_some_and(|n| n.ends_with(suffix)))
-        .and_then(|t| t.target_group_arn())
-        .expect("group")
-        .to_string();
+        .target_group_arn
+        .expect("arn");
     elb.describe_target_group_attributes()
         .target_group_arn(arn)
         .send()

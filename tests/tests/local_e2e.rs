@@ -33,6 +33,17 @@ fn one_port(pool: &str, name: &str, protocol: &str, port: Option<u16>) -> serde_
     json!({"pool": pool, "selector": {"app": "echo"}, "ports": [p]})
 }
 
+/// Waits until connecting to `addr` is refused: nothing listens there any more.
+async fn closed(addr: SocketAddr, what: &str) {
+    eventually(15, what, || async {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+}
+
 /// The SharedLB's external address for its first port.
 fn external(s: &SharedLB) -> SocketAddr {
     external_addr(s, None)
@@ -183,13 +194,7 @@ async fn deleting_closes_the_port_and_frees_it_for_the_next() {
         .delete("first", &DeleteParams::default())
         .await
         .expect("delete");
-    eventually(15, "connect refused after delete", || async {
-        match tokio::net::TcpStream::connect(addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
-            _ => None,
-        }
-    })
-    .await;
+    closed(addr, "connect refused after delete").await;
 
     let second = echo::tcp("two", 0).await.expect("backend");
     create_slb(
@@ -636,13 +641,7 @@ async fn a_local_pool_keeps_tenants_in_their_lane() {
     assert_eq!(reply, "lane:f");
     merge(allow(json!(null))).await;
     refused(&client, &ns, "fixed", "PortNotAllowed").await;
-    eventually(15, "3999 is closed once the pool takes it back", || async {
-        match tokio::net::TcpStream::connect(addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Some(()),
-            _ => None,
-        }
-    })
-    .await;
+    closed(addr, "3999 is closed once the pool takes it back").await;
 
     // backends: an untrusted manager's slice and a metadata address are refused, the trusted pod address kept
     create_slb(
