@@ -276,6 +276,7 @@ pub struct LoadBalancerRef {
 /// One allocated port.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_integer_formats)]
 pub struct PortStatus {
     /// The spec port's name.
     pub name: String,

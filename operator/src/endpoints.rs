@@ -172,6 +172,8 @@ pub struct EndpointPolicy {
     managers: Vec<String>,
     allow_loopback: bool,
     any_manager: bool,
+    /// The pool's own addresses: a listener forwarding to one would loop.
+    own: Vec<IpAddr>,
 }
 
 impl EndpointPolicy {
@@ -180,6 +182,11 @@ impl EndpointPolicy {
             managers: local.endpoint_slice_managers.clone(),
             allow_loopback: local.allow_loopback_endpoints,
             any_manager: false,
+            own: local
+                .addresses
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
         }
     }
 
@@ -207,6 +214,8 @@ impl EndpointPolicy {
         };
         if link_local || METADATA_ADDRESSES.contains(&ip) {
             Some("link-local or cloud metadata address")
+        } else if self.own.contains(&ip) {
+            Some("an address of the pool itself: a loop")
         } else if ip.is_loopback() {
             (!self.allow_loopback).then_some("loopback: the forwarder's own machine")
         } else if !is_concrete_unicast(ip) {
@@ -246,8 +255,11 @@ mod tests {
         }
         local.allow_loopback_endpoints = true;
         local.endpoint_slice_managers = vec!["sharedlb-demo".into()];
+        local.addresses = vec!["127.0.0.10".into()];
         let single_machine = EndpointPolicy::of(&local);
         assert_eq!(single_machine.refuses(ip("127.0.0.1")), None);
+        let own = single_machine.refuses(ip("127.0.0.10")).unwrap_or_default();
+        assert!(own.contains("loop"), "the pool's own address: {own:?}");
         assert!(single_machine.refuses(ip("169.254.169.254")).is_some());
         assert!(strict.trusts(ENDPOINT_SLICE_CONTROLLER) && !strict.trusts("sharedlb-demo"));
         assert!(single_machine.trusts("sharedlb-demo") && !single_machine.trusts("mirror"));

@@ -75,12 +75,12 @@ pub fn wanted_listeners(
             let Some(ip) = address_of(&pool.name_any(), lb, &settings.addresses) else {
                 continue;
             };
-            for p in ports {
+            for spec in ports.iter().filter_map(|p| listener(slb, p, &backends)) {
                 out.push(WantedListener {
                     pool: pool.name_any(),
                     ip,
                     tuning: local_tuning(settings),
-                    spec: listener(slb, p, &backends),
+                    spec,
                 });
             }
         }
@@ -94,11 +94,12 @@ fn address_of(pool: &str, lb: &LoadBalancerRef, addresses: &[String]) -> Option<
     addresses.get(index as usize)?.parse().ok()
 }
 
-/// The listener a status port describes.
-fn listener(slb: &SharedLB, p: &PortStatus, backends: &model::Endpoints) -> ListenerSpec {
+/// The listener a status port describes; none for a port no socket can have (a forged status).
+fn listener(slb: &SharedLB, p: &PortStatus, backends: &model::Endpoints) -> Option<ListenerSpec> {
     let protocol = protocol_to_placement(p.protocol);
-    ListenerSpec {
-        port: u16::try_from(p.port).unwrap_or_default(),
+    let port = u16::try_from(p.port).ok().filter(|p| *p != 0)?;
+    Some(ListenerSpec {
+        port,
         protocol,
         node_port: p.node_port.and_then(|n| u16::try_from(n).ok()).unwrap_or(0),
         owner: model::owner(slb),
@@ -115,7 +116,7 @@ fn listener(slb: &SharedLB, p: &PortStatus, backends: &model::Endpoints) -> List
             .unwrap_or_default(),
         proxy_protocol: model::proxy_protocol(&slb.spec, protocol),
         health_port: model::health_port(&slb.spec, &p.name),
-    }
+    })
 }
 
 /// A reflector's store and its stream of changes, as unit events.
@@ -177,7 +178,15 @@ pub async fn follow(
                 }
                 let any_local = pools.state().iter().any(|p| p.spec.provider.local.is_some());
                 if watched.is_none() && any_local {
-                    watched = Some(watch_shared_lbs(&client, &mut changes).await?);
+                    match watch_shared_lbs(&client, &mut changes).await {
+                        Ok(w) => watched = Some(w),
+                        Err(e) => {
+                            // tried again after RETRY, not at the next tick
+                            warn!(error = %e, "standby forwarding cannot watch the SharedLBs yet; retrying");
+                            (dirty, last) = (false, tokio::time::Instant::now());
+                            continue;
+                        }
+                    }
                 }
                 let Some(w) = &watched else { continue };
                 // not awaited: the stores fill only as this loop polls their streams
@@ -204,9 +213,9 @@ async fn watch_shared_lbs(
     info!(
         "a local pool exists: serving the listeners its SharedLBs' statuses describe until this replica leads"
     );
+    let resource = EndpointSlices::discover(client).await?.resource().clone();
     let (slbs, writer) = reflector::store::<SharedLB>();
     changes.push(Box::pin(reflect(Api::all(client.clone()), writer)));
-    let resource = EndpointSlices::discover(client).await?.resource().clone();
     let writer = reflector::store::Writer::<DynamicObject>::new(resource.clone());
     let slices = writer.as_reader();
     let api = Api::<DynamicObject>::all_with(client.clone(), &resource);

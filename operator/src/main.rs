@@ -133,9 +133,10 @@ struct ForwardBudget {
     #[arg(
         long,
         env = "SHAREDLB_FORWARD_MAX_CONNECTIONS",
-        default_value_t = 16384
+        default_value_t = 16384,
+        value_parser = clap::value_parser!(u64).range(1..=10_000_000)
     )]
-    forward_max_connections: usize,
+    forward_max_connections: u64,
     /// MiB of copy buffers (64 KiB per TCP connection, 64 KiB per UDP session), all listeners together.
     #[arg(long, env = "SHAREDLB_FORWARD_MAX_BUFFER_MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1048576))]
     forward_max_buffer_mib: u64,
@@ -143,17 +144,19 @@ struct ForwardBudget {
     #[arg(
         long,
         env = "SHAREDLB_FORWARD_UDP_SESSIONS_PER_SOURCE",
-        default_value_t = 64
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u64).range(1..=1_000_000)
     )]
-    forward_udp_sessions_per_source: usize,
+    forward_udp_sessions_per_source: u64,
 }
 
 impl From<ForwardBudget> for BudgetLimits {
     fn from(b: ForwardBudget) -> Self {
         BudgetLimits {
-            max_connections: b.forward_max_connections,
+            max_connections: usize::try_from(b.forward_max_connections).unwrap_or(usize::MAX),
             max_buffer_bytes: usize::try_from(b.forward_max_buffer_mib << 20).unwrap_or(usize::MAX),
-            max_udp_sessions_per_source: b.forward_udp_sessions_per_source,
+            max_udp_sessions_per_source: usize::try_from(b.forward_udp_sessions_per_source)
+                .unwrap_or(usize::MAX),
         }
     }
 }

@@ -1031,9 +1031,6 @@ impl AwsProvider {
             .collect())
     }
 
-    /// Finds or creates the target group for one port, protocol(s) and node port, with the nodes registered
-    /// when it is new (`update_nodes` keeps existing ones in step); with pod targets, an `ip` group (node port
-    /// 0) whose targets `sync_pod_targets` sets.
     /// Turns the target group's PROXY protocol v2 on or off when it `has` not what is wanted; the tag that
     /// records it follows the attribute, so a crash in between sets the attribute again next time.
     async fn set_proxy_protocol(
@@ -1076,6 +1073,9 @@ impl AwsProvider {
         Ok(())
     }
 
+    /// Finds or creates the target group for one port, protocol(s) and node port, with the nodes registered
+    /// when it is new (`update_nodes` keeps existing ones in step); with pod targets, an `ip` group (node port
+    /// 0) whose targets `sync_pod_targets` sets.
     async fn ensure_target_group(
         &self,
         index: u32,
@@ -1502,6 +1502,12 @@ impl LoadBalancerProvider for AwsProvider {
             let has = groups.iter().any(|g| g.arn == tg_arn && g.proxy_protocol);
             self.set_proxy_protocol(&tg_arn, has, l.proxy_protocol)
                 .await?;
+        } else if l.proxy_protocol {
+            // one TCP_UDP listener carries both protocols of the port: its UDP half could not take the header
+            return Err(ProviderError::InvalidConfig(format!(
+                "aws: port {} serves TCP and UDP through one TCP_UDP listener, whose target group cannot send a PROXY header; serve the two on different ports or drop proxyProtocol",
+                l.port
+            )));
         }
         self.open_firewall(&fw, l).await?;
         self.point_listener(&lb_arn, l.port, wire, &tg_arn).await?;

@@ -445,3 +445,42 @@ async fn endpoints_failing_their_checks_leave_the_rotation() {
         "unchecked: it stays in"
     );
 }
+
+/// Two pools that list one address would both bind it under SO_REUSEPORT: the second is refused instead, the
+/// first keeps serving, and deleting the second's load balancer leaves the first's listener alone.
+#[tokio::test]
+async fn pools_sharing_an_address_are_refused_not_mixed() {
+    let forwarder = Forwarder::new();
+    let shared = addresses(1);
+    let first = LocalProvider::new("first", &shared, Tuning::default(), forwarder.clone())
+        .expect("provider");
+    let second = LocalProvider::new("second", &shared, Tuning::default(), forwarder.clone())
+        .expect("provider");
+    let ip: std::net::IpAddr = first
+        .ensure_load_balancer(&key(0))
+        .await
+        .expect("lb")
+        .ip
+        .expect("ip")
+        .parse()
+        .expect("ip");
+    second.ensure_load_balancer(&key(0)).await.expect("lb");
+    let a = tcp_backend("a").await;
+    first
+        .ensure_listener(&key(0), &spec(4460, Protocol::Tcp, "A", vec![a]))
+        .await
+        .expect("first");
+    let e = second
+        .ensure_listener(&key(0), &spec(4460, Protocol::Tcp, "B", vec![a]))
+        .await
+        .expect_err("the same address and port for another pool");
+    assert!(
+        matches!(e, ProviderError::AlreadyExists(ref m) if m.contains("\"first\"")),
+        "{e:?}"
+    );
+    second.delete_load_balancer(&key(0)).await.expect("delete");
+    let reply = tcp_roundtrip(SocketAddr::new(ip, 4460), "x")
+        .await
+        .expect("still served");
+    assert!(reply.starts_with("a:x"), "{reply}");
+}

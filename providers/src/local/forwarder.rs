@@ -142,6 +142,15 @@ impl Forwarder {
             r.node_port = l.node_port;
             return Ok(());
         }
+        if let Some(other) = all.get(&key).filter(|r| r.pool != pool) {
+            // two pools list one address: SO_REUSEPORT would let both bind, so the clash is refused here
+            return Err(ProviderError::AlreadyExists(format!(
+                "local: {}/{} is served for pool {:?}; pools must not share an address",
+                key.0,
+                l.protocol.as_str(),
+                other.pool
+            )));
+        }
         if let Some(old) = all.remove(&key) {
             old.stop().await;
         }
@@ -180,10 +189,14 @@ impl Forwarder {
         }
     }
 
-    /// Closes every listener on `ip`.
-    pub async fn remove_all_on(&self, ip: IpAddr) {
+    /// Closes every listener of `pool` on `ip`.
+    pub async fn remove_all_on(&self, pool: &str, ip: IpAddr) {
         let mut all = self.listeners.lock().await;
-        let keys: Vec<Key> = all.keys().filter(|(a, _)| a.ip() == ip).copied().collect();
+        let keys: Vec<Key> = all
+            .iter()
+            .filter(|((a, _), r)| a.ip() == ip && r.pool == pool)
+            .map(|(k, _)| *k)
+            .collect();
         for k in keys {
             if let Some(r) = all.remove(&k) {
                 r.stop().await;
@@ -267,11 +280,11 @@ fn bind(
     let socket = Socket::new(Domain::for_address(address), kind, None).map_err(in_use)?;
     socket.set_reuse_address(true).map_err(in_use)?;
     socket.set_reuse_port(true).map_err(in_use)?;
-    match address {
+    // best effort: without it (IPv6 before Linux 4.15) an address must be on this machine to be bound
+    let _ = match address {
         SocketAddr::V4(_) => socket.set_freebind_v4(true),
         SocketAddr::V6(_) => socket.set_freebind_v6(true),
-    }
-    .map_err(in_use)?;
+    };
     socket.set_nonblocking(true).map_err(in_use)?;
     socket.bind(&address.into()).map_err(in_use)?;
     // serving and checking end together: aborting the task stops both

@@ -194,7 +194,7 @@ impl LoadBalancerProvider for LocalProvider {
     async fn delete_load_balancer(&self, lb: &LoadBalancerKey) -> Result<(), ProviderError> {
         self.made.lock().await.remove(&lb.index);
         if let Ok(ip) = self.address(lb) {
-            self.forwarder.remove_all_on(ip).await;
+            self.forwarder.remove_all_on(&self.pool, ip).await;
         }
         Ok(())
     }

@@ -23,6 +23,18 @@ struct Session {
     _admitted: Admission,
 }
 
+/// Whom a session is counted against: the client's IPv4 address, or the /64 of its IPv6 address (one host
+/// holds a whole /64 and could vary the rest).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 /// The live sessions of one listener, by client address, with how many each client IP holds.
 #[derive(Default)]
 struct Sessions {
@@ -33,13 +45,13 @@ struct Sessions {
 impl Sessions {
     fn insert(&mut self, peer: SocketAddr, s: Session) {
         if self.by_peer.insert(peer, s).is_none() {
-            *self.per_source.entry(peer.ip()).or_default() += 1;
+            *self.per_source.entry(source(peer.ip())).or_default() += 1;
         }
     }
 
     fn remove(&mut self, peer: &SocketAddr) {
         if self.by_peer.remove(peer).is_some() {
-            self.forget(peer.ip());
+            self.forget(source(peer.ip()));
         }
     }
 
@@ -99,7 +111,7 @@ pub async fn serve(socket: UdpSocket, shared: Arc<Shared>) {
                         shared.stats.refused_over_limit.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    if sessions.of_source(peer.ip()) >= shared.budget.limits().max_udp_sessions_per_source {
+                    if sessions.of_source(source(peer.ip())) >= shared.budget.limits().max_udp_sessions_per_source {
                         shared.budget.refuse_udp_per_source();
                         shared.stats.refused_over_budget.fetch_add(1, Ordering::Relaxed);
                         continue;

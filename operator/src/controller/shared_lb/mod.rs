@@ -125,8 +125,13 @@ async fn apply(slb: Arc<SharedLB>, ctx: Arc<Context>, seen: Seen) -> Result<Acti
             "spec.proxyProtocol: pool {pool_name:?} ({}) delivers the clients' own packets, so it writes no PROXY header: the client address reaches the nodes as it is; remove proxyProtocol",
             alloc.provider().kind()
         );
-        let r = Refusal::new("ProxyProtocolUnsupported", message);
-        return withdraw(&ctx, &slb, &pool, r).await;
+        // an update a placed SharedLB cannot have: what it has keeps serving, as with any refused update
+        let placed = status.pool.as_deref() == Some(pool_name.as_str());
+        let r = Refusal {
+            allocated: placed,
+            ..Refusal::new("ProxyProtocolUnsupported", message)
+        };
+        return refuse(&ctx, &slb, r).await;
     }
     let placement = allocate(&ctx, &slb, &alloc, &pool).await?;
     if let Some(why) = alloc.take_rejected(&slb.uid().unwrap_or_default()) {
@@ -300,7 +305,7 @@ async fn program(
                 health.insert((i32::from(l.port), protocol), h);
             }
         }
-        report::endpoint_health(&mut st, &health, slb.meta().generation);
+        report::endpoint_health(&mut st, &old, &health, slb.meta().generation);
     }
     // a move's new listeners are made: the status shows the new address now, the old one for the grace
     let switched = moving::switch(slb, &mut st);

@@ -249,6 +249,7 @@ pub(super) type EndpointHealth = BTreeMap<(i32, sharedlb_crds::Protocol), (usize
 /// its pods may not exist yet, and its count says so.
 pub(super) fn endpoint_health(
     st: &mut SharedLBStatus,
+    old: &SharedLBStatus,
     health: &EndpointHealth,
     generation: Option<i64>,
 ) {
@@ -265,6 +266,13 @@ pub(super) fn endpoint_health(
     }
     let ready = status::get(&st.conditions, READY).is_some_and(|c| c.status == "True");
     if ready && !failing.is_empty() {
+        // from the Ready the status had, so that a Ready already False keeps the time it turned False
+        if let (Some(was), Some(now)) = (
+            status::get(&old.conditions, READY),
+            st.conditions.iter_mut().find(|c| c.type_ == READY),
+        ) {
+            *now = was.clone();
+        }
         let message = format!(
             "no endpoint passes its health checks on port {}: its listener still accepts and tries each endpoint",
             failing.join(", ")
