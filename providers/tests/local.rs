@@ -106,7 +106,11 @@ async fn udp_roundtrip(addr: SocketAddr, msg: &str) -> String {
 
 /// A provider with one address and its load balancer 0 made: the provider and the address.
 async fn one_load_balancer(tuning: Tuning) -> (LocalProvider, std::net::IpAddr) {
-    let p = LocalProvider::new("p", &addresses(1), tuning, Forwarder::new()).expect("provider");
+    made(LocalProvider::new("p", &addresses(1), tuning, Forwarder::new()).expect("provider")).await
+}
+
+/// `p` with its load balancer 0 made, and that load balancer's address.
+async fn made(p: LocalProvider) -> (LocalProvider, std::net::IpAddr) {
     let info = p.ensure_load_balancer(&key(0)).await.expect("lb");
     let ip = info.ip.expect("ip").parse().expect("an IP address");
     (p, ip)
@@ -320,16 +324,8 @@ async fn udp_sessions_per_source_are_capped() {
         max_udp_sessions_per_source: 4,
         ..Default::default()
     });
-    let p = LocalProvider::new("p", &addresses(1), Tuning::default(), forwarder.clone())
-        .expect("provider");
-    let ip: std::net::IpAddr = p
-        .ensure_load_balancer(&key(0))
-        .await
-        .expect("lb")
-        .ip
-        .expect("ip")
-        .parse()
-        .expect("ip");
+    let provider = LocalProvider::new("p", &addresses(1), Tuning::default(), forwarder.clone());
+    let (p, ip) = made(provider.expect("provider")).await;
     let u = udp_backend("u").await;
     p.ensure_listener(&key(0), &spec(4400, Protocol::Udp, "U", vec![u]))
         .await
@@ -452,19 +448,9 @@ async fn endpoints_failing_their_checks_leave_the_rotation() {
 async fn pools_sharing_an_address_are_refused_not_mixed() {
     let forwarder = Forwarder::new();
     let shared = addresses(1);
-    let first = LocalProvider::new("first", &shared, Tuning::default(), forwarder.clone())
-        .expect("provider");
-    let second = LocalProvider::new("second", &shared, Tuning::default(), forwarder.clone())
-        .expect("provider");
-    let ip: std::net::IpAddr = first
-        .ensure_load_balancer(&key(0))
-        .await
-        .expect("lb")
-        .ip
-        .expect("ip")
-        .parse()
-        .expect("ip");
-    second.ensure_load_balancer(&key(0)).await.expect("lb");
+    let provider = |pool| LocalProvider::new(pool, &shared, Tuning::default(), forwarder.clone());
+    let (first, ip) = made(provider("first").expect("provider")).await;
+    let (second, _) = made(provider("second").expect("provider")).await;
     let a = tcp_backend("a").await;
     first
         .ensure_listener(&key(0), &spec(4460, Protocol::Tcp, "A", vec![a]))
