@@ -18,9 +18,10 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use sharedlb_crds::{
-    LoadBalancerPool, LoadBalancerRef, PortStatus, SharedLB, load_balancer_index, service_name,
+    LoadBalancerPool, LoadBalancerRef, LocalSettings, PortStatus, SharedLB, load_balancer_index,
+    service_name,
 };
-use sharedlb_providers::local::{Forwarder, WantedListener};
+use sharedlb_providers::local::{Forwarder, Tuning, WantedListener};
 use sharedlb_providers::{ListenerSpec, ProviderError};
 use tracing::{info, warn};
 
@@ -42,10 +43,14 @@ pub fn wanted_listeners(
     slbs: &[Arc<SharedLB>],
     slices: &[Arc<DynamicObject>],
 ) -> Vec<WantedListener> {
-    let local: BTreeMap<String, &LoadBalancerPool> = pools
+    // once per pool, not per SharedLB: the addresses in effect, what its listeners forward to, their tuning
+    let local: BTreeMap<String, (LocalSettings, EndpointPolicy, Tuning)> = pools
         .iter()
-        .filter(|p| p.spec.provider.local.is_some())
-        .map(|p| (p.name_any(), &**p))
+        .filter_map(|p| {
+            let settings = local_in_effect(p).ok()?.provider.local?;
+            let (policy, tuning) = (EndpointPolicy::of(&settings), local_tuning(&settings));
+            Some((p.name_any(), (settings, policy, tuning)))
+        })
         .collect();
     let mut by_service: BTreeMap<(String, String), Vec<&DynamicObject>> = BTreeMap::new();
     for s in slices {
@@ -56,30 +61,26 @@ pub fn wanted_listeners(
     let mut out = Vec::new();
     for slb in slbs {
         let Some(st) = &slb.status else { continue };
-        let Some(pool) = st.pool.as_ref().and_then(|p| local.get(p)) else {
-            continue;
-        };
-        let Ok(spec) = local_in_effect(pool) else {
-            continue;
-        };
-        let Some(settings) = &spec.provider.local else {
+        let Some((pool, (settings, policy, tuning))) =
+            st.pool.as_ref().and_then(|p| local.get_key_value(p))
+        else {
             continue;
         };
         let ns = slb.namespace().unwrap_or_default();
         let key = (ns, service_name(&slb.name_any()));
         let slices = by_service.get(&key).into_iter().flatten().copied();
-        let backends = backends_from(slices, &EndpointPolicy::of(settings)).ready;
+        let backends = backends_from(slices, policy).ready;
         let places = st.load_balancer.iter().map(|lb| (lb, &st.ports));
         let previous = st.previous.iter().map(|p| (&p.load_balancer, &p.ports));
         for (lb, ports) in places.chain(previous) {
-            let Some(ip) = address_of(&pool.name_any(), lb, &settings.addresses) else {
+            let Some(ip) = address_of(pool, lb, &settings.addresses) else {
                 continue;
             };
             for spec in ports.iter().filter_map(|p| listener(slb, p, &backends)) {
                 out.push(WantedListener {
-                    pool: pool.name_any(),
+                    pool: pool.clone(),
                     ip,
-                    tuning: local_tuning(settings),
+                    tuning: *tuning,
                     spec,
                 });
             }
